@@ -1,0 +1,247 @@
+//! Build options. Every check names the flag it is about, so the CLI error reads as advice.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Input format; `Auto` detects it per file from the first record that parses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Auto,
+    Vlfeedback,
+    Rated,
+    Pairwise,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Auto => "auto",
+            Format::Vlfeedback => "vlfeedback",
+            Format::Rated => "rated",
+            Format::Pairwise => "pairwise",
+        }
+    }
+}
+
+/// How images are validated: a full decode (catches truncated or corrupt files) or the header only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageCheck {
+    Decode,
+    Header,
+}
+
+/// The three VLFeedback aspects rated by GPT-4V (Silkie, arXiv 2312.10665).
+pub const VLFEEDBACK_ASPECTS: [&str; 3] = ["Helpfulness", "Visual Faithfulness", "Ethical Considerations"];
+/// The five HelpSteer aspects (MM-DPO, arXiv 2402.10884).
+pub const HELPSTEER_ASPECTS: [&str; 5] = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuildConfig {
+    pub inputs: Vec<String>,
+    pub image_root: Option<String>,
+    pub out: String,
+    pub format: Format,
+    pub strategy: String,
+    /// Minimum weighted-mean-score margin; `None` takes the strategy's default.
+    pub min_margin: Option<f64>,
+    pub min_probability: f64,
+    /// Declared aspects and weights; `None` takes the format's default aspects with weight 1.
+    pub aspects: Option<Vec<(String, f64)>>,
+    pub val_fraction: f64,
+    pub seed: u64,
+    pub max_samples_per_shard: u64,
+    pub max_shard_bytes: u64,
+    /// (index, count) of this partition.
+    pub partition: (u64, u64),
+    /// MinHash Jaccard threshold for merging near-duplicate prompts on the same image; `None` = off.
+    pub near_dup_threshold: Option<f64>,
+    /// Strength of the Gaussian prior on Bradley-Terry log-strengths (L2 penalty alpha).
+    pub bt_prior: f64,
+    pub max_text_chars: usize,
+    pub max_record_bytes: usize,
+    pub image_check: ImageCheck,
+    /// Target size of one spill bucket, in bytes of input; bounds memory.
+    pub spill_bucket_bytes: u64,
+    pub threads: Option<usize>,
+    pub progress: bool,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        BuildConfig {
+            inputs: vec![],
+            image_root: None,
+            out: String::new(),
+            format: Format::Auto,
+            strategy: "all-pairs".into(),
+            min_margin: None,
+            min_probability: 0.75,
+            aspects: None,
+            val_fraction: 0.05,
+            seed: 0,
+            max_samples_per_shard: 1000,
+            max_shard_bytes: 1 << 30,
+            partition: (0, 1),
+            near_dup_threshold: None,
+            bt_prior: 0.1,
+            max_text_chars: 100_000,
+            max_record_bytes: 64 << 20,
+            image_check: ImageCheck::Decode,
+            spill_bucket_bytes: 64 << 20,
+            threads: None,
+            progress: false,
+        }
+    }
+}
+
+/// Parse `"Helpfulness=1,Visual Faithfulness=0.5"` (weight defaults to 1 when `=w` is left out).
+pub fn parse_aspects(spec: &str) -> Result<Vec<(String, f64)>> {
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, weight) = match part.rsplit_once('=') {
+            Some((n, w)) => {
+                let w: f64 = w.trim().parse().map_err(|_| {
+                    Error::Config(format!("--aspects: weight {w:?} of aspect {n:?} is not a number"))
+                })?;
+                (n.trim().to_string(), w)
+            }
+            None => (part.to_string(), 1.0),
+        };
+        if name.is_empty() {
+            return Err(Error::Config(format!("--aspects: empty aspect name in {spec:?}")));
+        }
+        if out.iter().any(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+            return Err(Error::Config(format!("--aspects: aspect {name:?} is declared twice")));
+        }
+        out.push((name, weight));
+    }
+    if out.is_empty() {
+        return Err(Error::Config("--aspects: no aspect declared".into()));
+    }
+    Ok(out)
+}
+
+impl BuildConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.inputs.is_empty() {
+            return bad("INPUT: give at least one JSONL file".into());
+        }
+        if self.out.is_empty() {
+            return bad("--out: an output directory is required".into());
+        }
+        if crate::select::strategy(&self.strategy).is_none() {
+            return bad(format!(
+                "--strategy: unknown strategy {:?}; choose one of {}",
+                self.strategy,
+                crate::select::strategy_names().join(", ")
+            ));
+        }
+        if let Some(m) = self.min_margin {
+            if !(m.is_finite() && m >= 0.0) {
+                return bad(format!("--min-margin must be a finite number >= 0, got {m}"));
+            }
+        }
+        if !(self.min_probability > 0.0 && self.min_probability < 1.0) {
+            return bad(format!("--min-probability must be in (0, 1), got {}", self.min_probability));
+        }
+        if let Some(aspects) = &self.aspects {
+            if aspects.is_empty() {
+                return bad("--aspects: no aspect declared".into());
+            }
+            for (n, w) in aspects {
+                if !(w.is_finite() && *w >= 0.0) {
+                    return bad(format!("--aspects: weight of {n:?} must be finite and >= 0, got {w}"));
+                }
+            }
+            if aspects.iter().all(|(_, w)| *w == 0.0) {
+                return bad("--aspects: at least one weight must be > 0".into());
+            }
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return bad(format!("--val-fraction must be in [0, 1), got {}", self.val_fraction));
+        }
+        if self.max_samples_per_shard == 0 {
+            return bad("--max-samples-per-shard must be >= 1".into());
+        }
+        if self.max_shard_bytes < 10 * 1024 {
+            return bad(format!("--max-shard-bytes must be at least 10240, got {}", self.max_shard_bytes));
+        }
+        let (i, n) = self.partition;
+        if n == 0 || i >= n {
+            return bad(format!("--partition must be i/N with 0 <= i < N, got {i}/{n}"));
+        }
+        if let Some(t) = self.near_dup_threshold {
+            if !(t > 0.0 && t <= 1.0) {
+                return bad(format!("--near-dup must be a Jaccard threshold in (0, 1], got {t}"));
+            }
+        }
+        if !(self.bt_prior.is_finite() && self.bt_prior > 0.0) {
+            return bad(format!(
+                "--bt-prior must be > 0 (without a prior a strict ranking has no finite Bradley-Terry fit), got {}",
+                self.bt_prior
+            ));
+        }
+        if self.max_text_chars == 0 {
+            return bad("--max-text-chars must be >= 1".into());
+        }
+        if self.spill_bucket_bytes < 1024 {
+            return bad("--spill-bucket-bytes must be >= 1024".into());
+        }
+        Ok(())
+    }
+
+    /// Aspects in force for a file of the given (detected) format.
+    pub fn aspects_for(&self, format: Format) -> Vec<(String, f64)> {
+        if let Some(a) = &self.aspects {
+            return a.clone();
+        }
+        let names: &[&str] = match format {
+            Format::Vlfeedback => &VLFEEDBACK_ASPECTS,
+            Format::Rated => &HELPSTEER_ASPECTS,
+            Format::Pairwise | Format::Auto => &[],
+        };
+        names.iter().map(|n| (n.to_string(), 1.0)).collect()
+    }
+
+    /// Partition file suffix: empty for a single build, `-p{i}of{N}` otherwise.
+    pub fn partition_suffix(&self) -> String {
+        let (i, n) = self.partition;
+        if n == 1 {
+            String::new()
+        } else {
+            format!("-p{i:04}of{n:04}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aspects_parse_with_and_without_weights() {
+        let a = parse_aspects("Helpfulness=1, Visual Faithfulness=0.5,Ethics").unwrap();
+        assert_eq!(a, vec![("Helpfulness".into(), 1.0), ("Visual Faithfulness".into(), 0.5), ("Ethics".into(), 1.0)]);
+        assert!(parse_aspects("a=x").unwrap_err().to_string().contains("--aspects"));
+        assert!(parse_aspects("a,A").is_err());
+        assert!(parse_aspects(" , ").is_err());
+    }
+
+    #[test]
+    fn validate_names_the_flag() {
+        let mut c = BuildConfig { inputs: vec!["x".into()], out: "o".into(), ..Default::default() };
+        c.validate().unwrap();
+        c.partition = (2, 2);
+        assert!(c.validate().unwrap_err().to_string().contains("--partition"));
+        c.partition = (0, 1);
+        c.strategy = "nope".into();
+        assert!(c.validate().unwrap_err().to_string().contains("--strategy"));
+        c.strategy = "best-vs-rest".into();
+        c.bt_prior = 0.0;
+        assert!(c.validate().unwrap_err().to_string().contains("--bt-prior"));
+    }
+}

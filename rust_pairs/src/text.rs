@@ -1,0 +1,44 @@
+//! Text normalisation: the identity used for dedup of prompts and responses.
+
+use unicode_normalization::UnicodeNormalization;
+
+/// Remove `<image>` placeholders (LLaVA-style prompts) and trim; this is the prompt that is stored.
+pub fn clean_prompt(s: &str) -> String {
+    let mut out = s.replace("<image>", " ");
+    // Collapse only what the placeholder removal left at the edges; inner formatting is kept.
+    out = out.trim().to_string();
+    out
+}
+
+/// NFKC, lowercase, whitespace runs collapsed to one space, trimmed; `<image>` placeholders dropped.
+pub fn normalize(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut pending_space = false;
+    for c in s.replace("<image>", " ").nfkc().flat_map(char::to_lowercase) {
+        if c.is_whitespace() {
+            pending_space = !out.is_empty();
+        } else {
+            if pending_space {
+                out.push(' ');
+                pending_space = false;
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_collapses_case_space_and_width() {
+        assert_eq!(normalize("  What  is\n\tTHIS? "), "what is this?");
+        assert_eq!(normalize("<image>\nDescribe it"), "describe it");
+        // NFKC folds full-width letters.
+        assert_eq!(normalize("ＡＢＣ"), "abc");
+        assert_eq!(normalize(""), "");
+        assert_eq!(clean_prompt("<image>\nWhat colour?"), "What colour?");
+    }
+}
