@@ -15,3 +15,11 @@ pub mod text;
 pub mod dedup;
 pub mod rank;
 pub mod select;
+pub mod report;
+pub mod shard;
+pub mod build;
+pub mod manifest;
+pub mod ops;
+
+#[cfg(feature = "python")]
+mod python;

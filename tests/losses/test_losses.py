@@ -242,7 +242,9 @@ def test_mdpo_by_hand() -> None:
     pcc, rcc = t(-13.0, -4.0, -9.0), t(-12.0, -5.0, -8.0)  # corrupted-image chosen log-probs
     chosen_ratio = [1.0, 0.5, -1.5]
     corrupted_ratio = [-1.0, 1.0, -1.0]
-    losses, _, _ = MDPOLoss(beta=beta)(PC, PR, RC, RR, policy_corrupted_chosen_logps=pcc, ref_corrupted_chosen_logps=rcc)
+    losses, _, _ = MDPOLoss(beta=beta)(
+        PC, PR, RC, RR, policy_corrupted_chosen_logps=pcc, ref_corrupted_chosen_logps=rcc
+    )
     expected = [
         -logsig(beta * h) - logsig(beta * (c - k)) - logsig(beta * c)
         for h, c, k in zip(H, chosen_ratio, corrupted_ratio)

@@ -13,4 +13,4 @@ from .robust import RobustDPOLoss
 from .rpo import RPOLoss
 from .sigmoid import DPOLoss
 
-__all__ = ["PreferenceLoss", "DPOLoss", "IPOLoss", "HingeLoss", "RobustDPOLoss", "RPOLoss", "MDPOLoss"]
+__all__ = ["DPOLoss", "HingeLoss", "IPOLoss", "MDPOLoss", "PreferenceLoss", "RPOLoss", "RobustDPOLoss"]

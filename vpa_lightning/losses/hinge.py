@@ -38,6 +38,8 @@ class HingeLoss(PreferenceLoss):
         ref_chosen_logps: Tensor | None,
         ref_rejected_logps: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        chosen, rejected = self.log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        chosen, rejected = self.log_ratios(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+        )
         losses = torch.relu(1.0 - self.beta * (chosen - rejected))
         return (losses, *self.rewards(chosen, rejected))

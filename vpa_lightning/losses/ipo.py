@@ -38,6 +38,8 @@ class IPOLoss(PreferenceLoss):
         ref_chosen_logps: Tensor | None,
         ref_rejected_logps: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        chosen, rejected = self.log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        chosen, rejected = self.log_ratios(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+        )
         losses = (chosen - rejected - 1.0 / (2.0 * self.beta)) ** 2
         return (losses, *self.rewards(chosen, rejected))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -56,7 +58,7 @@ class MDPOLoss(PreferenceLoss):
         self.conditional_weight = check_non_negative(conditional_weight, "conditional_weight")
         self.anchor_weight = check_non_negative(anchor_weight, "anchor_weight")
         anchor = float(anchor)
-        if anchor != anchor or anchor in (float("inf"), float("-inf")):
+        if not math.isfinite(anchor):
             raise ValueError(f"anchor must be a finite number, got {anchor!r}")
         self.anchor = anchor
 
@@ -85,7 +87,9 @@ class MDPOLoss(PreferenceLoss):
                 raise ValueError(f"{name} is required by MDPOLoss")
             if value.shape != policy_chosen_logps.shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(policy_chosen_logps.shape)}")
-        chosen, rejected = self.log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        chosen, rejected = self.log_ratios(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+        )
         corrupted = policy_corrupted_chosen_logps - ref_corrupted_chosen_logps
         b = self.beta
         dpo = -F.logsigmoid(b * (chosen - rejected))

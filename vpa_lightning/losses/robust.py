@@ -45,7 +45,9 @@ class RobustDPOLoss(PreferenceLoss):
         ref_chosen_logps: Tensor | None,
         ref_rejected_logps: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        chosen, rejected = self.log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        chosen, rejected = self.log_ratios(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+        )
         z = self.beta * (chosen - rejected)
         eps = self.label_smoothing
         losses = (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)

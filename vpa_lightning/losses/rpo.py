@@ -59,7 +59,11 @@ class RPOLoss(PreferenceLoss):
         if chosen_nll is None:
             raise ValueError("chosen_nll is required by RPOLoss")
         if chosen_nll.shape != policy_chosen_logps.shape:
-            raise ValueError(f"chosen_nll has shape {tuple(chosen_nll.shape)}, expected {tuple(policy_chosen_logps.shape)}")
-        chosen, rejected = self.log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+            raise ValueError(
+                f"chosen_nll has shape {tuple(chosen_nll.shape)}, expected {tuple(policy_chosen_logps.shape)}"
+            )
+        chosen, rejected = self.log_ratios(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+        )
         losses = -F.logsigmoid(self.beta * (chosen - rejected)) + self.alpha * chosen_nll
         return (losses, *self.rewards(chosen, rejected))

@@ -1,0 +1,743 @@
+//! The build pipeline, streaming with bounded memory:
+//!
+//! 1. **Validate**: read each JSONL file in chunks; parse, validate text, ratings and images in
+//!    parallel; spill valid records to buckets chosen by image hash (so every group lives in one
+//!    bucket) and rejects to `rejects.jsonl`.
+//! 2. **Group and rank**: per bucket, deduplicate into groups, fit Bradley-Terry, select pairs;
+//!    spill finished samples to buckets chosen by their shuffle key (buckets are ranges of it).
+//! 3. **Write**: per bucket in order, sort by shuffle key and append to the train / val shards.
+//!
+//! Memory is bounded by the bucket size (`spill_bucket_bytes`), not by the input.
+
+use crate::config::{BuildConfig, Format, VLFEEDBACK_ASPECTS, HELPSTEER_ASPECTS};
+use crate::dedup::{group, Group};
+use crate::error::{Error, Result};
+use crate::image::{self, sha256_hex};
+use crate::manifest::{Counts, Manifest, FORMAT_VERSION};
+use crate::parse::{self, Ctx};
+use crate::rank::{fit, sigmoid, Comparisons};
+use crate::record::{Record, Reject, Source};
+use crate::report::Stats;
+use crate::select::{self, Dropped, GroupView, Params};
+use crate::shard::{write_atomic, Member, ShardInfo, ShardWriter};
+use crate::text::normalize;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+const CHUNK_LINES: usize = 2048;
+const MAX_BUCKETS: u64 = 4096;
+
+/// First 8 bytes of sha256 over the parts, as a number: the stable hash behind keys, splits,
+/// partitions and the shuffle.
+pub fn hash64(parts: &[&[u8]]) -> u64 {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    u64::from_be_bytes(h.finalize()[..8].try_into().unwrap())
+}
+
+/// Which partition owns a valid record (by image content, so groups never straddle partitions).
+fn owner_of_image(image_sha256: &str, n: u64) -> u64 {
+    hash64(&[b"partition", image_sha256.as_bytes()]) % n
+}
+
+/// Which partition owns a record whose image is unknown (unparseable, or image unreadable).
+fn owner_of_line(src: &Source, n: u64) -> u64 {
+    hash64(&[b"partition", src.file.as_bytes(), &src.line.to_le_bytes()]) % n
+}
+
+/// Validation split by image hash: no image is in both train and val. Seed-independent on purpose,
+/// so the held-out set stays put when only the shuffle seed changes.
+pub fn is_val(image_sha256: &str, val_fraction: f64) -> bool {
+    val_fraction > 0.0 && (hash64(&[b"split", image_sha256.as_bytes()]) as f64 / 2f64.powi(64)) < val_fraction
+}
+
+fn shuffle_key(seed: u64, key: &str) -> u64 {
+    hash64(&[b"shuffle", &seed.to_le_bytes(), key.as_bytes()])
+}
+
+/// Bucket of a 64-bit value when buckets are equal ranges (keeps the order across buckets).
+fn range_bucket(x: u64, n: u64) -> usize {
+    ((x as u128 * n as u128) >> 64) as usize
+}
+
+/// What the sample JSON holds for one response.
+#[derive(Serialize)]
+struct ResponseOut<'a> {
+    text: &'a str,
+    model: Option<&'a str>,
+    scores: &'a BTreeMap<String, f64>,
+    strength: f64,
+}
+
+#[derive(Serialize)]
+struct PairOut {
+    chosen: usize,
+    rejected: usize,
+    probability: f64,
+    margin: f64,
+}
+
+#[derive(Serialize)]
+struct SampleOut<'a> {
+    key: &'a str,
+    prompt: &'a str,
+    image_sha256: &'a str,
+    responses: Vec<ResponseOut<'a>>,
+    pairs: Vec<PairOut>,
+    source: &'a [Source],
+}
+
+/// A finished sample on its way to a shard.
+#[derive(Serialize, Deserialize)]
+struct Finished {
+    order: u64,
+    key: String,
+    val: bool,
+    json: String,
+    image_path: String,
+    image_sha256: String,
+    image_ext: String,
+    pairs: u64,
+    responses: u64,
+}
+
+enum Line {
+    Blank,
+    OtherPartition,
+    Rejected(Vec<Reject>),
+    Kept(Box<Record>, Vec<Reject>),
+}
+
+struct FileCtx<'a> {
+    label: String,
+    format: Format,
+    aspects: Vec<(String, f64)>,
+    image_root: PathBuf,
+    cfg: &'a BuildConfig,
+}
+
+fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
+    let src = Source { file: fc.label.clone(), line };
+    let (part, parts) = fc.cfg.partition;
+    let reject = |field: &str, reason: String| {
+        if owner_of_line(&src, parts) != part {
+            Line::OtherPartition
+        } else {
+            Line::Rejected(vec![Reject::record(&src, field, reason)])
+        }
+    };
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Line::Blank;
+    }
+    if raw.len() > fc.cfg.max_record_bytes {
+        return reject("$", format!("record is {} bytes, over the limit of {}", raw.len(), fc.cfg.max_record_bytes));
+    }
+    let text = match std::str::from_utf8(raw) {
+        Ok(t) => t,
+        Err(e) => return reject("$", format!("invalid UTF-8: {e}")),
+    };
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return reject("$", format!("malformed JSON: {e}")),
+    };
+    let ctx = Ctx { src: &src, aspects: &fc.aspects, max_text_chars: fc.cfg.max_text_chars };
+    let parsed = parse::parse(&value, fc.format, &ctx);
+    let draft = match parsed.draft {
+        Ok(d) => d,
+        Err(r) => {
+            return if owner_of_line(&src, parts) != part {
+                Line::OtherPartition
+            } else {
+                let mut all = parsed.response_rejects;
+                all.push(r);
+                Line::Rejected(all)
+            }
+        }
+    };
+    let path = image::resolve(&draft.image, &fc.image_root);
+    let img = match image::read(&path) {
+        Ok(i) => i,
+        Err(reason) => {
+            return if owner_of_line(&src, parts) != part {
+                Line::OtherPartition
+            } else {
+                let mut all = parsed.response_rejects;
+                all.push(Reject::record(&src, "image", reason));
+                Line::Rejected(all)
+            }
+        }
+    };
+    if owner_of_image(&img.sha256, parts) != part {
+        return Line::OtherPartition;
+    }
+    if let Err(reason) = image::check(&img, fc.cfg.image_check) {
+        let mut all = parsed.response_rejects;
+        all.push(Reject::record(&src, "image", reason));
+        return Line::Rejected(all);
+    }
+    let record = Record {
+        prompt_norm: normalize(&draft.prompt),
+        prompt: draft.prompt,
+        image_path: img.path.to_string_lossy().to_string(),
+        image_sha256: img.sha256,
+        image_ext: img.ext.to_string(),
+        responses: draft.responses,
+        explicit_pairs: draft.explicit_pairs,
+        source: src,
+    };
+    Line::Kept(Box::new(record), parsed.response_rejects)
+}
+
+/// Detect a file's format from its first record that parses and says which format it is.
+fn detect_format(path: &Path) -> Result<Option<Format>> {
+    let f = File::open(path).map_err(|e| Error::input(path, e))?;
+    for line in BufReader::new(f).split(b'\n') {
+        let line = line.map_err(|e| Error::input(path, e))?;
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) {
+            if let Some(fmt) = parse::detect(&v) {
+                return Ok(Some(fmt));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Lines of a file with 1-based numbers, in chunks, without holding the file in memory.
+struct Chunks<R: BufRead> {
+    reader: R,
+    line: u64,
+    path: PathBuf,
+}
+
+impl<R: BufRead> Chunks<R> {
+    fn next_chunk(&mut self, bytes_read: &mut u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::with_capacity(CHUNK_LINES);
+        while out.len() < CHUNK_LINES {
+            let mut buf = Vec::new();
+            let n = self.reader.read_until(b'\n', &mut buf).map_err(|e| Error::input(&self.path, e))?;
+            if n == 0 {
+                break;
+            }
+            *bytes_read += n as u64;
+            self.line += 1;
+            if buf.last() == Some(&b'\n') {
+                buf.pop();
+                if buf.last() == Some(&b'\r') {
+                    buf.pop();
+                }
+            }
+            out.push((self.line, buf));
+        }
+        Ok(out)
+    }
+}
+
+struct Spill {
+    dir: PathBuf,
+    writers: Vec<BufWriter<File>>,
+    prefix: &'static str,
+}
+
+impl Spill {
+    fn new(dir: &Path, prefix: &'static str, n: usize) -> Result<Spill> {
+        let writers = (0..n)
+            .map(|b| {
+                let p = dir.join(format!("{prefix}-{b:05}.jsonl"));
+                File::create(&p).map(|f| BufWriter::with_capacity(1 << 16, f)).map_err(|e| Error::output(&p, e))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Spill { dir: dir.to_path_buf(), writers, prefix })
+    }
+    fn put<T: Serialize>(&mut self, bucket: usize, item: &T) -> Result<()> {
+        let w = &mut self.writers[bucket];
+        serde_json::to_writer(&mut *w, item).expect("spill items serialise");
+        w.write_all(b"\n").map_err(|e| Error::output(&self.dir, e))
+    }
+    fn close(self) -> Result<(PathBuf, &'static str, usize)> {
+        let n = self.writers.len();
+        for mut w in self.writers {
+            w.flush().map_err(|e| Error::output(&self.dir, e))?;
+        }
+        Ok((self.dir, self.prefix, n))
+    }
+}
+
+fn read_bucket<T: for<'de> Deserialize<'de>>(dir: &Path, prefix: &str, b: usize) -> Result<Vec<T>> {
+    let p = dir.join(format!("{prefix}-{b:05}.jsonl"));
+    let f = File::open(&p).map_err(|e| Error::output(&p, e))?;
+    let mut out = Vec::new();
+    for line in BufReader::with_capacity(1 << 16, f).lines() {
+        let line = line.map_err(|e| Error::output(&p, e))?;
+        out.push(serde_json::from_str(&line).map_err(|e| Error::Output { path: p.clone(), source: std::io::Error::other(e) })?);
+    }
+    Ok(out)
+}
+
+fn progress(cfg: &BuildConfig, len: u64, what: &str) -> ProgressBar {
+    if !cfg.progress {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    let style = if what == "validate" {
+        "{prefix:>9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+    } else {
+        "{prefix:>9} [{bar:30}] {pos}/{len} {per_sec} eta {eta}"
+    };
+    pb.set_style(ProgressStyle::with_template(style).unwrap().progress_chars("=> "));
+    pb.set_prefix(what.to_string());
+    pb
+}
+
+/// Aspect weights across formats: the declared ones, or every default aspect with weight 1.
+fn weights(cfg: &BuildConfig) -> HashMap<String, f64> {
+    match &cfg.aspects {
+        Some(a) => a.iter().cloned().collect(),
+        None => VLFEEDBACK_ASPECTS.iter().chain(HELPSTEER_ASPECTS.iter()).map(|a| (a.to_string(), 1.0)).collect(),
+    }
+}
+
+/// Outcome of ranking one group.
+enum Ranked {
+    Sample(Finished),
+    Dropped(String),
+}
+
+fn rank_group(g: &Group, cfg: &BuildConfig, w: &HashMap<String, f64>, counts: &mut Counts, stats: &mut Stats) -> Ranked {
+    let n = g.responses.len();
+    counts.responses_collapsed += g.collapsed;
+    counts.prompts_near_duplicate += g.near_dup_merged;
+    counts.pairs_dropped_identical += g.identical_pairs;
+    let mut comp = Comparisons::new(n);
+    let mean: Vec<Option<f64>> = g
+        .responses
+        .iter()
+        .map(|r| {
+            let (s, tw) = r.scores.iter().fold((0.0, 0.0), |(s, tw), (a, x)| {
+                let wa = w.get(a).copied().unwrap_or(0.0);
+                (s + wa * x, tw + wa)
+            });
+            (tw > 0.0).then(|| s / tw)
+        })
+        .collect();
+    for i in 0..n {
+        for j in (i + 1)..n {
+            for (a, x) in &g.responses[i].scores {
+                let (Some(y), Some(&wa)) = (g.responses[j].scores.get(a), w.get(a)) else { continue };
+                if wa <= 0.0 {
+                    continue;
+                }
+                if x > y {
+                    comp.win(i, j, wa);
+                } else if y > x {
+                    comp.win(j, i, wa);
+                } else {
+                    comp.tie(i, j, wa);
+                }
+            }
+        }
+    }
+    for &(c, r) in &g.explicit_pairs {
+        comp.win(c, r, 1.0);
+    }
+    let theta = fit(&comp, cfg.bt_prior);
+
+    // Report statistics cover every valid group, written or not.
+    for r in &g.responses {
+        stats.response(r.model.as_deref(), &r.scores);
+    }
+    for i in 0..n {
+        for j in (i + 1)..n {
+            let (Some(mi), Some(mj)) = (&g.responses[i].model, &g.responses[j].model) else { continue };
+            let (Some(si), Some(sj)) = (mean[i], mean[j]) else { continue };
+            if mi == mj {
+                continue;
+            }
+            if si > sj {
+                stats.model_comparison(mi, mj, 1.0);
+            } else if sj > si {
+                stats.model_comparison(mj, mi, 1.0);
+            } else {
+                stats.model_comparison(mi, mj, 0.5);
+                stats.model_comparison(mj, mi, 0.5);
+            }
+        }
+    }
+
+    let strategy = select::strategy(&cfg.strategy).expect("strategy validated");
+    let params = Params { min_margin: cfg.min_margin.unwrap_or(strategy.default_margin), min_probability: cfg.min_probability };
+    let mut dropped = Dropped::default();
+    let random = hash64(&[b"random", &cfg.seed.to_le_bytes(), g.key.as_bytes()]);
+    let view = GroupView { mean: &mean, theta: &theta, random };
+    let mut pairs = if n >= 2 { (strategy.select)(&view, &params, &mut dropped) } else { vec![] };
+
+    // Explicit pairs: one direction per unordered pair, the one the fit prefers.
+    let mut seen: Vec<(usize, usize)> = pairs.iter().map(|&(a, b)| (a.min(b), a.max(b))).collect();
+    let mut pref_wins = vec![0.0; n];
+    let mut pref_games = vec![0.0; n];
+    for &(c, r) in &g.explicit_pairs {
+        pref_wins[c] += 1.0;
+        pref_games[c] += 1.0;
+        pref_games[r] += 1.0;
+        if let Some(mc) = &g.responses[c].model {
+            if let Some(mr) = &g.responses[r].model {
+                if mc != mr {
+                    stats.model_comparison(mc, mr, 1.0);
+                }
+            }
+        }
+    }
+    let preference: Vec<Option<f64>> = (0..n).map(|i| (pref_games[i] > 0.0).then(|| pref_wins[i] / pref_games[i])).collect();
+    for &(c, r) in &g.explicit_pairs {
+        let unordered = (c.min(r), c.max(r));
+        if seen.contains(&unordered) {
+            continue;
+        }
+        seen.push(unordered);
+        let (c, r) = if theta[r] > theta[c] { (r, c) } else { (c, r) };
+        if theta[c] == theta[r] {
+            counts.pairs_dropped_conflicting += 1;
+        } else if strategy.filters_probability && sigmoid(theta[c] - theta[r]) < cfg.min_probability {
+            dropped.probability += 1;
+        } else {
+            pairs.push((c, r));
+        }
+    }
+    counts.pairs_dropped_ties += dropped.ties;
+    counts.pairs_dropped_margin += dropped.margin;
+    counts.pairs_dropped_probability += dropped.probability;
+
+    if pairs.is_empty() {
+        let why = if n < 2 {
+            "fewer than two distinct rankable responses after deduplication".to_string()
+        } else {
+            format!(
+                "strategy {} selected no pair (ties {}, below margin {}, below probability {}, identical {})",
+                cfg.strategy, dropped.ties, dropped.margin, dropped.probability, g.identical_pairs
+            )
+        };
+        return Ranked::Dropped(why);
+    }
+
+    // Responses ranked by strength (stable on ties); pair indices follow.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| theta[b].total_cmp(&theta[a]).then(a.cmp(&b)));
+    let mut pos = vec![0; n];
+    for (p, &i) in order.iter().enumerate() {
+        pos[i] = p;
+    }
+    let scores_of = |i: usize| -> BTreeMap<String, f64> {
+        match preference[i] {
+            Some(p) if g.responses[i].scores.is_empty() => [("preference".to_string(), p)].into(),
+            _ => g.responses[i].scores.clone(),
+        }
+    };
+    let all_scores: Vec<BTreeMap<String, f64>> = (0..n).map(scores_of).collect();
+    let level = |i: usize| mean[i].or(preference[i]).unwrap_or(0.0);
+    let mut pair_out: Vec<PairOut> = pairs
+        .iter()
+        .map(|&(c, r)| PairOut { chosen: pos[c], rejected: pos[r], probability: sigmoid(theta[c] - theta[r]), margin: level(c) - level(r) })
+        .collect();
+    pair_out.sort_by_key(|p| (p.chosen, p.rejected));
+    for p in &pair_out {
+        stats.pair(p.margin, p.probability);
+    }
+    stats.group(n, pair_out.len());
+    let sample = SampleOut {
+        key: &g.key,
+        prompt: &g.prompt,
+        image_sha256: &g.image_sha256,
+        responses: order
+            .iter()
+            .map(|&i| ResponseOut { text: &g.responses[i].text, model: g.responses[i].model.as_deref(), scores: &all_scores[i], strength: theta[i] })
+            .collect(),
+        pairs: pair_out,
+        source: &g.sources,
+    };
+    let npairs = sample.pairs.len() as u64;
+    Ranked::Sample(Finished {
+        order: shuffle_key(cfg.seed, &g.key),
+        key: g.key.clone(),
+        val: is_val(&g.image_sha256, cfg.val_fraction),
+        json: serde_json::to_string(&sample).expect("sample serialises"),
+        image_path: g.image_path.clone(),
+        image_sha256: g.image_sha256.clone(),
+        image_ext: g.image_ext.clone(),
+        pairs: npairs,
+        responses: n as u64,
+    })
+}
+
+/// Input files given as files or as directories of `*.jsonl`.
+fn expand_inputs(inputs: &[String]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for i in inputs {
+        let p = PathBuf::from(i);
+        let meta = std::fs::metadata(&p).map_err(|e| Error::input(&p, e))?;
+        if meta.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&p)
+                .map_err(|e| Error::input(&p, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "jsonl"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(Error::input(&p, std::io::Error::other("directory holds no *.jsonl file")));
+            }
+            out.extend(files);
+        } else {
+            File::open(&p).map_err(|e| Error::input(&p, e))?;
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// Remove what an interrupted or earlier build of the same partition left: partial files and
+/// shards of this prefix that the new build does not write.
+fn clean(out: &Path, suffix: &str, keep: &[ShardInfo]) -> Result<()> {
+    for e in std::fs::read_dir(out).map_err(|e| Error::output(out, e))?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let ours = ["train", "val"].iter().any(|s| {
+            let prefix = format!("{s}{suffix}-");
+            name.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".tar")).is_some_and(|d| d.len() == 6 && d.bytes().all(|b| b.is_ascii_digit()))
+        });
+        let stale_partial = ["train", "val"].iter().any(|s| name.starts_with(&format!(".{s}{suffix}-"))) && name.ends_with(".partial");
+        if (ours && !keep.iter().any(|s| s.path == name)) || stale_partial {
+            std::fs::remove_file(e.path()).map_err(|err| Error::output(e.path(), err))?;
+        }
+    }
+    Ok(())
+}
+
+fn config_json(cfg: &BuildConfig) -> serde_json::Value {
+    let mut v = serde_json::to_value(cfg).expect("config serialises");
+    let o = v.as_object_mut().unwrap();
+    for k in ["out", "progress", "threads", "partition"] {
+        o.remove(k);
+    }
+    v
+}
+
+/// Run a build; returns its manifest (also written to the output directory).
+pub fn build(cfg: &BuildConfig) -> Result<Manifest> {
+    cfg.validate()?;
+    let run = || build_inner(cfg);
+    match cfg.threads {
+        Some(t) => rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .map_err(|e| Error::Config(format!("--threads: {e}")))?
+            .install(run),
+        None => run(),
+    }
+}
+
+fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
+    let files = expand_inputs(&cfg.inputs)?;
+    let out = PathBuf::from(&cfg.out);
+    std::fs::create_dir_all(&out).map_err(|e| Error::output(&out, e))?;
+    let suffix = cfg.partition_suffix();
+    let spill_dir = out.join(format!(".spill{suffix}"));
+    if spill_dir.exists() {
+        std::fs::remove_dir_all(&spill_dir).map_err(|e| Error::output(&spill_dir, e))?;
+    }
+    std::fs::create_dir_all(&spill_dir).map_err(|e| Error::output(&spill_dir, e))?;
+    let total_bytes: u64 = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+    let nb = total_bytes.div_ceil(cfg.spill_bucket_bytes).clamp(1, MAX_BUCKETS);
+
+    let mut counts = Counts::default();
+    let mut rejects = Vec::<u8>::new();
+    let write_rejects = |rs: &[Reject], buf: &mut Vec<u8>| {
+        for r in rs {
+            serde_json::to_writer(&mut *buf, r).expect("reject serialises");
+            buf.push(b'\n');
+        }
+    };
+    let rejects_path = out.join(format!("rejects{suffix}.jsonl"));
+    let rejects_tmp = out.join(format!(".rejects{suffix}.jsonl.partial"));
+    let mut rejects_file = BufWriter::new(File::create(&rejects_tmp).map_err(|e| Error::output(&rejects_tmp, e))?);
+
+    // Stage 1: validate and spill by image.
+    let mut spill = Spill::new(&spill_dir, "records", nb as usize)?;
+    let pb = progress(cfg, total_bytes, "validate");
+    for path in &files {
+        let label = path.to_string_lossy().to_string();
+        let format = match cfg.format {
+            Format::Auto => detect_format(path)?,
+            f => Some(f),
+        };
+        let image_root = match &cfg.image_root {
+            Some(r) => PathBuf::from(r),
+            None => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        };
+        let fc = FileCtx {
+            label: label.clone(),
+            format: format.unwrap_or(Format::Auto),
+            aspects: cfg.aspects_for(format.unwrap_or(Format::Auto)),
+            image_root,
+            cfg,
+        };
+        let f = File::open(path).map_err(|e| Error::input(path, e))?;
+        let mut chunks = Chunks { reader: BufReader::with_capacity(1 << 20, f), line: 0, path: path.clone() };
+        loop {
+            let mut read = 0;
+            let chunk = chunks.next_chunk(&mut read)?;
+            if chunk.is_empty() {
+                break;
+            }
+            let results: Vec<Line> = chunk.par_iter().map(|(line, raw)| validate_line(raw, *line, &fc)).collect();
+            for r in results {
+                match r {
+                    Line::Blank => counts.blank_lines += 1,
+                    Line::OtherPartition => counts.records_other_partitions += 1,
+                    Line::Rejected(rs) => {
+                        counts.records_in += 1;
+                        counts.records_rejected += 1;
+                        counts.responses_rejected += rs.iter().filter(|r| r.kind == crate::record::RejectKind::Response).count() as u64;
+                        write_rejects(&rs, &mut rejects);
+                    }
+                    Line::Kept(rec, rs) => {
+                        counts.records_in += 1;
+                        counts.responses_rejected += rs.len() as u64;
+                        write_rejects(&rs, &mut rejects);
+                        let b = range_bucket(hash64(&[b"bucket", rec.image_sha256.as_bytes()]), nb);
+                        spill.put(b, &*rec)?;
+                    }
+                }
+            }
+            rejects_file.write_all(&rejects).map_err(|e| Error::output(&rejects_tmp, e))?;
+            rejects.clear();
+            pb.inc(read);
+        }
+    }
+    pb.finish_and_clear();
+    let (dir, prefix, nbuckets) = spill.close()?;
+
+    // Stage 2: group, rank, select; spill samples by shuffle key.
+    let w = weights(cfg);
+    let mut stats = Stats::default();
+    let mut samples = Spill::new(&spill_dir, "samples", nbuckets)?;
+    let wave = rayon::current_num_threads().max(1);
+    let pb = progress(cfg, nbuckets as u64, "rank");
+    for start in (0..nbuckets).step_by(wave) {
+        let end = (start + wave).min(nbuckets);
+        let results: Vec<Result<(Vec<Finished>, Vec<Reject>, Counts, Stats)>> = (start..end)
+            .into_par_iter()
+            .map(|b| {
+                let records: Vec<Record> = read_bucket(&dir, prefix, b)?;
+                let mut c = Counts::default();
+                let mut s = Stats::default();
+                let mut fin = Vec::new();
+                let mut rej = Vec::new();
+                for g in group(records, cfg.near_dup_threshold) {
+                    match rank_group(&g, cfg, &w, &mut c, &mut s) {
+                        Ranked::Sample(f) => {
+                            c.records_used += 1;
+                            c.records_deduplicated += g.sources.len() as u64 - 1;
+                            c.groups += 1;
+                            c.pairs += f.pairs;
+                            if f.val {
+                                c.groups_val += 1;
+                                c.pairs_val += f.pairs;
+                            } else {
+                                c.groups_train += 1;
+                                c.pairs_train += f.pairs;
+                            }
+                            fin.push(f);
+                        }
+                        Ranked::Dropped(why) => {
+                            c.records_rejected += g.sources.len() as u64;
+                            rej.extend(g.sources.iter().map(|s| Reject::record(s, "responses", why.clone())));
+                        }
+                    }
+                }
+                Ok((fin, rej, c, s))
+            })
+            .collect();
+        for r in results {
+            let (fin, rej, c, s) = r?;
+            counts.add(&c);
+            stats.merge(&s);
+            write_rejects(&rej, &mut rejects);
+            for f in fin {
+                samples.put(range_bucket(f.order, nbuckets as u64), &f)?;
+            }
+            pb.inc(1);
+        }
+        rejects_file.write_all(&rejects).map_err(|e| Error::output(&rejects_tmp, e))?;
+        rejects.clear();
+    }
+    pb.finish_and_clear();
+    let (dir, prefix, _) = samples.close()?;
+
+    // Stage 3: write shards in shuffle order.
+    let mut train = ShardWriter::new(&out, "train", &suffix, cfg.max_samples_per_shard, cfg.max_shard_bytes);
+    let mut val = ShardWriter::new(&out, "val", &suffix, cfg.max_samples_per_shard, cfg.max_shard_bytes);
+    let pb = progress(cfg, counts.groups, "write");
+    for b in 0..nbuckets {
+        let mut items: Vec<Finished> = read_bucket(&dir, prefix, b)?;
+        items.sort_by(|a, b| (a.order, &a.key).cmp(&(b.order, &b.key)));
+        for batch in items.chunks(64) {
+            let images: Vec<Result<Vec<u8>>> = batch
+                .par_iter()
+                .map(|f| {
+                    let bytes = std::fs::read(&f.image_path).map_err(|e| Error::input(&f.image_path, e))?;
+                    if sha256_hex(&bytes) != f.image_sha256 {
+                        return Err(Error::input(&f.image_path, std::io::Error::other("image changed while the build ran")));
+                    }
+                    Ok(bytes)
+                })
+                .collect();
+            for (f, img) in batch.iter().zip(images) {
+                let img = img?;
+                let members = [
+                    Member { name: format!("{}.{}", f.key, f.image_ext), data: &img },
+                    Member { name: format!("{}.json", f.key), data: f.json.as_bytes() },
+                ];
+                let w = if f.val { &mut val } else { &mut train };
+                w.append(&members, f.pairs, f.responses)?;
+                pb.inc(1);
+            }
+        }
+    }
+    pb.finish_and_clear();
+    let mut shards = train.finish()?;
+    shards.extend(val.finish()?);
+    clean(&out, &suffix, &shards)?;
+
+    rejects_file.flush().map_err(|e| Error::output(&rejects_tmp, e))?;
+    rejects_file.get_ref().sync_all().map_err(|e| Error::output(&rejects_tmp, e))?;
+    drop(rejects_file);
+    std::fs::rename(&rejects_tmp, &rejects_path).map_err(|e| Error::output(&rejects_path, e))?;
+    std::fs::remove_dir_all(&spill_dir).map_err(|e| Error::output(&spill_dir, e))?;
+
+    debug_assert!(counts.balanced());
+    let report_name = format!("report{suffix}.json");
+    let counts_json = serde_json::to_value(&counts).unwrap();
+    let report = stats.to_report(cfg.bt_prior, &counts_json);
+    write_atomic(&out.join(&report_name), serde_json::to_string_pretty(&report).unwrap().as_bytes())?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        tool: format!("vpa-shard {}", env!("CARGO_PKG_VERSION")),
+        partition: cfg.partition,
+        config: config_json(cfg),
+        counts,
+        shards,
+        rejects: rejects_path.file_name().unwrap().to_string_lossy().to_string(),
+        report: report_name,
+        merged_from: vec![],
+    };
+    // The manifest goes last: its presence means the build completed.
+    write_atomic(&out.join(format!("manifest{suffix}.json")), manifest.to_json().as_bytes())?;
+    Ok(manifest)
+}
+

@@ -1,0 +1,125 @@
+//! The thin PyO3 layer: JSON in, JSON out, the GIL released for the work, Rust errors mapped to
+//! typed Python exceptions, and panics caught so none crosses into Python.
+
+use crate::config::{parse_aspects, BuildConfig};
+use crate::error::Error;
+use crate::rank::{fit, Comparisons};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+
+create_exception!(rust_pairs, RustPairsError, PyException, "Base class of every error raised by rust_pairs.");
+create_exception!(rust_pairs, ConfigError, RustPairsError, "A build option is invalid; the message names the flag.");
+create_exception!(rust_pairs, InputFileError, RustPairsError, "An input file cannot be opened or read.");
+create_exception!(rust_pairs, OutputError, RustPairsError, "Writing shards, manifest or spill files failed.");
+create_exception!(rust_pairs, ManifestError, RustPairsError, "A manifest is missing, malformed or inconsistent.");
+
+fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::Config(_) => ConfigError::new_err(msg),
+        Error::Input { .. } => InputFileError::new_err(msg),
+        Error::Output { .. } => OutputError::new_err(msg),
+        Error::Manifest(_) => ManifestError::new_err(msg),
+    }
+}
+
+/// Run `f` without the GIL; map errors, and turn a panic into `RustPairsError`.
+fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
+    py.detach(|| match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(to_py),
+        Err(p) => {
+            let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            Err(RustPairsError::new_err(format!("internal error (please report): {what}")))
+        }
+    })
+}
+
+fn config_from_json(config_json: &str) -> Result<BuildConfig, Error> {
+    serde_json::from_str(config_json).map_err(|e| Error::Config(format!("invalid build options: {e}")))
+}
+
+/// Build shards from a JSON object of build options; returns the manifest as JSON.
+#[pyfunction]
+fn build(py: Python<'_>, config_json: &str) -> PyResult<String> {
+    let cfg = config_from_json(config_json).map_err(to_py)?;
+    run(py, move || crate::build::build(&cfg).map(|m| m.to_json()))
+}
+
+/// Check the options without building; returns the normalised options as JSON.
+#[pyfunction]
+fn check_config(config_json: &str) -> PyResult<String> {
+    let cfg = config_from_json(config_json).map_err(to_py)?;
+    cfg.validate().map_err(to_py)?;
+    Ok(serde_json::to_string(&cfg).unwrap())
+}
+
+/// Verify a build's shards against its manifest; returns a JSON summary.
+#[pyfunction]
+#[pyo3(signature = (directory, verify_hashes = true))]
+fn inspect(py: Python<'_>, directory: PathBuf, verify_hashes: bool) -> PyResult<String> {
+    run(py, move || crate::ops::inspect(&directory, verify_hashes).map(|v| v.to_string()))
+}
+
+/// Merge partition builds into `out`; returns the merged manifest as JSON.
+#[pyfunction]
+fn merge(py: Python<'_>, directories: Vec<PathBuf>, out: PathBuf) -> PyResult<String> {
+    run(py, move || crate::ops::merge(&directories, &out).map(|m| m.to_json()))
+}
+
+/// Parse an `--aspects` spec into [(name, weight)].
+#[pyfunction]
+fn parse_aspect_weights(spec: &str) -> PyResult<Vec<(String, f64)>> {
+    parse_aspects(spec).map_err(to_py)
+}
+
+/// Bradley-Terry log-strengths from (winner, loser, weight) comparisons with an L2 prior `alpha`.
+#[pyfunction]
+#[pyo3(signature = (n_items, comparisons, alpha = 0.1))]
+fn bradley_terry(n_items: usize, comparisons: Vec<(usize, usize, f64)>, alpha: f64) -> PyResult<Vec<f64>> {
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(ConfigError::new_err(format!("alpha must be > 0, got {alpha}")));
+    }
+    let mut c = Comparisons::new(n_items);
+    for (w, l, x) in comparisons {
+        if w >= n_items || l >= n_items {
+            return Err(ConfigError::new_err(format!("comparison ({w}, {l}) names an item outside 0..{n_items}")));
+        }
+        c.win(w, l, x);
+    }
+    Ok(fit(&c, alpha))
+}
+
+/// Text normalisation used for dedup (NFKC, lowercase, collapsed whitespace, no `<image>`).
+#[pyfunction]
+fn normalize_text(text: &str) -> String {
+    crate::text::normalize(text)
+}
+
+/// Names and one-line descriptions of the pair selection strategies.
+#[pyfunction]
+fn strategies() -> Vec<(String, String, f64)> {
+    crate::select::STRATEGIES.iter().map(|s| (s.name.to_string(), s.help.to_string(), s.default_margin)).collect()
+}
+
+#[pymodule]
+fn rust_pairs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("RustPairsError", py.get_type::<RustPairsError>())?;
+    m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("InputFileError", py.get_type::<InputFileError>())?;
+    m.add("OutputError", py.get_type::<OutputError>())?;
+    m.add("ManifestError", py.get_type::<ManifestError>())?;
+    m.add_function(wrap_pyfunction!(build, m)?)?;
+    m.add_function(wrap_pyfunction!(check_config, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_aspect_weights, m)?)?;
+    m.add_function(wrap_pyfunction!(bradley_terry, m)?)?;
+    m.add_function(wrap_pyfunction!(normalize_text, m)?)?;
+    m.add_function(wrap_pyfunction!(strategies, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,185 @@
+"""Python API of the shard builder, for notebooks and other projects.
+
+Every function here is a thin wrapper over :mod:`vpa_lightning.rust_pairs`; the work runs in
+Rust with the GIL released. Errors are typed: :class:`ConfigError` for a bad option (the
+message names the flag), :class:`InputFileError` for an unreadable input file,
+:class:`OutputError`, :class:`ManifestError`; all derive from :class:`RustPairsError`.
+Bad *records* never raise: they are listed in ``rejects.jsonl`` and counted in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from vpa_lightning import rust_pairs as _rp
+from vpa_lightning.rust_pairs import ConfigError, InputFileError, ManifestError, OutputError, RustPairsError
+
+PathLike = Union[str, "os.PathLike[str]"]
+Format = Literal["auto", "vlfeedback", "rated", "pairwise"]
+
+__all__ = [
+    "ConfigError",
+    "InputFileError",
+    "ManifestError",
+    "OutputError",
+    "RustPairsError",
+    "bradley_terry",
+    "build",
+    "build_options",
+    "inspect",
+    "load_manifest",
+    "merge",
+    "parse_partition",
+    "strategies",
+]
+
+
+def parse_partition(spec: str | tuple[int, int]) -> tuple[int, int]:
+    """``"i/N"`` (or a tuple) to ``(i, N)``; raises :class:`ConfigError` naming ``--partition``."""
+    if isinstance(spec, tuple):
+        return int(spec[0]), int(spec[1])
+    try:
+        i, n = (int(x) for x in str(spec).split("/"))
+    except ValueError:
+        raise ConfigError(f"--partition must look like i/N (for example 0/4), got {spec!r}") from None
+    return i, n
+
+
+def _aspects(aspects: str | Mapping[str, float] | Sequence[tuple[str, float]] | None) -> list[list[Any]] | None:
+    if aspects is None:
+        return None
+    if isinstance(aspects, str):
+        return [list(a) for a in _rp.parse_aspect_weights(aspects)]
+    items = aspects.items() if isinstance(aspects, Mapping) else aspects
+    return [[str(name), float(w)] for name, w in items]
+
+
+def build_options(
+    inputs: Sequence[PathLike],
+    out: PathLike,
+    *,
+    image_root: PathLike | None = None,
+    format: Format = "auto",
+    strategy: str = "all-pairs",
+    min_margin: float | None = None,
+    min_probability: float = 0.75,
+    aspects: str | Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    max_samples_per_shard: int = 1000,
+    max_shard_bytes: int = 1 << 30,
+    partition: str | tuple[int, int] = (0, 1),
+    near_dup: float | None = None,
+    bt_prior: float = 0.1,
+    max_text_chars: int = 100_000,
+    max_record_bytes: int = 64 << 20,
+    image_check: Literal["decode", "header"] = "decode",
+    spill_bucket_bytes: int = 64 << 20,
+    threads: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The options :func:`build` sends to Rust, as a dict (see :func:`build` for their meaning)."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    return {
+        "inputs": [os.fspath(p) for p in inputs],
+        "out": os.fspath(out),
+        "image_root": None if image_root is None else os.fspath(image_root),
+        "format": format,
+        "strategy": strategy,
+        "min_margin": min_margin,
+        "min_probability": min_probability,
+        "aspects": _aspects(aspects),
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "max_samples_per_shard": max_samples_per_shard,
+        "max_shard_bytes": max_shard_bytes,
+        "partition": list(parse_partition(partition)),
+        "near_dup_threshold": near_dup,
+        "bt_prior": bt_prior,
+        "max_text_chars": max_text_chars,
+        "max_record_bytes": max_record_bytes,
+        "image_check": image_check,
+        "spill_bucket_bytes": spill_bucket_bytes,
+        "threads": threads,
+        "progress": progress,
+    }
+
+
+def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, **options: Any) -> dict[str, Any]:
+    """Validate, deduplicate, rank and shard preference annotations.
+
+    Args:
+        inputs: JSONL files (or directories of ``*.jsonl``): VLFeedback rows, HelpSteer-style
+            rated rows or pairwise rows; the format is detected per file unless ``format`` is set.
+        out: Output directory for ``train-*.tar``, ``val-*.tar``, ``manifest.json``,
+            ``rejects.jsonl`` and ``report.json``.
+        image_root: Directory that relative image paths are relative to (default: each input
+            file's directory).
+        format: ``auto``, ``vlfeedback``, ``rated`` or ``pairwise``.
+        strategy: Pair selection: ``all-pairs`` (Silkie), ``best-vs-rest`` (MM-DPO),
+            ``best-vs-worst``, ``best-vs-random`` (UltraFeedback), ``min-probability``.
+        min_margin: Minimum weighted-mean-score gap of a pair (default: the strategy's own, 2 for
+            ``best-vs-rest``, else 0 = any positive gap).
+        min_probability: Bradley-Terry probability threshold of ``min-probability``.
+        aspects: Declared aspects and weights, ``"Helpfulness=1,Visual Faithfulness=1"`` or a dict
+            (default: the three VLFeedback aspects, or the five HelpSteer aspects for rated rows).
+        val_fraction: Share of images held out in ``val-*`` shards (split by image hash).
+        seed: Shuffle seed; the same input and seed give byte-identical shards.
+        max_samples_per_shard: Samples (groups) per shard at most.
+        max_shard_bytes: Bytes per shard at most (a single larger sample still gets a shard).
+        partition: ``"i/N"``: build only the part of the output owned by partition ``i``.
+        near_dup: Merge prompts on the same image whose word-3-gram Jaccard similarity is at
+            least this (MinHash/LSH); ``None`` disables it.
+        bt_prior: L2 prior on Bradley-Terry log-strengths (must be > 0).
+        max_text_chars: Longer prompts or responses are rejected.
+        image_check: ``decode`` (full decode) or ``header`` (dimensions only; faster).
+        threads: Worker threads (default: all cores).
+        progress: Draw progress bars on stderr.
+
+    Returns:
+        The manifest (also written to ``out/manifest.json``, or ``manifest-pIofN.json`` for a
+        partition).
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    opts = build_options(inputs, out, **options)
+    return json.loads(_rp.build(json.dumps(opts)))
+
+
+def inspect(directory: PathLike, *, verify_hashes: bool = True) -> dict[str, Any]:
+    """Verify every shard of a build against its manifest (sha256, samples, pairs)."""
+    return json.loads(_rp.inspect(os.fspath(directory), verify_hashes))
+
+
+def merge(directories: Sequence[PathLike], out: PathLike | None = None) -> dict[str, Any]:
+    """Join partition builds into one ``manifest.json`` (+ rejects and report) in ``out``."""
+    dirs = [os.fspath(d) for d in directories]
+    if not dirs:
+        raise ConfigError("merge: give at least one directory")
+    return json.loads(_rp.merge(dirs, os.fspath(out if out is not None else dirs[0])))
+
+
+def load_manifest(directory: PathLike) -> dict[str, Any]:
+    """Read ``manifest.json`` of a build directory."""
+    path = Path(directory) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path} does not exist (is {directory} a finished build?)") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path} is malformed: {e}") from None
+
+
+def bradley_terry(n_items: int, comparisons: Sequence[tuple[int, int, float]], alpha: float = 0.1) -> list[float]:
+    """Penalised Bradley-Terry log-strengths (same objective as ``choix.opt_pairwise``)."""
+    return _rp.bradley_terry(n_items, [(int(w), int(l), float(x)) for w, l, x in comparisons], alpha)
+
+
+def strategies() -> list[tuple[str, str, float]]:
+    """(name, description, default min-margin) of each pair selection strategy."""
+    return _rp.strategies()

@@ -1,0 +1,339 @@
+"""Sequence log-probs of K responses per (image, prompt) group, in one forward pass.
+
+A *group* is one image and one prompt with K >= 1 candidate responses (K = 2
+for a chosen/rejected pair, K > 2 for ranked lists; K = 1 is allowed, e.g. for
+mDPO's corrupted-image pass over the chosen response). For every response we
+build one sequence
+
+    chat_template(prompt with image, add_generation_prompt=True) + response + suffix
+
+where the templated prompt goes through the processor (which expands the image
+placeholder into the family's image tokens and produces the pixel tensors)
+and the response is tokenised separately with the processor's tokenizer (no
+special tokens) followed by ``suffix`` (by default the tokenizer's EOS, i.e.
+the end-of-turn token for chat models). Tokenising prompt and response apart
+makes the response boundary exact, as in TRL.
+
+All sequences of the batch (sum of K over groups) are right-padded into one
+batch and run through the model **once**. Log-probs are computed only at
+response positions: either through the model's forward with a boolean
+``logits_to_keep`` mask (transformers >= 5), or by gathering the decoder's last
+hidden states at the positions that predict a response token and applying the
+LM head to those rows only; full-vocabulary logits are never built for image,
+prompt or padding positions.
+
+Every processor output (``pixel_values``, ``image_grid_thw``, ``image_sizes``,
+``pixel_attention_mask``, ``mm_token_type_ids``, ...) is passed to the model;
+per-token outputs (those shaped like ``input_ids``) are extended over the
+response with 0 (text token) and padded with 0. The image inputs are computed
+for every sequence (the image of a group is repeated K times), which keeps the
+code family-agnostic; the vision tower therefore runs once per sequence.
+
+Truncation never cuts image tokens: with ``max_length`` the response is cut
+from the end; if the prompt alone (image tokens included) leaves no room for
+at least one response token, a ``ValueError`` names the group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["GroupBatch", "GroupLogps", "PreferenceGroup", "build_group_batch", "group_logps", "prompt_messages"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PreferenceGroup:
+    """One image + prompt with K candidate responses.
+
+    Attributes:
+        image: The image (anything the processor's image processor accepts, e.g. a PIL image).
+        prompt: The user text; or a full chat as a list of messages (``{"role", "content"}``)
+            whose content parts include exactly one ``{"type": "image"}``.
+        responses: The K >= 1 response texts (for a preference pair, by convention
+            ``[chosen, rejected]``).
+        id: Optional identifier used in error messages.
+    """
+
+    image: Any
+    prompt: str | list[dict[str, Any]]
+    responses: Sequence[str]
+    id: str | None = None
+
+
+@dataclass
+class GroupBatch:
+    """Model inputs for all sequences of a list of groups (``N = sum(K)`` rows).
+
+    Attributes:
+        model_inputs: Everything to pass to the model: ``input_ids`` ``[N, T]``,
+            ``attention_mask`` ``[N, T]`` and every other processor output.
+        labels: ``[N, T]`` copy of ``input_ids`` with ``-100`` on prompt, image and padding tokens.
+        group_index: ``[N]`` index of the group each row belongs to.
+        group_sizes: K of each group.
+        prompt_lengths: ``[N]`` number of prompt tokens (image tokens included) of each row.
+        truncated: ``[N]`` bool, whether the response of the row was truncated.
+    """
+
+    model_inputs: dict[str, Any]
+    labels: Tensor
+    group_index: Tensor
+    group_sizes: list[int]
+    prompt_lengths: Tensor
+    truncated: Tensor
+
+    def to(self, device: torch.device | str) -> GroupBatch:
+        """Move all tensors to ``device`` (returns a new object)."""
+
+        def move(x: Any) -> Any:
+            return x.to(device) if isinstance(x, Tensor) else x
+
+        return GroupBatch(
+            model_inputs={k: move(v) for k, v in self.model_inputs.items()},
+            labels=self.labels.to(device),
+            group_index=self.group_index.to(device),
+            group_sizes=list(self.group_sizes),
+            prompt_lengths=self.prompt_lengths.to(device),
+            truncated=self.truncated.to(device),
+        )
+
+
+@dataclass
+class GroupLogps:
+    """Per-response log-probs.
+
+    Attributes:
+        sum_logps: ``[N]`` summed log-probs of the response tokens (suffix included).
+        n_tokens: ``[N]`` number of response tokens scored.
+        group_index: ``[N]`` group of each row.
+        group_sizes: K of each group.
+    """
+
+    sum_logps: Tensor
+    n_tokens: Tensor
+    group_index: Tensor
+    group_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def mean_logps(self) -> Tensor:
+        """``[N]`` length-averaged log-probs (``sum_logps / n_tokens``)."""
+        return self.sum_logps / self.n_tokens.clamp(min=1).to(self.sum_logps.dtype)
+
+    def per_group(self, average: bool = False) -> list[Tensor]:
+        """Split into one ``[K_g]`` tensor per group (summed, or averaged if ``average``)."""
+        values = self.mean_logps if average else self.sum_logps
+        return list(torch.split(values, self.group_sizes))
+
+    def as_matrix(self, average: bool = False) -> Tensor:
+        """``[G, K]`` view when all groups have the same K (column 0 = first response, etc.)."""
+        if len(set(self.group_sizes)) != 1:
+            raise ValueError(f"groups have different sizes {self.group_sizes}; use per_group()")
+        values = self.mean_logps if average else self.sum_logps
+        return values.view(len(self.group_sizes), self.group_sizes[0])
+
+
+def prompt_messages(prompt: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages for a prompt: a plain string becomes one user turn ``[image, text]``."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return list(prompt)
+
+
+def _group_name(group: PreferenceGroup, index: int) -> str:
+    return f"group {index}" + (f" (id={group.id!r})" if group.id is not None else "")
+
+
+def build_group_batch(
+    processor: Any,
+    groups: Sequence[PreferenceGroup],
+    max_length: int | None = None,
+    response_suffix: str | None = None,
+) -> GroupBatch:
+    """Tokenise groups into one right-padded batch of ``sum(K)`` sequences.
+
+    Args:
+        processor: A transformers multimodal processor with a chat template.
+        groups: The groups; each must have at least one response.
+        max_length: Maximum sequence length (prompt + image tokens + response). The
+            response is truncated to fit; a ``ValueError`` names the group whose prompt
+            alone does not leave room for one response token.
+        response_suffix: Text appended to every response (tokenised as is, e.g. the
+            end-of-turn token). Defaults to the tokenizer's EOS token; ``""`` for none.
+
+    Returns:
+        A :class:`GroupBatch`.
+    """
+    if not groups:
+        raise ValueError("groups must not be empty")
+    tokenizer = processor.tokenizer
+    if response_suffix is None:
+        response_suffix = tokenizer.eos_token or ""
+    suffix_ids = tokenizer(response_suffix, add_special_tokens=False)["input_ids"] if response_suffix else []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    prompts: list[str] = []
+    images: list[list[Any]] = []
+    responses: list[list[int]] = []
+    owners: list[int] = []
+    for g, group in enumerate(groups):
+        if len(group.responses) < 1:
+            raise ValueError(f"{_group_name(group, g)} has no responses")
+        text = processor.apply_chat_template(prompt_messages(group.prompt), add_generation_prompt=True, tokenize=False)
+        for r, response in enumerate(group.responses):
+            ids = tokenizer(response, add_special_tokens=False)["input_ids"] + list(suffix_ids)
+            if not ids:
+                raise ValueError(f"{_group_name(group, g)}: response {r} is empty after tokenisation")
+            prompts.append(text)
+            images.append([group.image])
+            responses.append(ids)
+            owners.append(g)
+
+    enc = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    enc = dict(enc)
+    input_ids: Tensor = enc.pop("input_ids")
+    attention_mask: Tensor = enc.pop("attention_mask")
+    # per-token processor outputs (mm_token_type_ids, token_type_ids, ...) follow input_ids
+    per_token = {k: enc.pop(k) for k in list(enc) if isinstance(enc[k], Tensor) and enc[k].shape == input_ids.shape}
+
+    rows_ids, rows_tok, prompt_lengths, truncated = [], [], [], []
+    for i, (ids, resp) in enumerate(zip(input_ids, responses)):
+        keep = attention_mask[i].bool()  # prompt tokens, whatever the processor's padding side
+        prompt_ids = ids[keep]
+        n_prompt = prompt_ids.numel()
+        room = len(resp) if max_length is None else max_length - n_prompt
+        if room < 1:
+            g = owners[i]
+            raise ValueError(
+                f"{_group_name(groups[g], g)}: the prompt takes {n_prompt} tokens (image tokens included, "
+                f"which are never truncated) and leaves no room for the response within max_length={max_length}"
+            )
+        resp_ids = torch.tensor(resp[:room], dtype=ids.dtype)
+        rows_ids.append(torch.cat([prompt_ids, resp_ids]))
+        rows_tok.append({k: torch.cat([v[i][keep], v.new_zeros(resp_ids.numel())]) for k, v in per_token.items()})
+        prompt_lengths.append(n_prompt)
+        truncated.append(room < len(resp))
+
+    n, t = len(rows_ids), max(r.numel() for r in rows_ids)
+    batch_ids = input_ids.new_full((n, t), pad_id)
+    batch_mask = attention_mask.new_zeros((n, t))
+    labels = input_ids.new_full((n, t), IGNORE_INDEX)
+    batch_tok = {k: v.new_zeros((n, t)) for k, v in per_token.items()}
+    for i, row in enumerate(rows_ids):
+        length = row.numel()
+        batch_ids[i, :length] = row
+        batch_mask[i, :length] = 1
+        labels[i, prompt_lengths[i] : length] = row[prompt_lengths[i] :]
+        for k, values in batch_tok.items():
+            values[i, :length] = rows_tok[i][k]
+
+    model_inputs = {"input_ids": batch_ids, "attention_mask": batch_mask, **batch_tok, **enc}
+    return GroupBatch(
+        model_inputs=model_inputs,
+        labels=labels,
+        group_index=torch.tensor(owners, dtype=torch.long),
+        group_sizes=[len(g.responses) for g in groups],
+        prompt_lengths=torch.tensor(prompt_lengths, dtype=torch.long),
+        truncated=torch.tensor(truncated, dtype=torch.bool),
+    )
+
+
+def _split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
+    """(decoder returning last_hidden_state, LM head, final logit soft-cap) of a *ForConditionalGeneration."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    base = getattr(inner, "model", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if base is None or head is None:
+        raise NotImplementedError(
+            f"{type(inner).__name__} has no `.model` decoder and output embeddings; "
+            "cannot compute log-probs from hidden states"
+        )
+    config = getattr(inner, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(text_config, "final_logit_softcapping", None)
+    return base, head, cap
+
+
+def group_logps(
+    model: nn.Module,
+    batch: GroupBatch,
+    method: Literal["forward", "hidden"] = "forward",
+    chunk_size: int = 4096,
+) -> GroupLogps:
+    """Summed response log-probs of every row of ``batch`` with one forward pass of ``model``.
+
+    Both methods evaluate the LM head only at the positions that predict a
+    response token (never over image, prompt or padding positions) and take the
+    log-softmax in float32. Gradients flow when called outside ``torch.no_grad()``.
+
+    * ``"forward"`` (default): ``model(**inputs, logits_to_keep=mask)`` with a
+      boolean ``[N, T]`` mask, which transformers >= 5 turns into flattened
+      ``[M, vocab]`` logits for the ``M`` response-predicting positions. Goes
+      through the model's own ``forward``, so family-specific logit processing and
+      wrapper hooks (PEFT, FSDP, ``torch.compile``) apply as usual.
+    * ``"hidden"``: run the decoder ``model.model`` only, gather its last hidden
+      states at those positions and apply the LM head in chunks of ``chunk_size``
+      rows: peak memory ``chunk_size x vocab`` instead of ``M x vocab``. Bypasses
+      the top-level module's forward (a final-logit soft-cap in the text config is
+      re-applied); prefer ``"forward"`` under FSDP unless the LM head is sharded with the decoder.
+
+    Args:
+        model: A transformers ``*ForConditionalGeneration`` VLM (optionally PEFT-wrapped).
+        batch: Output of :func:`build_group_batch`, on the model's device.
+        method: ``"forward"`` or ``"hidden"``, see above.
+        chunk_size: Rows per LM-head chunk of the ``"hidden"`` method.
+
+    Returns:
+        :class:`GroupLogps` with ``sum_logps`` (float32) and ``n_tokens``.
+    """
+    labels = batch.labels
+    # the token at position t is predicted at position t - 1
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # [N, T]
+    rows = predicts.nonzero(as_tuple=True)[0]  # row-major, same order as boolean indexing
+    targets = labels[:, 1:][predicts[:, :-1]]  # [M]
+
+    if method == "forward":
+        out = model(**batch.model_inputs, logits_to_keep=predicts, use_cache=False, return_dict=True)
+        logits = out.logits
+        if logits.dim() != 2 or logits.shape[0] != targets.numel():
+            raise RuntimeError(
+                f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for a boolean "
+                f"logits_to_keep selecting {targets.numel()} positions; use method='hidden'"
+            )
+        flat = -F.cross_entropy(logits.float(), targets, reduction="none")
+    elif method == "hidden":
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        base, head, cap = _split_model(model)
+        hidden = base(**batch.model_inputs, use_cache=False, return_dict=True).last_hidden_state  # [N, T, H]
+        if hidden.shape[:2] != labels.shape:
+            raise RuntimeError(f"decoder output {tuple(hidden.shape[:2])} does not match labels {tuple(labels.shape)}")
+        states = hidden[predicts]  # [M, H]
+        parts = []
+        for start in range(0, targets.numel(), chunk_size):
+            chunk = head(states[start : start + chunk_size]).float()
+            if cap:
+                chunk = torch.tanh(chunk / cap) * cap
+            parts.append(-F.cross_entropy(chunk, targets[start : start + chunk_size], reduction="none"))
+        flat = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    else:
+        raise ValueError(f"method must be 'forward' or 'hidden', got {method!r}")
+
+    n = labels.shape[0]
+    sum_logps = torch.zeros(n, dtype=torch.float32, device=flat.device).index_add(0, rows, flat.float())
+    n_tokens = torch.zeros(n, dtype=torch.long, device=labels.device).index_add(0, rows, torch.ones_like(rows))
+    return GroupLogps(
+        sum_logps=sum_logps, n_tokens=n_tokens, group_index=batch.group_index, group_sizes=list(batch.group_sizes)
+    )
+
+
+def batch_to_device(inputs: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Move every tensor of a mapping to ``device``."""
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in inputs.items()}

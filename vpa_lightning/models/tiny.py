@@ -1,0 +1,348 @@
+"""Tiny, randomly initialised, *real* transformers VLMs for tests and demos.
+
+Nothing is downloaded: each family's model is built from a config with a few
+thousand parameters, and its processor gets a byte-level BPE tokenizer trained
+here, in a fraction of a second, on a short built-in corpus (plus the special
+tokens the family's processor and model need) and a small chat template.
+
+Supported families (``TINY_FAMILIES``):
+
+``llava``
+    ``LlavaForConditionalGeneration`` = tiny CLIP vision tower + tiny Llama,
+    ``LlavaProcessor`` with ``CLIPImageProcessor`` (28 px images, 4 image tokens).
+``qwen2_vl``
+    ``Qwen2VLForConditionalGeneration`` (M-RoPE, dynamic resolution),
+    ``Qwen2VLProcessor`` with ``Qwen2VLImageProcessor`` (up to 56x56 px, the
+    number of image tokens follows the aspect ratio).
+``idefics3``
+    ``Idefics3ForConditionalGeneration`` = tiny SigLIP-style vision tower + pixel
+    shuffle + tiny Llama, ``Idefics3Processor`` with ``Idefics3ImageProcessor``
+    (56 px, 4 image tokens, image splitting off by default).
+
+Image processors use the backend that ``AutoImageProcessor`` picks in the
+current environment (torchvision if installed, else PIL), so a saved folder
+loads back with identical preprocessing. ``qwen2_vl`` needs torchvision:
+transformers 5 requires a video processor in ``Qwen2VLProcessor`` and video
+processors are torchvision-only.
+
+Example::
+
+    model, processor = build_tiny_vlm("qwen2_vl", out_dir="/tmp/tiny-qwen")
+    # later, with the normal loading code:
+    AutoModelForImageTextToText.from_pretrained("/tmp/tiny-qwen")
+    AutoProcessor.from_pretrained("/tmp/tiny-qwen")
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["TINY_FAMILIES", "build_tiny_tokenizer", "build_tiny_vlm", "chat_template"]
+
+TINY_FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "idefics3")
+
+# A short corpus: enough for the BPE to learn some merges; any text still encodes (byte-level).
+_CORPUS = [
+    "A photo of a cat sitting on a red sofa next to a window.",
+    "The image shows two dogs playing with a ball in the park.",
+    "There is a man riding a bicycle down a busy street.",
+    "What is in the image? Describe the picture in detail.",
+    "How many people are in this picture? There are three people.",
+    "The sky is blue and the grass is green. A tree stands on the left.",
+    "Is there a car in the image? No, there is no car in the image.",
+    "A bowl of fruit with apples, bananas and oranges on a wooden table.",
+    "The woman is holding an umbrella because it is raining.",
+    "Answer the question using a single word or phrase. Yes. No. Two.",
+    "The chart shows the number of visitors per month, highest in July.",
+    "A white boat on a calm lake with mountains in the background.",
+]
+
+# Chat roles and turn end; "<|end|>" doubles as EOS.
+_ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+_END = "<|end|>"
+_PAD = "<|pad|>"
+_BOS = "<|begin|>"
+
+_IMAGE_PLACEHOLDER = {
+    "llava": "<image>",
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "idefics3": "<image>",
+}
+
+_FAMILY_SPECIAL_TOKENS = {
+    "llava": ["<image>"],
+    "qwen2_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+    "idefics3": ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+    + [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)],
+}
+
+
+def chat_template(image_placeholder: str) -> str:
+    """A minimal Jinja chat template.
+
+    Renders ``<|role|>\\n`` + content + ``<|end|>\\n`` per message; content is a
+    string or a list of ``{"type": "image"}`` / ``{"type": "text", "text": ...}``
+    parts, an image part becoming ``image_placeholder``. With
+    ``add_generation_prompt`` it ends with ``<|assistant|>\\n``, so a response is
+    scored as ``response text + <|end|>``.
+    """
+    return (
+        "{% for message in messages %}"
+        "<|{{ message['role'] }}|>\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}" + image_placeholder + ""
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        "<|end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+
+
+def build_tiny_tokenizer(extra_special_tokens: list[str] | tuple[str, ...] = (), vocab_size: int = 512):
+    """Train a byte-level BPE on the built-in corpus and wrap it as a transformers fast tokenizer.
+
+    Args:
+        extra_special_tokens: Special tokens to add (never split, never merged).
+        vocab_size: Target vocabulary size of the BPE (special tokens included).
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` with ``<|begin|>`` BOS, ``<|end|>`` EOS and ``<|pad|>`` PAD.
+        It adds no BOS/EOS on its own (the chat template carries the structure).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [_PAD, _BOS, _END, *_ROLE_TOKENS]
+    specials += [t for t in extra_special_tokens if t not in specials]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=_BOS,
+        eos_token=_END,
+        pad_token=_PAD,
+        additional_special_tokens=[t for t in specials if t not in (_PAD, _BOS, _END)],
+        padding_side="right",
+        model_max_length=4096,
+    )
+    return hf
+
+
+# Larger than the usual 0.02 so that the random models give peaked, input-dependent
+# distributions: tests comparing log-probs then notice a wrong position or a lost image.
+_INIT_RANGE = 0.2
+
+
+def _image_processor_class(name: str):
+    """``transformers.<name>`` (torchvision backend) if torchvision is installed, else ``<name>Pil``."""
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    return getattr(transformers, name if is_torchvision_available() else name + "Pil")
+
+
+def _llama_text_kwargs(tokenizer, hidden_size: int = 32) -> dict[str, Any]:
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": False,
+        "initializer_range": _INIT_RANGE,
+    }
+
+
+def _build_llava(tokenizer):
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    image_size, patch = 28, 14
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        initializer_range=_INIT_RANGE,
+        initializer_factor=10.0,
+    )
+    text = LlamaConfig(**_llama_text_kwargs(tokenizer))
+    n_image_tokens = (image_size // patch) ** 2  # CLS dropped by the "default" strategy
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=n_image_tokens,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    image_processor = _image_processor_class("CLIPImageProcessor")(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=chat_template(_IMAGE_PLACEHOLDER["llava"]),
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _build_qwen2_vl(tokenizer):
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        raise ImportError("the qwen2_vl tiny model needs torchvision (Qwen2VLProcessor requires a video processor)")
+
+    hidden, heads = 32, 4
+    head_dim = hidden // heads
+    text = dict(_llama_text_kwargs(tokenizer, hidden))
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    assert sum(text["rope_parameters"]["mrope_section"]) * 2 == head_dim
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": hidden,  # output of the patch merger = text hidden size
+        "mlp_ratio": 2,  # transformers 5 configs are strict dataclasses: int, not 2.0
+        "num_heads": 2,
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "initializer_range": _INIT_RANGE,
+    }
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    image_processor = _image_processor_class("Qwen2VLImageProcessor")(
+        size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56},
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    # transformers 5 will not build a Qwen2VLProcessor without a video processor, and video
+    # processors need torchvision: this family therefore requires torchvision.
+    video_processor = Qwen2VLVideoProcessor(
+        size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56},
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=chat_template(_IMAGE_PLACEHOLDER["qwen2_vl"]),
+    )
+    return Qwen2VLForConditionalGeneration(config), processor
+
+
+def _build_idefics3(tokenizer):
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+
+    image_size, patch, scale = 56, 14, 2
+    vision = Idefics3VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        initializer_range=_INIT_RANGE,
+    )
+    text = LlamaConfig(**_llama_text_kwargs(tokenizer))
+    config = Idefics3Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=scale,
+    )
+    image_processor = _image_processor_class("Idefics3ImageProcessor")(
+        do_image_splitting=False,
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=((image_size // patch) ** 2) // (scale**2),
+        chat_template=chat_template(_IMAGE_PLACEHOLDER["idefics3"]),
+    )
+    return Idefics3ForConditionalGeneration(config), processor
+
+
+_BUILDERS = {"llava": _build_llava, "qwen2_vl": _build_qwen2_vl, "idefics3": _build_idefics3}
+
+
+def build_tiny_vlm(family: str, out_dir: str | os.PathLike[str] | None = None, seed: int = 0):
+    """Build a tiny random VLM of ``family`` and its processor, optionally saving both.
+
+    Args:
+        family: One of ``TINY_FAMILIES`` (``"llava"``, ``"qwen2_vl"``, ``"idefics3"``).
+        out_dir: If given, ``save_pretrained`` model and processor there, so that
+            ``AutoModelForImageTextToText.from_pretrained(out_dir)`` and
+            ``AutoProcessor.from_pretrained(out_dir)`` load them back.
+        seed: Seed of the random weight initialisation.
+
+    Returns:
+        ``(model, processor)``; the model is in eval mode, float32, on CPU.
+    """
+    if family not in _BUILDERS:
+        raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
+    tokenizer = build_tiny_tokenizer(_FAMILY_SPECIAL_TOKENS[family])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor = _BUILDERS[family](tokenizer)
+    model.eval()
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    return model, processor
