@@ -416,7 +416,9 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &HashMap<String, f64>, counts: &m
     counts.pairs_dropped_probability += dropped.probability;
 
     if pairs.is_empty() {
-        let why = if n < 2 {
+        let why = if n < 2 && g.identical_pairs > 0 {
+            format!("chosen and rejected are identical after normalisation (identical {})", g.identical_pairs)
+        } else if n < 2 {
             "fewer than two distinct rankable responses after deduplication".to_string()
         } else {
             format!(

@@ -7,8 +7,9 @@
 //!   Σ_{i≠j} w_ij · log σ(θ_i − θ_j) − (α/2) · Σ_i θ_i²
 //!
 //! which is strictly concave for α > 0, so the maximum exists and is unique even for a strict
-//! ranking (where the plain maximum-likelihood estimate diverges). This is the objective of
-//! `choix.opt_pairwise(..., alpha=α)`. Newton's method with a backtracking line search solves it;
+//! ranking (where the plain maximum-likelihood estimate diverges). It is the objective of
+//! `choix.opt_pairwise(..., alpha=α/2)` (choix penalises α·Σθ²). Newton's method with a
+//! backtracking line search solves it;
 //! groups are small (K responses), so the dense K×K system is cheap.
 
 /// Dense matrix of weighted wins: `wins[i][j]` = how much i beat j.

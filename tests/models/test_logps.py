@@ -263,6 +263,8 @@ def test_bad_method_and_empty_inputs(tiny) -> None:
         group_logps(model, batch, method="nope")
     with pytest.raises(ValueError, match="groups"):
         build_group_batch(processor, [])
+    with pytest.raises(ValueError, match="max_length"):
+        build_group_batch(processor, _groups(), max_length=1)
     with pytest.raises(ValueError, match="no responses"):
         build_group_batch(processor, [PreferenceGroup(_image(28, 28, 0), "Hi", [], id="x")])
 
@@ -284,3 +286,18 @@ def test_idefics3_image_splitting_pads_sub_images() -> None:
         out = group_logps(model, batch)
     expected = [reference_logps(model, processor, g, r) for g in groups for r in g.responses]
     torch.testing.assert_close(out.sum_logps, torch.tensor([e[0] for e in expected]), rtol=1e-5, atol=1e-5)
+
+
+def test_response_fill_of_per_token_outputs() -> None:
+    if not _HAS_TORCHVISION:
+        pytest.skip("qwen2_vl needs torchvision")
+    _, processor = build_tiny_vlm("qwen2_vl")
+    groups = _groups()[:1]
+    plain = build_group_batch(processor, groups)
+    filled = build_group_batch(processor, groups, response_fill={"mm_token_type_ids": 7})
+    response = plain.labels != IGNORE_INDEX
+    assert (filled.model_inputs["mm_token_type_ids"][response] == 7).all()
+    assert (plain.model_inputs["mm_token_type_ids"][response] == 0).all()
+    assert torch.equal(
+        filled.model_inputs["mm_token_type_ids"][~response], plain.model_inputs["mm_token_type_ids"][~response]
+    )

@@ -62,7 +62,7 @@ def render(directory: str | Path, report_name: str = "report.json") -> list[Path
                 if m[i][j] == m[i][j]:
                     ax.text(j, i, f"{m[i][j]:.2f}", ha="center", va="center")
         fig.colorbar(im, ax=ax)
-    ax.set_title("Aspect-to-aspect rating correlation (Pearson)")
+    ax.set_title("Aspect correlation (Pearson)")
     save(fig, "correlations")
 
     scores = report["histograms"]["scores"]

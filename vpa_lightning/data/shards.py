@@ -176,7 +176,10 @@ def load_manifest(directory: PathLike) -> dict[str, Any]:
 
 
 def bradley_terry(n_items: int, comparisons: Sequence[tuple[int, int, float]], alpha: float = 0.1) -> list[float]:
-    """Penalised Bradley-Terry log-strengths (same objective as ``choix.opt_pairwise``)."""
+    """Penalised Bradley-Terry log-strengths: maximise Σ w·log σ(θ_win − θ_lose) − (alpha/2)·Σθ².
+
+    Same optimum as ``choix.opt_pairwise(n_items, data, alpha=alpha / 2)`` for unit-weight data.
+    """
     return _rp.bradley_terry(n_items, [(int(w), int(l), float(x)) for w, l, x in comparisons], alpha)
 
 

@@ -25,7 +25,8 @@ prompt or padding positions.
 Every processor output (``pixel_values``, ``image_grid_thw``, ``image_sizes``,
 ``pixel_attention_mask``, ``mm_token_type_ids``, ...) is passed to the model;
 per-token outputs (those shaped like ``input_ids``) are extended over the
-response with 0 (text token) and padded with 0. The image inputs are computed
+response with 0 (text token; see ``response_fill`` for prefix-LM models such as
+PaliGemma) and padded with 0. The image inputs are computed
 for every sequence (the image of a group is repeated K times), which keeps the
 code family-agnostic; the vision tower therefore runs once per sequence.
 
@@ -155,6 +156,7 @@ def build_group_batch(
     groups: Sequence[PreferenceGroup],
     max_length: int | None = None,
     response_suffix: str | None = None,
+    response_fill: Mapping[str, int] | None = None,
 ) -> GroupBatch:
     """Tokenise groups into one right-padded batch of ``sum(K)`` sequences.
 
@@ -166,6 +168,11 @@ def build_group_batch(
             alone does not leave room for one response token.
         response_suffix: Text appended to every response (tokenised as is, e.g. the
             end-of-turn token). Defaults to the tokenizer's EOS token; ``""`` for none.
+        response_fill: Value of each per-token processor output (those shaped like
+            ``input_ids``, other than ``input_ids``/``attention_mask``) over the response
+            tokens; default 0 (= text token for ``mm_token_type_ids`` and Gemma-3-style
+            ``token_type_ids``). PaliGemma-style prefix-LM models need
+            ``{"token_type_ids": 1}`` (1 marks the causal suffix there).
 
     Returns:
         A :class:`GroupBatch`.
@@ -201,6 +208,9 @@ def build_group_batch(
     attention_mask: Tensor = enc.pop("attention_mask")
     # per-token processor outputs (mm_token_type_ids, token_type_ids, ...) follow input_ids
     per_token = {k: enc.pop(k) for k in list(enc) if isinstance(enc[k], Tensor) and enc[k].shape == input_ids.shape}
+    fill = {k: int((response_fill or {}).get(k, 0)) for k in per_token}
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
 
     rows_ids, rows_tok, prompt_lengths, truncated = [], [], [], []
     for i, (ids, resp) in enumerate(zip(input_ids, responses)):
@@ -216,7 +226,9 @@ def build_group_batch(
             )
         resp_ids = torch.tensor(resp[:room], dtype=ids.dtype)
         rows_ids.append(torch.cat([prompt_ids, resp_ids]))
-        rows_tok.append({k: torch.cat([v[i][keep], v.new_zeros(resp_ids.numel())]) for k, v in per_token.items()})
+        rows_tok.append(
+            {k: torch.cat([v[i][keep], v.new_full((resp_ids.numel(),), fill[k])]) for k, v in per_token.items()}
+        )
         prompt_lengths.append(n_prompt)
         truncated.append(room < len(resp))
 

@@ -1,0 +1,98 @@
+"""Every bad-input class is rejected with file, line, field and reason; nothing stops the build."""
+
+import json
+
+import pytest
+
+from vpa_lightning.data import ConfigError, InputFileError, build
+
+from .conftest import make_image, read_samples, rejects, vlf_completion, vlf_row
+
+
+def good(img="ok.png", prompt="Q?"):
+    return vlf_row(img, prompt, [vlf_completion("a", "yes", (5, 5, 5)), vlf_completion("b", "no", (1, 1, 1))])
+
+
+def test_each_bad_input_class(tmp_path):
+    make_image(tmp_path / "ok.png")
+    make_image(tmp_path / "ok2.png", colour=(0, 0, 255))
+    png = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(png[: len(png) // 2])
+    (tmp_path / "text.jpg").write_bytes(b"this is not an image")
+    (tmp_path / "adir.png").mkdir()
+    long_text = "x" * 200
+    lines = [
+        json.dumps(good()),                                                           # 1 ok
+        '{"prompt": "Q?", "img_path": "ok.png", "completions": [',                    # 2 malformed JSON
+        json.dumps({"img_path": "ok.png", "completions": []}),                        # 3 missing prompt
+        json.dumps(good(img="missing.png")),                                          # 4 missing image
+        json.dumps(good(img="adir.png")),                                             # 5 unreadable image (a directory)
+        json.dumps(good(img="truncated.png")),                                        # 6 undecodable image
+        json.dumps(good(img="text.jpg")),                                             # 7 not an image
+        json.dumps(vlf_row("ok.png", "Q3", [vlf_completion("a", "y", ("N/A",) * 3), vlf_completion("b", "n", ("?", 1, 1))])),  # 8 no numeric rating
+        json.dumps(vlf_row("ok.png", "Q4", [vlf_completion("a", "   ", (5, 5, 5)), vlf_completion("b", "n", (1, 1, 1))])),  # 9 empty response
+        json.dumps(dict(good(), prompt=["not", "a", "string"])),                      # 10 wrong type
+        json.dumps(dict(good(), prompt=long_text)),                                   # 11 absurdly long text
+        "",                                                                           # 12 blank line (not a record)
+        json.dumps([1, 2, 3]),                                                        # 13 not an object
+        json.dumps(good(img="ok2.png")),                                              # 14 ok
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"prompt": "\xff\xfe"}\n')  # 15 invalid UTF-8
+    m = build([path], tmp_path / "out", max_text_chars=100, val_fraction=0)
+    c = m["counts"]
+    assert c["records_in"] == 14 and c["blank_lines"] == 1
+    assert c["records_in"] == c["records_used"] + c["records_deduplicated"] + c["records_rejected"]
+    # Line 9 keeps one response: a group of one is rejected at ranking time, with its own reason.
+    assert c["records_used"] == 2 and c["records_rejected"] == 12
+    by_line = {}
+    for r in rejects(tmp_path / "out"):
+        assert r["file"] == str(path)
+        by_line.setdefault(r["line"], []).append(r)
+    expect = {
+        2: ("$", "malformed JSON"),
+        3: ("prompt", "missing field"),
+        4: ("image", "missing or unreadable"),
+        5: ("image", "not a regular file"),
+        6: ("image", "does not decode"),
+        7: ("image", "not a recognised image format"),
+        8: ("completions", "no rankable response"),
+        10: ("prompt", "expected a string, got array"),
+        11: ("prompt", "over the limit of 100"),
+        13: ("$", "expected a JSON object"),
+        15: ("$", "invalid UTF-8"),
+    }
+    for line, (field, reason) in expect.items():
+        rec = [r for r in by_line[line] if r["kind"] == "record"]
+        assert len(rec) == 1, (line, by_line[line])
+        assert rec[0]["field"] == field and reason in rec[0]["reason"], (line, rec[0])
+    # Per-response reasons are kept too.
+    assert {r["field"] for r in by_line[8] if r["kind"] == "response"} == {
+        "completions[0].annotations.Helpfulness", "completions[1].annotations.Helpfulness"}
+    assert [(r["kind"], r["field"]) for r in by_line[9]][0] == ("response", "completions[0].response")
+    assert any(r["kind"] == "record" and "fewer than two" in r["reason"] for r in by_line[9])
+    assert 12 not in by_line
+    assert len(read_samples(tmp_path / "out")) == 2
+
+
+def test_fatal_errors_are_typed_and_name_the_flag(tmp_path):
+    with pytest.raises(InputFileError, match="nope.jsonl"):
+        build([tmp_path / "nope.jsonl"], tmp_path / "out")
+    (tmp_path / "x.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="--strategy"):
+        build([tmp_path / "x.jsonl"], tmp_path / "out", strategy="best-of-all")
+    with pytest.raises(ConfigError, match="--val-fraction"):
+        build([tmp_path / "x.jsonl"], tmp_path / "out", val_fraction=1.5)
+    with pytest.raises(ConfigError, match="--partition"):
+        build([tmp_path / "x.jsonl"], tmp_path / "out", partition="4/4")
+    with pytest.raises(ConfigError, match="--aspects"):
+        build([tmp_path / "x.jsonl"], tmp_path / "out", aspects="Helpfulness=lots")
+    with pytest.raises(ConfigError, match="--bt-prior"):
+        build([tmp_path / "x.jsonl"], tmp_path / "out", bt_prior=0)
+
+
+def test_empty_input_gives_empty_valid_build(tmp_path):
+    (tmp_path / "x.jsonl").write_text("\n\n")
+    m = build([tmp_path / "x.jsonl"], tmp_path / "out")
+    assert m["shards"] == [] and m["counts"]["records_in"] == 0 and m["counts"]["blank_lines"] == 2
+    assert (tmp_path / "out" / "manifest.json").exists()
