@@ -12,25 +12,27 @@
 use crate::config::{BuildConfig, Format, VLFEEDBACK_ASPECTS, HELPSTEER_ASPECTS};
 use crate::dedup::{group, Group};
 use crate::error::{Error, Result};
-use crate::image::{self, sha256_hex};
+use crate::image;
 use crate::manifest::{Counts, Manifest, FORMAT_VERSION};
 use crate::parse::{self, Ctx};
 use crate::rank::{fit, sigmoid, Comparisons};
 use crate::record::{Record, Reject, Source};
 use crate::report::Stats;
 use crate::select::{self, Dropped, GroupView, Params};
-use crate::shard::{write_atomic, Member, ShardInfo, ShardWriter};
+use crate::shard::{encode_member, write_atomic, ShardInfo, ShardWriter};
 use crate::text::normalize;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-const CHUNK_LINES: usize = 2048;
+/// Lines validated in parallel at a time; with their image bytes in flight, this bounds memory.
+const CHUNK_LINES: usize = 512;
 const MAX_BUCKETS: u64 = 4096;
 
 /// First 8 bytes of sha256 over the parts, as a number: the stable hash behind keys, splits,
@@ -103,9 +105,10 @@ struct Finished {
     key: String,
     val: bool,
     json: String,
-    image_path: String,
     image_sha256: String,
     image_ext: String,
+    image_offset: u64,
+    image_len: u64,
     pairs: u64,
     responses: u64,
 }
@@ -114,7 +117,7 @@ enum Line {
     Blank,
     OtherPartition,
     Rejected(Vec<Reject>),
-    Kept(Box<Record>, Vec<Reject>),
+    Kept(Box<Record>, Vec<Reject>, Vec<u8>),
 }
 
 struct FileCtx<'a> {
@@ -185,6 +188,8 @@ fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
         return Line::Rejected(all);
     }
     let record = Record {
+        image_offset: 0,
+        image_len: img.bytes.len() as u64,
         prompt_norm: normalize(&draft.prompt),
         prompt: draft.prompt,
         image_path: img.path.to_string_lossy().to_string(),
@@ -194,7 +199,7 @@ fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
         explicit_pairs: draft.explicit_pairs,
         source: src,
     };
-    Line::Kept(Box::new(record), parsed.response_rejects)
+    Line::Kept(Box::new(record), parsed.response_rejects, img.bytes)
 }
 
 /// Detect a file's format from its first record that parses and says which format it is.
@@ -241,45 +246,71 @@ impl<R: BufRead> Chunks<R> {
     }
 }
 
-struct Spill {
-    dir: PathBuf,
-    writers: Vec<BufWriter<File>>,
-    prefix: &'static str,
+/// Spill buckets: in memory when everything fits one bucket, else one JSONL file per bucket.
+enum Spill<T> {
+    Memory(Vec<T>),
+    Files { dir: PathBuf, prefix: &'static str, writers: Vec<BufWriter<File>> },
 }
 
-impl Spill {
-    fn new(dir: &Path, prefix: &'static str, n: usize) -> Result<Spill> {
+impl<T: Serialize + for<'de> Deserialize<'de>> Spill<T> {
+    fn new(dir: &Path, prefix: &'static str, n: usize) -> Result<Spill<T>> {
+        if n == 1 {
+            return Ok(Spill::Memory(Vec::new()));
+        }
         let writers = (0..n)
             .map(|b| {
                 let p = dir.join(format!("{prefix}-{b:05}.jsonl"));
                 File::create(&p).map(|f| BufWriter::with_capacity(1 << 16, f)).map_err(|e| Error::output(&p, e))
             })
             .collect::<Result<_>>()?;
-        Ok(Spill { dir: dir.to_path_buf(), writers, prefix })
+        Ok(Spill::Files { dir: dir.to_path_buf(), prefix, writers })
     }
-    fn put<T: Serialize>(&mut self, bucket: usize, item: &T) -> Result<()> {
-        let w = &mut self.writers[bucket];
-        serde_json::to_writer(&mut *w, item).expect("spill items serialise");
-        w.write_all(b"\n").map_err(|e| Error::output(&self.dir, e))
-    }
-    fn close(self) -> Result<(PathBuf, &'static str, usize)> {
-        let n = self.writers.len();
-        for mut w in self.writers {
-            w.flush().map_err(|e| Error::output(&self.dir, e))?;
-        }
-        Ok((self.dir, self.prefix, n))
-    }
-}
 
-fn read_bucket<T: for<'de> Deserialize<'de>>(dir: &Path, prefix: &str, b: usize) -> Result<Vec<T>> {
-    let p = dir.join(format!("{prefix}-{b:05}.jsonl"));
-    let f = File::open(&p).map_err(|e| Error::output(&p, e))?;
-    let mut out = Vec::new();
-    for line in BufReader::with_capacity(1 << 16, f).lines() {
-        let line = line.map_err(|e| Error::output(&p, e))?;
-        out.push(serde_json::from_str(&line).map_err(|e| Error::Output { path: p.clone(), source: std::io::Error::other(e) })?);
+    fn buckets(&self) -> usize {
+        match self {
+            Spill::Memory(_) => 1,
+            Spill::Files { writers, .. } => writers.len(),
+        }
     }
-    Ok(out)
+
+    fn put(&mut self, bucket: usize, item: T) -> Result<()> {
+        match self {
+            Spill::Memory(v) => v.push(item),
+            Spill::Files { dir, writers, .. } => {
+                let w = &mut writers[bucket];
+                serde_json::to_writer(&mut *w, &item).expect("spill items serialise");
+                w.write_all(b"\n").map_err(|e| Error::output(&*dir, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if let Spill::Files { dir, writers, .. } = self {
+            for w in writers {
+                w.flush().map_err(|e| Error::output(&*dir, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Take bucket `b` (each bucket once, after `finish`).
+    fn take(&mut self, b: usize) -> Result<Vec<T>> {
+        match self {
+            Spill::Memory(v) => Ok(std::mem::take(v)),
+            Spill::Files { dir, prefix, .. } => {
+                let p = dir.join(format!("{prefix}-{b:05}.jsonl"));
+                let f = File::open(&p).map_err(|e| Error::output(&p, e))?;
+                let mut out = Vec::new();
+                for line in BufReader::with_capacity(1 << 16, f).lines() {
+                    let line = line.map_err(|e| Error::output(&p, e))?;
+                    out.push(serde_json::from_str(&line).map_err(|e| Error::output(&p, std::io::Error::other(e)))?);
+                }
+                std::fs::remove_file(&p).map_err(|e| Error::output(&p, e))?;
+                Ok(out)
+            }
+        }
+    }
 }
 
 fn progress(cfg: &BuildConfig, len: u64, what: &str) -> ProgressBar {
@@ -298,10 +329,18 @@ fn progress(cfg: &BuildConfig, len: u64, what: &str) -> ProgressBar {
 }
 
 /// Aspect weights across formats: the declared ones, or every default aspect with weight 1.
-fn weights(cfg: &BuildConfig) -> HashMap<String, f64> {
-    match &cfg.aspects {
-        Some(a) => a.iter().cloned().collect(),
-        None => VLFEEDBACK_ASPECTS.iter().chain(HELPSTEER_ASPECTS.iter()).map(|a| (a.to_string(), 1.0)).collect(),
+/// A handful of entries, so a linear scan beats hashing.
+struct Weights(Vec<(String, f64)>);
+
+impl Weights {
+    fn new(cfg: &BuildConfig) -> Self {
+        Weights(match &cfg.aspects {
+            Some(a) => a.clone(),
+            None => VLFEEDBACK_ASPECTS.iter().chain(HELPSTEER_ASPECTS.iter()).map(|a| (a.to_string(), 1.0)).collect(),
+        })
+    }
+    fn get(&self, aspect: &str) -> Option<f64> {
+        self.0.iter().find(|(n, _)| n == aspect).map(|(_, w)| *w)
     }
 }
 
@@ -311,7 +350,7 @@ enum Ranked {
     Dropped(String),
 }
 
-fn rank_group(g: &Group, cfg: &BuildConfig, w: &HashMap<String, f64>, counts: &mut Counts, stats: &mut Stats) -> Ranked {
+fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, stats: &mut Stats) -> Ranked {
     let n = g.responses.len();
     counts.responses_collapsed += g.collapsed;
     counts.prompts_near_duplicate += g.near_dup_merged;
@@ -322,7 +361,7 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &HashMap<String, f64>, counts: &m
         .iter()
         .map(|r| {
             let (s, tw) = r.scores.iter().fold((0.0, 0.0), |(s, tw), (a, x)| {
-                let wa = w.get(a).copied().unwrap_or(0.0);
+                let wa = w.get(a).unwrap_or(0.0);
                 (s + wa * x, tw + wa)
             });
             (tw > 0.0).then(|| s / tw)
@@ -331,7 +370,7 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &HashMap<String, f64>, counts: &m
     for i in 0..n {
         for j in (i + 1)..n {
             for (a, x) in &g.responses[i].scores {
-                let (Some(y), Some(&wa)) = (g.responses[j].scores.get(a), w.get(a)) else { continue };
+                let (Some(y), Some(wa)) = (g.responses[j].scores.get(a), w.get(a)) else { continue };
                 if wa <= 0.0 {
                     continue;
                 }
@@ -470,9 +509,10 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &HashMap<String, f64>, counts: &m
         key: g.key.clone(),
         val: is_val(&g.image_sha256, cfg.val_fraction),
         json: serde_json::to_string(&sample).expect("sample serialises"),
-        image_path: g.image_path.clone(),
         image_sha256: g.image_sha256.clone(),
         image_ext: g.image_ext.clone(),
+        image_offset: g.image_offset,
+        image_len: g.image_len,
         pairs: npairs,
         responses: n as u64,
     })
@@ -568,8 +608,13 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
     let rejects_tmp = out.join(format!(".rejects{suffix}.jsonl.partial"));
     let mut rejects_file = BufWriter::new(File::create(&rejects_tmp).map_err(|e| Error::output(&rejects_tmp, e))?);
 
+    let timings = std::env::var_os("RUST_PAIRS_TIMINGS").is_some();
+    let t0 = std::time::Instant::now();
     // Stage 1: validate and spill by image.
-    let mut spill = Spill::new(&spill_dir, "records", nb as usize)?;
+    let mut spill: Spill<Record> = Spill::new(&spill_dir, "records", nb as usize)?;
+    let blob_path = spill_dir.join("images.bin");
+    let mut blob = BufWriter::with_capacity(4 << 20, File::create(&blob_path).map_err(|e| Error::output(&blob_path, e))?);
+    let mut blob_len = 0u64;
     let pb = progress(cfg, total_bytes, "validate");
     for path in &files {
         let label = path.to_string_lossy().to_string();
@@ -607,12 +652,15 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
                         counts.responses_rejected += rs.iter().filter(|r| r.kind == crate::record::RejectKind::Response).count() as u64;
                         write_rejects(&rs, &mut rejects);
                     }
-                    Line::Kept(rec, rs) => {
+                    Line::Kept(mut rec, rs, bytes) => {
                         counts.records_in += 1;
                         counts.responses_rejected += rs.len() as u64;
                         write_rejects(&rs, &mut rejects);
+                        rec.image_offset = blob_len;
+                        blob.write_all(&bytes).map_err(|e| Error::output(&blob_path, e))?;
+                        blob_len += bytes.len() as u64;
                         let b = range_bucket(hash64(&[b"bucket", rec.image_sha256.as_bytes()]), nb);
-                        spill.put(b, &*rec)?;
+                        spill.put(b, *rec)?;
                     }
                 }
             }
@@ -622,26 +670,35 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
         }
     }
     pb.finish_and_clear();
-    let (dir, prefix, nbuckets) = spill.close()?;
+    spill.finish()?;
+    blob.flush().map_err(|e| Error::output(&blob_path, e))?;
+    drop(blob);
+    let nbuckets = spill.buckets();
+    if timings {
+        eprintln!("rust_pairs: validate {:.3}s", t0.elapsed().as_secs_f64());
+    }
+    let t1 = std::time::Instant::now();
 
-    // Stage 2: group, rank, select; spill samples by shuffle key.
-    let w = weights(cfg);
+    // Stage 2: group, rank, select (groups in parallel); spill samples by shuffle key.
+    let w = Weights::new(cfg);
     let mut stats = Stats::default();
-    let mut samples = Spill::new(&spill_dir, "samples", nbuckets)?;
-    let wave = rayon::current_num_threads().max(1);
+    let mut samples: Spill<Finished> = Spill::new(&spill_dir, "samples", nbuckets)?;
     let pb = progress(cfg, nbuckets as u64, "rank");
-    for start in (0..nbuckets).step_by(wave) {
-        let end = (start + wave).min(nbuckets);
-        let results: Vec<Result<(Vec<Finished>, Vec<Reject>, Counts, Stats)>> = (start..end)
-            .into_par_iter()
-            .map(|b| {
-                let records: Vec<Record> = read_bucket(&dir, prefix, b)?;
+    for b in 0..nbuckets {
+        let tt = std::time::Instant::now();
+        let groups = group(spill.take(b)?, cfg.near_dup_threshold);
+        if timings {
+            eprintln!("rust_pairs:   group {:.3}s", tt.elapsed().as_secs_f64());
+        }
+        let results: Vec<(Vec<Finished>, Vec<Reject>, Counts, Stats)> = groups
+            .par_chunks(256)
+            .map(|chunk| {
                 let mut c = Counts::default();
                 let mut s = Stats::default();
                 let mut fin = Vec::new();
                 let mut rej = Vec::new();
-                for g in group(records, cfg.near_dup_threshold) {
-                    match rank_group(&g, cfg, &w, &mut c, &mut s) {
+                for g in chunk {
+                    match rank_group(g, cfg, &w, &mut c, &mut s) {
                         Ranked::Sample(f) => {
                             c.records_used += 1;
                             c.records_deduplicated += g.sources.len() as u64 - 1;
@@ -662,58 +719,93 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
                         }
                     }
                 }
-                Ok((fin, rej, c, s))
+                (fin, rej, c, s)
             })
             .collect();
-        for r in results {
-            let (fin, rej, c, s) = r?;
+        if timings {
+            eprintln!("rust_pairs:   ranked {:.3}s", tt.elapsed().as_secs_f64());
+        }
+        groups.into_par_iter().for_each(drop); // freeing ~10 allocations a response is worth two threads
+        if timings {
+            eprintln!("rust_pairs:   dropped {:.3}s", tt.elapsed().as_secs_f64());
+        }
+        for (fin, rej, c, s) in results {
             counts.add(&c);
             stats.merge(&s);
             write_rejects(&rej, &mut rejects);
             for f in fin {
-                samples.put(range_bucket(f.order, nbuckets as u64), &f)?;
+                let bucket = range_bucket(f.order, nbuckets as u64);
+                samples.put(bucket, f)?;
             }
-            pb.inc(1);
         }
         rejects_file.write_all(&rejects).map_err(|e| Error::output(&rejects_tmp, e))?;
         rejects.clear();
+        pb.inc(1);
     }
     pb.finish_and_clear();
-    let (dir, prefix, _) = samples.close()?;
+    samples.finish()?;
+    if timings {
+        eprintln!("rust_pairs: rank {:.3}s", t1.elapsed().as_secs_f64());
+    }
+    let t2 = std::time::Instant::now();
 
-    // Stage 3: write shards in shuffle order.
+    // Stage 3: write shards in shuffle order; images come from the scratch blob, encoded in parallel.
     let mut train = ShardWriter::new(&out, "train", &suffix, cfg.max_samples_per_shard, cfg.max_shard_bytes);
     let mut val = ShardWriter::new(&out, "val", &suffix, cfg.max_samples_per_shard, cfg.max_shard_bytes);
     let pb = progress(cfg, counts.groups, "write");
+    let blob = File::open(&blob_path).map_err(|e| Error::output(&blob_path, e))?;
     for b in 0..nbuckets {
-        let mut items: Vec<Finished> = read_bucket(&dir, prefix, b)?;
+        let mut items: Vec<Finished> = samples.take(b)?;
         items.sort_by(|a, b| (a.order, &a.key).cmp(&(b.order, &b.key)));
-        for batch in items.chunks(64) {
-            let images: Vec<Result<Vec<u8>>> = batch
+        let encode = |batch: &[Finished]| -> Vec<Result<Vec<u8>>> {
+            batch
                 .par_iter()
                 .map(|f| {
-                    let bytes = std::fs::read(&f.image_path).map_err(|e| Error::input(&f.image_path, e))?;
-                    if sha256_hex(&bytes) != f.image_sha256 {
-                        return Err(Error::input(&f.image_path, std::io::Error::other("image changed while the build ran")));
-                    }
-                    Ok(bytes)
+                    // The image is read from the scratch blob straight into the tar buffer.
+                    let json = f.json.as_bytes();
+                    let mut enc = Vec::with_capacity(4 * 512 + f.image_len as usize + json.len());
+                    let mut read = Ok(());
+                    let image_name = format!("{}.{}", f.key, f.image_ext);
+                    encode_member(&mut enc, &image_name, f.image_len as usize, |buf| read = blob.read_exact_at(buf, f.image_offset))
+                        .map_err(|e| Error::output(&out, e))?;
+                    read.map_err(|e| Error::output(&blob_path, e))?;
+                    encode_member(&mut enc, &format!("{}.json", f.key), json.len(), |buf| buf.copy_from_slice(json))
+                        .map_err(|e| Error::output(&out, e))?;
+                    Ok(enc)
                 })
-                .collect();
-            for (f, img) in batch.iter().zip(images) {
-                let img = img?;
-                let members = [
-                    Member { name: format!("{}.{}", f.key, f.image_ext), data: &img },
-                    Member { name: format!("{}.json", f.key), data: f.json.as_bytes() },
-                ];
-                let w = if f.val { &mut val } else { &mut train };
-                w.append(&members, f.pairs, f.responses)?;
-                pb.inc(1);
+                .collect()
+        };
+        // Pipeline: batch k is appended (and hashed, sequentially) while batch k+1 is encoded.
+        let mut pending: Option<(&[Finished], Vec<Result<Vec<u8>>>)> = None;
+        let mut batches = items.chunks(512);
+        loop {
+            let next = batches.next();
+            let (appended, encoded) = rayon::join(
+                || -> Result<()> {
+                    if let Some((batch, encoded)) = pending.take() {
+                        for (f, enc) in batch.iter().zip(encoded) {
+                            let w = if f.val { &mut val } else { &mut train };
+                            w.append_encoded(&enc?, f.pairs, f.responses)?;
+                            pb.inc(1);
+                        }
+                    }
+                    Ok(())
+                },
+                || next.map(|b| (b, encode(b))),
+            );
+            appended?;
+            match encoded {
+                Some(e) => pending = Some(e),
+                None => break,
             }
         }
     }
     pb.finish_and_clear();
     let mut shards = train.finish()?;
     shards.extend(val.finish()?);
+    if timings {
+        eprintln!("rust_pairs: write {:.3}s", t2.elapsed().as_secs_f64());
+    }
     clean(&out, &suffix, &shards)?;
 
     rejects_file.flush().map_err(|e| Error::output(&rejects_tmp, e))?;

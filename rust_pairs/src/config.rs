@@ -24,11 +24,17 @@ impl Format {
     }
 }
 
-/// How images are validated: a full decode (catches truncated or corrupt files) or the header only.
+/// How images are validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageCheck {
+    /// Container structure: JPEG markers through a frame header and scan data to the end-of-image
+    /// marker; every PNG chunk's CRC, IHDR, IDAT and IEND; GIF trailer; RIFF/BMP sizes. Catches
+    /// truncated and corrupted files at a fraction of a decode's cost.
+    Structure,
+    /// A full pixel decode.
     Decode,
+    /// The header only (dimensions).
     Header,
 }
 
@@ -89,8 +95,8 @@ impl Default for BuildConfig {
             bt_prior: 0.1,
             max_text_chars: 100_000,
             max_record_bytes: 64 << 20,
-            image_check: ImageCheck::Decode,
-            spill_bucket_bytes: 64 << 20,
+            image_check: ImageCheck::Structure,
+            spill_bucket_bytes: 256 << 20,
             threads: None,
             progress: false,
         }

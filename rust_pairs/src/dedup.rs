@@ -9,6 +9,7 @@
 use crate::image::sha256_hex;
 use crate::record::{Record, Response, Source};
 use crate::text::normalize;
+use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A deduplicated group: one image + prompt with all its distinct responses.
@@ -19,6 +20,8 @@ pub struct Group {
     pub image_path: String,
     pub image_sha256: String,
     pub image_ext: String,
+    pub image_offset: u64,
+    pub image_len: u64,
     pub responses: Vec<Response>,
     /// (chosen, rejected) over `responses`, one entry per source comparison.
     pub explicit_pairs: Vec<(usize, usize)>,
@@ -41,10 +44,9 @@ pub fn group_key(image_sha256: &str, prompt_norm: &str) -> String {
 }
 
 /// Group records. Output is sorted by key; sources inside a group are in (file, line) order.
-pub fn group(mut records: Vec<Record>, near_dup: Option<f64>) -> Vec<Group> {
-    records.sort_by(|a, b| (&a.image_sha256, &a.prompt_norm, &a.source).cmp(&(&b.image_sha256, &b.prompt_norm, &b.source)));
-    // Canonical normalised prompt per (image, prompt): itself, or its near-duplicate cluster's smallest member.
-    let canonical: HashMap<(String, String), String> = match near_dup {
+pub fn group(records: Vec<Record>, near_dup: Option<f64>) -> Vec<Group> {
+    // Canonical normalised prompt per (image, prompt): its near-duplicate cluster's smallest member.
+    let canonical: HashMap<(&str, &str), String> = match near_dup {
         None => HashMap::new(),
         Some(t) => {
             let mut by_image: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
@@ -58,21 +60,32 @@ pub fn group(mut records: Vec<Record>, near_dup: Option<f64>) -> Vec<Group> {
                     continue;
                 }
                 for (p, c) in near_duplicate_clusters(&prompts, t) {
-                    map.insert((img.to_string(), p), c);
+                    map.insert((img, prompts[p]), c);
                 }
             }
             map
         }
     };
-    let mut groups: BTreeMap<String, Vec<Record>> = BTreeMap::new();
-    for r in records {
-        let canon = canonical.get(&(r.image_sha256.clone(), r.prompt_norm.clone())).unwrap_or(&r.prompt_norm);
-        groups.entry(group_key(&r.image_sha256, canon)).or_default().push(r);
+    let keys: Vec<String> = records
+        .par_iter()
+        .map(|r| {
+            let canon = canonical.get(&(r.image_sha256.as_str(), r.prompt_norm.as_str())).map_or(r.prompt_norm.as_str(), String::as_str);
+            group_key(&r.image_sha256, canon)
+        })
+        .collect();
+    drop(canonical);
+    let mut order: Vec<usize> = (0..records.len()).collect();
+    order.par_sort_unstable_by(|&a, &b| (&keys[a], &records[a].source).cmp(&(&keys[b], &records[b].source)));
+    let mut slots: Vec<Option<Record>> = records.into_iter().map(Some).collect();
+    let mut runs: Vec<(String, Vec<Record>)> = Vec::new();
+    for i in order {
+        let rec = slots[i].take().expect("each record is grouped once");
+        match runs.last_mut() {
+            Some((k, recs)) if *k == keys[i] => recs.push(rec),
+            _ => runs.push((keys[i].clone(), vec![rec])),
+        }
     }
-    groups.into_iter().map(|(key, mut recs)| {
-        recs.sort_by(|a, b| a.source.cmp(&b.source));
-        merge(key, recs)
-    }).collect()
+    runs.into_par_iter().map(|(key, recs)| merge(key, recs)).collect()
 }
 
 fn merge(key: String, recs: Vec<Record>) -> Group {
@@ -83,6 +96,8 @@ fn merge(key: String, recs: Vec<Record>) -> Group {
         image_path: first.image_path.clone(),
         image_sha256: first.image_sha256.clone(),
         image_ext: first.image_ext.clone(),
+        image_offset: first.image_offset,
+        image_len: first.image_len,
         responses: vec![],
         explicit_pairs: vec![],
         identical_pairs: 0,
@@ -95,25 +110,25 @@ fn merge(key: String, recs: Vec<Record>) -> Group {
     let mut sums: Vec<BTreeMap<String, (f64, f64)>> = vec![];
     for rec in recs {
         let mut map = Vec::with_capacity(rec.responses.len());
-        for resp in rec.responses {
-            let norm = normalize(&resp.text);
+        for Response { text, model, scores } in rec.responses {
+            let norm = normalize(&text);
             let at = match index.get(&norm) {
                 Some(&i) => {
                     g.collapsed += 1;
                     if g.responses[i].model.is_none() {
-                        g.responses[i].model = resp.model.clone();
+                        g.responses[i].model = model;
                     }
                     i
                 }
                 None => {
                     index.insert(norm, g.responses.len());
                     sums.push(BTreeMap::new());
-                    g.responses.push(Response { scores: BTreeMap::new(), ..resp.clone() });
+                    g.responses.push(Response { text, model, scores: BTreeMap::new() });
                     g.responses.len() - 1
                 }
             };
-            for (a, s) in &resp.scores {
-                let e = sums[at].entry(a.clone()).or_insert((0.0, 0.0));
+            for (a, s) in scores {
+                let e = sums[at].entry(a).or_insert((0.0, 0.0));
                 e.0 += s;
                 e.1 += 1.0;
             }
@@ -173,9 +188,9 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Map each prompt to the smallest member of its near-duplicate cluster (single linkage).
-/// `prompts` must be sorted; LSH proposes candidates, an exact Jaccard check confirms them.
-fn near_duplicate_clusters(prompts: &[&str], threshold: f64) -> Vec<(String, String)> {
+/// Map each prompt (by index) to the smallest member of its near-duplicate cluster (single
+/// linkage). `prompts` must be sorted; LSH proposes candidates, an exact Jaccard check confirms.
+fn near_duplicate_clusters(prompts: &[&str], threshold: f64) -> Vec<(usize, String)> {
     let sh: Vec<BTreeSet<String>> = prompts.iter().map(|p| shingles(p)).collect();
     let sigs: Vec<Vec<u64>> = sh.iter().map(minhash).collect();
     let mut parent: Vec<usize> = (0..prompts.len()).collect();
@@ -205,7 +220,7 @@ fn near_duplicate_clusters(prompts: &[&str], threshold: f64) -> Vec<(String, Str
             }
         }
     }
-    (0..prompts.len()).map(|i| (prompts[i].to_string(), prompts[find(&mut parent, i)].to_string())).collect()
+    (0..prompts.len()).map(|i| (i, prompts[find(&mut parent, i)].to_string())).collect()
 }
 
 #[cfg(test)]
@@ -220,6 +235,8 @@ mod tests {
             image_path: format!("/{img}.png"),
             image_sha256: img.into(),
             image_ext: "png".into(),
+            image_offset: 0,
+            image_len: 0,
             responses: texts
                 .iter()
                 .map(|(t, s)| Response { text: t.to_string(), model: None, scores: [("h".to_string(), *s)].into() })

@@ -55,14 +55,22 @@ fn extension_of(format: image::ImageFormat) -> Option<&'static str> {
 
 /// Read and hash an image; the format comes from its magic bytes, not its name.
 pub fn read(path: &Path) -> Result<ImageFile, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("image {} is missing or unreadable: {e}", path.display()))?;
+    // open + fstat + one read: per-file syscalls dominate for small images.
+    let mut f = std::fs::File::open(path).map_err(|e| format!("image {} is missing or unreadable: {e}", path.display()))?;
+    let meta = f.metadata().map_err(|e| format!("image {} is unreadable: {e}", path.display()))?;
     if !meta.is_file() {
         return Err(format!("image {} is not a regular file", path.display()));
     }
     if meta.len() > MAX_IMAGE_BYTES {
         return Err(format!("image {} is {} bytes, over the {} byte limit", path.display(), meta.len(), MAX_IMAGE_BYTES));
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("image {} is unreadable: {e}", path.display()))?;
+    // Read exactly the stat'ed length: no zero-filled buffer, no extra read to find EOF.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut f, meta.len()), &mut bytes)
+        .map_err(|e| format!("image {} is unreadable: {e}", path.display()))?;
+    if (bytes.len() as u64) < meta.len() {
+        return Err(format!("image {} shrank while it was read", path.display()));
+    }
     if bytes.is_empty() {
         return Err(format!("image {} is empty", path.display()));
     }
@@ -72,16 +80,127 @@ pub fn read(path: &Path) -> Result<ImageFile, String> {
     Ok(ImageFile { path: path.to_path_buf(), sha256: sha256_hex(&bytes), ext, bytes })
 }
 
-/// Check the image decodes (or, in header mode, that its header gives dimensions).
+/// Check the image: a full decode, the container structure, or the header only (see [`ImageCheck`]).
 pub fn check(img: &ImageFile, mode: ImageCheck) -> Result<(), String> {
     let reader = image::ImageReader::new(Cursor::new(&img.bytes[..]))
         .with_guessed_format()
         .map_err(|e| format!("image {} cannot be opened: {e}", img.path.display()))?;
     let res = match mode {
-        ImageCheck::Header => reader.into_dimensions().map(|_| ()),
-        ImageCheck::Decode => reader.decode().map(|_| ()),
+        ImageCheck::Header => reader.into_dimensions().map(|_| ()).map_err(|e| e.to_string()),
+        ImageCheck::Decode => reader.decode().map(|_| ()).map_err(|e| e.to_string()),
+        ImageCheck::Structure => match img.ext {
+            "jpg" => jpeg_structure(&img.bytes),
+            "png" => png_structure(&img.bytes),
+            _ => reader.into_dimensions().map_err(|e| e.to_string()).and_then(|_| trailer_structure(img.ext, &img.bytes)),
+        },
     };
     res.map_err(|e| format!("image {} does not decode: {e}", img.path.display()))
+}
+
+/// JPEG: markers from SOI through a frame header (non-zero size) to scan data, and an EOI at the
+/// end. Catches truncated and mangled files without an entropy decode.
+pub fn jpeg_structure(b: &[u8]) -> Result<(), String> {
+    if b.len() < 4 || b[0] != 0xFF || b[1] != 0xD8 {
+        return Err("missing JPEG start-of-image marker".into());
+    }
+    let mut i = 2;
+    let mut frame = false;
+    loop {
+        while i < b.len() && b[i] != 0xFF {
+            i += 1; // tolerate junk between segments, as decoders do
+        }
+        while i < b.len() && b[i] == 0xFF {
+            i += 1; // fill bytes
+        }
+        if i >= b.len() {
+            return Err("truncated JPEG: no scan data".into());
+        }
+        let m = b[i];
+        i += 1;
+        match m {
+            0xD9 => return Err("JPEG ends before any scan data".into()),
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        if i + 2 > b.len() {
+            return Err("truncated JPEG segment header".into());
+        }
+        let len = u16::from_be_bytes([b[i], b[i + 1]]) as usize;
+        if len < 2 || i + len > b.len() {
+            return Err(format!("truncated JPEG segment 0x{m:02X}"));
+        }
+        if matches!(m, 0xC0..=0xCF) && !matches!(m, 0xC4 | 0xC8 | 0xCC) {
+            if len < 8 {
+                return Err("JPEG frame header too short".into());
+            }
+            let h = u16::from_be_bytes([b[i + 3], b[i + 4]]);
+            let w = u16::from_be_bytes([b[i + 5], b[i + 6]]);
+            if w == 0 || h == 0 {
+                return Err(format!("JPEG frame has size {w}x{h}"));
+            }
+            frame = true;
+        }
+        if m == 0xDA {
+            if !frame {
+                return Err("JPEG scan before any frame header".into());
+            }
+            let end = b.iter().rposition(|&x| x != 0).unwrap_or(0);
+            if end < i + len || b[end] != 0xD9 || b[end - 1] != 0xFF {
+                return Err("truncated JPEG: no end-of-image marker".into());
+            }
+            return Ok(());
+        }
+        i += len;
+    }
+}
+
+/// PNG: signature, IHDR first (non-zero size), every chunk's CRC, at least one IDAT, IEND last.
+pub fn png_structure(b: &[u8]) -> Result<(), String> {
+    const SIG: &[u8] = b"\x89PNG\r\n\x1a\n";
+    if !b.starts_with(SIG) {
+        return Err("missing PNG signature".into());
+    }
+    let mut i = SIG.len();
+    let (mut first, mut idat) = (true, false);
+    while i + 12 <= b.len() {
+        let len = u32::from_be_bytes(b[i..i + 4].try_into().unwrap()) as usize;
+        let kind = &b[i + 4..i + 8];
+        if i + 12 + len > b.len() {
+            return Err(format!("truncated PNG chunk {}", String::from_utf8_lossy(kind)));
+        }
+        let crc = u32::from_be_bytes(b[i + 8 + len..i + 12 + len].try_into().unwrap());
+        if crc32fast::hash(&b[i + 4..i + 8 + len]) != crc {
+            return Err(format!("PNG chunk {} fails its CRC", String::from_utf8_lossy(kind)));
+        }
+        if first {
+            if kind != b"IHDR" || len != 13 {
+                return Err("PNG does not start with IHDR".into());
+            }
+            let w = u32::from_be_bytes(b[i + 8..i + 12].try_into().unwrap());
+            let h = u32::from_be_bytes(b[i + 12..i + 16].try_into().unwrap());
+            if w == 0 || h == 0 {
+                return Err(format!("PNG has size {w}x{h}"));
+            }
+            first = false;
+        }
+        idat |= kind == b"IDAT";
+        if kind == b"IEND" {
+            return if idat { Ok(()) } else { Err("PNG has no image data (IDAT)".into()) };
+        }
+        i += 12 + len;
+    }
+    Err("truncated PNG: no IEND chunk".into())
+}
+
+/// GIF must end with its trailer; RIFF (WebP) and BMP sizes must fit the file.
+fn trailer_structure(ext: &str, b: &[u8]) -> Result<(), String> {
+    let ok = match ext {
+        "gif" => b.iter().rposition(|&x| x != 0).is_some_and(|e| b[e] == 0x3B),
+        "webp" => b.len() >= 12 && u32::from_le_bytes(b[4..8].try_into().unwrap()) as usize + 8 <= b.len(),
+        "bmp" => b.len() >= 6 && u32::from_le_bytes(b[2..6].try_into().unwrap()) as usize <= b.len(),
+        _ => true,
+    };
+    if ok { Ok(()) } else { Err(format!("truncated {ext} file")) }
 }
 
 #[cfg(test)]
@@ -110,6 +229,19 @@ mod tests {
         std::fs::write(&truncated, &b[..b.len() / 2]).unwrap();
         let t = read(&truncated).unwrap();
         assert!(check(&t, ImageCheck::Decode).unwrap_err().contains("does not decode"));
+
+        assert!(check(&t, ImageCheck::Structure).unwrap_err().contains("does not decode"));
+        let mut jpeg = Vec::new();
+        image::RgbImage::from_pixel(9, 7, image::Rgb([1, 2, 3])).write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+        jpeg_structure(&jpeg).unwrap();
+        assert!(jpeg_structure(&jpeg[..jpeg.len() - 2]).unwrap_err().contains("end-of-image"));
+        assert!(jpeg_structure(&jpeg[..jpeg.len() - 10]).is_err());
+        assert!(jpeg_structure(&jpeg[..40]).is_err());
+        let mut png = png_bytes();
+        png_structure(&png).unwrap();
+        let mid = png.len() / 2;
+        png[mid] ^= 0x55;
+        assert!(png_structure(&png).unwrap_err().contains("CRC"));
 
         let text = dir.path().join("x.jpg");
         std::fs::write(&text, b"not an image").unwrap();

@@ -8,6 +8,7 @@ use crate::config::Format;
 use crate::record::{Reject, Response, Source};
 use crate::text::clean_prompt;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -188,14 +189,14 @@ fn rated_response(c: &Map<String, Value>, field: &str, ctx: &Ctx) -> Result<Resp
     Ok(Response { text: text.to_string(), model, scores })
 }
 
-/// Rows of completions, or the column form `{"model": [...], "response": [...], ...}`.
-fn rows(v: &Value, key: &str) -> Result<Vec<Map<String, Value>>, FieldErr> {
+/// Rows of completions, or the column form `{"model": [...], "response": [...], ...}` turned into rows.
+fn rows<'v>(v: &'v Value, key: &str) -> Result<Vec<Cow<'v, Map<String, Value>>>, FieldErr> {
     match v {
         Value::Array(items) => items
             .iter()
             .enumerate()
             .map(|(i, it)| match it {
-                Value::Object(m) => Ok(m.clone()),
+                Value::Object(m) => Ok(Cow::Borrowed(m)),
                 other => err(format!("{key}[{i}]"), format!("expected an object, got {}", type_name(other))),
             })
             .collect(),
@@ -214,7 +215,7 @@ fn rows(v: &Value, key: &str) -> Result<Vec<Map<String, Value>>, FieldErr> {
                 }
             }
             Ok((0..n.unwrap_or(0))
-                .map(|i| cols.iter().map(|(name, col)| (name.clone(), col[i].clone())).collect())
+                .map(|i| Cow::Owned(cols.iter().map(|(name, col)| (name.clone(), col[i].clone())).collect()))
                 .collect())
         }
         other => err(key, format!("expected a list (or column object), got {}", type_name(other))),
@@ -222,7 +223,7 @@ fn rows(v: &Value, key: &str) -> Result<Vec<Map<String, Value>>, FieldErr> {
 }
 
 fn scored(o: &Map<String, Value>, ctx: &Ctx, key: &'static str, parse_one: ResponseParser) -> Parsed {
-    let head = (|| -> Result<(String, String, Vec<Map<String, Value>>), FieldErr> {
+    let head = (|| -> Result<(String, String, Vec<Cow<Map<String, Value>>>), FieldErr> {
         let (pk, prompt) = string_field(o, &PROMPT_KEYS, "prompt")?;
         let prompt = clean_prompt(prompt);
         check_text(pk, &prompt, ctx)?;

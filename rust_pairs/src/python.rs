@@ -10,6 +10,9 @@ use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 create_exception!(rust_pairs, RustPairsError, PyException, "Base class of every error raised by rust_pairs.");
 create_exception!(rust_pairs, ConfigError, RustPairsError, "A build option is invalid; the message names the flag.");
 create_exception!(rust_pairs, InputFileError, RustPairsError, "An input file cannot be opened or read.");

@@ -29,6 +29,12 @@ pub struct Record {
     pub image_path: String,
     /// sha256 of the image bytes, hex.
     pub image_sha256: String,
+    /// Where the validated image bytes sit in the build's scratch blob (so each image is read
+    /// from its file once, and the shard gets exactly the bytes that were validated).
+    #[serde(default)]
+    pub image_offset: u64,
+    #[serde(default)]
+    pub image_len: u64,
     /// File extension for the shard member (`jpg`, `png`, ...).
     pub image_ext: String,
     pub responses: Vec<Response>,

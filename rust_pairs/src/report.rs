@@ -33,6 +33,11 @@ fn bin(x: f64, width: f64) -> i64 {
 
 impl Stats {
     pub fn model_comparison(&mut self, winner: &str, loser: &str, weight: f64) {
+        // Look up before inserting: this runs for every response pair, and keys rarely are new.
+        if let Some(x) = self.model_wins.get_mut(winner).and_then(|row| row.get_mut(loser)) {
+            *x += weight;
+            return;
+        }
         *self.model_wins.entry(winner.to_string()).or_default().entry(loser.to_string()).or_default() += weight;
     }
 
@@ -40,13 +45,26 @@ impl Stats {
         if let Some(m) = model {
             *self.model_responses.entry(m.to_string()).or_default() += 1;
         }
+        // Keys are looked up before they are built: this runs for every response.
         for (a, x) in scores {
-            *self.score_hist.entry(a.clone()).or_default().entry(bin(*x, SCORE_BIN)).or_default() += 1;
+            let h = match self.score_hist.get_mut(a) {
+                Some(h) => h,
+                None => self.score_hist.entry(a.clone()).or_default(),
+            };
+            *h.entry(bin(*x, SCORE_BIN)).or_default() += 1;
         }
         let items: Vec<(&String, &f64)> = scores.iter().collect();
+        let mut key = String::new();
         for (i, (a, x)) in items.iter().enumerate() {
             for (b, y) in &items[i + 1..] {
-                let m = self.aspect_moments.entry(format!("{a}\u{1f}{b}")).or_insert([0.0; 6]);
+                key.clear();
+                key.push_str(a);
+                key.push('\u{1f}');
+                key.push_str(b);
+                if !self.aspect_moments.contains_key(&key) {
+                    self.aspect_moments.insert(key.clone(), [0.0; 6]);
+                }
+                let m = self.aspect_moments.get_mut(&key).unwrap();
                 let (x, y) = (**x, **y);
                 for (k, v) in [1.0, x, y, x * x, y * y, x * y].into_iter().enumerate() {
                     m[k] += v;

@@ -45,6 +45,35 @@ pub fn sample_bytes(members: &[Member]) -> u64 {
     members.iter().map(|m| BLOCK + padded(m.data.len() as u64)).sum()
 }
 
+/// A sample's members as tar bytes: ustar header, data, zero padding, for each member. Pure, so
+/// samples can be encoded in parallel and appended in order.
+pub fn encode_sample(members: &[Member]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(sample_bytes(members) as usize);
+    for m in members {
+        encode_member(&mut out, &m.name, m.data.len(), |buf| buf.copy_from_slice(m.data))?;
+    }
+    Ok(out)
+}
+
+/// Append one member to `out`; `fill` writes its `len` data bytes in place (so callers can read
+/// a file straight into the tar buffer).
+pub fn encode_member(out: &mut Vec<u8>, name: &str, len: usize, fill: impl FnOnce(&mut [u8])) -> std::io::Result<()> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name)?;
+    h.set_size(len as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(FIXED_MTIME);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    let start = out.len();
+    out.resize(start + padded(len as u64) as usize, 0);
+    fill(&mut out[start..start + len]);
+    Ok(())
+}
+
 struct HashingFile {
     file: File,
     hasher: Sha256,
@@ -66,7 +95,7 @@ impl Write for HashingFile {
 struct Open {
     tmp: PathBuf,
     name: String,
-    tar: tar::Builder<BufWriter<HashingFile>>,
+    out: BufWriter<HashingFile>,
     info: ShardInfo,
 }
 
@@ -107,16 +136,21 @@ impl ShardWriter {
         self.next_index += 1;
         let tmp = self.dir.join(format!(".{name}.partial"));
         let file = File::create(&tmp).map_err(|e| Error::output(&tmp, e))?;
-        let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, HashingFile { file, hasher: Sha256::new(), written: 0 }));
-        tar.mode(tar::HeaderMode::Deterministic);
+        let out = BufWriter::with_capacity(1 << 20, HashingFile { file, hasher: Sha256::new(), written: 0 });
         let info = ShardInfo { path: name.clone(), split: self.split.clone(), samples: 0, pairs: 0, responses: 0, bytes: 0, sha256: String::new() };
-        self.open = Some(Open { tmp, name, tar, info });
+        self.open = Some(Open { tmp, name, out, info });
         Ok(())
     }
 
     /// Append one sample (its members in order), rolling to a new shard at the limits.
     pub fn append(&mut self, members: &[Member], pairs: u64, responses: u64) -> Result<()> {
-        let size = sample_bytes(members);
+        let encoded = encode_sample(members).map_err(|e| Error::output(&self.dir, e))?;
+        self.append_encoded(&encoded, pairs, responses)
+    }
+
+    /// Append a sample already encoded by [`encode_sample`].
+    pub fn append_encoded(&mut self, encoded: &[u8], pairs: u64, responses: u64) -> Result<()> {
+        let size = encoded.len() as u64;
         if let Some(o) = &self.open {
             let full = o.info.samples >= self.max_samples || o.info.bytes + size + 2 * BLOCK > self.max_bytes;
             if full {
@@ -127,24 +161,13 @@ impl ShardWriter {
             self.start()?;
         }
         let o = self.open.as_mut().unwrap();
-        for m in members {
-            let mut h = tar::Header::new_ustar();
-            h.set_path(&m.name).map_err(|e| Error::output(&o.tmp, e))?;
-            h.set_size(m.data.len() as u64);
-            h.set_mode(0o644);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(FIXED_MTIME);
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_cksum();
-            o.tar.append(&h, m.data).map_err(|e| Error::output(&o.tmp, e))?;
-        }
+        o.out.write_all(encoded).map_err(|e| Error::output(&o.tmp, e))?;
         o.info.samples += 1;
         o.info.pairs += pairs;
         o.info.responses += responses;
         o.info.bytes += size;
         if self.abort_after == Some(self.done.len()) {
-            let _ = o.tar.get_mut().flush();
+            let _ = o.out.flush();
             eprintln!("{ABORT_ENV}: aborting mid-shard as asked");
             std::process::abort();
         }
@@ -153,9 +176,10 @@ impl ShardWriter {
 
     fn finish_current(&mut self) -> Result<()> {
         let Some(o) = self.open.take() else { return Ok(()) };
-        let Open { tmp, name, tar, mut info } = o;
-        let buf = tar.into_inner().map_err(|e| Error::output(&tmp, e))?;
-        let mut hf = buf.into_inner().map_err(|e| Error::output(&tmp, e.into_error()))?;
+        let Open { tmp, name, mut out, mut info } = o;
+        // End of archive: two zero blocks.
+        out.write_all(&[0u8; 2 * BLOCK as usize]).map_err(|e| Error::output(&tmp, e))?;
+        let mut hf = out.into_inner().map_err(|e| Error::output(&tmp, e.into_error()))?;
         hf.flush().map_err(|e| Error::output(&tmp, e))?;
         hf.file.sync_all().map_err(|e| Error::output(&tmp, e))?;
         info.bytes = hf.written;

@@ -14,7 +14,11 @@ pub fn clean_prompt(s: &str) -> String {
 pub fn normalize(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut pending_space = false;
-    for c in s.replace("<image>", " ").nfkc().flat_map(char::to_lowercase) {
+    let cleaned: std::borrow::Cow<str> = if s.contains("<image>") { s.replace("<image>", " ").into() } else { s.into() };
+    // ASCII text is already in NFKC; skip the Unicode tables for it.
+    let chars: Box<dyn Iterator<Item = char>> =
+        if cleaned.is_ascii() { Box::new(cleaned.chars()) } else { Box::new(cleaned.nfkc()) };
+    for c in chars.flat_map(char::to_lowercase) {
         if c.is_whitespace() {
             pending_space = !out.is_empty();
         } else {

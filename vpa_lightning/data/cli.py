@@ -75,7 +75,8 @@ def _add_build_args(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
     p.add_argument("--near-dup", type=float, default=None, metavar="JACCARD", help="merge near-duplicate prompts on the same image at this MinHash Jaccard (off by default)")
     p.add_argument("--bt-prior", type=float, default=0.1, help="L2 prior on Bradley-Terry log-strengths (default 0.1)")
     p.add_argument("--max-text-chars", type=int, default=100_000, help="reject longer prompts or responses (default 100000)")
-    p.add_argument("--image-check", default="decode", choices=["decode", "header"], help="full decode (default) or header-only image validation")
+    p.add_argument("--image-check", default="structure", choices=["structure", "decode", "header"],
+                   help="structure (default: container checks that catch truncated/corrupt files), decode (full pixel decode) or header")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots of the report")

@@ -77,8 +77,8 @@ def build_options(
     bt_prior: float = 0.1,
     max_text_chars: int = 100_000,
     max_record_bytes: int = 64 << 20,
-    image_check: Literal["decode", "header"] = "decode",
-    spill_bucket_bytes: int = 64 << 20,
+    image_check: Literal["structure", "decode", "header"] = "structure",
+    spill_bucket_bytes: int = 256 << 20,
     threads: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -137,7 +137,9 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, **options: Any) 
             least this (MinHash/LSH); ``None`` disables it.
         bt_prior: L2 prior on Bradley-Terry log-strengths (must be > 0).
         max_text_chars: Longer prompts or responses are rejected.
-        image_check: ``decode`` (full decode) or ``header`` (dimensions only; faster).
+        image_check: ``structure`` (default: JPEG markers to end-of-image, PNG chunk CRCs, ...;
+            catches truncated and corrupt files), ``decode`` (full pixel decode; slower) or
+            ``header`` (dimensions only).
         threads: Worker threads (default: all cores).
         progress: Draw progress bars on stderr.
 
