@@ -563,7 +563,7 @@ fn clean(out: &Path, suffix: &str, keep: &[ShardInfo]) -> Result<()> {
 fn config_json(cfg: &BuildConfig) -> serde_json::Value {
     let mut v = serde_json::to_value(cfg).expect("config serialises");
     let o = v.as_object_mut().unwrap();
-    for k in ["out", "progress", "threads", "partition"] {
+    for k in ["out", "progress", "threads", "io_threads", "fsync", "partition"] {
         o.remove(k);
     }
     v
@@ -608,7 +608,13 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
     let rejects_tmp = out.join(format!(".rejects{suffix}.jsonl.partial"));
     let mut rejects_file = BufWriter::new(File::create(&rejects_tmp).map_err(|e| Error::output(&rejects_tmp, e))?);
 
+    // Stage timings on stderr, for profiling.
     let timings = std::env::var_os("RUST_PAIRS_TIMINGS").is_some();
+    let io_pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.io_threads)
+        .thread_name(|i| format!("rust_pairs-io-{i}"))
+        .build()
+        .map_err(|e| Error::Config(format!("--io-threads: {e}")))?;
     let t0 = std::time::Instant::now();
     // Stage 1: validate and spill by image.
     let mut spill: Spill<Record> = Spill::new(&spill_dir, "records", nb as usize)?;
@@ -641,7 +647,9 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
             if chunk.is_empty() {
                 break;
             }
-            let results: Vec<Line> = chunk.par_iter().map(|(line, raw)| validate_line(raw, *line, &fc)).collect();
+            // Validation reads one image file per record: run it on the wider I/O pool so that
+            // many reads are in flight (small-file reads are latency-bound, not CPU-bound).
+            let results: Vec<Line> = io_pool.install(|| chunk.par_iter().map(|(line, raw)| validate_line(raw, *line, &fc)).collect());
             for r in results {
                 match r {
                     Line::Blank => counts.blank_lines += 1,
@@ -685,11 +693,7 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
     let mut samples: Spill<Finished> = Spill::new(&spill_dir, "samples", nbuckets)?;
     let pb = progress(cfg, nbuckets as u64, "rank");
     for b in 0..nbuckets {
-        let tt = std::time::Instant::now();
         let groups = group(spill.take(b)?, cfg.near_dup_threshold);
-        if timings {
-            eprintln!("rust_pairs:   group {:.3}s", tt.elapsed().as_secs_f64());
-        }
         let results: Vec<(Vec<Finished>, Vec<Reject>, Counts, Stats)> = groups
             .par_chunks(256)
             .map(|chunk| {
@@ -722,13 +726,7 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
                 (fin, rej, c, s)
             })
             .collect();
-        if timings {
-            eprintln!("rust_pairs:   ranked {:.3}s", tt.elapsed().as_secs_f64());
-        }
         groups.into_par_iter().for_each(drop); // freeing ~10 allocations a response is worth two threads
-        if timings {
-            eprintln!("rust_pairs:   dropped {:.3}s", tt.elapsed().as_secs_f64());
-        }
         for (fin, rej, c, s) in results {
             counts.add(&c);
             stats.merge(&s);
@@ -752,13 +750,15 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
     // Stage 3: write shards in shuffle order; images come from the scratch blob, encoded in parallel.
     let mut train = ShardWriter::new(&out, "train", &suffix, cfg.max_samples_per_shard, cfg.max_shard_bytes);
     let mut val = ShardWriter::new(&out, "val", &suffix, cfg.max_samples_per_shard, cfg.max_shard_bytes);
+    train.durable = cfg.fsync;
+    val.durable = cfg.fsync;
     let pb = progress(cfg, counts.groups, "write");
     let blob = File::open(&blob_path).map_err(|e| Error::output(&blob_path, e))?;
     for b in 0..nbuckets {
         let mut items: Vec<Finished> = samples.take(b)?;
         items.sort_by(|a, b| (a.order, &a.key).cmp(&(b.order, &b.key)));
         let encode = |batch: &[Finished]| -> Vec<Result<Vec<u8>>> {
-            batch
+            io_pool.install(|| batch
                 .par_iter()
                 .map(|f| {
                     // The image is read from the scratch blob straight into the tar buffer.
@@ -773,7 +773,7 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
                         .map_err(|e| Error::output(&out, e))?;
                     Ok(enc)
                 })
-                .collect()
+                .collect())
         };
         // Pipeline: batch k is appended (and hashed, sequentially) while batch k+1 is encoded.
         let mut pending: Option<(&[Finished], Vec<Result<Vec<u8>>>)> = None;

@@ -72,6 +72,11 @@ pub struct BuildConfig {
     /// Target size of one spill bucket, in bytes of input; bounds memory.
     pub spill_bucket_bytes: u64,
     pub threads: Option<usize>,
+    /// Threads that validate records (each reads an image file): more than cores, to keep many
+    /// small reads in flight.
+    pub io_threads: usize,
+    /// fsync every shard before it is renamed into place (power-loss durability; slower).
+    pub fsync: bool,
     pub progress: bool,
 }
 
@@ -96,8 +101,10 @@ impl Default for BuildConfig {
             max_text_chars: 100_000,
             max_record_bytes: 64 << 20,
             image_check: ImageCheck::Structure,
-            spill_bucket_bytes: 256 << 20,
+            spill_bucket_bytes: 64 << 20,
             threads: None,
+            io_threads: 16,
+            fsync: false,
             progress: false,
         }
     }
@@ -193,6 +200,9 @@ impl BuildConfig {
         }
         if self.max_text_chars == 0 {
             return bad("--max-text-chars must be >= 1".into());
+        }
+        if self.io_threads == 0 || self.io_threads > 1024 {
+            return bad(format!("--io-threads must be in 1..=1024, got {}", self.io_threads));
         }
         if self.spill_bucket_bytes < 1024 {
             return bad("--spill-bucket-bytes must be >= 1024".into());

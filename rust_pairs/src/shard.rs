@@ -110,6 +110,8 @@ pub struct ShardWriter {
     open: Option<Open>,
     done: Vec<ShardInfo>,
     abort_after: Option<usize>,
+    /// fsync each shard before its rename.
+    pub durable: bool,
 }
 
 impl ShardWriter {
@@ -124,6 +126,7 @@ impl ShardWriter {
             open: None,
             done: vec![],
             abort_after: std::env::var(ABORT_ENV).ok().and_then(|v| v.parse().ok()),
+            durable: false,
         }
     }
 
@@ -181,7 +184,11 @@ impl ShardWriter {
         out.write_all(&[0u8; 2 * BLOCK as usize]).map_err(|e| Error::output(&tmp, e))?;
         let mut hf = out.into_inner().map_err(|e| Error::output(&tmp, e.into_error()))?;
         hf.flush().map_err(|e| Error::output(&tmp, e))?;
-        hf.file.sync_all().map_err(|e| Error::output(&tmp, e))?;
+        // Renaming a complete file is what makes a killed build safe; fsync adds power-loss
+        // durability at the cost of waiting for the disk on every shard, so it is opt-in.
+        if self.durable {
+            hf.file.sync_all().map_err(|e| Error::output(&tmp, e))?;
+        }
         info.bytes = hf.written;
         info.sha256 = hex(&hf.hasher.finalize());
         let dest = self.dir.join(&name);

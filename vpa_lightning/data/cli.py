@@ -78,6 +78,8 @@ def _add_build_args(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
     p.add_argument("--image-check", default="structure", choices=["structure", "decode", "header"],
                    help="structure (default: container checks that catch truncated/corrupt files), decode (full pixel decode) or header")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    p.add_argument("--io-threads", type=int, default=16, help="threads validating records and reading images (default 16)")
+    p.add_argument("--fsync", action="store_true", help="fsync each shard before renaming it into place (power-loss durability)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots of the report")
 
@@ -87,7 +89,7 @@ def _build_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         strategy=a.strategy, min_margin=a.min_margin, min_probability=a.min_probability, aspects=a.aspects,
         val_fraction=a.val_fraction, seed=a.seed, max_samples_per_shard=a.max_samples_per_shard,
         max_shard_bytes=a.max_shard_bytes, partition=a.partition, near_dup=a.near_dup, bt_prior=a.bt_prior,
-        max_text_chars=a.max_text_chars, image_check=a.image_check, threads=a.threads,
+        max_text_chars=a.max_text_chars, image_check=a.image_check, threads=a.threads, io_threads=a.io_threads, fsync=a.fsync,
         progress=not a.no_progress and sys.stderr.isatty(),
     )
 

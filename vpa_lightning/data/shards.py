@@ -78,8 +78,10 @@ def build_options(
     max_text_chars: int = 100_000,
     max_record_bytes: int = 64 << 20,
     image_check: Literal["structure", "decode", "header"] = "structure",
-    spill_bucket_bytes: int = 256 << 20,
+    spill_bucket_bytes: int = 64 << 20,
     threads: int | None = None,
+    io_threads: int = 16,
+    fsync: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
     """The options :func:`build` sends to Rust, as a dict (see :func:`build` for their meaning)."""
@@ -106,6 +108,8 @@ def build_options(
         "image_check": image_check,
         "spill_bucket_bytes": spill_bucket_bytes,
         "threads": threads,
+        "io_threads": io_threads,
+        "fsync": fsync,
         "progress": progress,
     }
 
@@ -141,6 +145,11 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, **options: Any) 
             catches truncated and corrupt files), ``decode`` (full pixel decode; slower) or
             ``header`` (dimensions only).
         threads: Worker threads (default: all cores).
+        io_threads: Threads that validate records, each reading image files (default 16: many
+            small reads in flight).
+        spill_bucket_bytes: Input bytes per spill bucket; bounds memory (default 64 MiB).
+        fsync: fsync each shard before renaming it into place (survives power loss; slower).
+            Without it a killed build is still safe: shards only appear once complete.
         progress: Draw progress bars on stderr.
 
     Returns:
