@@ -70,7 +70,7 @@ def generate(work: Path, records: int, seed: int = 0) -> Path:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {here!r})
 from vpa_lightning.data import build
 import reference_build
@@ -82,7 +82,9 @@ if {which!r} == "rust":
 else:
     counts = reference_build.build([{ann!r}], {out!r}, seed=0, val_fraction=0.05, max_samples=1000, image_check={mode!r})["counts"]
 dt = time.perf_counter() - t0
-print(json.dumps({{"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "counts": counts}}))
+# VmHWM is this process's own peak; ru_maxrss would include the parent's RSS at fork.
+hwm_kb = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+print(json.dumps({{"seconds": dt, "peak_rss_mb": hwm_kb / 1024, "counts": counts}}))
 """
 
 
