@@ -131,61 +131,48 @@ struct FileCtx<'a> {
 fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
     let src = Source { file: fc.label.clone(), line };
     let (part, parts) = fc.cfg.partition;
-    let reject = |field: &str, reason: String| {
+    // A record rejected before its image is known belongs to the partition its (file, line) picks.
+    let unowned_reject = |mut earlier: Vec<Reject>, r: Reject| {
         if owner_of_line(&src, parts) != part {
             Line::OtherPartition
         } else {
-            Line::Rejected(vec![Reject::record(&src, field, reason)])
+            earlier.push(r);
+            Line::Rejected(earlier)
         }
     };
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Line::Blank;
     }
     if raw.len() > fc.cfg.max_record_bytes {
-        return reject("$", format!("record is {} bytes, over the limit of {}", raw.len(), fc.cfg.max_record_bytes));
+        let why = format!("record is {} bytes, over the limit of {}", raw.len(), fc.cfg.max_record_bytes);
+        return unowned_reject(vec![], Reject::record(&src, "$", why));
     }
     let text = match std::str::from_utf8(raw) {
         Ok(t) => t,
-        Err(e) => return reject("$", format!("invalid UTF-8: {e}")),
+        Err(e) => return unowned_reject(vec![], Reject::record(&src, "$", format!("invalid UTF-8: {e}"))),
     };
     let value: serde_json::Value = match serde_json::from_str(text) {
         Ok(v) => v,
-        Err(e) => return reject("$", format!("malformed JSON: {e}")),
+        Err(e) => return unowned_reject(vec![], Reject::record(&src, "$", format!("malformed JSON: {e}"))),
     };
     let ctx = Ctx { src: &src, aspects: &fc.aspects, max_text_chars: fc.cfg.max_text_chars };
     let parsed = parse::parse(&value, fc.format, &ctx);
+    let mut response_rejects = parsed.response_rejects;
     let draft = match parsed.draft {
         Ok(d) => d,
-        Err(r) => {
-            return if owner_of_line(&src, parts) != part {
-                Line::OtherPartition
-            } else {
-                let mut all = parsed.response_rejects;
-                all.push(r);
-                Line::Rejected(all)
-            }
-        }
+        Err(r) => return unowned_reject(response_rejects, r),
     };
     let path = image::resolve(&draft.image, &fc.image_root);
     let img = match image::read(&path) {
         Ok(i) => i,
-        Err(reason) => {
-            return if owner_of_line(&src, parts) != part {
-                Line::OtherPartition
-            } else {
-                let mut all = parsed.response_rejects;
-                all.push(Reject::record(&src, "image", reason));
-                Line::Rejected(all)
-            }
-        }
+        Err(reason) => return unowned_reject(response_rejects, Reject::record(&src, "image", reason)),
     };
     if owner_of_image(&img.sha256, parts) != part {
         return Line::OtherPartition;
     }
     if let Err(reason) = image::check(&img, fc.cfg.image_check) {
-        let mut all = parsed.response_rejects;
-        all.push(Reject::record(&src, "image", reason));
-        return Line::Rejected(all);
+        response_rejects.push(Reject::record(&src, "image", reason));
+        return Line::Rejected(response_rejects);
     }
     let record = Record {
         image_offset: 0,
@@ -199,7 +186,7 @@ fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
         explicit_pairs: draft.explicit_pairs,
         source: src,
     };
-    Line::Kept(Box::new(record), parsed.response_rejects, img.bytes)
+    Line::Kept(Box::new(record), response_rejects, img.bytes)
 }
 
 /// Detect a file's format from its first record that parses and says which format it is.
