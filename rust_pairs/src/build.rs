@@ -260,13 +260,25 @@ impl<T: Serialize + for<'de> Deserialize<'de>> Spill<T> {
         }
     }
 
-    fn put(&mut self, bucket: usize, item: T) -> Result<()> {
+    /// Add (bucket, item) pairs; items are serialised in parallel, written in order.
+    fn put_many(&mut self, items: Vec<(usize, T)>) -> Result<()>
+    where
+        T: Send + Sync,
+    {
         match self {
-            Spill::Memory(v) => v.push(item),
+            Spill::Memory(v) => v.extend(items.into_iter().map(|(_, t)| t)),
             Spill::Files { dir, writers, .. } => {
-                let w = &mut writers[bucket];
-                serde_json::to_writer(&mut *w, &item).expect("spill items serialise");
-                w.write_all(b"\n").map_err(|e| Error::output(&*dir, e))?;
+                let encoded: Vec<(usize, Vec<u8>)> = items
+                    .par_iter()
+                    .map(|(b, t)| {
+                        let mut line = serde_json::to_vec(t).expect("spill items serialise");
+                        line.push(b'\n');
+                        (*b, line)
+                    })
+                    .collect();
+                for (b, line) in encoded {
+                    writers[b].write_all(&line).map_err(|e| Error::output(&*dir, e))?;
+                }
             }
         }
         Ok(())
@@ -282,17 +294,21 @@ impl<T: Serialize + for<'de> Deserialize<'de>> Spill<T> {
     }
 
     /// Take bucket `b` (each bucket once, after `finish`).
-    fn take(&mut self, b: usize) -> Result<Vec<T>> {
+    fn take(&mut self, b: usize) -> Result<Vec<T>>
+    where
+        T: Send,
+    {
         match self {
             Spill::Memory(v) => Ok(std::mem::take(v)),
             Spill::Files { dir, prefix, .. } => {
+                // A bucket fits in memory by construction; read it whole and parse lines in parallel.
                 let p = dir.join(format!("{prefix}-{b:05}.jsonl"));
-                let f = File::open(&p).map_err(|e| Error::output(&p, e))?;
-                let mut out = Vec::new();
-                for line in BufReader::with_capacity(1 << 16, f).lines() {
-                    let line = line.map_err(|e| Error::output(&p, e))?;
-                    out.push(serde_json::from_str(&line).map_err(|e| Error::output(&p, std::io::Error::other(e)))?);
-                }
+                let data = std::fs::read(&p).map_err(|e| Error::output(&p, e))?;
+                let out = data
+                    .par_split(|&c| c == b'\n')
+                    .filter(|line| !line.is_empty())
+                    .map(|line| serde_json::from_slice(line).map_err(|e| Error::output(&p, std::io::Error::other(e))))
+                    .collect::<Result<Vec<T>>>()?;
                 std::fs::remove_file(&p).map_err(|e| Error::output(&p, e))?;
                 Ok(out)
             }
@@ -637,6 +653,7 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
             // Validation reads one image file per record: run it on the wider I/O pool so that
             // many reads are in flight (small-file reads are latency-bound, not CPU-bound).
             let results: Vec<Line> = io_pool.install(|| chunk.par_iter().map(|(line, raw)| validate_line(raw, *line, &fc)).collect());
+            let mut kept = Vec::new();
             for r in results {
                 match r {
                     Line::Blank => counts.blank_lines += 1,
@@ -655,10 +672,11 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
                         blob.write_all(&bytes).map_err(|e| Error::output(&blob_path, e))?;
                         blob_len += bytes.len() as u64;
                         let b = range_bucket(hash64(&[b"bucket", rec.image_sha256.as_bytes()]), nb);
-                        spill.put(b, *rec)?;
+                        kept.push((b, *rec));
                     }
                 }
             }
+            spill.put_many(kept)?;
             rejects_file.write_all(&rejects).map_err(|e| Error::output(&rejects_tmp, e))?;
             rejects.clear();
             pb.inc(read);
@@ -718,10 +736,7 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
             counts.add(&c);
             stats.merge(&s);
             write_rejects(&rej, &mut rejects);
-            for f in fin {
-                let bucket = range_bucket(f.order, nbuckets as u64);
-                samples.put(bucket, f)?;
-            }
+            samples.put_many(fin.into_iter().map(|f| (range_bucket(f.order, nbuckets as u64), f)).collect())?;
         }
         rejects_file.write_all(&rejects).map_err(|e| Error::output(&rejects_tmp, e))?;
         rejects.clear();
