@@ -1,13 +1,16 @@
 //! The build pipeline, streaming with bounded memory:
 //!
-//! 1. **Validate**: read each JSONL file in chunks; parse, validate text, ratings and images in
-//!    parallel; spill valid records to buckets chosen by image hash (so every group lives in one
-//!    bucket) and rejects to `rejects.jsonl`.
+//! 1. **Validate**: read each JSONL file in chunks; parse and validate text, ratings and images
+//!    in parallel (on a wider I/O pool: each record reads an image file); append the validated
+//!    image bytes once to a scratch blob; spill valid records to buckets chosen by image hash (so
+//!    every group lives in one bucket) and rejects to `rejects.jsonl`.
 //! 2. **Group and rank**: per bucket, deduplicate into groups, fit Bradley-Terry, select pairs;
 //!    spill finished samples to buckets chosen by their shuffle key (buckets are ranges of it).
-//! 3. **Write**: per bucket in order, sort by shuffle key and append to the train / val shards.
+//! 3. **Write**: per bucket in order, sort by shuffle key, tar-encode in parallel (image bytes
+//!    from the blob) and append to the train / val shards, hashing as they are written.
 //!
-//! Memory is bounded by the bucket size (`spill_bucket_bytes`), not by the input.
+//! Memory is bounded by the bucket size (`spill_bucket_bytes` of input per bucket), not by the
+//! input; a build whose input fits one bucket keeps it in memory.
 
 use crate::config::{BuildConfig, Format, VLFEEDBACK_ASPECTS, HELPSTEER_ASPECTS};
 use crate::dedup::{group, Group};

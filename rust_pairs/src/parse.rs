@@ -85,7 +85,8 @@ fn check_text(field: &str, s: &str, ctx: &Ctx) -> Result<(), FieldErr> {
 
 fn string_field<'v>(o: &'v Map<String, Value>, keys: &[&'static str], what: &str) -> Result<(&'static str, &'v str), FieldErr> {
     match first(o, keys) {
-        None => err(keys[0], format!("missing field (expected one of {})", keys.join(", ")).replace("expected one of ", if keys.len() > 1 { "expected one of " } else { "expected " })),
+        None if keys.len() == 1 => err(keys[0], "missing field"),
+        None => err(keys[0], format!("missing field (expected one of {})", keys.join(", "))),
         Some((k, Value::String(s))) => Ok((k, s.as_str())),
         Some((k, other)) => err(k, format!("{what}: expected a string, got {}", type_name(other))),
     }
