@@ -153,9 +153,7 @@ class Compose(Augmentation):
             raise ValueError("augmentations must be a sequence of Augmentation modules")
         for i, aug in enumerate(augmentations):
             if not isinstance(aug, Augmentation):
-                raise ValueError(
-                    f"augmentations[{i}] must be an Augmentation, got {type(aug).__name__}"
-                )
+                raise ValueError(f"augmentations[{i}] must be an Augmentation, got {type(aug).__name__}")
         self.augmentations = nn.ModuleList(augmentations)
 
     def augment(self, images: Tensor) -> Tensor:
