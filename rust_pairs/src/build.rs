@@ -647,42 +647,52 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
         };
         let f = File::open(path).map_err(|e| Error::input(path, e))?;
         let mut chunks = Chunks { reader: BufReader::with_capacity(1 << 20, f), line: 0, path: path.clone() };
+        // Pipeline: chunk k is accounted for (blob, spill, rejects) while chunk k+1 is validated.
+        let mut pending: Option<(Vec<Line>, u64)> = None;
         loop {
             let mut read = 0;
             let chunk = chunks.next_chunk(&mut read)?;
+            let (accounted, validated) = rayon::join(
+                || -> Result<()> {
+                    let Some((results, read)) = pending.take() else { return Ok(()) };
+                    let mut kept = Vec::new();
+                    for r in results {
+                        match r {
+                            Line::Blank => counts.blank_lines += 1,
+                            Line::OtherPartition => counts.records_other_partitions += 1,
+                            Line::Rejected(rs) => {
+                                counts.records_in += 1;
+                                counts.records_rejected += 1;
+                                counts.responses_rejected += rs.iter().filter(|r| r.kind == crate::record::RejectKind::Response).count() as u64;
+                                write_rejects(&rs, &mut rejects);
+                            }
+                            Line::Kept(mut rec, rs, bytes) => {
+                                counts.records_in += 1;
+                                counts.responses_rejected += rs.len() as u64;
+                                write_rejects(&rs, &mut rejects);
+                                rec.image_offset = blob_len;
+                                blob.write_all(&bytes).map_err(|e| Error::output(&blob_path, e))?;
+                                blob_len += bytes.len() as u64;
+                                let b = range_bucket(hash64(&[b"bucket", rec.image_sha256.as_bytes()]), nb);
+                                kept.push((b, *rec));
+                            }
+                        }
+                    }
+                    spill.put_many(kept)?;
+                    rejects_file.write_all(&rejects).map_err(|e| Error::output(&rejects_tmp, e))?;
+                    rejects.clear();
+                    pb.inc(read);
+                    Ok(())
+                },
+                // Validation reads one image file per record: run it on the wider I/O pool so
+                // that many reads are in flight (small-file reads are latency-bound).
+                || io_pool.install(|| chunk.par_iter().map(|(line, raw)| validate_line(raw, *line, &fc)).collect::<Vec<Line>>()),
+            );
+            accounted?;
             if chunk.is_empty() {
                 break;
             }
-            // Validation reads one image file per record: run it on the wider I/O pool so that
-            // many reads are in flight (small-file reads are latency-bound, not CPU-bound).
-            let results: Vec<Line> = io_pool.install(|| chunk.par_iter().map(|(line, raw)| validate_line(raw, *line, &fc)).collect());
-            let mut kept = Vec::new();
-            for r in results {
-                match r {
-                    Line::Blank => counts.blank_lines += 1,
-                    Line::OtherPartition => counts.records_other_partitions += 1,
-                    Line::Rejected(rs) => {
-                        counts.records_in += 1;
-                        counts.records_rejected += 1;
-                        counts.responses_rejected += rs.iter().filter(|r| r.kind == crate::record::RejectKind::Response).count() as u64;
-                        write_rejects(&rs, &mut rejects);
-                    }
-                    Line::Kept(mut rec, rs, bytes) => {
-                        counts.records_in += 1;
-                        counts.responses_rejected += rs.len() as u64;
-                        write_rejects(&rs, &mut rejects);
-                        rec.image_offset = blob_len;
-                        blob.write_all(&bytes).map_err(|e| Error::output(&blob_path, e))?;
-                        blob_len += bytes.len() as u64;
-                        let b = range_bucket(hash64(&[b"bucket", rec.image_sha256.as_bytes()]), nb);
-                        kept.push((b, *rec));
-                    }
-                }
-            }
-            spill.put_many(kept)?;
-            rejects_file.write_all(&rejects).map_err(|e| Error::output(&rejects_tmp, e))?;
-            rejects.clear();
-            pb.inc(read);
+            pending = Some((validated, read));
         }
     }
     pb.finish_and_clear();
