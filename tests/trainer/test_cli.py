@@ -1,0 +1,113 @@
+"""cli_main: every YAML in configs/ parses (--print_config and run=False); a short fit through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vpa_lightning.cli import cli_main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert CONFIGS, "configs/ has no YAML"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_starts_with_command(config):
+    first = config.read_text().splitlines()[0]
+    assert first.startswith("# ") and "vpa_lightning.cli" in first and str(config.relative_to(config.parents[1])) in first
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_print_config(config, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    source = yaml.safe_load(config.read_text())
+    assert printed["model"]["model_name_or_path"] == source["model"]["model_name_or_path"]
+    assert printed["model"]["loss"]["class_path"].startswith("vpa_lightning.losses.")
+    assert printed["data"]["train_shards"] == source["data"]["train_shards"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_instantiates(config):
+    cli = cli_main(["--config", str(config)], run=False)
+    assert type(cli.model).__name__ == "VisionDPOModule" and type(cli.datamodule).__name__ == "PreferenceDataModule"
+    source = yaml.safe_load(config.read_text())
+    assert type(cli.model.loss_fn).__name__ == source["model"]["loss"]["class_path"].rsplit(".", 1)[-1]
+
+
+def test_loss_choice_from_command_line():
+    cli = cli_main(["--model.model_name_or_path", "tiny:idefics3", "--model.loss", "vpa_lightning.losses.IPOLoss", "--model.loss.beta", "0.5", "--data.train_shards", "x.tar"], run=False)
+    assert type(cli.model.loss_fn).__name__ == "IPOLoss" and cli.model.loss_fn.beta == 0.5
+    assert type(cli.model.model.get_base_model()).__name__ == "Idefics3ForConditionalGeneration"
+
+
+def test_default_loss_is_dpo(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.model_name_or_path", "tiny:llava", "--data.train_shards", "x.tar", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["loss"]["class_path"] == "vpa_lightning.losses.DPOLoss"
+    cli = cli_main(["--model.model_name_or_path", "tiny:llava", "--data.train_shards", "x.tar"], run=False)
+    assert type(cli.model.loss_fn).__name__ == "DPOLoss" and cli.model.loss_fn.beta == 0.1
+
+
+def test_fit_through_cli(demo_shards, tmp_path):
+    demo = next(c for c in CONFIGS if c.name == "demo.yaml")
+    cli = cli_main(
+        [
+            "fit",
+            "--config", str(demo),
+            "--data.train_shards", str(demo_shards),
+            "--model.reference_cache_dir", str(tmp_path / "cache"),
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "1",
+            "--trainer.val_check_interval", "2",
+            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir", str(tmp_path),
+        ]
+    )
+    assert cli.trainer.global_step == 2
+    assert "train/loss" in cli.trainer.logged_metrics and "val/loss" in cli.trainer.logged_metrics
+    assert list((tmp_path / "cache").glob("reference-*.sqlite"))
+
+
+def test_help_documents_arguments(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--model.model_name_or_path", "--model.reference_cache_dir", "--data.train_shards", "--data.shuffle_buffer"):
+        assert option in out
+    assert "directory with" in out and "manifest.json" in out  # docstrings become help text
+
+
+def test_import_is_lazy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vpa_lightning; assert 'torch' not in sys.modules and 'lightning' not in sys.modules; "
+        "from vpa_lightning import VisionDPOModule, PreferenceDataModule; "
+        "assert VisionDPOModule.__module__ == 'vpa_lightning.module'; "
+        "assert PreferenceDataModule.__module__ == 'vpa_lightning.data.datamodule'"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
+
+
+def test_batch_moves_to_device(demo_shards, tiny_llava):
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from vpa_lightning import PreferenceDataModule
+
+    dm = PreferenceDataModule(str(demo_shards), batch_size=2, processor=tiny_llava[1])
+    batch = move_data_to_device(next(iter(dm.val_dataloader())), "meta")  # what Lightning does before a step
+    assert batch["chosen"].device.type == "meta" and batch["inputs"].labels.device.type == "meta"
+    assert all(v.device.type == "meta" for v in batch["inputs"].model_inputs.values() if hasattr(v, "device"))

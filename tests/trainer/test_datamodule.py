@@ -1,0 +1,176 @@
+"""PreferenceDataModule: reading vpa-shard shards, batch layout, skipping corrupt samples."""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from vpa_lightning import PreferenceDataModule
+from vpa_lightning.data.datamodule import resolve_shards
+from vpa_lightning.models import GroupBatch
+
+from .conftest import read_tar, write_tar
+
+
+def _read_all(dm: PreferenceDataModule, loader) -> dict:
+    keys, pairs, groups, rows = [], 0, 0, 0
+    for batch in loader:
+        inputs: GroupBatch = batch["inputs"]
+        n = inputs.labels.shape[0]
+        assert batch["chosen"].shape == batch["rejected"].shape == batch["pair_group"].shape
+        assert (batch["chosen"] != batch["rejected"]).all()
+        assert batch["chosen"].max() < n and batch["rejected"].max() < n
+        # chosen/rejected rows belong to the pair's group
+        assert (inputs.group_index[batch["chosen"]] == batch["pair_group"]).all()
+        assert (inputs.group_index[batch["rejected"]] == batch["pair_group"]).all()
+        assert batch["response_index"].shape == (n,) and len(batch["response_sha"]) == n
+        keys += batch["keys"]
+        pairs += batch["chosen"].numel()
+        groups += len(batch["keys"])
+        rows += n
+    return {"keys": keys, "pairs": pairs, "groups": groups, "rows": rows}
+
+
+def test_counts_match_manifest(demo_shards, manifest, tiny_llava):
+    _, processor = tiny_llava
+    dm = PreferenceDataModule(str(demo_shards), batch_size=3, processor=processor, shuffle_buffer=8)
+    train_shards = [s for s in manifest["shards"] if s["split"] == "train"]
+    assert len(train_shards) >= 2 and len(dm.train_urls) == len(train_shards)
+    assert dm.num_train_groups == manifest["counts"]["groups_train"]
+    got = _read_all(dm, dm.train_dataloader())
+    assert got["groups"] == len(set(got["keys"])) == manifest["counts"]["groups_train"]
+    assert got["pairs"] == manifest["counts"]["pairs_train"]
+    assert got["rows"] == sum(s["responses"] for s in train_shards)
+    val = _read_all(dm, dm.val_dataloader())
+    assert val["groups"] == manifest["counts"]["groups_val"] and val["pairs"] == manifest["counts"]["pairs_val"]
+    assert dm.skipped == {}
+
+
+def test_batch_content_and_val_order_is_deterministic(demo_shards, tiny_llava):
+    _, processor = tiny_llava
+    dm = PreferenceDataModule(str(demo_shards), batch_size=2, processor=processor)
+    first = next(iter(dm.val_dataloader()))
+    again = next(iter(dm.val_dataloader()))
+    assert first["keys"] == again["keys"]
+    inputs = first["inputs"]
+    assert set(inputs.model_inputs) >= {"input_ids", "attention_mask", "pixel_values"}
+    assert inputs.model_inputs["pixel_values"].shape[0] == inputs.labels.shape[0]
+    assert torch.isfinite(first["probability"]).all() and (first["probability"] > 0.5).all()
+
+
+def test_train_shuffle_changes_with_seed(demo_shards, tiny_llava):
+    _, processor = tiny_llava
+    orders = []
+    for seed in (0, 0, 1):
+        dm = PreferenceDataModule(str(demo_shards), batch_size=4, processor=processor, seed=seed, shuffle_buffer=16)
+        orders.append([k for b in dm.train_dataloader() for k in b["keys"]])
+    assert orders[0] == orders[1] and orders[0] != orders[2] and sorted(orders[0]) == sorted(orders[2])
+
+
+def test_brace_urls_and_workers(demo_shards, manifest, tiny_llava):
+    _, processor = tiny_llava
+    train = sorted(s["path"] for s in manifest["shards"] if s["split"] == "train")
+    assert train[0] == "train-000000.tar"
+    spec = f"{demo_shards}/train-{{000000..{len(train) - 1:06d}}}.tar"
+    urls, val, counts = resolve_shards(spec)
+    assert urls == spec and val is None and counts == {}
+    dm = PreferenceDataModule(spec, batch_size=4, processor=processor, num_workers=2)
+    got = _read_all(dm, dm.train_dataloader())
+    assert got["groups"] == len(set(got["keys"])) == manifest["counts"]["groups_train"]  # each shard read once
+    assert dm.val_dataloader() == []
+
+
+def _corrupt_copy(demo_shards, tmp_path):
+    """Copy train-000000.tar with 3 samples broken by hand: garbage image, truncated PNG, malformed JSON."""
+    members = read_tar(demo_shards / "train-000000.tar")
+    keys = sorted({name.split(".", 1)[0] for name, _ in members})
+    bad = keys[:3]
+    out = []
+    for name, data in members:
+        key, ext = name.split(".", 1)
+        if key == bad[0] and ext == "png":
+            data = b"this is not an image"
+        elif key == bad[1] and ext == "png":
+            data = data[: len(data) // 2]
+        elif key == bad[2] and ext == "json":
+            data = data[:-10]
+        out.append((name, data))
+    path = write_tar(tmp_path / "corrupt.tar", out)
+    return path, len(keys), bad
+
+
+def test_corrupt_samples_are_skipped_and_counted(demo_shards, tiny_llava, tmp_path, caplog):
+    _, processor = tiny_llava
+    path, n, bad = _corrupt_copy(demo_shards, tmp_path)
+    # the truncated PNG must really be undecodable
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(dict(read_tar(path))[f"{bad[1]}.png"])).load()
+    dm = PreferenceDataModule(str(path), batch_size=4, processor=processor, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="vpa_lightning.data.datamodule"):
+        batches = list(dm.train_dataloader())
+    keys = [k for b in batches for k in b["keys"]]
+    assert len(keys) == n - 3 and not set(bad) & set(keys)
+    assert dm.skipped == {"malformed_sample": 3}
+    for key in bad:
+        assert any(key in r.getMessage() for r in caplog.records), key
+    reported = [k for b in batches for k in b["skipped"]]
+    assert len(reported) == 3 and all(any(key in r for r in reported) for key in bad)
+
+
+def test_truncated_shard_does_not_crash(demo_shards, tiny_llava, tmp_path, caplog):
+    _, processor = tiny_llava
+    data = (demo_shards / "train-000000.tar").read_bytes()
+    path = tmp_path / "cut.tar"
+    path.write_bytes(data[: len(data) // 2 + 100])
+    other = tmp_path / "ok.tar"
+    shutil.copy(demo_shards / "train-000001.tar", other)
+    dm = PreferenceDataModule(f"{path}::{other}", batch_size=4, processor=processor, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="vpa_lightning.data.datamodule"):
+        keys = [k for b in dm.train_dataloader() for k in b["keys"]]
+    n_ok = len({name.split(".", 1)[0] for name, _ in read_tar(other)})
+    assert len(keys) > n_ok  # the readable part of the cut shard plus the whole other shard
+    assert sum(dm.skipped.values()) >= 1 and caplog.records
+
+
+def test_prompt_longer_than_max_length_skips_group(demo_shards, tiny_llava):
+    _, processor = tiny_llava
+    dm = PreferenceDataModule(str(demo_shards), batch_size=4, processor=processor, max_length=8)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["inputs"] is None and batch["keys"] == [] and len(batch["skipped"]) == 4
+    assert dm.skipped["tokenisation"] == 4
+
+
+def test_processor_required(demo_shards):
+    dm = PreferenceDataModule(str(demo_shards))
+    with pytest.raises(RuntimeError, match="processor"):
+        dm.train_dataloader()
+
+
+def test_directory_without_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        PreferenceDataModule(str(tmp_path))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_groups_per_epoch_resamples_fixed_length(demo_shards, tiny_llava, num_workers):
+    _, processor = tiny_llava
+    dm = PreferenceDataModule(
+        str(demo_shards), batch_size=3, processor=processor, groups_per_epoch=10, num_workers=num_workers
+    )
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    # rounded up to a multiple of workers x batch_size: 12 groups with 0-1 worker, 12 with 2 workers
+    assert len(batches) == len(loader) == 4
+    assert sum(len(b["keys"]) for b in batches) == 12
+    assert dm.num_train_groups == 10
+
+
+def test_test_shards_directory_gives_all_shards(demo_shards, manifest, tiny_llava):
+    dm = PreferenceDataModule(str(demo_shards), test_shards=str(demo_shards), processor=tiny_llava[1])
+    assert len(dm.test_urls) == len(manifest["shards"])
+    assert sum(len(b["keys"]) for b in dm.test_dataloader()) == manifest["counts"]["groups"]

@@ -1,0 +1,518 @@
+"""Lightning data module that streams preference groups from ``vpa-shard`` WebDataset shards.
+
+One WebDataset sample (``{key}.png|jpg`` + ``{key}.json``) is one *group*: an
+image, a prompt, K >= 2 responses and the preference pairs among them
+(indices into the responses). The data module
+
+1. streams the shards with :class:`webdataset.WebDataset` (split by node and
+   by DataLoader worker, shard order shuffled per epoch for training),
+2. decodes each sample into a :class:`PreferenceExample` (image to an RGB
+   PIL image, JSON checked), skipping malformed samples (see below),
+3. shuffles groups in a buffer (training only),
+4. batches ``batch_size`` groups and tokenises them with the model's processor
+   (:func:`vpa_lightning.models.logps.build_group_batch`) in the collate
+   function, which runs in the DataLoader workers.
+
+A batch is a ``dict``:
+
+``inputs``
+    :class:`~vpa_lightning.models.logps.GroupBatch`: all K responses of all
+    groups as ``N = sum(K)`` rows (moved to the device by Lightning).
+``chosen`` / ``rejected``
+    ``[P]`` long tensors: for every pair of every group, the row of the chosen
+    / rejected response in the flat list of ``N`` responses.
+``pair_group``
+    ``[P]`` long: the group (index in the batch) of each pair.
+``probability`` / ``margin``
+    ``[P]`` float: the pair's Bradley-Terry probability and score margin
+    from the shards (``nan`` when absent).
+``keys``
+    The sample keys of the groups (``list[str]``, length ``G``).
+``response_index``
+    ``[N]`` long: the index of each row's response inside its group (with
+    ``keys`` this identifies a response, e.g. for the reference cache).
+``response_sha``
+    ``list[str]`` (length ``N``): a short hash of each row's response text.
+``max_length``
+    The ``max_length`` used for tokenisation (``int`` or ``None``).
+``skipped``
+    Keys (or shard URLs) of samples dropped since the previous batch of this
+    worker (see below).
+
+Processor
+---------
+The collate function needs the model's processor. Pass ``processor=`` to the
+constructor, or leave it ``None``: in :meth:`PreferenceDataModule.setup` the
+data module then takes ``trainer.lightning_module.processor`` (what
+:class:`vpa_lightning.module.VisionDPOModule` exposes), so with
+``LightningCLI`` / ``trainer.fit(module, datamodule)`` nothing needs wiring.
+
+Malformed samples
+-----------------
+A sample whose image cannot be decoded, whose JSON is invalid or misses
+fields, whose pair indices are out of range, or whose tokenisation fails (e.g.
+the prompt alone exceeds ``max_length``) is skipped: a warning naming its key
+is logged (logger ``vpa_lightning.data.datamodule``), it is counted in
+:attr:`PreferenceDataModule.skipped` (``{reason: count}``, per process: with
+``num_workers > 0`` each worker process keeps its own count) and its key
+travels with the next batch in ``batch["skipped"]`` so the training module can
+log the total across workers. An unreadable shard (truncated tar, missing
+file) is skipped the same way from the failing point on. Nothing crashes the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from vpa_lightning.models.logps import PreferenceGroup, build_group_batch
+
+__all__ = ["GroupCollator", "PreferenceDataModule", "PreferenceExample", "decode_sample", "resolve_shards"]
+
+log = logging.getLogger(__name__)
+
+_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+@dataclass
+class PreferenceExample:
+    """One decoded group: the model-facing :class:`PreferenceGroup` plus its pairs.
+
+    Attributes:
+        key: The WebDataset sample key.
+        group: Image (RGB PIL), prompt and the K response texts; ``group.id == key``.
+        pairs: ``(chosen, rejected)`` response indices.
+        probability: Bradley-Terry probability of each pair (``nan`` when absent).
+        margin: Score margin of each pair (``nan`` when absent).
+        skipped: Keys of samples skipped before this one (for logging across workers).
+    """
+
+    key: str
+    group: PreferenceGroup
+    pairs: list[tuple[int, int]]
+    probability: list[float]
+    margin: list[float]
+    skipped: list[str] = field(default_factory=list)
+
+
+class SampleError(ValueError):
+    """A malformed sample (the message says why)."""
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def decode_sample(sample: dict[str, Any]) -> PreferenceExample:
+    """Decode one raw WebDataset sample (``{"__key__", "json", "png"|...}`` bytes) or raise :class:`SampleError`."""
+    key = str(sample.get("__key__", "?"))
+    raw = sample.get("json")
+    if raw is None:
+        raise SampleError("no .json member")
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SampleError(f"invalid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise SampleError("JSON is not an object")
+    prompt = meta.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise SampleError("missing or empty 'prompt'")
+    responses = meta.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise SampleError("'responses' must be a list of at least 2 responses")
+    texts = []
+    for r, response in enumerate(responses):
+        text = response.get("text") if isinstance(response, dict) else None
+        if not isinstance(text, str) or not text:
+            raise SampleError(f"response {r} has no text")
+        texts.append(text)
+    pairs_raw = meta.get("pairs")
+    if not isinstance(pairs_raw, list) or not pairs_raw:
+        raise SampleError("no 'pairs'")
+    pairs, probability, margin = [], [], []
+    for p in pairs_raw:
+        try:
+            c, j = int(p["chosen"]), int(p["rejected"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise SampleError(f"malformed pair {p!r}") from exc
+        if not (0 <= c < len(texts) and 0 <= j < len(texts)) or c == j:
+            raise SampleError(f"pair {p!r} out of range for {len(texts)} responses")
+        pairs.append((c, j))
+        probability.append(_float(p.get("probability")))
+        margin.append(_float(p.get("margin")))
+    image_ext = next((e for e in _IMAGE_EXTS if e in sample), None)
+    if image_ext is None:
+        raise SampleError("no image member (.png/.jpg/.jpeg/.webp)")
+    try:
+        with Image.open(io.BytesIO(sample[image_ext])) as img:
+            img.load()
+            image = img.convert("RGB")
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise SampleError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+    group = PreferenceGroup(image=image, prompt=prompt, responses=texts, id=key)
+    return PreferenceExample(key=key, group=group, pairs=pairs, probability=probability, margin=margin)
+
+
+class _SkipLog:
+    """Per-process record of skipped samples: ``counts`` by reason and keys pending report."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.pending: list[str] = []
+
+    def skip(self, what: str, reason: str, detail: str) -> None:
+        self.counts[reason] += 1
+        self.pending.append(what)
+        log.warning("skipping %s: %s", what, detail)
+
+    def shard_error(self, exn: Exception) -> bool:
+        """WebDataset exception handler: log, count and continue with the next shard."""
+        self.skip(f"shard data ({exn!r})", "shard", repr(exn))
+        return True
+
+    def take(self) -> list[str]:
+        pending, self.pending = self.pending, []
+        return pending
+
+
+class _DecodeStage:
+    """WebDataset pipeline stage: raw samples -> :class:`PreferenceExample`, malformed ones skipped."""
+
+    def __init__(self, skips: _SkipLog) -> None:
+        self.skips = skips
+
+    def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[PreferenceExample]:
+        for sample in src:
+            key = str(sample.get("__key__", "?"))
+            try:
+                example = decode_sample(sample)
+            except SampleError as exc:
+                self.skips.skip(f"sample {key!r} ({sample.get('__url__', '?')})", "malformed_sample", str(exc))
+                continue
+            example.skipped = self.skips.take()
+            yield example
+
+
+class _ShuffleStage:
+    """Buffered shuffle with a seed derived from (seed, epoch, worker); the epoch advances per pass."""
+
+    def __init__(self, bufsize: int, seed: int) -> None:
+        self.bufsize, self.seed, self.epoch = bufsize, seed, 0
+
+    def __call__(self, src: Iterator[Any]) -> Iterator[Any]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
+        self.epoch += 1
+        buf: list[Any] = []
+        for item in src:
+            if len(buf) < self.bufsize:
+                buf.append(item)
+                continue
+            i = rng.randrange(len(buf))
+            buf[i], item = item, buf[i]
+            yield item
+        rng.shuffle(buf)
+        yield from buf
+
+
+def _response_sha(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+class GroupCollator:
+    """Collate :class:`PreferenceExample` s into a batch dict (see the module docstring).
+
+    Picklable (runs in DataLoader workers). A group whose tokenisation fails is
+    dropped with a warning; the batch keeps the others.
+
+    Args:
+        processor: The model's multimodal processor.
+        max_length: Passed to :func:`build_group_batch`.
+        skips: Where dropped groups are counted (the data module's record).
+    """
+
+    def __init__(self, processor: Any, max_length: int | None = None, skips: _SkipLog | None = None) -> None:
+        self.processor = processor
+        self.max_length = max_length
+        self.skips = skips if skips is not None else _SkipLog()
+
+    def __call__(self, examples: Sequence[PreferenceExample]) -> dict[str, Any]:
+        examples = list(examples)
+        skipped = [k for e in examples for k in e.skipped]
+        try:
+            inputs = build_group_batch(self.processor, [e.group for e in examples], max_length=self.max_length)
+        except Exception:  # noqa: BLE001 - a bad group must not stop training: find and drop it
+            kept = []
+            for e in examples:
+                try:
+                    build_group_batch(self.processor, [e.group], max_length=self.max_length)
+                except Exception as exc:  # noqa: BLE001
+                    self.skips.skip(f"sample {e.key!r}", "tokenisation", f"{type(exc).__name__}: {exc}")
+                else:
+                    kept.append(e)
+            examples = kept
+            skipped += self.skips.take()
+            inputs = (
+                build_group_batch(self.processor, [e.group for e in examples], max_length=self.max_length)
+                if examples
+                else None
+            )
+        chosen, rejected, pair_group, probability, margin, response_index, response_sha = [], [], [], [], [], [], []
+        offset = 0
+        for g, e in enumerate(examples):
+            for (c, j), p, m in zip(e.pairs, e.probability, e.margin):
+                chosen.append(offset + c)
+                rejected.append(offset + j)
+                pair_group.append(g)
+                probability.append(p)
+                margin.append(m)
+            response_index.extend(range(len(e.group.responses)))
+            response_sha.extend(_response_sha(t) for t in e.group.responses)
+            offset += len(e.group.responses)
+        return {
+            "inputs": inputs,
+            "chosen": torch.tensor(chosen, dtype=torch.long),
+            "rejected": torch.tensor(rejected, dtype=torch.long),
+            "pair_group": torch.tensor(pair_group, dtype=torch.long),
+            "probability": torch.tensor(probability, dtype=torch.float32),
+            "margin": torch.tensor(margin, dtype=torch.float32),
+            "keys": [e.key for e in examples],
+            "response_index": torch.tensor(response_index, dtype=torch.long),
+            "response_sha": response_sha,
+            "max_length": self.max_length,
+            "skipped": skipped,
+        }
+
+
+def resolve_shards(
+    train_shards: str, val_shards: str | None = None
+) -> tuple[str | list[str], str | list[str] | None, dict[str, int]]:
+    """Resolve the ``train_shards`` / ``val_shards`` arguments of :class:`PreferenceDataModule`.
+
+    A local directory with ``manifest.json`` gives its ``train`` shards (and its
+    ``val`` shards unless ``val_shards`` is set); anything else is passed to
+    WebDataset as is (a path, brace notation ``shard-{000000..000009}.tar``,
+    ``::``-separated lists, ``pipe:`` / ``http(s)://`` URLs).
+
+    Returns:
+        ``(train_urls, val_urls, counts)`` where ``counts`` has ``train_samples``,
+        ``train_pairs``, ``val_samples``, ``val_pairs`` when a manifest was read.
+    """
+    counts: dict[str, int] = {}
+
+    def from_manifest(spec: str, split: str | None) -> list[str] | None:
+        path = Path(spec)
+        if "://" in spec or spec.startswith("pipe:") or not path.is_dir():
+            return None
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{path} is a directory without manifest.json")
+        manifest = json.loads(manifest_path.read_text())
+        shards = [s for s in manifest.get("shards", []) if split is None or s.get("split") == split]
+        name = split or "all"
+        counts[f"{name}_samples"] = sum(int(s.get("samples", 0)) for s in shards)
+        counts[f"{name}_pairs"] = sum(int(s.get("pairs", 0)) for s in shards)
+        return [str(path / s["path"]) for s in shards]
+
+    train = from_manifest(train_shards, "train")
+    train_urls: str | list[str] = train if train is not None else train_shards
+    val_urls: str | list[str] | None
+    if val_shards is not None:
+        val = from_manifest(val_shards, "val")
+        val_urls = val if val is not None else val_shards
+    elif train is not None:
+        val = from_manifest(train_shards, "val")
+        val_urls = val or None
+    else:
+        val_urls = None
+    return train_urls, val_urls, counts
+
+
+def _test_urls(spec: str) -> str | list[str]:
+    """``test_shards``: every shard (train and val split) of a manifest directory, else the spec as is."""
+    path = Path(spec)
+    if "://" in spec or spec.startswith("pipe:") or not path.is_dir():
+        return spec
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{path} is a directory without manifest.json")
+    return [str(path / s["path"]) for s in json.loads(manifest_path.read_text()).get("shards", [])]
+
+
+class PreferenceDataModule(pl.LightningDataModule):
+    """Preference groups from ``vpa-shard`` WebDataset shards, tokenised with the model's processor.
+
+    Args:
+        train_shards: Training shards: a directory with ``manifest.json`` (its
+            ``train`` shards, and its ``val`` shards for validation unless
+            ``val_shards`` is given), a local ``.tar`` path, brace notation
+            (``/data/train-{000000..000009}.tar``), a ``::``-separated list, or
+            any WebDataset URL (``pipe:aws s3 cp s3://b/x.tar -``, ``https://...``).
+        val_shards: Validation (and default test/predict) shards, same forms;
+            ``None`` takes them from the manifest of ``train_shards`` if any,
+            else there is no validation.
+        test_shards: Shards for ``test`` / ``predict`` (a manifest directory gives all its
+            shards, train and val); ``None`` uses the validation shards.
+        batch_size: Groups (images with all their responses) per batch; the
+            number of sequences per batch is the sum of the groups' K.
+        num_workers: DataLoader worker processes (decoding and tokenisation
+            happen there). Shards are split across workers, so use at most as
+            many workers as shards per node.
+        shuffle_buffer: Size of the group shuffle buffer for training (0 = no
+            shuffling); shard order is also shuffled per epoch.
+        max_length: Maximum tokens per sequence (prompt + image tokens +
+            response); responses are truncated to fit, groups whose prompt
+            alone does not fit are skipped. ``None`` = no limit.
+        seed: Seed of the shard and buffer shuffles (combined with epoch, rank and worker).
+        groups_per_epoch: Training groups per epoch over all ranks, or ``None`` for one
+            pass over the training shards (each shard read once per epoch; right for one
+            device). Set it for multi-device training: shards are then drawn with
+            replacement (WebDataset ``resampled``) and every rank and worker yields the
+            same number of batches (``groups_per_epoch`` rounded up to a multiple of
+            ``world_size x max(num_workers, 1) x batch_size``), so no rank waits for
+            another at the end of an epoch, and the loader has a length (for the LR schedule).
+            The resampled shard order is not reproducible (WebDataset seeds it from time and pid).
+        processor: The model's processor; ``None`` takes
+            ``trainer.lightning_module.processor`` in :meth:`setup`.
+    """
+
+    def __init__(
+        self,
+        train_shards: str,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        shuffle_buffer: int = 256,
+        max_length: int | None = 512,
+        seed: int = 0,
+        groups_per_epoch: int | None = None,
+        processor: Any = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0 or shuffle_buffer < 0:
+            raise ValueError("num_workers and shuffle_buffer must be >= 0")
+        if groups_per_epoch is not None and groups_per_epoch < 1:
+            raise ValueError(f"groups_per_epoch must be >= 1 or None, got {groups_per_epoch}")
+        self.save_hyperparameters(ignore=["processor"])
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.test_shards = test_shards
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.max_length = max_length
+        self.seed = seed
+        self.groups_per_epoch = groups_per_epoch
+        self.processor = processor
+        self._skips = _SkipLog()
+        self._shuffle = _ShuffleStage(shuffle_buffer, seed) if shuffle_buffer > 0 else None
+        self.train_urls, self.val_urls, self.counts = resolve_shards(train_shards, val_shards)
+        self.test_urls = _test_urls(test_shards) if test_shards is not None else self.val_urls
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far in this process, by reason (``malformed_sample``, ``tokenisation``, ``shard``)."""
+        return dict(self._skips.counts)
+
+    @property
+    def num_train_groups(self) -> int | None:
+        """Training groups per epoch: ``groups_per_epoch`` if set, else from the manifest (``None`` without one)."""
+        return self.groups_per_epoch or self.counts.get("train_samples")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.processor is None:
+            module = getattr(self.trainer, "lightning_module", None) if self._trainer_attached() else None
+            processor = getattr(module, "processor", None)
+            if processor is None:
+                raise RuntimeError(
+                    "PreferenceDataModule needs a processor: pass processor=... or use it with a "
+                    "LightningModule that has a `processor` attribute (e.g. VisionDPOModule)"
+                )
+            self.processor = processor
+
+    def _trainer_attached(self) -> bool:
+        try:
+            return self.trainer is not None
+        except RuntimeError:
+            return False
+
+    # -- pipelines ---------------------------------------------------------------------------
+    def _world_size(self) -> int:
+        if self._trainer_attached():
+            return max(int(getattr(self.trainer, "world_size", 1) or 1), 1)
+        return 1
+
+    def dataset(self, urls: str | list[str], train: bool) -> wds.WebDataset:
+        """The WebDataset pipeline yielding :class:`PreferenceExample` s for ``urls``."""
+        n_urls = len(urls) if isinstance(urls, list) else 1
+        resampled = train and self.groups_per_epoch is not None
+        ds = wds.WebDataset(
+            urls,
+            handler=self._skips.shard_error,
+            resampled=resampled,
+            shardshuffle=False if resampled else (max(n_urls, 1) if train else False),
+            detshuffle=True,
+            seed=self.seed,
+            # a resampled shard stream is already drawn independently on each rank and worker
+            nodesplitter=None if resampled else wds.split_by_node,
+            workersplitter=None if resampled else wds.split_by_worker,
+            empty_check=False,
+        )
+        ds = ds.compose(_DecodeStage(self._skips))
+        if train and self._shuffle is not None:
+            ds = ds.compose(self._shuffle)
+        if resampled:
+            workers = max(self.num_workers, 1)
+            per_worker = math.ceil(self.groups_per_epoch / (self._world_size() * workers * self.batch_size))
+            per_worker *= self.batch_size
+            ds = ds.with_epoch(per_worker).with_length(per_worker * workers, silent=True)
+        return ds
+
+    def _loader(self, urls: str | list[str] | None, train: bool) -> DataLoader:
+        if urls is None:
+            raise RuntimeError("no shards for this stage (set val_shards / test_shards)")
+        if self.processor is None:
+            self.setup()
+        collate = GroupCollator(self.processor, self.max_length, self._skips)
+        return DataLoader(
+            self.dataset(urls, train),
+            batch_size=self.batch_size,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_urls, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_urls, train=False) if self.val_urls is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_urls, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_urls, train=False)

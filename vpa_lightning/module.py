@@ -1,0 +1,453 @@
+"""``VisionDPOModule``: DPO-family preference optimisation of a vision-language model.
+
+Per batch (see :mod:`vpa_lightning.data.datamodule` for its layout) the module
+
+1. runs **one** :func:`~vpa_lightning.models.logps.group_logps` forward of the
+   policy over all ``N`` responses of all groups,
+2. gets the reference log-probs of the same ``N`` responses: from the on-disk
+   cache (``reference_cache_dir``) when every response is there, otherwise with
+   one no-grad forward of the reference model (and stores them),
+3. gathers the chosen/rejected log-probs of every pair of the batch (a group
+   with K responses contributes all its shard pairs) and applies the loss;
+   the training loss is the mean over pairs.
+
+Checkpoints: under LoRA only the trainable weights (adapters, and the vision
+modules with ``freeze_vision=False``) are saved; the frozen base is rebuilt from
+``model_name_or_path`` (``strict_loading`` is off), so keep that path stable.
+
+Reference model: with LoRA it is the same network with the adapters disabled
+(``PeftModel.disable_adapter()``), no second copy in memory; with full
+fine-tuning it is a frozen deep copy made before training (kept outside the
+module's ``state_dict``, so checkpoints do not carry it).
+
+Metrics (torchmetrics ``MeanMetric`` over pairs), logged per step for
+training and per epoch for validation/test, under exactly
+``{stage}/loss``, ``{stage}/rewards/chosen``, ``{stage}/rewards/rejected``,
+``{stage}/rewards/accuracies``, ``{stage}/rewards/margins``,
+``{stage}/logps/chosen``, ``{stage}/logps/rejected`` (``stage`` = ``train``,
+``val``, ``test``), plus ``train/skipped_samples`` (running count of samples the
+data pipeline dropped).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from vpa_lightning.losses import DPOLoss, MDPOLoss, PreferenceLoss, RPOLoss
+from vpa_lightning.models.logps import GroupBatch, GroupLogps, group_logps
+from vpa_lightning.reference_cache import ReferenceCache
+
+__all__ = ["METRIC_NAMES", "VisionDPOModule", "load_vlm"]
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES: tuple[str, ...] = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+_STAGES = ("train", "val", "test")
+
+try:  # a lazy default shows up as ``class_path: ...DPOLoss`` in ``--print_config``
+    from jsonargparse import lazy_instance
+
+    _DEFAULT_LOSS: PreferenceLoss | None = lazy_instance(DPOLoss)
+except ImportError:  # pragma: no cover - jsonargparse comes with lightning's CLI extra
+    _DEFAULT_LOSS = None
+TINY_PREFIX = "tiny:"
+
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_vlm(model_name_or_path: str, seed: int = 0, dtype: str | None = None) -> tuple[nn.Module, Any]:
+    """``(model, processor)``: ``tiny:<family>`` builds a tiny random VLM, anything else is loaded
+    with ``AutoModelForImageTextToText`` / ``AutoProcessor`` (a local folder or a hub id already in the cache).
+
+    ``dtype``: ``None`` (transformers' default, float32), ``"auto"`` (the checkpoint's dtype) or
+    ``"float32"`` / ``"bfloat16"`` / ``"float16"``.
+    """
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES} or None, got {dtype!r}")
+    if model_name_or_path.startswith(TINY_PREFIX):
+        from vpa_lightning.models.tiny import build_tiny_vlm
+
+        model, processor = build_tiny_vlm(model_name_or_path[len(TINY_PREFIX) :], seed=seed)
+        if dtype not in (None, "auto"):
+            model.to(getattr(torch, dtype))
+        return model, processor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs = {} if dtype is None else {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, **kwargs)
+    processor = AutoProcessor.from_pretrained(model_name_or_path)
+    return model, processor
+
+
+def _module_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
+
+
+def language_and_vision_modules(model: nn.Module) -> tuple[str, list[str]]:
+    """``(language model name, [vision tower / projector names])`` of a transformers VLM.
+
+    The language model is ``model.get_decoder()``; every other child of the
+    inner ``model.model`` (vision tower, projector/connector) counts as vision.
+    """
+    decoder = model.get_decoder()
+    lm_name = _module_name(model, decoder)
+    parent_name = lm_name.rsplit(".", 1)[0] if "." in lm_name else ""
+    parent = model.get_submodule(parent_name) if parent_name else model
+    vision = [
+        f"{parent_name}.{n}" if parent_name else n
+        for n, child in parent.named_children()
+        if child is not decoder and any(True for _ in child.parameters())
+    ]
+    return lm_name, vision
+
+
+def default_lora_targets(model: nn.Module) -> str:
+    """A PEFT ``target_modules`` regex matching the ``nn.Linear`` layers of the language model only."""
+    lm_name, _ = language_and_vision_modules(model)
+    leaves = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.get_submodule(lm_name).named_modules() if isinstance(m, nn.Linear)}
+    )
+    if not leaves:
+        raise ValueError(f"no nn.Linear layers in {lm_name}; set lora_target_modules")
+    return rf"^{re.escape(lm_name)}\..*\.({'|'.join(map(re.escape, leaves))})$"
+
+
+class VisionDPOModule(pl.LightningModule):
+    """Preference optimisation (DPO and relatives) of a vision-language model, with LoRA or full fine-tuning.
+
+    Args:
+        model_name_or_path: A local folder loadable with ``AutoModelForImageTextToText``
+            and ``AutoProcessor``, or ``tiny:llava`` / ``tiny:qwen2_vl`` / ``tiny:idefics3``
+            for a tiny random model (tests, demos).
+        loss: The preference loss (``class_path`` in YAML), e.g.
+            ``vpa_lightning.losses.DPOLoss`` (default, beta 0.1), ``IPOLoss``, ``HingeLoss``,
+            ``RobustDPOLoss``, ``RPOLoss``. ``MDPOLoss`` (needs corrupted-image passes) is not supported yet.
+        lora: Train LoRA adapters (base weights frozen; the reference is the
+            same network with adapters disabled) instead of all weights.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: Dropout on the LoRA input.
+        lora_target_modules: PEFT ``target_modules`` (module-name suffixes); default:
+            every ``nn.Linear`` of the language model (not the vision tower, projector or LM head).
+        freeze_vision: Keep the vision tower and projector frozen. With ``lora`` and
+            ``freeze_vision=False`` they are trained fully as PEFT ``modules_to_save``
+            (their originals stay available for the reference).
+        average_logps: Use length-averaged response log-probs (IPO-style) instead of
+            summed ones (DPO, MM-DPO) in the loss and the logged log-probs.
+        reference_cache_dir: Directory of an on-disk cache of reference log-probs
+            (keyed by sample key + response index); computed once, reused across
+            epochs and runs. ``None`` = recompute every time.
+        learning_rate: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to biases and norms, i.e. 1-D parameters).
+        warmup_ratio: Fraction of the total optimizer steps with linear warm-up; then cosine decay to 0.
+        adam_betas: AdamW betas.
+        logps_method: ``"forward"`` or ``"hidden"`` (see :func:`~vpa_lightning.models.logps.group_logps`).
+        gradient_checkpointing: Recompute activations in the backward pass (transformers'
+            non-reentrant gradient checkpointing): less memory, about a third more compute.
+        dtype: Weight dtype when loading: ``None`` (float32), ``"auto"`` (the checkpoint's),
+            ``"bfloat16"``, ``"float16"`` or ``"float32"``. Log-softmax is always float32.
+        seed: Initialisation seed of ``tiny:`` models.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        loss: PreferenceLoss | None = _DEFAULT_LOSS,
+        lora: bool = True,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | None = None,
+        freeze_vision: bool = True,
+        average_logps: bool = False,
+        reference_cache_dir: str | None = None,
+        learning_rate: float = 5e-6,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.1,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        logps_method: str = "forward",
+        gradient_checkpointing: bool = False,
+        dtype: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["loss"])
+        # a fresh instance per module (the lazy default is shared); None also means DPOLoss().
+        # A {"class_path", "init_args"} dict is what load_from_checkpoint passes back (see _loss_spec).
+        if isinstance(loss, dict):
+            loss = _loss_from_spec(loss)
+        self.loss_fn = DPOLoss() if loss is None or loss is _DEFAULT_LOSS else loss
+        self.hparams["loss"] = _loss_spec(self.loss_fn)
+        if isinstance(self.loss_fn, MDPOLoss):
+            raise NotImplementedError("MDPOLoss needs corrupted-image log-probs, which VisionDPOModule does not compute yet")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if logps_method not in ("forward", "hidden"):
+            raise ValueError(f"logps_method must be 'forward' or 'hidden', got {logps_method!r}")
+        self.model_name_or_path = model_name_or_path
+        self.use_lora = lora
+        self.average_logps = average_logps
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.adam_betas = tuple(adam_betas)
+        self.logps_method = logps_method
+
+        model, self.processor = load_vlm(model_name_or_path, seed=seed, dtype=dtype)
+        _, vision = language_and_vision_modules(model)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            targets: str | list[str] = lora_target_modules or default_lora_targets(model)
+            config = LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=targets,
+                modules_to_save=None if freeze_vision else [v.rsplit(".", 1)[-1] for v in vision],
+            )
+            self.model = get_peft_model(model, config)
+            self._reference: list[nn.Module] = []
+        else:
+            if freeze_vision:
+                for name in vision:
+                    model.get_submodule(name).requires_grad_(False)
+            self.model = model
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+            self._reference = [reference]  # a list: not a submodule, not in state_dict
+        self.model.train()
+        # LoRA checkpoints keep the trainable weights only (see on_save_checkpoint); the frozen base
+        # comes from model_name_or_path when the module is rebuilt, so loading is non-strict.
+        self.strict_loading = not lora
+
+        self.reference_cache: ReferenceCache | None = None
+        self.reference_cache_dir = reference_cache_dir
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_": nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES}) for stage in _STAGES}
+        )
+        self._skipped_total = 0
+
+    # -- reference -----------------------------------------------------------------------
+    def _cache(self, max_length: int | None) -> ReferenceCache | None:
+        if self.reference_cache_dir is None:
+            return None
+        fingerprint = {
+            "model": self.model_name_or_path,
+            "seed": self.hparams.get("seed") if self.model_name_or_path.startswith(TINY_PREFIX) else None,
+            "max_length": max_length,
+            "method": self.logps_method,
+            "dtype": self.hparams.get("dtype"),
+        }
+        if self.reference_cache is None or self.reference_cache.fingerprint != fingerprint:
+            self.reference_cache = ReferenceCache(self.reference_cache_dir, fingerprint)
+        return self.reference_cache
+
+    def reference_logps(self, inputs: GroupBatch) -> GroupLogps:
+        """Reference log-probs of every row (no grad; eval mode, so no dropout)."""
+        if self.use_lora:
+            model, was_training = self.model, self.model.training
+            model.eval()
+            try:
+                with torch.no_grad(), model.disable_adapter():
+                    return group_logps(model, inputs, method=self.logps_method)
+            finally:
+                model.train(was_training)
+        reference = self._reference[0]
+        if next(reference.parameters()).device != self.device:
+            reference.to(self.device)
+        with torch.no_grad():
+            return group_logps(reference, inputs, method=self.logps_method)
+
+    def _reference_sums(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        inputs: GroupBatch = batch["inputs"]
+        cache = self._cache(batch.get("max_length"))
+        if cache is not None:
+            keys = [batch["keys"][g] for g in inputs.group_index.tolist()]
+            indices = batch["response_index"].tolist()
+            hit = cache.lookup(keys, indices, batch["response_sha"])
+            if hit is not None:
+                return hit[0].to(self.device), hit[1].to(self.device)
+        ref = self.reference_logps(inputs)
+        if cache is not None:
+            cache.store(keys, indices, batch["response_sha"], ref.sum_logps, ref.n_tokens)
+        return ref.sum_logps, ref.n_tokens
+
+    # -- loss --------------------------------------------------------------------------------
+    def _values(self, sums: Tensor, n_tokens: Tensor) -> Tensor:
+        return sums / n_tokens.clamp(min=1).to(sums.dtype) if self.average_logps else sums
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Per-pair losses, rewards and log-probs of a batch (policy with gradient)."""
+        inputs: GroupBatch = batch["inputs"]
+        chosen, rejected = batch["chosen"], batch["rejected"]
+        # reference first (no grad, cached or adapters off), so no mode switch happens while the graph is alive
+        if self.loss_fn.reference_free:
+            ref_c = ref_r = None
+        else:
+            ref_sums, ref_n = self._reference_sums(batch)
+            ref = self._values(ref_sums, ref_n)
+            ref_c, ref_r = ref[chosen], ref[rejected]
+        policy = group_logps(self.model, inputs, method=self.logps_method)
+        pol = self._values(policy.sum_logps, policy.n_tokens)
+        extra: dict[str, Tensor] = {}
+        if isinstance(self.loss_fn, RPOLoss):
+            extra["chosen_nll"] = -(policy.sum_logps / policy.n_tokens.clamp(min=1))[chosen]
+        losses, chosen_rewards, rejected_rewards = self.loss_fn(pol[chosen], pol[rejected], ref_c, ref_r, **extra)
+        return {
+            "losses": losses,
+            "chosen_rewards": chosen_rewards,
+            "rejected_rewards": rejected_rewards,
+            "chosen_logps": pol[chosen].detach(),
+            "rejected_logps": pol[rejected].detach(),
+        }
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | None:
+        if batch.get("inputs") is None or batch["chosen"].numel() == 0:
+            return None  # every group of the batch was skipped
+        out = self.compute_loss(batch)
+        loss = out["losses"].mean()
+        values = {
+            "loss": out["losses"].detach(),
+            "rewards/chosen": out["chosen_rewards"],
+            "rewards/rejected": out["rejected_rewards"],
+            "rewards/accuracies": (out["chosen_rewards"] > out["rejected_rewards"]).float(),
+            "rewards/margins": out["chosen_rewards"] - out["rejected_rewards"],
+            "logps/chosen": out["chosen_logps"],
+            "logps/rejected": out["rejected_logps"],
+        }
+        train = stage == "train"
+        n_groups = len(batch["keys"])
+        for name, value in values.items():
+            metric = self.metrics[f"{stage}_"][_key(name)]
+            metric(value)  # forward: updates the epoch state and computes the batch value
+            self.log(
+                f"{stage}/{name}",
+                metric,
+                on_step=train,
+                on_epoch=not train,
+                prog_bar=name in ("loss", "rewards/accuracies"),
+                batch_size=n_groups,
+            )
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        self._skipped_total += len(batch.get("skipped", ()))
+        self.log("train/skipped_samples", float(self._skipped_total), on_step=True, on_epoch=False, batch_size=1)
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Per-pair implicit rewards: ``keys``, ``pair_group``, ``chosen``/``rejected`` rows, rewards, log-probs."""
+        if batch.get("inputs") is None:
+            return {"keys": []}
+        out = self.compute_loss(batch)
+        return {
+            "keys": batch["keys"],
+            "pair_group": batch["pair_group"].cpu(),
+            "chosen": batch["chosen"].cpu(),
+            "rejected": batch["rejected"].cpu(),
+            **{k: v.detach().cpu() for k, v in out.items()},
+        }
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Under LoRA drop the frozen base weights from the checkpoint (adapters and trainable modules stay)."""
+        if not self.use_lora:
+            return
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("model.") and k not in trainable]:
+            del state[key]
+
+    # -- optimisation ------------------------------------------------------------------------
+    def _total_steps(self) -> int:
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        estimated = trainer.estimated_stepping_batches
+        if math.isfinite(estimated) and estimated > 0:  # Lightning gives max_steps (-1) for unsized data
+            return int(estimated)
+        datamodule = getattr(trainer, "datamodule", None)
+        groups = getattr(datamodule, "num_train_groups", None)
+        if groups and trainer.max_epochs and trainer.max_epochs > 0:
+            per_epoch = math.ceil(groups / (datamodule.batch_size * max(trainer.world_size, 1)))
+            return max(math.ceil(per_epoch * trainer.max_epochs / trainer.accumulate_grad_batches), 1)
+        raise ValueError("cannot tell the number of training steps for the LR schedule: set trainer.max_steps")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=self.learning_rate, betas=self.adam_betas
+        )
+        total = self._total_steps()
+        warmup = int(self.warmup_ratio * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _loss_spec(loss: PreferenceLoss) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` of a loss, from its constructor arguments stored as attributes."""
+    import inspect
+
+    # skip a jsonargparse lazy-instance subclass, if any
+    klass = next(
+        k for k in type(loss).__mro__ if not k.__name__.startswith("LazyInstance") and "jsonargparse" not in k.__module__
+    )
+    params = [p for p in inspect.signature(klass.__init__).parameters.values() if p.name != "self"]
+    init_args = {p.name: getattr(loss, p.name) for p in params if hasattr(loss, p.name)}
+    return {"class_path": f"{klass.__module__}.{klass.__qualname__}", "init_args": init_args}
+
+
+def _loss_from_spec(spec: dict[str, Any]) -> PreferenceLoss:
+    import importlib
+
+    module_name, _, class_name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    loss = cls(**spec.get("init_args", {}))
+    if not isinstance(loss, PreferenceLoss):
+        raise TypeError(f"{spec['class_path']} is not a PreferenceLoss")
+    return loss
+
+
+def _key(name: str) -> str:
+    return name.replace("/", "_")  # ModuleDict keys cannot contain "."; keep them readable
