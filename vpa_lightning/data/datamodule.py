@@ -80,6 +80,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from vpa_lightning.data.shards import load_manifest
 from vpa_lightning.models.logps import PreferenceGroup, build_group_batch
 
 __all__ = ["GroupCollator", "PreferenceDataModule", "PreferenceExample", "decode_sample", "resolve_shards"]
@@ -319,19 +320,13 @@ def resolve_shards(
     """
     counts: dict[str, int] = {}
 
-    def from_manifest(spec: str, split: str | None) -> list[str] | None:
-        path = Path(spec)
-        if "://" in spec or spec.startswith("pipe:") or not path.is_dir():
-            return None
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{path} is a directory without manifest.json")
-        manifest = json.loads(manifest_path.read_text())
-        shards = [s for s in manifest.get("shards", []) if split is None or s.get("split") == split]
-        name = split or "all"
-        counts[f"{name}_samples"] = sum(int(s.get("samples", 0)) for s in shards)
-        counts[f"{name}_pairs"] = sum(int(s.get("pairs", 0)) for s in shards)
-        return [str(path / s["path"]) for s in shards]
+    def from_manifest(spec: str, split: str) -> list[str] | None:
+        shards = _manifest_shards(spec, split)
+        if shards is not None:
+            counts[f"{split}_samples"] = sum(int(s.get("samples", 0)) for s in shards)
+            counts[f"{split}_pairs"] = sum(int(s.get("pairs", 0)) for s in shards)
+            return [str(Path(spec) / s["path"]) for s in shards]
+        return None
 
     train = from_manifest(train_shards, "train")
     train_urls: str | list[str] = train if train is not None else train_shards
@@ -347,15 +342,22 @@ def resolve_shards(
     return train_urls, val_urls, counts
 
 
-def _test_urls(spec: str) -> str | list[str]:
-    """``test_shards``: every shard (train and val split) of a manifest directory, else the spec as is."""
+def _manifest_shards(spec: str, split: str | None) -> list[dict] | None:
+    """The manifest's shard entries (of one split, or all) when ``spec`` is a local build
+    directory; ``None`` when it is a URL, a file or a brace pattern for WebDataset."""
     path = Path(spec)
     if "://" in spec or spec.startswith("pipe:") or not path.is_dir():
-        return spec
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
+        return None
+    if not (path / "manifest.json").is_file():
         raise FileNotFoundError(f"{path} is a directory without manifest.json")
-    return [str(path / s["path"]) for s in json.loads(manifest_path.read_text()).get("shards", [])]
+    manifest = load_manifest(path)
+    return [s for s in manifest.get("shards", []) if split is None or s.get("split") == split]
+
+
+def _test_urls(spec: str) -> str | list[str]:
+    """``test_shards``: every shard (train and val split) of a manifest directory, else the spec as is."""
+    shards = _manifest_shards(spec, None)
+    return spec if shards is None else [str(Path(spec) / s["path"]) for s in shards]
 
 
 class PreferenceDataModule(pl.LightningDataModule):
