@@ -1,0 +1,169 @@
+"""Lightning callbacks of the trainer.
+
+``PreferenceReport`` measures the validation preference metrics of the policy right before
+the first training step and again when training ends, and prints a before/after table::
+
+    trainer:
+      callbacks:
+        - class_path: vpa_lightning.callbacks.PreferenceReport
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["PreferenceReport", "format_report"]
+
+log = logging.getLogger(__name__)
+
+#: Metrics over pairs (means), named as the module logs them.
+PAIR_METRICS: tuple[str, ...] = (
+    "val/rewards/accuracies",
+    "val/rewards/margins",
+    "val/loss",
+    "val/logps/chosen",
+    "val/logps/rejected",
+)
+#: Ranking metrics from the policy's own log-probs (reference-free): fraction of pairs whose chosen
+#: response has the higher policy log-prob, and fraction of prompts whose best-rated response has
+#: the highest policy log-prob among all of its responses.
+RANKING_METRICS: tuple[str, ...] = ("val/logps/accuracies", "val/top1")
+
+
+def format_report(before: dict[str, float], after: dict[str, float], title: str = "Preference report") -> str:
+    """A plain-text ``metric | before | after`` table (metrics in ``before``'s order, then ``after``'s)."""
+    names = list(before) + [n for n in after if n not in before]
+    width = max([len("metric")] + [len(n) for n in names])
+
+    def cell(values: dict[str, float], name: str) -> str:
+        value = values.get(name)
+        return "-" if value is None else f"{value:.4f}"
+
+    lines = [title, f"{'metric':<{width}} | {'before':>10} | {'after':>10}", f"{'-' * width}-+-{'-' * 10}-+-{'-' * 10}"]
+    lines += [f"{n:<{width}} | {cell(before, n):>10} | {cell(after, n):>10}" for n in names]
+    return "\n".join(lines)
+
+
+class PreferenceReport(Callback):
+    """Validation metrics before training and after it, printed as a ``metric | before | after`` table.
+
+    At ``on_train_start`` (model on its device, before the first optimizer step; after a resume
+    that is the restored state) and at ``on_train_end`` the callback runs the module's
+    :meth:`~vpa_lightning.module.VisionDPOModule.compute_loss` over the validation dataloader (no
+    grad, eval mode, metrics not logged) and stores the means over all pairs in ``self.before`` and
+    ``self.after``: ``val/rewards/accuracies``, ``val/rewards/margins``, ``val/loss``,
+    ``val/logps/chosen``, ``val/logps/rejected`` (and with ``ranking`` also ``val/logps/accuracies``
+    and ``val/top1``, see :data:`RANKING_METRICS`). Under LoRA the policy starts equal to the
+    reference, so the "before" rewards are all 0: accuracy 0, margin 0, loss ``log 2`` for DPO.
+
+    With several processes the sums are reduced over all ranks; only rank 0 prints.
+
+    Args:
+        max_batches: Validation batches per pass (``None`` = the whole validation set).
+        ranking: Also measure the reference-free ranking metrics (one more policy forward per batch).
+        print_table: Print the table at the end of training (the numbers are stored either way).
+    """
+
+    def __init__(self, max_batches: int | None = None, ranking: bool = True, print_table: bool = True) -> None:
+        super().__init__()
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+        self.max_batches = max_batches
+        self.ranking = ranking
+        self.print_table = print_table
+        self.before: dict[str, float] = {}
+        self.after: dict[str, float] = {}
+
+    # -- hooks -----------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.before = self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.after = self.measure(trainer, pl_module)
+        if self.print_table and trainer.is_global_zero and (self.before or self.after):
+            print("\n" + format_report(self.before, self.after), flush=True)
+
+    # -- measurement -----------------------------------------------------------------------
+    def _val_loader(self, trainer: pl.Trainer) -> Any:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "val_dataloader"):
+            loader = datamodule.val_dataloader()
+        else:
+            loader = trainer.val_dataloaders
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        return loader
+
+    @torch.no_grad()
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """One pass over the validation data; ``{metric: mean}`` (empty without validation data)."""
+        loader = self._val_loader(trainer)
+        if loader is None:
+            log.warning("PreferenceReport: no validation dataloader, nothing to report")
+            return {}
+        names = PAIR_METRICS + (RANKING_METRICS if self.ranking else ())
+        sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # + pair count, group count
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for index, batch in enumerate(loader):
+                if self.max_batches is not None and index >= self.max_batches:
+                    break
+                if batch.get("inputs") is None or batch["chosen"].numel() == 0:
+                    continue
+                batch = trainer.strategy.batch_to_device(batch)
+                sums += self._batch_sums(pl_module, batch, len(names))
+        finally:
+            pl_module.train(was_training)
+        sums = trainer.strategy.reduce(sums.to(pl_module.device), reduce_op="sum").double().cpu()
+        pairs, groups = float(sums[-2]), float(sums[-1])
+        if pairs == 0:
+            return {}
+        result = {name: float(sums[i]) / pairs for i, name in enumerate(PAIR_METRICS)}
+        if self.ranking:
+            result["val/logps/accuracies"] = float(sums[len(PAIR_METRICS)]) / pairs
+            result["val/top1"] = float(sums[len(PAIR_METRICS) + 1]) / max(groups, 1.0)
+        return result
+
+    def _batch_sums(self, pl_module: pl.LightningModule, batch: dict[str, Any], n_names: int) -> torch.Tensor:
+        out = pl_module.compute_loss(batch)
+        chosen_r, rejected_r = out["chosen_rewards"].float(), out["rejected_rewards"].float()
+        row = [
+            (chosen_r > rejected_r).float().sum(),
+            (chosen_r - rejected_r).sum(),
+            out["losses"].float().sum(),
+            out["chosen_logps"].float().sum(),
+            out["rejected_logps"].float().sum(),
+        ]
+        n_groups = 0
+        if self.ranking:
+            from vpa_lightning.models.logps import group_logps
+
+            inputs = batch["inputs"]
+            policy = group_logps(pl_module.model, inputs, method=pl_module.logps_method)
+            values = pl_module._values(policy.sum_logps, policy.n_tokens).float()
+            chosen, rejected = batch["chosen"], batch["rejected"]
+            row.append((values[chosen] > values[rejected]).float().sum())
+            # best-rated row of a group: chosen in some pair and rejected in none
+            top1 = 0
+            group_index = inputs.group_index
+            rejected_rows = set(rejected.tolist())
+            for g in sorted(set(group_index[chosen].tolist())):
+                best = [r for r in chosen.tolist() if int(group_index[r]) == g and r not in rejected_rows]
+                if not best:
+                    continue
+                rows = (group_index == g).nonzero().flatten()
+                top = int(rows[values[rows].argmax()])
+                top1 += int(top in best)
+                n_groups += 1
+            row.append(torch.tensor(float(top1)))
+        row = [torch.as_tensor(v, dtype=torch.float64).cpu() for v in row]
+        row += [torch.tensor(float(chosen_r.numel()), dtype=torch.float64), torch.tensor(float(n_groups), dtype=torch.float64)]
+        assert len(row) == n_names + 2
+        return torch.stack(row)
+
