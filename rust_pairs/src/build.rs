@@ -554,12 +554,16 @@ fn expand_inputs(inputs: &[String]) -> Result<Vec<PathBuf>> {
 fn clean(out: &Path, suffix: &str, keep: &[ShardInfo]) -> Result<()> {
     for e in std::fs::read_dir(out).map_err(|e| Error::output(out, e))?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let ours = ["train", "val"].iter().any(|s| {
-            let prefix = format!("{s}{suffix}-");
-            name.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".tar")).is_some_and(|d| d.len() == 6 && d.bytes().all(|b| b.is_ascii_digit()))
-        });
-        let stale_partial = ["train", "val"].iter().any(|s| name.starts_with(&format!(".{s}{suffix}-"))) && name.ends_with(".partial");
-        if (ours && !keep.iter().any(|s| s.path == name)) || stale_partial {
+        // Exactly `{split}{suffix}-NNNNNN.tar`, so other partitions' files are never touched.
+        let is_ours = |n: &str| {
+            ["train", "val"].iter().any(|s| {
+                n.strip_prefix(&format!("{s}{suffix}-"))
+                    .and_then(|rest| rest.strip_suffix(".tar"))
+                    .is_some_and(|d| d.len() == 6 && d.bytes().all(|b| b.is_ascii_digit()))
+            })
+        };
+        let stale_partial = name.strip_prefix('.').and_then(|n| n.strip_suffix(".partial")).is_some_and(is_ours);
+        if (is_ours(&name) && !keep.iter().any(|s| s.path == name)) || stale_partial {
             std::fs::remove_file(e.path()).map_err(|err| Error::output(e.path(), err))?;
         }
     }
