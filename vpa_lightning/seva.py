@@ -1,0 +1,460 @@
+"""SeVa self-generated preference pairs (arXiv 2404.10501) written as ``vpa-shard`` shards.
+
+The policy answers every unlabeled image + question greedily twice: once on the original image
+(``chosen``) and once on an augmented copy (``rejected``, by default diffusion noise at step 500).
+The answers become pairwise JSONL rows ``{"image", "question", "chosen", "rejected"}`` whose image
+is the ORIGINAL image; the Rust writer (:func:`vpa_lightning.data.build`) then validates them,
+drops pairs whose two answers are identical (``pairs_dropped_identical`` in the manifest) and
+writes WebDataset shards that :class:`~vpa_lightning.data.datamodule.PreferenceDataModule` reads.
+
+Where the augmentation is applied: to the processor's ``pixel_values`` (normalised
+``[B, C, H, W]``), through :func:`vpa_lightning.augment.corrupt_images` with the image processor's
+``image_mean`` / ``image_std``. This is what SeVa does (diffusion noise is added to the
+preprocessed tensor the vision tower sees), it keeps the text inputs (image-token count, prompt)
+byte-identical between the two passes, so the only difference between the two answers is the
+image, and it costs one processor call per batch. Colour / geometric ops that need ``[0, 1]``
+pixels are run on denormalised pixels by ``corrupt_images``. Processors whose ``pixel_values``
+are not ``[B, C, H, W]`` (e.g. Qwen2-VL's flattened patches) are not supported.
+
+Prompts (``prompts_file``):
+
+* a LLaVA-665k-style JSON list ``[{"id", "image", "conversations": [{"from": "human",
+  "value": "<image>\\n..."}, ...]}, ...]`` - the first human turn, without ``<image>``, is the
+  question; entries without an image are rejected;
+* JSONL rows ``{"image", "question"}`` (``"id"`` optional).
+
+A ``.json`` file (or any file whose first non-blank character is ``[``) is read as the JSON list,
+anything else as JSONL. A prompt whose image is missing or cannot be decoded, or whose row is
+malformed, is rejected with a reason (``line N`` / ``id X``) and counted; it never stops the run.
+
+Multiple ranks (``rank`` / ``world_size``): rank ``r`` answers prompts ``i`` with
+``i % world_size == r`` and writes ``out_dir/pairs-rank{r}.jsonl`` (atomically, by rename). For
+``world_size > 1`` every rank then waits until all ``pairs-rank*.jsonl`` files exist (a file
+barrier, ``barrier_timeout`` seconds) and builds partition ``r/N`` of ALL ranks' pair files into
+``out_dir/rank{r}/`` (same inputs and options on every rank, as ``vpa-shard merge`` requires).
+Join them with ``vpa-shard merge OUT/rank0 OUT/rank1 ... --out OUT`` (or
+:func:`vpa_lightning.data.merge`), which writes one ``manifest.json`` that lists every rank's
+shards. With ``world_size == 1`` the shards go to ``out_dir/rank0/`` as a plain build (its own
+``manifest.json``; nothing to merge).
+
+Counts (returned and written to ``out_dir/seva-rank{r}.json``): ``prompts_in``, ``rejected``
+(``rejected_reasons`` lists each), ``generated`` (prompts answered twice),
+``rejected_by_build`` (rows the Rust writer rejected, e.g. an empty answer), ``identical_dropped``
+(the manifest's ``pairs_dropped_identical``) and ``pairs_written`` (the manifest's ``pairs``).
+For one rank and distinct (image, question) prompts
+``prompts_in == rejected + rejected_by_build + identical_dropped + pairs_written``
+(a repeated prompt is merged into the first one's group and counted as ``deduplicated``);
+with several ranks the build counts are the partition's share, and the identity holds for the
+sums over ranks after merging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["generate_pairs", "main", "read_prompts"]
+
+PathLike = str | os.PathLike[str]
+
+
+# --------------------------------------------------------------------------- prompts
+def _is_json_list(path: Path) -> bool:
+    if path.suffix.lower() == ".json":
+        return True
+    if path.suffix.lower() == ".jsonl":
+        return False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return line.lstrip().startswith("[")
+    return False
+
+
+def _strip_image_token(text: str) -> str:
+    return text.replace("<image>", "").strip()
+
+
+def read_prompts(
+    prompts_file: PathLike,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(prompts, rejects)``: prompts are ``{"image", "question", "source"}``, rejects are
+    ``{"source", "reason"}``; ``source`` is ``"line N"`` (JSONL) or ``"id X"`` / ``"index N"`` (JSON)."""
+    path = Path(prompts_file)
+    prompts: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    if _is_json_list(path):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, list):
+            raise ValueError(
+                f"{path}: expected a JSON list of LLaVA-style conversations"
+            )
+        for i, entry in enumerate(data):
+            source = (
+                f"id {entry['id']}"
+                if isinstance(entry, dict) and "id" in entry
+                else f"index {i}"
+            )
+            if not isinstance(entry, dict):
+                rejects.append({"source": source, "reason": "entry is not an object"})
+                continue
+            image = entry.get("image")
+            if not isinstance(image, str) or not image:
+                rejects.append({"source": source, "reason": "no image"})
+                continue
+            turns = entry.get("conversations") or []
+            question = next(
+                (
+                    t.get("value")
+                    for t in turns
+                    if isinstance(t, dict) and t.get("from") == "human"
+                ),
+                None,
+            )
+            if not isinstance(question, str) or not _strip_image_token(question):
+                rejects.append({"source": source, "reason": "no human turn"})
+                continue
+            prompts.append(
+                {
+                    "image": image,
+                    "question": _strip_image_token(question),
+                    "source": source,
+                }
+            )
+    else:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                source = f"line {n}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    rejects.append(
+                        {"source": source, "reason": f"invalid JSON: {exc.msg}"}
+                    )
+                    continue
+                if not isinstance(row, dict):
+                    rejects.append({"source": source, "reason": "row is not an object"})
+                    continue
+                image, question = row.get("image"), row.get("question")
+                if not isinstance(image, str) or not image:
+                    rejects.append({"source": source, "reason": "no image"})
+                    continue
+                if not isinstance(question, str) or not _strip_image_token(question):
+                    rejects.append({"source": source, "reason": "no question"})
+                    continue
+                prompts.append(
+                    {
+                        "image": image,
+                        "question": _strip_image_token(question),
+                        "source": source,
+                    }
+                )
+    return prompts, rejects
+
+
+def _load_image(image_root: Path, rel: str):
+    from PIL import Image
+
+    path = Path(rel) if os.path.isabs(rel) else image_root / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+# --------------------------------------------------------------------------- generation
+def _chat_prompt(processor: Any, question: str) -> str:
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": question}],
+        }
+    ]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def _normalisation(processor: Any) -> tuple[Any, Any]:
+    ip = getattr(processor, "image_processor", None)
+    mean = getattr(ip, "image_mean", None)
+    std = getattr(ip, "image_std", None)
+    if mean is None or std is None or not getattr(ip, "do_normalize", True):
+        return None, None
+    return mean, std
+
+
+def encode_batch(
+    processor: Any, images: list[Any], questions: list[str]
+) -> dict[str, torch.Tensor]:
+    """Left-padded processor inputs for a generation batch."""
+    tok = getattr(processor, "tokenizer", processor)
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        texts = [_chat_prompt(processor, q) for q in questions]
+        return dict(
+            processor(images=images, text=texts, padding=True, return_tensors="pt")
+        )
+    finally:
+        tok.padding_side = old_side
+
+
+def augment_inputs(
+    inputs: dict[str, torch.Tensor], processor: Any, augmentation: Any, *, seed: int
+) -> dict[str, torch.Tensor]:
+    """A copy of ``inputs`` whose ``pixel_values`` are corrupted by ``augmentation``."""
+    from vpa_lightning.augment import corrupt_images
+
+    pv = inputs["pixel_values"]
+    if pv.dim() != 4:
+        raise ValueError(
+            f"SeVa needs [B, C, H, W] pixel_values, got shape {tuple(pv.shape)}"
+        )
+    mean, std = _normalisation(processor)
+    out = dict(inputs)
+    out["pixel_values"] = corrupt_images(
+        pv.float(), augmentation, seed=seed, mean=mean, std=std
+    ).to(pv.dtype)
+    return out
+
+
+@torch.no_grad()
+def _greedy(
+    model: Any, processor: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int
+) -> list[str]:
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    moved = {
+        k: (v.to(device, dtype=dtype) if k == "pixel_values" else v.to(device))
+        if torch.is_tensor(v)
+        else v
+        for k, v in inputs.items()
+    }
+    tok = getattr(processor, "tokenizer", processor)
+    out = model.generate(
+        **moved,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+    )
+    new = out[:, moved["input_ids"].shape[1] :]
+    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+# --------------------------------------------------------------------------- driver
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _wait_for(paths: list[Path], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths):
+        if time.monotonic() > deadline:
+            missing = [str(p) for p in paths if not p.exists()]
+            raise TimeoutError(f"ranks did not finish generating: missing {missing}")
+        time.sleep(1.0)
+
+
+def generate_pairs(
+    model: str | tuple[Any, Any],
+    prompts_file: PathLike,
+    image_root: PathLike,
+    out_dir: PathLike,
+    *,
+    augmentation: Any = "diffusion_noise",
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    val_fraction: float = 0.0,
+    barrier_timeout: float = 3600.0,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """Generate SeVa pairs for this rank's share of ``prompts_file`` and shard them.
+
+    Args:
+        model: ``model_name_or_path`` for :func:`vpa_lightning.module.load_vlm` (a local folder or
+            ``tiny:llava``), or a ``(model, processor)`` tuple.
+        prompts_file: LLaVA-665k-style JSON list or ``{"image", "question"}`` JSONL.
+        image_root: Directory that relative image paths are relative to.
+        out_dir: Gets ``pairs-rank{r}.jsonl``, ``seva-rank{r}.json`` and the shards in ``rank{r}/``.
+        augmentation: Anything :func:`vpa_lightning.augment.build_augmentation` accepts
+            (``"none"`` makes every pair identical - useful only for testing).
+        max_new_tokens: Greedy decoding length.
+        batch_size: Prompts per ``generate`` call.
+        seed: Seed of the augmentation (batch ``b`` uses ``seed + b``) and of the build shuffle.
+        rank, world_size: This process's share (prompts ``i % world_size == rank``).
+        val_fraction: Share of images the build holds out in ``val-*`` shards.
+        barrier_timeout: Seconds to wait for the other ranks' pair files (``world_size > 1``).
+        dtype: Passed to ``load_vlm`` when ``model`` is a name.
+
+    Returns:
+        The counts (also written to ``out_dir/seva-rank{rank}.json``).
+    """
+    from vpa_lightning.augment import build_augmentation
+    from vpa_lightning.data import build as build_shards
+
+    if not 0 <= rank < world_size:
+        raise ValueError(
+            f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+        )
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    aug = build_augmentation(augmentation)
+    if isinstance(model, (str, os.PathLike)):
+        from vpa_lightning.module import load_vlm
+
+        model, processor = load_vlm(os.fspath(model), seed=seed, dtype=dtype)
+    else:
+        model, processor = model
+    model.eval()
+
+    image_root = Path(image_root)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    all_prompts, parse_rejects = read_prompts(prompts_file)
+    # Malformed rows are counted by rank 0 only; prompts are split round-robin.
+    rejects = list(parse_rejects) if rank == 0 else []
+    mine = [p for i, p in enumerate(all_prompts) if i % world_size == rank]
+    prompts_in = len(mine) + len(rejects)
+
+    loaded: list[tuple[dict[str, Any], Any]] = []
+    for p in mine:
+        try:
+            loaded.append((p, _load_image(image_root, p["image"])))
+        except Exception as exc:  # noqa: BLE001 - any unreadable image is a counted reject
+            rejects.append(
+                {
+                    "source": p["source"],
+                    "image": p["image"],
+                    "reason": f"{type(exc).__name__}: {exc}",
+                }
+            )
+
+    rows: list[dict[str, Any]] = []
+    for b, start in enumerate(range(0, len(loaded), batch_size)):
+        chunk = loaded[start : start + batch_size]
+        inputs = encode_batch(
+            processor, [im for _, im in chunk], [p["question"] for p, _ in chunk]
+        )
+        chosen = _greedy(model, processor, inputs, max_new_tokens)
+        corrupted = augment_inputs(inputs, processor, aug, seed=seed + b)
+        rejected = _greedy(model, processor, corrupted, max_new_tokens)
+        for (p, _), c, r in zip(chunk, chosen, rejected):
+            rows.append(
+                {
+                    "image": p["image"],
+                    "question": p["question"],
+                    "chosen": c,
+                    "rejected": r,
+                }
+            )
+
+    pairs_file = out / f"pairs-rank{rank}.jsonl"
+    _write_atomic(
+        pairs_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    )
+
+    all_files = [out / f"pairs-rank{r}.jsonl" for r in range(world_size)]
+    if world_size > 1:
+        _wait_for(all_files, barrier_timeout)
+    shard_dir = out / f"rank{rank}"
+    manifest = build_shards(
+        [os.fspath(f) for f in all_files],
+        shard_dir,
+        image_root=image_root,
+        format="pairwise",
+        partition=(rank, world_size),
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+    c = manifest["counts"]
+    counts: dict[str, Any] = {
+        "rank": rank,
+        "world_size": world_size,
+        "prompts_in": prompts_in,
+        "rejected": len(rejects),
+        "generated": len(rows),
+        # A row whose two answers are identical is rejected by the build with that reason;
+        # it is counted once, as ``identical_dropped``.
+        "rejected_by_build": max(
+            c["records_rejected"] - c["pairs_dropped_identical"], 0
+        ),
+        "deduplicated": c["records_deduplicated"],
+        "identical_dropped": c["pairs_dropped_identical"],
+        "pairs_written": c["pairs"],
+        "shard_dir": os.fspath(shard_dir),
+        "pairs_file": os.fspath(pairs_file),
+        "rejected_reasons": rejects,
+    }
+    _write_atomic(out / f"seva-rank{rank}.json", json.dumps(counts, indent=2) + "\n")
+    return counts
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m vpa_lightning.seva PROMPTS --image-root DIR --out DIR --model tiny:llava``."""
+    ap = argparse.ArgumentParser(
+        prog="python -m vpa_lightning.seva", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument(
+        "prompts", help="LLaVA-665k-style JSON list or {image, question} JSONL"
+    )
+    ap.add_argument("--image-root", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--model",
+        required=True,
+        help="local model folder, cached hub id, or tiny:llava",
+    )
+    ap.add_argument(
+        "--augmentation",
+        default="diffusion_noise",
+        help="a name, or a JSON mapping/list",
+    )
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rank", type=int, default=int(os.environ.get("RANK", "0")))
+    ap.add_argument(
+        "--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1"))
+    )
+    ap.add_argument("--val-fraction", type=float, default=0.0)
+    ap.add_argument("--dtype", default=None)
+    args = ap.parse_args(argv)
+    aug: Any = args.augmentation
+    if aug.lstrip().startswith(("{", "[")):
+        aug = json.loads(aug)
+    counts = generate_pairs(
+        args.model,
+        args.prompts,
+        args.image_root,
+        args.out,
+        augmentation=aug,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        rank=args.rank,
+        world_size=args.world_size,
+        val_fraction=args.val_fraction,
+        dtype=args.dtype,
+    )
+    summary = {k: v for k, v in counts.items() if k != "rejected_reasons"}
+    print(json.dumps(summary, indent=2))
+    return counts
+
+
+if __name__ == "__main__":
+    main()
