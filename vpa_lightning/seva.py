@@ -90,45 +90,30 @@ def read_prompts(
     path = Path(prompts_file)
     prompts: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
+
+    def accept(source: str, image: Any, question: Any, no_question: str) -> None:
+        # The checks both formats share: a non-empty image path and a question left after
+        # removing the <image> placeholder.
+        if not isinstance(image, str) or not image:
+            rejects.append({"source": source, "reason": "no image"})
+        elif not isinstance(question, str) or not _strip_image_token(question):
+            rejects.append({"source": source, "reason": no_question})
+        else:
+            prompts.append({"image": image, "question": _strip_image_token(question), "source": source})
+
     if _is_json_list(path):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         if not isinstance(data, list):
-            raise ValueError(
-                f"{path}: expected a JSON list of LLaVA-style conversations"
-            )
+            raise ValueError(f"{path}: expected a JSON list of LLaVA-style conversations")
         for i, entry in enumerate(data):
-            source = (
-                f"id {entry['id']}"
-                if isinstance(entry, dict) and "id" in entry
-                else f"index {i}"
-            )
+            source = f"id {entry['id']}" if isinstance(entry, dict) and "id" in entry else f"index {i}"
             if not isinstance(entry, dict):
                 rejects.append({"source": source, "reason": "entry is not an object"})
                 continue
-            image = entry.get("image")
-            if not isinstance(image, str) or not image:
-                rejects.append({"source": source, "reason": "no image"})
-                continue
             turns = entry.get("conversations") or []
-            question = next(
-                (
-                    t.get("value")
-                    for t in turns
-                    if isinstance(t, dict) and t.get("from") == "human"
-                ),
-                None,
-            )
-            if not isinstance(question, str) or not _strip_image_token(question):
-                rejects.append({"source": source, "reason": "no human turn"})
-                continue
-            prompts.append(
-                {
-                    "image": image,
-                    "question": _strip_image_token(question),
-                    "source": source,
-                }
-            )
+            question = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
+            accept(source, entry.get("image"), question, "no human turn")
     else:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, start=1):
@@ -138,27 +123,12 @@ def read_prompts(
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    rejects.append(
-                        {"source": source, "reason": f"invalid JSON: {exc.msg}"}
-                    )
+                    rejects.append({"source": source, "reason": f"invalid JSON: {exc.msg}"})
                     continue
                 if not isinstance(row, dict):
                     rejects.append({"source": source, "reason": "row is not an object"})
                     continue
-                image, question = row.get("image"), row.get("question")
-                if not isinstance(image, str) or not image:
-                    rejects.append({"source": source, "reason": "no image"})
-                    continue
-                if not isinstance(question, str) or not _strip_image_token(question):
-                    rejects.append({"source": source, "reason": "no question"})
-                    continue
-                prompts.append(
-                    {
-                        "image": image,
-                        "question": _strip_image_token(question),
-                        "source": source,
-                    }
-                )
+                accept(source, row.get("image"), row.get("question"), "no question")
     return prompts, rejects
 
 
