@@ -8,16 +8,36 @@ installed, ``vpa``)::
     python -m vpa_lightning.cli fit --help
     python -m vpa_lightning.cli validate --config configs/demo.yaml --ckpt_path last
 
-Subcommands: ``fit``, ``validate``, ``test``, ``predict``. Every ``__init__``
-argument of the two classes (and of the Trainer) is an option, documented from
-the docstrings; the loss is chosen with ``--model.loss`` / ``model.loss.class_path``.
+Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (LightningCLI). Every
+``__init__`` argument of the two classes (and of the Trainer) is an option, documented
+from the docstrings; the loss is chosen with ``--model.loss`` / ``model.loss.class_path``.
+
+The other subcommands are separate tools behind the same ``vpa`` command (see
+:data:`TOOLS`): ``vpa seva generate|rounds``, ``vpa eval``, ``vpa report``, ``vpa export``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["cli_main", "main"]
+__all__ = ["TOOLS", "cli_main", "main"]
+
+#: ``vpa <name> ...`` subcommands that are not LightningCLI ones: name -> (module, function).
+#: Each function takes the remaining arguments as a list (``None`` = ``sys.argv``).
+TOOLS: dict[str, tuple[str, str]] = {
+    "seva": ("vpa_lightning.seva_cli", "main"),
+    "eval": ("vpa_lightning.eval.cli", "main"),
+    "report": ("vpa_lightning.eval.report", "main"),
+    "export": ("vpa_lightning.export", "main"),
+}
+
+
+def run_tool(name: str, args: list[str]) -> Any:
+    """Run the ``vpa <name>`` tool of :data:`TOOLS` with ``args``."""
+    import importlib
+
+    module, func = TOOLS[name]
+    return getattr(importlib.import_module(module), func)(args)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
@@ -43,9 +63,14 @@ def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
     return LightningCLI(VisionDPOModule, PreferenceDataModule, args=args, run=run, **kwargs)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    cli_main()
+def main(argv: list[str] | None = None) -> Any:
+    """Console-script entry point: a :data:`TOOLS` subcommand, else LightningCLI."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS:
+        return run_tool(args[0], args[1:])
+    return cli_main(args)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ from typing import Any
 
 import torch
 
+from vpa_lightning.models.generation import encode_for_generation, greedy_generate
+
 __all__ = ["generate_pairs", "main", "read_prompts"]
 
 PathLike = str | os.PathLike[str]
@@ -143,16 +145,6 @@ def _load_image(image_root: Path, rel: str):
 
 
 # --------------------------------------------------------------------------- generation
-def _chat_prompt(processor: Any, question: str) -> str:
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": question}],
-        }
-    ]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
 def _normalisation(processor: Any) -> tuple[Any, Any]:
     ip = getattr(processor, "image_processor", None)
     mean = getattr(ip, "image_mean", None)
@@ -160,22 +152,6 @@ def _normalisation(processor: Any) -> tuple[Any, Any]:
     if mean is None or std is None or not getattr(ip, "do_normalize", True):
         return None, None
     return mean, std
-
-
-def encode_batch(
-    processor: Any, images: list[Any], questions: list[str]
-) -> dict[str, torch.Tensor]:
-    """Left-padded processor inputs for a generation batch."""
-    tok = getattr(processor, "tokenizer", processor)
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        texts = [_chat_prompt(processor, q) for q in questions]
-        return dict(
-            processor(images=images, text=texts, padding=True, return_tensors="pt")
-        )
-    finally:
-        tok.padding_side = old_side
 
 
 def augment_inputs(
@@ -195,29 +171,6 @@ def augment_inputs(
         pv.float(), augmentation, seed=seed, mean=mean, std=std
     ).to(pv.dtype)
     return out
-
-
-@torch.no_grad()
-def _greedy(
-    model: Any, processor: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int
-) -> list[str]:
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    moved = {
-        k: (v.to(device, dtype=dtype) if k == "pixel_values" else v.to(device))
-        if torch.is_tensor(v)
-        else v
-        for k, v in inputs.items()
-    }
-    tok = getattr(processor, "tokenizer", processor)
-    out = model.generate(
-        **moved,
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tok.pad_token_id,
-    )
-    new = out[:, moved["input_ids"].shape[1] :]
-    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 
 # --------------------------------------------------------------------------- driver
@@ -317,12 +270,12 @@ def generate_pairs(
     rows: list[dict[str, Any]] = []
     for b, start in enumerate(range(0, len(loaded), batch_size)):
         chunk = loaded[start : start + batch_size]
-        inputs = encode_batch(
+        inputs = encode_for_generation(
             processor, [im for _, im in chunk], [p["question"] for p, _ in chunk]
         )
-        chosen = _greedy(model, processor, inputs, max_new_tokens)
+        chosen = greedy_generate(model, processor, inputs, max_new_tokens)
         corrupted = augment_inputs(inputs, processor, aug, seed=seed + b)
-        rejected = _greedy(model, processor, corrupted, max_new_tokens)
+        rejected = greedy_generate(model, processor, corrupted, max_new_tokens)
         for (p, _), c, r in zip(chunk, chosen, rejected):
             rows.append(
                 {

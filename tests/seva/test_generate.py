@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from vpa_lightning.models.generation import encode_for_generation
 from vpa_lightning.seva import (
     augment_inputs,
-    encode_batch,
     generate_pairs,
     main,
     read_prompts,
@@ -131,7 +131,7 @@ def test_augmentation_changes_only_pixel_values(tiny_llava, images):
 
     _, processor = tiny_llava
     ims = [Image.open(images / f"img{i}.png").convert("RGB") for i in range(3)]
-    inputs = encode_batch(
+    inputs = encode_for_generation(
         processor, ims, ["q one?", "a longer question two?", "three?"]
     )
     assert (

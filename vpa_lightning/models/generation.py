@@ -1,0 +1,80 @@
+"""Batched greedy generation shared by SeVa pair generation and evaluation.
+
+Prompts go through the processor's chat template (one image, then the question), left-padded so
+every row of a batch ends at the same position and ``generate`` appends after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["chat_prompt", "encode_for_generation", "generate_answers", "greedy_generate"]
+
+
+def chat_prompt(processor: Any, question: str) -> str:
+    """The chat-template text of one user turn holding an image and ``question``."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def encode_for_generation(processor: Any, images: Sequence[Any], questions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Left-padded processor inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...) of a batch."""
+    tok = getattr(processor, "tokenizer", processor)
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        texts = [chat_prompt(processor, q) for q in questions]
+        # Idefics3-style processors take one list of images per text
+        imgs: Any = [[im] for im in images] if _nested_images(processor) else list(images)
+        return dict(processor(images=imgs, text=texts, padding=True, return_tensors="pt"))
+    finally:
+        tok.padding_side = old_side
+
+
+def _nested_images(processor: Any) -> bool:
+    return type(processor).__name__.startswith(("Idefics", "SmolVLM"))
+
+
+@torch.no_grad()
+def greedy_generate(model: Any, processor: Any, inputs: dict[str, Any], max_new_tokens: int) -> list[str]:
+    """Greedy answers (special tokens removed, stripped) for encoded ``inputs``."""
+    param = next(model.parameters())
+    moved = {
+        k: (v.to(param.device, dtype=param.dtype) if k == "pixel_values" else v.to(param.device))
+        if torch.is_tensor(v)
+        else v
+        for k, v in inputs.items()
+    }
+    tok = getattr(processor, "tokenizer", processor)
+    out = model.generate(**moved, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    new = out[:, moved["input_ids"].shape[1] :]
+    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+def generate_answers(
+    model: Any,
+    processor: Any,
+    images: Sequence[Any],
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy answers to ``questions[i]`` about ``images[i]`` (PIL images), ``batch_size`` at a time."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    try:
+        for start in range(0, len(images), batch_size):
+            inputs = encode_for_generation(processor, images[start : start + batch_size], questions[start : start + batch_size])
+            answers.extend(greedy_generate(model, processor, inputs, max_new_tokens))
+    finally:
+        model.train(was_training)
+    return answers
