@@ -7,14 +7,13 @@ is the ORIGINAL image; the Rust writer (:func:`vpa_lightning.data.build`) then v
 drops pairs whose two answers are identical (``pairs_dropped_identical`` in the manifest) and
 writes WebDataset shards that :class:`~vpa_lightning.data.datamodule.PreferenceDataModule` reads.
 
-Where the augmentation is applied: to the processor's ``pixel_values`` (normalised
-``[B, C, H, W]``), through :func:`vpa_lightning.augment.corrupt_images` with the image processor's
-``image_mean`` / ``image_std``. This is what SeVa does (diffusion noise is added to the
-preprocessed tensor the vision tower sees), it keeps the text inputs (image-token count, prompt)
-byte-identical between the two passes, so the only difference between the two answers is the
-image, and it costs one processor call per batch. Colour / geometric ops that need ``[0, 1]``
-pixels are run on denormalised pixels by ``corrupt_images``. Processors whose ``pixel_values``
-are not ``[B, C, H, W]`` (e.g. Qwen2-VL's flattened patches) are not supported.
+Where the augmentation is applied: to the processor's normalised ``pixel_values``, through
+:func:`vpa_lightning.augment.pixels.corrupt_pixel_values` (``[B, C, H, W]`` images, Idefics3
+crops, and Qwen2-VL's flattened patches, which are unpatchified, corrupted and patchified back).
+This is what SeVa does (diffusion noise is added to the preprocessed tensor the vision tower
+sees), it keeps the text inputs (image-token count, prompt) byte-identical between the two
+passes, so the only difference between the two answers is the image, and it costs one processor
+call per batch. Colour / geometric ops that need ``[0, 1]`` pixels run on denormalised pixels.
 
 Prompts (``prompts_file``):
 
@@ -50,7 +49,6 @@ sums over ranks after merging.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -58,8 +56,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 
+from vpa_lightning.augment.pixels import corrupt_pixel_values
 from vpa_lightning.models.generation import encode_for_generation, greedy_generate
 
 __all__ = ["generate_pairs", "main", "read_prompts"]
@@ -142,35 +140,6 @@ def _load_image(image_root: Path, rel: str):
         raise FileNotFoundError(f"image not found: {path}")
     with Image.open(path) as im:
         return im.convert("RGB")
-
-
-# --------------------------------------------------------------------------- generation
-def _normalisation(processor: Any) -> tuple[Any, Any]:
-    ip = getattr(processor, "image_processor", None)
-    mean = getattr(ip, "image_mean", None)
-    std = getattr(ip, "image_std", None)
-    if mean is None or std is None or not getattr(ip, "do_normalize", True):
-        return None, None
-    return mean, std
-
-
-def augment_inputs(
-    inputs: dict[str, torch.Tensor], processor: Any, augmentation: Any, *, seed: int
-) -> dict[str, torch.Tensor]:
-    """A copy of ``inputs`` whose ``pixel_values`` are corrupted by ``augmentation``."""
-    from vpa_lightning.augment import corrupt_images
-
-    pv = inputs["pixel_values"]
-    if pv.dim() != 4:
-        raise ValueError(
-            f"SeVa needs [B, C, H, W] pixel_values, got shape {tuple(pv.shape)}"
-        )
-    mean, std = _normalisation(processor)
-    out = dict(inputs)
-    out["pixel_values"] = corrupt_images(
-        pv.float(), augmentation, seed=seed, mean=mean, std=std
-    ).to(pv.dtype)
-    return out
 
 
 # --------------------------------------------------------------------------- driver
@@ -274,7 +243,7 @@ def generate_pairs(
             processor, [im for _, im in chunk], [p["question"] for p, _ in chunk]
         )
         chosen = greedy_generate(model, processor, inputs, max_new_tokens)
-        corrupted = augment_inputs(inputs, processor, aug, seed=seed + b)
+        corrupted = corrupt_pixel_values(inputs, processor, aug, seed=seed + b)
         rejected = greedy_generate(model, processor, corrupted, max_new_tokens)
         for (p, _), c, r in zip(chunk, chosen, rejected):
             rows.append(
@@ -328,55 +297,12 @@ def generate_pairs(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``python -m vpa_lightning.seva PROMPTS --image-root DIR --out DIR --model tiny:llava``."""
-    ap = argparse.ArgumentParser(
-        prog="python -m vpa_lightning.seva", description=__doc__.split("\n\n")[0]
-    )
-    ap.add_argument(
-        "prompts", help="LLaVA-665k-style JSON list or {image, question} JSONL"
-    )
-    ap.add_argument("--image-root", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument(
-        "--model",
-        required=True,
-        help="local model folder, cached hub id, or tiny:llava",
-    )
-    ap.add_argument(
-        "--augmentation",
-        default="diffusion_noise",
-        help="a name, or a JSON mapping/list",
-    )
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rank", type=int, default=int(os.environ.get("RANK", "0")))
-    ap.add_argument(
-        "--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1"))
-    )
-    ap.add_argument("--val-fraction", type=float, default=0.0)
-    ap.add_argument("--dtype", default=None)
-    args = ap.parse_args(argv)
-    aug: Any = args.augmentation
-    if aug.lstrip().startswith(("{", "[")):
-        aug = json.loads(aug)
-    counts = generate_pairs(
-        args.model,
-        args.prompts,
-        args.image_root,
-        args.out,
-        augmentation=aug,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        rank=args.rank,
-        world_size=args.world_size,
-        val_fraction=args.val_fraction,
-        dtype=args.dtype,
-    )
-    summary = {k: v for k, v in counts.items() if k != "rejected_reasons"}
-    print(json.dumps(summary, indent=2))
-    return counts
+    """``python -m vpa_lightning.seva ...`` = ``vpa seva generate ...`` (see :mod:`vpa_lightning.seva_cli`)."""
+    import sys
+
+    from vpa_lightning.seva_cli import main as seva_main
+
+    return seva_main(["generate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from vpa_lightning.augment.pixels import corrupt_pixel_values
 from vpa_lightning.models.generation import encode_for_generation
 from vpa_lightning.seva import (
-    augment_inputs,
     generate_pairs,
     main,
     read_prompts,
@@ -138,16 +138,16 @@ def test_augmentation_changes_only_pixel_values(tiny_llava, images):
         processor.tokenizer.padding_side == "right"
     )  # restored after left-padded encoding
     assert (inputs["attention_mask"][:, -1] == 1).all()  # left padding for generation
-    noisy = augment_inputs(inputs, processor, "diffusion_noise", seed=0)
+    noisy = corrupt_pixel_values(inputs, processor, "diffusion_noise", seed=0)
     assert noisy["pixel_values"].shape == inputs["pixel_values"].shape
     assert (noisy["pixel_values"] - inputs["pixel_values"]).abs().mean() > 0.1
     assert torch.equal(noisy["input_ids"], inputs["input_ids"])
     assert torch.equal(
-        augment_inputs(inputs, processor, "diffusion_noise", seed=0)["pixel_values"],
+        corrupt_pixel_values(inputs, processor, "diffusion_noise", seed=0)["pixel_values"],
         noisy["pixel_values"],
     )
     assert torch.equal(
-        augment_inputs(inputs, processor, "none", seed=0)["pixel_values"],
+        corrupt_pixel_values(inputs, processor, "none", seed=0)["pixel_values"],
         inputs["pixel_values"],
     )
 
@@ -254,17 +254,12 @@ def test_cli_and_two_ranks_merge(tiny_llava, images, tmp_path):
     t = threading.Thread(target=rank1)
     t.start()
     args = [
-        str(prompts),
-        "--image-root",
-        str(images),
-        "--out",
-        str(out),
-        "--model",
-        "tiny:llava",
+        f"--prompts_file={prompts}",
+        f"--image_root={images}",
+        f"--out_dir={out}",
+        "--model=tiny:llava",
     ]
-    results[0] = main(
-        args + ["--max-new-tokens", "6", "--rank", "0", "--world-size", "2"]
-    )
+    results[0] = main(args + ["--max_new_tokens=6", "--rank=0", "--world_size=2"])
     t.join(timeout=180)
     assert not errors and set(results) == {0, 1}
     assert sum(r["prompts_in"] for r in results.values()) == N_IMAGES + 3
@@ -284,3 +279,20 @@ def test_cli_and_two_ranks_merge(tiny_llava, images, tmp_path):
     assert (
         json.loads((out / "manifest.json").read_text())["counts"]["pairs"] == c["pairs"]
     )
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_other_families_generate_pairs_the_trainer_reads(family, images, tmp_path):
+    """Qwen2-VL (flattened patches + image_grid_thw) and Idefics3 (crops) go through the same path."""
+    from vpa_lightning.data.datamodule import PreferenceDataModule
+    from vpa_lightning.models import build_tiny_vlm
+
+    model, processor = build_tiny_vlm(family, seed=0)
+    out = tmp_path / "out"
+    counts = generate_pairs(
+        (model, processor), _jsonl_prompts(tmp_path / "p.jsonl"), images, out, max_new_tokens=6, batch_size=4
+    )
+    assert counts["generated"] == N_IMAGES and counts["rejected"] == 3 and _balanced(counts)
+    assert counts["pairs_written"] > 0
+    dm = PreferenceDataModule(str(out / "rank0"), batch_size=2, processor=processor)
+    assert sum(len(b["keys"]) for b in dm.train_dataloader()) == counts["pairs_written"]

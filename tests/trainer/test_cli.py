@@ -11,7 +11,8 @@ import yaml
 from vpa_lightning.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# the `vpa fit` recipes; every config (fit, seva, eval) is parsed by its own command in tests/test_configs.py
+CONFIGS = [c for c in sorted((ROOT / "configs").glob("*.yaml")) if " fit --config" in c.read_text().splitlines()[0]]
 
 
 def _model_is_local(config: Path) -> bool:
@@ -25,12 +26,6 @@ LOCAL_CONFIGS = [c for c in CONFIGS if _model_is_local(c)]
 
 def test_configs_exist():
     assert CONFIGS, "configs/ has no YAML"
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_starts_with_command(config):
-    first = config.read_text().splitlines()[0]
-    assert first.startswith("# ") and "vpa_lightning.cli" in first and str(config.relative_to(config.parents[1])) in first
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)

@@ -10,7 +10,8 @@ This package provides:
   :class:`RandomSolarize` - each an ``nn.Module`` on ``[B, C, H, W]`` float tensors that runs on
   the images' device and keeps shape, dtype and device;
 * :class:`Compose` and the presets :func:`moco_v2`, :func:`simclr`, :func:`byol`;
-* :func:`build_augmentation` (names / lists from YAML) and :func:`corrupt_images`.
+* :func:`build_augmentation` (names / lists from YAML), :func:`corrupt_images` (``[B, C, H, W]``)
+  and :func:`corrupt_pixel_values` (any processor output: LLaVA, Idefics3 crops, Qwen2-VL patches).
 
 Seeding: ``aug(images, seed=123)`` (or ``generator=g``) forks torch's RNG, seeds it, and restores
 it afterwards, so equal seeds give equal outputs. Importing this package does not import Kornia;
@@ -29,6 +30,7 @@ from .kornia_ops import (
     RandomRotation,
     RandomSolarize,
 )
+from .pixels import corrupt_pixel_values
 from .presets import byol, moco_v2, simclr
 from .registry import AUGMENTATIONS, build_augmentation, corrupt_images, register_augmentation
 
@@ -49,6 +51,7 @@ __all__ = [
     "build_augmentation",
     "byol",
     "corrupt_images",
+    "corrupt_pixel_values",
     "moco_v2",
     "register_augmentation",
     "sigmoid_beta_schedule",

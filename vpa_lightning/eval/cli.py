@@ -1,0 +1,131 @@
+"""``vpa eval``: evaluate models side by side on local benchmarks.
+
+Usage::
+
+    vpa eval --config configs/eval_pope.yaml
+    vpa eval --config configs/eval_pope.yaml --limit 50 --out_dir runs/eval/smoke
+    vpa eval --help
+
+``models`` is a list of :class:`~vpa_lightning.eval.runner.ModelSpec` (``name`` plus ``path``
+[+ ``adapter``] or ``checkpoint``). ``benchmarks`` is a list of mappings: ``{name: pope|mme|mmbench,
+<init args>}`` (see :data:`~vpa_lightning.eval.benchmarks.BENCHMARKS`) or ``{class_path:
+pkg.mod.Class, init_args: {...}}`` for any other :class:`~vpa_lightning.eval.base.Benchmark`.
+Nothing heavy (torch, transformers) is imported until the run starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vpa_lightning.eval.runner import ModelSpec
+
+__all__ = ["build_parser", "main", "parse_config", "run_eval"]
+
+
+def run_eval(
+    models: list[ModelSpec],
+    benchmarks: list[dict[str, Any]],
+    out_dir: str = "runs/eval",
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+    limit: int | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate every model on every benchmark and write ``OUT_DIR/results.json`` and ``OUT_DIR/answers/``.
+
+    Args:
+        models: Models to compare; the first is the baseline of the Δ columns. Each: ``name``,
+            ``path`` (``tiny:llava`` or a local Hugging Face folder), optional ``adapter`` (PEFT
+            folder on top of ``path``) and ``dtype``; or ``checkpoint`` (a ``vpa fit`` ``.ckpt``) instead of ``path``.
+        benchmarks: Benchmarks: ``{name: pope, file: ..., image_root: ..., split: ...}``,
+            ``{name: mme, file: ..., image_root: ...}``, ``{name: mmbench, file: ..., image_root: ..., circular: true}``,
+            or ``{class_path: pkg.mod.Class, init_args: {...}}``.
+        out_dir: Output folder (``results.json``, ``answers/<model>/<benchmark>.jsonl``).
+        batch_size: Generation batch size.
+        max_new_tokens: Greedy generation length (short answers: 16 is plenty for these benchmarks).
+        seed: Torch seed before each model's generation, and init seed of ``tiny:`` models.
+        limit: At most this many questions per benchmark (smoke runs); MME image pairs and MMBench
+            rotations stay together. ``null`` = all.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+    """
+    from vpa_lightning.eval.runner import evaluate
+
+    specs, benches = _check(models, benchmarks, batch_size, max_new_tokens, limit)
+    return evaluate(
+        specs, benches, out_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed, limit=limit, device=device
+    )
+
+
+def _check(
+    models: list[ModelSpec], benchmarks: list[dict[str, Any]], batch_size: int, max_new_tokens: int, limit: int | None
+) -> tuple[list[ModelSpec], list[Any]]:
+    """Validated specs and built benchmarks; ``ValueError`` messages name the flag."""
+    from vpa_lightning.eval.benchmarks import build_benchmark
+
+    if not models:
+        raise ValueError("--models: at least one model is required")
+    specs = []
+    for i, m in enumerate(models):
+        spec = m if isinstance(m, ModelSpec) else ModelSpec(**m)
+        try:
+            spec.check()
+        except ValueError as e:
+            raise ValueError(f"--models[{i}]: {e}") from None
+        specs.append(spec)
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--models: names must be unique, got {names}")
+    if not benchmarks:
+        raise ValueError("--benchmarks: at least one benchmark is required")
+    benches = []
+    for i, b in enumerate(benchmarks):
+        try:
+            benches.append(build_benchmark(dict(b)))
+        except (TypeError, ValueError, ImportError, AttributeError) as e:
+            raise ValueError(f"--benchmarks[{i}]: {e}") from None
+    if batch_size < 1:
+        raise ValueError(f"--batch_size: must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens: must be >= 1, got {max_new_tokens}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit: must be >= 1 or null, got {limit}")
+    return specs, benches
+
+
+def build_parser() -> Any:
+    """The jsonargparse parser of ``vpa eval`` (``--config`` plus one flag per :func:`run_eval` argument)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="vpa eval", description="Evaluate vision-language models side by side on local benchmarks.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below.")
+    parser.add_function_arguments(run_eval, as_group=False)
+    return parser
+
+
+def parse_config(argv: list[str]) -> dict[str, Any]:
+    """Parsed and instantiated options (``models`` as :class:`ModelSpec` s), without running anything."""
+    parser = build_parser()
+    cfg = parser.instantiate_classes(parser.parse_args(argv))
+    out = cfg.as_dict() if hasattr(cfg, "as_dict") else dict(vars(cfg))
+    out.pop("config", None)
+    out["models"] = [m if isinstance(m, ModelSpec) else ModelSpec(**m) for m in cfg.models]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``vpa eval ARGS``: parse, check, run; returns the results dict (also in ``out_dir/results.json``)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    opts = parse_config(args)
+    try:
+        _check(opts["models"], opts["benchmarks"], opts["batch_size"], opts["max_new_tokens"], opts["limit"])
+    except ValueError as e:
+        parser.error(str(e))
+    return run_eval(**opts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""``vpa seva generate|rounds``: SeVa pair generation and generate -> DPO -> regenerate rounds from YAML.
+
+::
+
+    vpa seva generate --config configs/seva_llava15_7b_generate.yaml
+    vpa seva rounds --config configs/seva_rounds_llava15_7b.yaml
+    vpa seva generate --help          # every option, documented from the docstrings below
+
+``generate`` answers the prompts on original and augmented images and writes the pairs into
+shards (see :mod:`vpa_lightning.seva`). ``rounds`` repeats, per round ``r``:
+
+1. generate pairs with the current policy into ``OUT/round{r}/pairs`` (shards in ``rank0/``);
+2. DPO-train on them with ``vpa fit --config FIT_CONFIG`` (model, shards, run dir, seed and
+   reference cache overridden per round) into ``OUT/round{r}/train``;
+3. export the result (``OUT/round{r}/model/adapter`` and ``/merged``); the merged model is the
+   next round's policy - and, under LoRA, its reference (the adapters start fresh each round).
+
+Each round's data, run and model live in their own ``round{r}/`` folder, with ``round.json``
+(inputs, counts, final metrics) written last: a rerun skips the rounds that have one, so an
+interrupted schedule resumes at the first unfinished round. Rounds run in one process; for
+multi-GPU rounds run ``generate`` under torchrun and ``vpa fit`` per round yourself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["generate", "main", "rounds"]
+
+Augmentation = str | dict[str, Any] | list[Any]
+
+
+def generate(
+    model: str,
+    prompts_file: str,
+    image_root: str,
+    out_dir: str,
+    augmentation: Augmentation = "diffusion_noise",
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    val_fraction: float = 0.0,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """Generate SeVa pairs (answer on the original image = chosen, on the augmented one = rejected) into shards.
+
+    Args:
+        model: Policy: a local transformers VLM folder, a cached hub id, or ``tiny:llava`` /
+            ``tiny:qwen2_vl`` / ``tiny:idefics3``.
+        prompts_file: LLaVA-665k-style JSON list, or JSONL rows ``{"image", "question"}``.
+        image_root: Directory that relative image paths are relative to.
+        out_dir: Output: ``pairs-rank{r}.jsonl``, ``seva-rank{r}.json`` (counts) and shards in ``rank{r}/``.
+        augmentation: Rejected-side corruption: a name (``diffusion_noise``, ``moco_v2``, ...),
+            a mapping ``{name: diffusion_noise, step: 800}``, or a list of those (composed).
+        max_new_tokens: Greedy decoding length.
+        batch_size: Prompts per ``generate`` call.
+        seed: Seed of the augmentation and of the shard shuffle.
+        rank: This process's rank (default: ``$RANK`` or 0).
+        world_size: Number of generating processes (default: ``$WORLD_SIZE`` or 1).
+        val_fraction: Share of images held out in ``val-*`` shards.
+        dtype: Weight dtype (``bfloat16`` on GPUs); ``None`` = float32.
+    """
+    from vpa_lightning.seva import generate_pairs
+
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    return generate_pairs(
+        model,
+        prompts_file,
+        image_root,
+        out_dir,
+        augmentation=augmentation,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        val_fraction=val_fraction,
+        dtype=dtype,
+    )
+
+
+def _round_fit_args(fit_config: str, model: str, shards: Path, round_dir: Path, seed: int, fit_args: list[str]) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        fit_config,
+        f"--model.model_name_or_path={model}",
+        f"--data.train_shards={shards}",
+        f"--trainer.default_root_dir={round_dir / 'train'}",
+        # reference log-probs depend on the round's reference model: never share a cache across rounds
+        f"--model.reference_cache_dir={round_dir / 'reference-cache'}",
+        f"--seed_everything={seed}",
+        *fit_args,
+    ]
+
+
+def rounds(
+    model: str,
+    prompts_file: str | list[str],
+    image_root: str,
+    out_dir: str,
+    fit_config: str,
+    num_rounds: int = 2,
+    fit_args: list[str] | None = None,
+    augmentation: Augmentation = "diffusion_noise",
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    seed: int = 0,
+    val_fraction: float = 0.0,
+    dtype: str | None = None,
+) -> list[dict[str, Any]]:
+    """Iterated SeVa: generate pairs with the policy, DPO-train it, export, regenerate with the new policy.
+
+    Args:
+        model: Round-0 policy (local folder, cached hub id or ``tiny:<family>``).
+        prompts_file: One prompt file for every round, or one per round (a list of ``num_rounds`` files).
+        image_root: Directory that relative image paths are relative to.
+        out_dir: Gets ``round0/``, ``round1/``, ... (pairs, train run, exported model, ``round.json``).
+        fit_config: The ``vpa fit`` YAML (loss, LoRA, optimiser, trainer); per round its model,
+            ``data.train_shards``, ``trainer.default_root_dir``, ``model.reference_cache_dir`` and
+            ``seed_everything`` are overridden.
+        num_rounds: Number of generate -> train rounds.
+        fit_args: Extra ``vpa fit`` arguments for every round, e.g. ``["--trainer.max_epochs=1"]``.
+        augmentation: Rejected-side corruption (see ``vpa seva generate --help``).
+        max_new_tokens: Greedy decoding length.
+        batch_size: Prompts per ``generate`` call.
+        seed: Base seed; round ``r`` uses ``seed + r`` for generation and training.
+        val_fraction: Share of images held out in ``val-*`` shards each round.
+        dtype: Weight dtype for generation; ``None`` = float32.
+
+    Returns:
+        One summary per round (also in ``OUT/round{r}/round.json``).
+    """
+    from vpa_lightning.cli import cli_main
+    from vpa_lightning.export import export
+    from vpa_lightning.seva import generate_pairs
+
+    if num_rounds < 1:
+        raise ValueError(f"--num_rounds must be >= 1, got {num_rounds}")
+    files = [prompts_file] if isinstance(prompts_file, str) else list(prompts_file)
+    if len(files) not in (1, num_rounds):
+        raise ValueError(f"--prompts_file: give one file or one per round ({num_rounds}), got {len(files)}")
+    if not Path(fit_config).is_file():
+        raise FileNotFoundError(f"--fit_config: no such file: {fit_config}")
+    out = Path(out_dir)
+    summaries: list[dict[str, Any]] = []
+    policy = model
+    for r in range(num_rounds):
+        round_dir = out / f"round{r}"
+        done = round_dir / "round.json"
+        if done.exists():  # finished earlier: resume after it
+            summary = json.loads(done.read_text())
+            summaries.append(summary)
+            policy = summary["model_out"]
+            continue
+        pairs_dir = round_dir / "pairs"
+        counts = generate_pairs(
+            policy,
+            files[r % len(files)],
+            image_root,
+            pairs_dir,
+            augmentation=augmentation,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            seed=seed + r,
+            val_fraction=val_fraction,
+            dtype=dtype,
+        )
+        if counts["pairs_written"] == 0:
+            raise RuntimeError(
+                f"round {r}: no pairs to train on ({counts['identical_dropped']} identical answer pairs dropped, "
+                f"{counts['rejected']} prompts rejected); see {pairs_dir}/seva-rank0.json"
+            )
+        shards = Path(counts["shard_dir"])
+        cli = cli_main(_round_fit_args(fit_config, policy, shards, round_dir, seed + r, list(fit_args or [])))
+        written = export(cli.model, round_dir / "model", merged=True)
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        summary = {
+            "round": r,
+            "model_in": policy,
+            "prompts_file": os.fspath(files[r % len(files)]),
+            "pairs": {k: v for k, v in counts.items() if k != "rejected_reasons"},
+            "train_dir": os.fspath(round_dir / "train"),
+            "model_out": os.fspath(written["merged"]),
+            "adapter": os.fspath(written["adapter"]) if "adapter" in written else None,
+            "metrics": metrics,
+        }
+        tmp = done.with_name(done.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, done)
+        summaries.append(summary)
+        policy = summary["model_out"]
+    return summaries
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """``vpa seva generate|rounds [--config FILE] [options]``."""
+    from jsonargparse import auto_cli
+
+    result = auto_cli([generate, rounds], args=argv, as_positional=False, prog="vpa seva")
+    brief = result if isinstance(result, list) else {k: v for k, v in result.items() if k != "rejected_reasons"}
+    print(json.dumps(brief, indent=2, default=str))
+    return result
