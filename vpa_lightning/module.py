@@ -42,8 +42,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from vpa_lightning.losses import DPOLoss, MDPOLoss, PreferenceLoss, RPOLoss
-from vpa_lightning.models.logps import GroupBatch, GroupLogps, group_logps
+from vpa_lightning.augment.pixels import corrupt_pixel_values
+from vpa_lightning.losses import DPOLoss, PreferenceLoss
+from vpa_lightning.models.logps import GroupBatch, GroupLogps, group_logps, select_rows
 from vpa_lightning.reference_cache import ReferenceCache
 
 __all__ = ["METRIC_NAMES", "VisionDPOModule", "load_vlm"]
@@ -60,6 +61,10 @@ METRIC_NAMES: tuple[str, ...] = (
     "logps/rejected",
 )
 _STAGES = ("train", "val", "test")
+#: Loss ``extra_inputs`` the module computes (see ``compute_loss``).
+_EXTRA_INPUTS = {"chosen_nll", "policy_corrupted_chosen_logps", "ref_corrupted_chosen_logps"}
+#: mDPO's corruption (arXiv 2406.11839, Sec. 3): a random crop keeping at most 20 % of the image.
+MDPO_CORRUPTION: dict[str, Any] = {"name": "random_resized_crop", "scale": (0.01, 0.2)}
 
 try:  # a lazy default shows up as ``class_path: ...DPOLoss`` in ``--print_config``
     from jsonargparse import lazy_instance
@@ -142,7 +147,8 @@ class VisionDPOModule(pl.LightningModule):
             for a tiny random model (tests, demos).
         loss: The preference loss (``class_path`` in YAML), e.g.
             ``vpa_lightning.losses.DPOLoss`` (default, beta 0.1), ``IPOLoss``, ``HingeLoss``,
-            ``RobustDPOLoss``, ``RPOLoss``. ``MDPOLoss`` (needs corrupted-image passes) is not supported yet.
+            ``RobustDPOLoss``, ``RPOLoss``, ``MDPOLoss`` (adds a pass of the chosen responses on a
+            corrupted image, see ``image_corruption``).
         lora: Train LoRA adapters (base weights frozen; the reference is the
             same network with adapters disabled) instead of all weights.
         lora_r: LoRA rank.
@@ -168,6 +174,11 @@ class VisionDPOModule(pl.LightningModule):
         dtype: Weight dtype when loading: ``None`` (float32), ``"auto"`` (the checkpoint's),
             ``"bfloat16"``, ``"float16"`` or ``"float32"``. Log-softmax is always float32.
         seed: Initialisation seed of ``tiny:`` models.
+        image_corruption: How losses that need a corrupted image (mDPO) corrupt it: any
+            :func:`~vpa_lightning.augment.build_augmentation` spec (``diffusion_noise``,
+            ``{name: diffusion_noise, step: 800}``, a list, ...). ``None`` = mDPO's own corruption,
+            a random crop keeping 1-20 % of the image, resized back. Drawn from torch's seeded
+            RNG, the same corrupted image for policy and reference.
     """
 
     def __init__(
@@ -190,6 +201,7 @@ class VisionDPOModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         dtype: str | None = None,
         seed: int = 0,
+        image_corruption: str | dict[str, Any] | list[Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss"])
@@ -199,8 +211,11 @@ class VisionDPOModule(pl.LightningModule):
             loss = _loss_from_spec(loss)
         self.loss_fn = DPOLoss() if loss is None or loss is _DEFAULT_LOSS else loss
         self.hparams["loss"] = _loss_spec(self.loss_fn)
-        if isinstance(self.loss_fn, MDPOLoss):
-            raise NotImplementedError("MDPOLoss needs corrupted-image log-probs, which VisionDPOModule does not compute yet")
+        unknown = set(self.loss_fn.extra_inputs) - _EXTRA_INPUTS
+        if unknown:
+            raise ValueError(f"--model.loss: {type(self.loss_fn).__name__} needs inputs the module cannot compute: {sorted(unknown)}")
+        self.image_corruption = MDPO_CORRUPTION if image_corruption is None else image_corruption
+        self._corruption: list[nn.Module] = []  # built on first use; a list keeps it out of state_dict
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if logps_method not in ("forward", "hidden"):
@@ -300,10 +315,26 @@ class VisionDPOModule(pl.LightningModule):
     def _values(self, sums: Tensor, n_tokens: Tensor) -> Tensor:
         return sums / n_tokens.clamp(min=1).to(sums.dtype) if self.average_logps else sums
 
+    def corrupted_chosen_batch(self, inputs: GroupBatch, chosen: Tensor) -> tuple[GroupBatch, Tensor]:
+        """``(sub-batch, index)``: each distinct chosen row once, its image corrupted by
+        ``image_corruption``; ``index[i]`` is pair ``i``'s row in the sub-batch."""
+        if not self._corruption:
+            from vpa_lightning.augment import build_augmentation
+
+            self._corruption.append(build_augmentation(self.image_corruption))
+        rows, index = torch.unique(chosen, return_inverse=True)
+        sub = select_rows(inputs, rows)
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())  # from the seeded global RNG: reproducible runs
+        sub.model_inputs = corrupt_pixel_values(sub.model_inputs, self.processor, self._corruption[0], seed=seed)
+        return sub, index
+
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Per-pair losses, rewards and log-probs of a batch (policy with gradient)."""
         inputs: GroupBatch = batch["inputs"]
         chosen, rejected = batch["chosen"], batch["rejected"]
+        needs = self.loss_fn.extra_inputs
+        extra: dict[str, Tensor] = {}
+        corrupted = self.corrupted_chosen_batch(inputs, chosen) if "policy_corrupted_chosen_logps" in needs else None
         # reference first (no grad, cached or adapters off), so no mode switch happens while the graph is alive
         if self.loss_fn.reference_free:
             ref_c = ref_r = None
@@ -311,10 +342,17 @@ class VisionDPOModule(pl.LightningModule):
             ref_sums, ref_n = self._reference_sums(batch)
             ref = self._values(ref_sums, ref_n)
             ref_c, ref_r = ref[chosen], ref[rejected]
+        if corrupted is not None:
+            # corrupted images are drawn per step, so these are never cached
+            sub, index = corrupted
+            ref_bad = self.reference_logps(sub)
+            extra["ref_corrupted_chosen_logps"] = self._values(ref_bad.sum_logps, ref_bad.n_tokens)[index]
         policy = group_logps(self.model, inputs, method=self.logps_method)
         pol = self._values(policy.sum_logps, policy.n_tokens)
-        extra: dict[str, Tensor] = {}
-        if isinstance(self.loss_fn, RPOLoss):
+        if corrupted is not None:
+            pol_bad = group_logps(self.model, sub, method=self.logps_method)
+            extra["policy_corrupted_chosen_logps"] = self._values(pol_bad.sum_logps, pol_bad.n_tokens)[index]
+        if "chosen_nll" in needs:
             extra["chosen_nll"] = -(policy.sum_logps / policy.n_tokens.clamp(min=1))[chosen]
         losses, chosen_rewards, rejected_rewards = self.loss_fn(pol[chosen], pol[rejected], ref_c, ref_r, **extra)
         return {

@@ -301,3 +301,19 @@ def test_response_fill_of_per_token_outputs() -> None:
     assert torch.equal(
         filled.model_inputs["mm_token_type_ids"][~response], plain.model_inputs["mm_token_type_ids"][~response]
     )
+
+
+def test_select_rows_equals_the_full_batch_rows(tiny) -> None:
+    """A sub-batch (mDPO's chosen rows) gives the same log-probs as those rows of the full batch,
+    including Qwen2-VL, whose flat patches are gathered by image_grid_thw."""
+    from vpa_lightning.models.logps import select_rows
+
+    _, model, processor = tiny
+    batch = build_group_batch(processor, _groups())
+    rows = torch.tensor([4, 0, 2])
+    with torch.no_grad():
+        full = group_logps(model, batch)
+        sub = group_logps(model, select_rows(batch, rows))
+    torch.testing.assert_close(sub.sum_logps, full.sum_logps[rows], rtol=1e-5, atol=1e-5)
+    assert sub.n_tokens.tolist() == full.n_tokens[rows].tolist()
+    assert select_rows(batch, rows).group_sizes == [1, 2]

@@ -3,6 +3,7 @@ a short fit through the CLI. The paper recipes' values are checked in test_recip
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,30 @@ def test_fit_through_cli(demo_shards, tmp_path):
     assert cli.trainer.global_step == 2
     assert "train/loss" in cli.trainer.logged_metrics and "val/loss" in cli.trainer.logged_metrics
     assert list((tmp_path / "cache").glob("reference-*.sqlite"))
+
+
+def test_mdpo_fit_through_cli_with_a_seva_augmentation(demo_shards, tmp_path):
+    """mDPO chosen by class_path; its corrupted image comes from the augmentation module (YAML spec)."""
+    cli = cli_main(
+        [
+            "fit",
+            "--model.model_name_or_path", "tiny:llava",
+            "--model.loss", "vpa_lightning.losses.MDPOLoss",
+            "--model.loss.anchor", "0.1",
+            "--model.image_corruption", '{"name": "diffusion_noise", "step": 500}',
+            "--data.train_shards", str(demo_shards),
+            "--data.batch_size", "2",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "0",
+            "--trainer.logger", "false",
+            "--trainer.enable_checkpointing", "false",
+        ]
+    )
+    assert cli.trainer.global_step == 2 and type(cli.model.loss_fn).__name__ == "MDPOLoss"
+    assert cli.model.loss_fn.anchor == 0.1
+    assert type(cli.model._corruption[0]).__name__ == "DiffusionNoise" and cli.model._corruption[0].step == 500
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
 def test_help_documents_arguments(capsys):

@@ -167,9 +167,54 @@ def test_other_losses_and_averaged_logps(val_batch, loss):
     assert n_tokens.min() > 1
 
 
-def test_mdpo_not_supported():
-    with pytest.raises(NotImplementedError, match="MDPOLoss"):
-        VisionDPOModule("tiny:llava", loss=MDPOLoss())
+def test_mdpo_conditional_term_uses_a_corrupted_image(val_batch):
+    """mDPO's loss from the module = Eq. 2-4 on log-probs recomputed by hand: the chosen responses
+    on the corrupted image (same seed -> same corruption) under the policy and the reference."""
+    from vpa_lightning.augment import build_augmentation
+    from vpa_lightning.augment.pixels import corrupt_pixel_values
+    from vpa_lightning.models.logps import select_rows
+
+    module = VisionDPOModule("tiny:llava", loss=MDPOLoss(beta=0.5), image_corruption={"name": "diffusion_noise", "step": 800})
+    _perturb_lora(module)
+    torch.manual_seed(7)
+    out = module.compute_loss(val_batch)
+    out["losses"].mean().backward()
+    assert any(p.grad is not None for n, p in module.model.named_parameters() if "lora_" in n)
+
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    c, r = val_batch["chosen"], val_batch["rejected"]
+    rows, index = torch.unique(c, return_inverse=True)
+    sub = select_rows(val_batch["inputs"], rows)
+    sub.model_inputs = corrupt_pixel_values(sub.model_inputs, module.processor, build_augmentation({"name": "diffusion_noise", "step": 800}), seed=seed)
+    with torch.no_grad():
+        pol = group_logps(module.model, val_batch["inputs"]).sum_logps
+        ref = module.reference_logps(val_batch["inputs"]).sum_logps
+        pol_bad = group_logps(module.model, sub).sum_logps[index]
+        ref_bad = module.reference_logps(sub).sum_logps[index]
+    assert (pol_bad - pol[c]).abs().max() > 1e-3  # the corrupted image changes the chosen log-probs
+    chosen, rejected, bad = pol[c] - ref[c], pol[r] - ref[r], pol_bad - ref_bad
+    f = torch.nn.functional.logsigmoid
+    expected = -f(0.5 * (chosen - rejected)) - f(0.5 * (chosen - bad)) - f(0.5 * chosen)
+    torch.testing.assert_close(out["losses"].detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mdpo_default_corruption_is_a_small_random_crop():
+    from vpa_lightning.module import MDPO_CORRUPTION
+
+    module = VisionDPOModule("tiny:llava", loss=MDPOLoss())
+    assert module.image_corruption == MDPO_CORRUPTION and max(MDPO_CORRUPTION["scale"]) <= 0.2
+    assert not any("corruption" in k for k in module.state_dict())
+
+
+def test_loss_needing_unknown_inputs_is_refused():
+    from vpa_lightning.losses import DPOLoss
+
+    class NeedsDepth(DPOLoss):
+        extra_inputs = frozenset({"depth_map"})
+
+    with pytest.raises(ValueError, match=r"--model.loss: NeedsDepth needs inputs .*depth_map"):
+        VisionDPOModule("tiny:llava", loss=NeedsDepth())
 
 
 def test_warmup_cosine_schedule():

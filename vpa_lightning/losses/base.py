@@ -67,9 +67,12 @@ class PreferenceLoss(nn.Module, abc.ABC):
             ``None`` for ``ref_chosen_logps`` / ``ref_rejected_logps``.
         beta: Temperature applied to the log-ratio margins and to the
             reported rewards.
+        extra_inputs: Names of the keyword inputs :meth:`forward` needs beyond the four
+            log-prob tensors (e.g. RPO's ``chosen_nll``); the trainer computes exactly these.
     """
 
     reference_free: bool = False
+    extra_inputs: frozenset[str] = frozenset()
 
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()

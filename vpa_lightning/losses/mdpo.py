@@ -47,6 +47,8 @@ class MDPOLoss(PreferenceLoss):
             ``beta * log-ratio``); the anchor loss pushes ``beta * r(y_w|m)`` above it.
     """
 
+    extra_inputs = frozenset({"policy_corrupted_chosen_logps", "ref_corrupted_chosen_logps"})
+
     def __init__(
         self,
         beta: float = 0.1,

@@ -39,6 +39,8 @@ class RPOLoss(PreferenceLoss):
         alpha: Weight of the chosen-response NLL term, >= 0 (0 gives plain DPO).
     """
 
+    extra_inputs = frozenset({"chosen_nll"})
+
     def __init__(self, beta: float = 0.1, alpha: float = 1.0) -> None:
         super().__init__(beta)
         self.alpha = check_non_negative(alpha, "alpha")

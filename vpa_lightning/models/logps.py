@@ -106,6 +106,37 @@ class GroupBatch:
         )
 
 
+def select_rows(batch: GroupBatch, rows: Tensor) -> GroupBatch:
+    """The sub-batch of rows ``rows`` (e.g. the chosen responses, for mDPO's corrupted-image pass).
+
+    Per-row tensors (``[N, ...]``: token inputs, ``pixel_values`` of one image per row,
+    ``image_sizes``, ``image_grid_thw``, ``pixel_attention_mask``) are indexed; Qwen2-VL's flat
+    ``pixel_values`` are gathered by each row's patch range from ``image_grid_thw``.
+    """
+    n = batch.labels.shape[0]
+    rows = rows.to(batch.labels.device)
+    inputs: dict[str, Any] = {}
+    grid = batch.model_inputs.get("image_grid_thw")
+    for key, value in batch.model_inputs.items():
+        if key == "pixel_values" and grid is not None:
+            counts = grid.prod(dim=-1)
+            starts = torch.cumsum(counts, 0) - counts
+            inputs[key] = torch.cat([value[int(starts[r]) : int(starts[r] + counts[r])] for r in rows.tolist()])
+        elif isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
+            inputs[key] = value[rows]
+        else:
+            raise ValueError(f"cannot select rows of model input {key!r} with shape {tuple(getattr(value, 'shape', ()))}")
+    group_index = batch.group_index[rows]
+    return GroupBatch(
+        model_inputs=inputs,
+        labels=batch.labels[rows],
+        group_index=group_index,
+        group_sizes=torch.bincount(group_index, minlength=len(batch.group_sizes)).tolist(),
+        prompt_lengths=batch.prompt_lengths[rows],
+        truncated=batch.truncated[rows],
+    )
+
+
 @dataclass
 class GroupLogps:
     """Per-response log-probs.
