@@ -57,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 
+import torch
+
 from vpa_lightning.augment.pixels import corrupt_pixel_values
 from vpa_lightning.models.generation import encode_for_generation, greedy_generate
 
@@ -173,6 +175,7 @@ def generate_pairs(
     val_fraction: float = 0.0,
     barrier_timeout: float = 3600.0,
     dtype: str | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Generate SeVa pairs for this rank's share of ``prompts_file`` and shard them.
 
@@ -191,6 +194,8 @@ def generate_pairs(
         val_fraction: Share of images the build holds out in ``val-*`` shards.
         barrier_timeout: Seconds to wait for the other ranks' pair files (``world_size > 1``).
         dtype: Passed to ``load_vlm`` when ``model`` is a name.
+        device: Where to generate; ``None`` = ``cuda:LOCAL_RANK`` when CUDA is available, else
+            the model's current device (CPU for a freshly loaded one).
 
     Returns:
         The counts (also written to ``out_dir/seva-rank{rank}.json``).
@@ -211,7 +216,12 @@ def generate_pairs(
         model, processor = load_vlm(os.fspath(model), seed=seed, dtype=dtype)
     else:
         model, processor = model
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if device is not None:
+        model.to(device)
     model.eval()
+    model_device = next(model.parameters()).device
 
     image_root = Path(image_root)
     out = Path(out_dir)
@@ -242,6 +252,8 @@ def generate_pairs(
         inputs = encode_for_generation(
             processor, [im for _, im in chunk], [p["question"] for p, _ in chunk]
         )
+        # on the model's device, so the augmentation (Kornia, diffusion noise) runs on the GPU too
+        inputs = {k: v.to(model_device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         chosen = greedy_generate(model, processor, inputs, max_new_tokens)
         corrupted = corrupt_pixel_values(inputs, processor, aug, seed=seed + b)
         rejected = greedy_generate(model, processor, corrupted, max_new_tokens)

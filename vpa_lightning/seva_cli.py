@@ -46,6 +46,7 @@ def generate(
     world_size: int | None = None,
     val_fraction: float = 0.0,
     dtype: str | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Generate SeVa pairs (answer on the original image = chosen, on the augmented one = rejected) into shards.
 
@@ -64,6 +65,7 @@ def generate(
         world_size: Number of generating processes (default: ``$WORLD_SIZE`` or 1).
         val_fraction: Share of images held out in ``val-*`` shards.
         dtype: Weight dtype (``bfloat16`` on GPUs); ``None`` = float32.
+        device: ``cuda``, ``cuda:1``, ``cpu``...; default: ``cuda:$LOCAL_RANK`` when CUDA is available, else CPU.
     """
     from vpa_lightning.seva import generate_pairs
 
@@ -82,6 +84,7 @@ def generate(
         world_size=world_size,
         val_fraction=val_fraction,
         dtype=dtype,
+        device=device,
     )
 
 

@@ -57,7 +57,10 @@ OPTS = {"A": "a dog", "B": "a cat", "C": "a bird", "D": "a black cat"}
         ("A bird.", "C"),  # article, not the letter A
         ("It is a black cat.", "D"),  # "cat" inside "black cat" does not compete
         ("I pick B here", "B"),
-        ("The answer is a dog", "A"),  # lower-case "a" followed by a word is the article
+        (
+            "The answer is a dog",
+            "A",
+        ),  # lower-case "a" followed by a word is the article
         ("E", None),  # not an option
         ("something else", None),
         ("A or B", None),  # two letters

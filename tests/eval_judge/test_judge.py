@@ -18,7 +18,12 @@ from typing import Any
 
 import pytest
 
-from vpa_lightning.eval.judge import JudgeClient, JudgeConfigError, JudgeError, request_key
+from vpa_lightning.eval.judge import (
+    JudgeClient,
+    JudgeConfigError,
+    JudgeError,
+    request_key,
+)
 
 
 class StubJudge:
@@ -43,7 +48,7 @@ class StubJudge:
             def log_message(self, *args: Any) -> None:  # keep pytest output clean
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
+            def do_POST(self) -> None:  # http.server's handler name
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with stub._lock:
                     n = len(stub.requests)

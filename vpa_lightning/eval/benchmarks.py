@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import string
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from vpa_lightning.eval.base import Benchmark, EvalItem, Reject
 from vpa_lightning.eval.metrics import mmbench_metrics, mme_metrics, pope_metrics
 from vpa_lightning.eval.parsing import parse_choice, parse_yes_no
 
-__all__ = ["BENCHMARKS", "MME", "MMBench", "POPE", "build_benchmark", "register"]
+__all__ = ["BENCHMARKS", "MME", "POPE", "MMBench", "build_benchmark", "register"]
 
 SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
 CHOICE_HINT = "Answer with the option's letter from the given choices directly."
@@ -56,14 +57,22 @@ def build_benchmark(spec: dict[str, Any]) -> Benchmark:
         cls = getattr(importlib.import_module(module), cls_name)
         kwargs = dict(spec.pop("init_args", None) or {})
         if spec:
-            raise ValueError(f"unexpected keys beside class_path/init_args: {sorted(spec)}")
+            raise ValueError(
+                f"unexpected keys beside class_path/init_args: {sorted(spec)}"
+            )
     else:
+        from vpa_lightning.eval.judged import JUDGED_BENCHMARKS  # stdlib-only: cheap to import
+
+        for judged in JUDGED_BENCHMARKS.values():
+            BENCHMARKS.setdefault(judged.name, judged)
         name = spec.pop("name", None)
         if name not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark name {name!r}; known: {sorted(BENCHMARKS)} (or use class_path)")
+            raise ValueError(
+                f"unknown benchmark name {name!r}; known: {sorted(BENCHMARKS)} (or use class_path)"
+            )
         cls, kwargs = BENCHMARKS[name], spec
     if not (isinstance(cls, type) and issubclass(cls, Benchmark)):
-        raise ValueError(f"{cls!r} is not a Benchmark subclass")
+        raise TypeError(f"{cls!r} is not a Benchmark subclass")
     return cls(**kwargs)
 
 
@@ -74,7 +83,9 @@ class _Bad(Exception):
 class _FileBenchmark(Benchmark):
     """Shared file reading, image checking and naming of the rule-scored benchmarks."""
 
-    def __init__(self, file: str, image_root: str | None = None, prompt_hint: str = "") -> None:
+    def __init__(
+        self, file: str, image_root: str | None = None, prompt_hint: str = ""
+    ) -> None:
         self.file = str(file)
         self.image_root = Path(image_root) if image_root else Path(self.file).parent
         self.prompt_hint = prompt_hint
@@ -128,7 +139,9 @@ class _FileBenchmark(Benchmark):
             items.extend(new)
         return items, rejects
 
-    def _items(self, row: dict[str, Any]) -> list[EvalItem]:  # pragma: no cover - abstract
+    def _items(
+        self, row: dict[str, Any]
+    ) -> list[EvalItem]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     # --- field helpers -------------------------------------------------------------------
@@ -142,7 +155,7 @@ class _FileBenchmark(Benchmark):
     def _image(self, row: dict[str, Any]) -> Path:
         """Resolved image path, checked once: it exists and PIL can open it."""
         rel = Path(str(self._field(row, "image")))
-        path = rel if rel.is_absolute() else self.image_root / rel
+        path = rel if rel.is_absolute() else (self.image_root / rel).absolute()
         if path not in self._image_ok:
             self._image_ok[path] = _check_image(path)
         problem = self._image_ok[path]
@@ -151,7 +164,11 @@ class _FileBenchmark(Benchmark):
         return path
 
     def _prompt(self, question: str) -> str:
-        return f"{question.strip()}\n{self.prompt_hint}" if self.prompt_hint else question.strip()
+        return (
+            f"{question.strip()}\n{self.prompt_hint}"
+            if self.prompt_hint
+            else question.strip()
+        )
 
 
 def _check_image(path: Path) -> str | None:
@@ -163,7 +180,7 @@ def _check_image(path: Path) -> str | None:
     try:
         with Image.open(path) as im:
             im.verify()
-    except Exception as e:  # PIL raises many types on corrupt files
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
         return f"unreadable image {path}: {type(e).__name__}"
     return None
 
@@ -179,7 +196,11 @@ class POPE(_FileBenchmark):
     name = "pope"
 
     def __init__(
-        self, file: str, image_root: str | None = None, split: str | None = None, prompt_hint: str = SHORT_ANSWER_HINT
+        self,
+        file: str,
+        image_root: str | None = None,
+        split: str | None = None,
+        prompt_hint: str = SHORT_ANSWER_HINT,
     ) -> None:
         """
         Args:
@@ -203,13 +224,22 @@ class POPE(_FileBenchmark):
         label = str(self._field(row, "label")).strip().lower()
         if label not in ("yes", "no"):
             raise _Bad(f"label must be yes or no, got {row['label']!r}")
-        return [EvalItem(qid, self._image(row), self._prompt(text), {"label": label, "group": qid})]
+        return [
+            EvalItem(
+                qid,
+                self._image(row),
+                self._prompt(text),
+                {"label": label, "group": qid},
+            )
+        ]
 
     def parse(self, item: EvalItem, answer: str) -> str | None:
         return parse_yes_no(answer)
 
     def score(self, items: list[EvalItem], answers: list[str]) -> dict[str, float]:
-        return pope_metrics([parse_yes_no(a) for a in answers], [it.meta["label"] for it in items])
+        return pope_metrics(
+            [parse_yes_no(a) for a in answers], [it.meta["label"] for it in items]
+        )
 
 
 @register
@@ -223,7 +253,12 @@ class MME(_FileBenchmark):
 
     name = "mme"
 
-    def __init__(self, file: str, image_root: str | None = None, prompt_hint: str = SHORT_ANSWER_HINT) -> None:
+    def __init__(
+        self,
+        file: str,
+        image_root: str | None = None,
+        prompt_hint: str = SHORT_ANSWER_HINT,
+    ) -> None:
         """
         Args:
             file: The JSONL file (all categories).
@@ -243,7 +278,12 @@ class MME(_FileBenchmark):
         suffix = "Please answer yes or no."
         if self.prompt_hint and question.endswith(suffix):
             question = question[: -len(suffix)].strip()
-        meta = {"label": answer, "category": category, "image_key": str(image), "group": f"{category}|{image}"}
+        meta = {
+            "label": answer,
+            "category": category,
+            "image_key": str(image),
+            "group": f"{category}|{image}",
+        }
         return [EvalItem(qid, image, self._prompt(question), meta)]
 
     def parse(self, item: EvalItem, answer: str) -> str | None:
@@ -258,12 +298,18 @@ class MME(_FileBenchmark):
         )
 
 
-_LETTERS = string.ascii_uppercase[:8]  # MMBench uses A-D; a few more columns cost nothing
+_LETTERS = string.ascii_uppercase[
+    :8
+]  # MMBench uses A-D; a few more columns cost nothing
 
 
 def _blank(value: Any) -> bool:
     # pandas-written TSVs spell missing cells "nan"
-    return value is None or (isinstance(value, float) and value != value) or str(value).strip().lower() in ("", "nan", "none")
+    return (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or str(value).strip().lower() in ("", "nan", "none")
+    )
 
 
 @register
@@ -280,7 +326,11 @@ class MMBench(_FileBenchmark):
     name = "mmbench"
 
     def __init__(
-        self, file: str, image_root: str | None = None, circular: bool = True, prompt_hint: str = CHOICE_HINT
+        self,
+        file: str,
+        image_root: str | None = None,
+        circular: bool = True,
+        prompt_hint: str = CHOICE_HINT,
     ) -> None:
         """
         Args:

@@ -40,7 +40,9 @@ def run_eval(
             folder on top of ``path``) and ``dtype``; or ``checkpoint`` (a ``vpa fit`` ``.ckpt``) instead of ``path``.
         benchmarks: Benchmarks: ``{name: pope, file: ..., image_root: ..., split: ...}``,
             ``{name: mme, file: ..., image_root: ...}``, ``{name: mmbench, file: ..., image_root: ..., circular: true}``,
-            or ``{class_path: pkg.mod.Class, init_args: {...}}``.
+            judge-scored ``{name: mmvet | llava_bench | mmhal, file: ..., image_root: ..., judge: {model: ...,
+            max_concurrency: 8, cache_dir: ...}}`` (endpoint and key from ``VPA_JUDGE_BASE_URL`` /
+            ``VPA_JUDGE_API_KEY``), or ``{class_path: pkg.mod.Class, init_args: {...}}``.
         out_dir: Output folder (``results.json``, ``answers/<model>/<benchmark>.jsonl``).
         batch_size: Generation batch size.
         max_new_tokens: Greedy generation length (short answers: 16 is plenty for these benchmarks).
@@ -53,12 +55,23 @@ def run_eval(
 
     specs, benches = _check(models, benchmarks, batch_size, max_new_tokens, limit)
     return evaluate(
-        specs, benches, out_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed, limit=limit, device=device
+        specs,
+        benches,
+        out_dir,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        limit=limit,
+        device=device,
     )
 
 
 def _check(
-    models: list[ModelSpec], benchmarks: list[dict[str, Any]], batch_size: int, max_new_tokens: int, limit: int | None
+    models: list[ModelSpec],
+    benchmarks: list[dict[str, Any]],
+    batch_size: int,
+    max_new_tokens: int,
+    limit: int | None,
 ) -> tuple[list[ModelSpec], list[Any]]:
     """Validated specs and built benchmarks; ``ValueError`` messages name the flag."""
     from vpa_lightning.eval.benchmarks import build_benchmark
@@ -97,8 +110,15 @@ def build_parser() -> Any:
     """The jsonargparse parser of ``vpa eval`` (``--config`` plus one flag per :func:`run_eval` argument)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="vpa eval", description="Evaluate vision-language models side by side on local benchmarks.")
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below.")
+    parser = ArgumentParser(
+        prog="vpa eval",
+        description="Evaluate vision-language models side by side on local benchmarks.",
+    )
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="YAML file with any of the options below.",
+    )
     parser.add_function_arguments(run_eval, as_group=False)
     return parser
 
@@ -106,10 +126,14 @@ def build_parser() -> Any:
 def parse_config(argv: list[str]) -> dict[str, Any]:
     """Parsed and instantiated options (``models`` as :class:`ModelSpec` s), without running anything."""
     parser = build_parser()
-    cfg = parser.instantiate_classes(parser.parse_args(argv))
+    # `instantiate` replaced `instantiate_classes` in jsonargparse 4.49
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    cfg = instantiate(parser.parse_args(argv))
     out = cfg.as_dict() if hasattr(cfg, "as_dict") else dict(vars(cfg))
     out.pop("config", None)
-    out["models"] = [m if isinstance(m, ModelSpec) else ModelSpec(**m) for m in cfg.models]
+    out["models"] = [
+        m if isinstance(m, ModelSpec) else ModelSpec(**m) for m in cfg.models
+    ]
     return out
 
 
@@ -121,7 +145,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     opts = parse_config(args)
     try:
-        _check(opts["models"], opts["benchmarks"], opts["batch_size"], opts["max_new_tokens"], opts["limit"])
+        _check(
+            opts["models"],
+            opts["benchmarks"],
+            opts["batch_size"],
+            opts["max_new_tokens"],
+            opts["limit"],
+        )
     except ValueError as e:
         parser.error(str(e))
     return run_eval(**opts)

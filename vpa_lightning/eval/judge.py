@@ -34,7 +34,6 @@ import http.client
 import json
 import os
 import random
-import socket
 import sqlite3
 import threading
 import time
@@ -254,7 +253,7 @@ class JudgeClient:
             if err.code == 429 or err.code >= 500:
                 raise _Retryable(f"HTTP {err.code}: {detail}", err.code, _retry_after(err.headers)) from err
             raise JudgeError(f"judge request rejected with HTTP {err.code}: {detail}", status=err.code) from err
-        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as err:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
             raise _Retryable(f"connection error: {err!r}") from err
         try:
             return str(json.loads(raw)["choices"][0]["message"]["content"] or "")
@@ -314,14 +313,17 @@ class JudgeClient:
                 cancel.set()  # set by the failing worker itself, before it can pick up a queued request
                 raise
 
-        with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="judge") as pool:
+        pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="judge")
+        try:
             futures = [pool.submit(run, m) for m in messages_list]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            if any(f.exception() is not None for f in done):
-                # In-flight attempts finish (and are cached); queued ones are dropped.
-                for future in futures:
-                    future.cancel()
-                wait(futures)
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl-C: stop retrying, keep what finishes
+            cancel.set()
+            raise
+        finally:
+            # After a failure (or an interrupt) queued requests are dropped; in-flight ones
+            # finish and are cached. Without a failure everything is already done here.
+            pool.shutdown(wait=True, cancel_futures=True)
         results: list[str | None] = [None] * len(futures)
         errors: dict[int, BaseException] = {}
         for index, future in enumerate(futures):

@@ -29,7 +29,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from vpa_lightning.eval.base import Benchmark, EvalItem, Reject
 from vpa_lightning.eval.judge import JudgeClient, Messages
@@ -91,23 +91,27 @@ class JudgedBenchmark(Benchmark):
     Args:
         file: Benchmark file (JSON or JSONL, layouts in the subclass docstring).
         image_root: Directory the image names are resolved against (default: the file's folder).
-        judge: Judge client; ``None`` builds one from the environment (``VPA_JUDGE_*``) when
-            :meth:`score` first needs it, so :meth:`load` works without judge settings.
+        judge: Judge client, or its constructor arguments as a mapping (YAML:
+            ``judge: {model: gpt-4o, max_concurrency: 8}``); ``None`` builds one from the
+            environment (``VPA_JUDGE_*``) when :meth:`score` first needs it, so :meth:`load`
+            works without judge settings.
         judge_max_tokens: ``max_tokens`` of each judge request.
     """
 
-    fields: dict[str, tuple[str, ...]] = {}
-    required: tuple[str, ...] = ()
-    default_max_tokens: int = 512
+    fields: ClassVar[dict[str, tuple[str, ...]]] = {}
+    required: ClassVar[tuple[str, ...]] = ()
+    default_max_tokens: ClassVar[int] = 512
 
     def __init__(
         self,
         file: str | Path,
         image_root: str | Path | None = None,
-        judge: JudgeClient | None = None,
+        judge: JudgeClient | dict[str, Any] | None = None,
         judge_max_tokens: int | None = None,
     ) -> None:
         self.file = Path(file)
+        self._judge_kwargs = dict(judge) if isinstance(judge, dict) else {}
+        judge = None if isinstance(judge, dict) else judge
         self.image_root = Path(image_root) if image_root is not None else self.file.parent
         self._judge = judge
         self.judge_max_tokens = judge_max_tokens or self.default_max_tokens
@@ -116,7 +120,7 @@ class JudgedBenchmark(Benchmark):
     def judge(self) -> JudgeClient:
         """The judge client (built from the environment on first use when none was given)."""
         if self._judge is None:
-            self._judge = JudgeClient()
+            self._judge = JudgeClient(**self._judge_kwargs)
         return self._judge
 
     def load(self) -> tuple[list[EvalItem], list[Reject]]:
@@ -201,6 +205,11 @@ def parse_mmvet_score(reply: str) -> float | None:
     return value if 0.0 <= value <= 1.0 else None
 
 
+def _cell(text: str) -> str:
+    """``text`` as one table cell: whitespace runs (newlines too) become one space, ``|`` becomes ``/``."""
+    return " ".join(str(text).split()).replace("|", "/")
+
+
 class MMVet(JudgedBenchmark):
     """MM-Vet: open-ended answers graded 0-1 by the judge against the ground truth.
 
@@ -213,7 +222,7 @@ class MMVet(JudgedBenchmark):
 
     name = "mmvet"
     default_max_tokens = 8
-    fields = {
+    fields: ClassVar[dict[str, tuple[str, ...]]] = {
         "id": ("question_id", "_key"),
         "image": ("imagename", "image"),
         "question": ("question",),
@@ -230,8 +239,9 @@ class MMVet(JudgedBenchmark):
 
     def prompt(self, item: EvalItem, answer: str) -> Messages:
         """Few-shot grading table with the item as the last row (newlines flattened, as in a table cell)."""
-        cell = lambda s: " ".join(str(s).split()).replace("|", "/")  # noqa: E731
-        text = MMVET_PROMPT.format(question=cell(item.question), answer=cell(item.meta["answer"]), prediction=cell(answer))
+        text = MMVET_PROMPT.format(
+            question=_cell(item.question), answer=_cell(item.meta["answer"]), prediction=_cell(answer)
+        )
         return [{"role": "user", "content": text}]
 
     def aggregate(self, items: list[EvalItem], replies: list[str]) -> dict[str, float]:
@@ -290,7 +300,7 @@ class LLaVABench(JudgedBenchmark):
 
     name = "llava_bench"
     default_max_tokens = 512
-    fields = {
+    fields: ClassVar[dict[str, tuple[str, ...]]] = {
         "id": ("question_id", "id"),
         "image": ("image", "imagename"),
         "question": ("question", "text"),
@@ -408,7 +418,7 @@ class MMHalBench(JudgedBenchmark):
 
     name = "mmhal"
     default_max_tokens = 512
-    fields = {
+    fields: ClassVar[dict[str, tuple[str, ...]]] = {
         "id": ("question_id", "id"),
         "image": ("_image",),
         "question": ("question",),

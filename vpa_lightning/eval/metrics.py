@@ -64,7 +64,9 @@ def mme_category_key(category: str) -> str:
     return category.strip().lower().replace(" ", "_")
 
 
-def pope_metrics(preds: Sequence[str | None], labels: Sequence[str]) -> dict[str, float]:
+def pope_metrics(
+    preds: Sequence[str | None], labels: Sequence[str]
+) -> dict[str, float]:
     """Accuracy, precision, recall, F1 (positive class "yes"), yes_ratio, unparsed, n.
 
     ``preds``: ``"yes"`` / ``"no"`` / ``None`` per question; ``labels``: ``"yes"`` / ``"no"``.
@@ -77,15 +79,29 @@ def pope_metrics(preds: Sequence[str | None], labels: Sequence[str]) -> dict[str
         return {"n": 0.0}
     import torch
     from torchmetrics import MetricCollection
-    from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, BinaryPrecision, BinaryRecall
+    from torchmetrics.classification import (
+        BinaryAccuracy,
+        BinaryF1Score,
+        BinaryPrecision,
+        BinaryRecall,
+    )
 
     target = torch.tensor([lab == "yes" for lab in labels], dtype=torch.long)
     # unparseable -> the wrong class, whatever the label
     pred = torch.tensor(
-        [(p == "yes") if p is not None else (lab != "yes") for p, lab in zip(preds, labels)], dtype=torch.long
+        [
+            (p == "yes") if p is not None else (lab != "yes")
+            for p, lab in zip(preds, labels)
+        ],
+        dtype=torch.long,
     )
     metrics = MetricCollection(
-        {"accuracy": BinaryAccuracy(), "precision": BinaryPrecision(), "recall": BinaryRecall(), "f1": BinaryF1Score()}
+        {
+            "accuracy": BinaryAccuracy(),
+            "precision": BinaryPrecision(),
+            "recall": BinaryRecall(),
+            "f1": BinaryF1Score(),
+        }
     )
     out = {k: float(v) for k, v in metrics(pred, target).items()}
     out["yes_ratio"] = _mean([float(p == "yes") for p in preds])
@@ -95,7 +111,10 @@ def pope_metrics(preds: Sequence[str | None], labels: Sequence[str]) -> dict[str
 
 
 def mme_metrics(
-    preds: Sequence[str | None], labels: Sequence[str], categories: Sequence[str], images: Sequence[str]
+    preds: Sequence[str | None],
+    labels: Sequence[str],
+    categories: Sequence[str],
+    images: Sequence[str],
 ) -> dict[str, float]:
     """MME scores: ``<cat>/acc``, ``<cat>/acc_plus``, ``<cat>/score``, ``perception``, ``cognition``, ``total``.
 
@@ -105,7 +124,9 @@ def mme_metrics(
     (:data:`MME_PERCEPTION`, :data:`MME_COGNITION`); other categories get their own scores only.
     """
     if not len(preds) == len(labels) == len(categories) == len(images):
-        raise ValueError("preds, labels, categories and images must have the same length")
+        raise ValueError(
+            "preds, labels, categories and images must have the same length"
+        )
     if not preds:
         return {"n": 0.0}
     per_cat: dict[str, list[float]] = defaultdict(list)
@@ -145,8 +166,16 @@ def mmbench_metrics(
     Keys: ``circular_acc``, ``vanilla_acc``, ``circular_acc/<cat>``, ``vanilla_acc/<cat>``,
     ``unparsed`` (fraction of rotations), ``n`` (questions).
     """
-    if not len(preds) == len(answers) == len(questions) == len(rotations) == len(categories):
-        raise ValueError("preds, answers, questions, rotations and categories must have the same length")
+    if (
+        not len(preds)
+        == len(answers)
+        == len(questions)
+        == len(rotations)
+        == len(categories)
+    ):
+        raise ValueError(
+            "preds, answers, questions, rotations and categories must have the same length"
+        )
     if not preds:
         return {"n": 0.0}
     all_right: dict[str, bool] = {}
@@ -160,7 +189,10 @@ def mmbench_metrics(
         category[q] = cat
     # a question whose rotation 0 was dropped (rejected image) has no vanilla answer: wrong
     vanilla = {q: first_right.get(q, False) for q in all_right}
-    out = {"circular_acc": _mean([float(v) for v in all_right.values()]), "vanilla_acc": _mean([float(v) for v in vanilla.values()])}
+    out = {
+        "circular_acc": _mean([float(v) for v in all_right.values()]),
+        "vanilla_acc": _mean([float(v) for v in vanilla.values()]),
+    }
     for cat in sorted(set(category.values())):
         qs = [q for q in all_right if category[q] == cat]
         out[f"circular_acc/{cat}"] = _mean([float(all_right[q]) for q in qs])

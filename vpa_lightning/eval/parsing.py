@@ -15,7 +15,20 @@ _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 _YES = frozenset({"yes", "yeah", "yep", "yup"})
 _NO = frozenset({"no", "nope", "nah"})
 # negations that make a statement a "no" when no yes/no word opens the answer
-_NEGATION = frozenset({"no", "not", "none", "nothing", "nobody", "never", "nowhere", "neither", "nor", "cannot"})
+_NEGATION = frozenset(
+    {
+        "no",
+        "not",
+        "none",
+        "nothing",
+        "nobody",
+        "never",
+        "nowhere",
+        "neither",
+        "nor",
+        "cannot",
+    }
+)
 # hedges: an answer that says it cannot tell is not a "no"
 _HEDGES = (
     "not sure",
@@ -104,12 +117,16 @@ def parse_choice(text: str, options: dict[str, str]) -> str | None:
         return None
 
     # 1. leading marker; lower case accepted, the article "A/a word" is not a marker
-    m = re.match(r"^\(?([A-Za-z])\s*(?:[\).:,\]]|$)", s) or re.match(r"^\(([A-Za-z])\)", s)
+    m = re.match(r"^\(?([A-Za-z])\s*(?:[\).:,\]]|$)", s) or re.match(
+        r"^\(([A-Za-z])\)", s
+    )
     if m and m.group(1).upper() in letters:
         return letters[m.group(1).upper()]
 
     # 2. "answer is C" / "option (b)" / "choice: D"
-    for m in re.finditer(r"(?i:answer|option|choice)\s*(?:(?i:is)\s*)?:?\s*\(?([A-Za-z])\b(\)?)", s):
+    for m in re.finditer(
+        r"(?i:answer|option|choice)\s*(?:(?i:is)\s*)?:?\s*\(?([A-Za-z])\b(\)?)", s
+    ):
         letter, closed = m.group(1), m.group(2)
         tail = s[m.end() :]
         # a lower-case letter must stand alone ("answer is b." / "(b)"), not be an article ("is a cat")
@@ -123,8 +140,18 @@ def parse_choice(text: str, options: dict[str, str]) -> str | None:
     exact = [k for k, t in texts.items() if t == norm]
     if len(exact) == 1:
         return exact[0]
-    found = [k for k, t in texts.items() if re.search(rf"(?<![a-z0-9]){re.escape(t)}(?![a-z0-9])", norm)]
-    maximal = [k for k in found if not any(o != k and texts[k] in texts[o] and texts[o] != texts[k] for o in found)]
+    found = [
+        k
+        for k, t in texts.items()
+        if re.search(rf"(?<![a-z0-9]){re.escape(t)}(?![a-z0-9])", norm)
+    ]
+    maximal = [
+        k
+        for k in found
+        if not any(
+            o != k and texts[k] in texts[o] and texts[o] != texts[k] for o in found
+        )
+    ]
     if len(maximal) == 1:
         return maximal[0]
 

@@ -54,11 +54,17 @@ class ModelSpec:
     def check(self) -> None:
         """Raise ``ValueError`` for an inconsistent spec."""
         if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ValueError(f"model name must be a non-empty folder name, got {self.name!r}")
+            raise ValueError(
+                f"model name must be a non-empty folder name, got {self.name!r}"
+            )
         if (self.path is None) == (self.checkpoint is None):
-            raise ValueError(f"model {self.name!r}: give exactly one of path or checkpoint")
+            raise ValueError(
+                f"model {self.name!r}: give exactly one of path or checkpoint"
+            )
         if self.adapter is not None and self.path is None:
-            raise ValueError(f"model {self.name!r}: adapter needs path (the base model)")
+            raise ValueError(
+                f"model {self.name!r}: adapter needs path (the base model)"
+            )
 
 
 def as_spec(spec: ModelSpec | dict[str, Any]) -> ModelSpec:
@@ -88,11 +94,15 @@ def load_model(spec: ModelSpec, seed: int = 0, device: str = "cpu") -> tuple[Any
 def _resolve_device(device: str) -> str:
     import torch
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return (
+        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    )
 
 
 def _bench_name(bench: Benchmark) -> str:
-    return str(getattr(bench, "display_name", None) or bench.name or type(bench).__name__)
+    return str(
+        getattr(bench, "display_name", None) or bench.name or type(bench).__name__
+    )
 
 
 def _group(item: EvalItem) -> str:
@@ -128,12 +138,18 @@ def _load_images(
             try:
                 with Image.open(path) as im:
                     cache[path] = im.convert("RGB")
-            except Exception as e:  # PIL raises many types on corrupt files
+            except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
                 cache[path] = e
         img = cache[path]
         if isinstance(img, Exception):
             file = str(it.meta.get("file", getattr(bench, "file", _bench_name(bench))))
-            rejects.append(Reject(file, int(it.meta.get("line", i + 1)), f"image failed to load: {type(img).__name__}: {img}"))
+            rejects.append(
+                Reject(
+                    file,
+                    int(it.meta.get("line", i + 1)),
+                    f"image failed to load: {type(img).__name__}: {img}",
+                )
+            )
             continue
         kept.append(it)
         images.append(img)
@@ -170,10 +186,24 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     for row in rows:
         bench, metric = row.split("/", 1)
         vals = [results[m].get(bench, {}).get(metric) for m in models]
-        deltas = [None if v is None or vals[0] is None else v - vals[0] for v in vals[1:]]
-        body.append([row, *(_fmt(v) for v in vals), *(("-" if d is None else f"{d:+.4f}") for d in deltas)])
+        deltas = [
+            None if v is None or vals[0] is None else v - vals[0] for v in vals[1:]
+        ]
+        body.append(
+            [
+                row,
+                *(_fmt(v) for v in vals),
+                *(("-" if d is None else f"{d:+.4f}") for d in deltas),
+            ]
+        )
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header, *body]]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths))
+        )
+        for r in [header, *body]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -246,15 +276,30 @@ def evaluate(
                 continue
             torch.manual_seed(seed)
             answers = generate_answers(
-                model, processor, images, [it.question for it in items], max_new_tokens=max_new_tokens, batch_size=batch_size
+                model,
+                processor,
+                images,
+                [it.question for it in items],
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
             )
-            results[spec.name][key] = {k: float(v) for k, v in bench.score(items, answers).items()}
+            results[spec.name][key] = {
+                k: float(v) for k, v in bench.score(items, answers).items()
+            }
             parse = getattr(bench, "parse", None)
             rows = [
-                {"item_id": it.item_id, "question": it.question, "answer": a, "parsed": parse(it, a) if parse else None}
+                {
+                    "item_id": it.item_id,
+                    "question": it.question,
+                    "answer": a,
+                    "parsed": parse(it, a) if parse else None,
+                }
                 for it, a in zip(items, answers)
             ]
-            _write_atomic(out / "answers" / spec.name / f"{key}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            _write_atomic(
+                out / "answers" / spec.name / f"{key}.jsonl",
+                "".join(json.dumps(r) + "\n" for r in rows),
+            )
         del model, processor
         gc.collect()
         if torch.cuda.is_available():
