@@ -142,3 +142,15 @@ def test_batch_moves_to_device(demo_shards, tiny_llava):
     batch = move_data_to_device(next(iter(dm.val_dataloader())), "meta")  # what Lightning does before a step
     assert batch["chosen"].device.type == "meta" and batch["inputs"].labels.device.type == "meta"
     assert all(v.device.type == "meta" for v in batch["inputs"].model_inputs.values() if hasattr(v, "device"))
+
+
+@pytest.mark.parametrize("tool", ["seva", "eval", "report", "export"])
+def test_vpa_dispatches_its_tools(tool, capsys):
+    """`vpa seva|eval|report|export` reach their own parsers; anything else goes to LightningCLI."""
+    from vpa_lightning.cli import TOOLS, main
+
+    assert tool in TOOLS
+    with pytest.raises(SystemExit) as exc:
+        main([tool, "--help"])
+    assert exc.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out.lower()
