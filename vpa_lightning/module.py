@@ -174,6 +174,10 @@ class VisionDPOModule(pl.LightningModule):
         dtype: Weight dtype when loading: ``None`` (float32), ``"auto"`` (the checkpoint's),
             ``"bfloat16"``, ``"float16"`` or ``"float32"``. Log-softmax is always float32.
         seed: Initialisation seed of ``tiny:`` models.
+        prefix_sharing: Run each group's image + prompt once and its K responses on top of the
+            shared KV cache (the vision tower and the long prompt once per group instead of once per
+            response; same log-probs up to float rounding). Needs ``logps_method="forward"`` and no
+            gradient checkpointing (it relies on the KV cache).
         image_corruption: How losses that need a corrupted image (mDPO) corrupt it: any
             :func:`~vpa_lightning.augment.build_augmentation` spec (``diffusion_noise``,
             ``{name: diffusion_noise, step: 800}``, a list, ...). ``None`` = mDPO's own corruption,
@@ -201,6 +205,7 @@ class VisionDPOModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         dtype: str | None = None,
         seed: int = 0,
+        prefix_sharing: bool = False,
         image_corruption: str | dict[str, Any] | list[Any] | None = None,
     ) -> None:
         super().__init__()
@@ -220,6 +225,12 @@ class VisionDPOModule(pl.LightningModule):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if logps_method not in ("forward", "hidden"):
             raise ValueError(f"logps_method must be 'forward' or 'hidden', got {logps_method!r}")
+        if prefix_sharing and (logps_method != "forward" or gradient_checkpointing):
+            raise ValueError(
+                "--model.prefix_sharing needs --model.logps_method forward and no --model.gradient_checkpointing "
+                "(it runs the responses on the prompt's KV cache)"
+            )
+        self.prefix_sharing = prefix_sharing
         self.model_name_or_path = model_name_or_path
         self.use_lora = lora
         self.average_logps = average_logps
@@ -288,14 +299,14 @@ class VisionDPOModule(pl.LightningModule):
             model.eval()
             try:
                 with torch.no_grad(), model.disable_adapter():
-                    return group_logps(model, inputs, method=self.logps_method)
+                    return group_logps(model, inputs, method=self.logps_method, share_prefix=self.prefix_sharing)
             finally:
                 model.train(was_training)
         reference = self._reference[0]
         if next(reference.parameters()).device != self.device:
             reference.to(self.device)
         with torch.no_grad():
-            return group_logps(reference, inputs, method=self.logps_method)
+            return group_logps(reference, inputs, method=self.logps_method, share_prefix=self.prefix_sharing)
 
     def _reference_sums(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         inputs: GroupBatch = batch["inputs"]
@@ -347,10 +358,10 @@ class VisionDPOModule(pl.LightningModule):
             sub, index = corrupted
             ref_bad = self.reference_logps(sub)
             extra["ref_corrupted_chosen_logps"] = self._values(ref_bad.sum_logps, ref_bad.n_tokens)[index]
-        policy = group_logps(self.model, inputs, method=self.logps_method)
+        policy = group_logps(self.model, inputs, method=self.logps_method, share_prefix=self.prefix_sharing)
         pol = self._values(policy.sum_logps, policy.n_tokens)
         if corrupted is not None:
-            pol_bad = group_logps(self.model, sub, method=self.logps_method)
+            pol_bad = group_logps(self.model, sub, method=self.logps_method, share_prefix=self.prefix_sharing)
             extra["policy_corrupted_chosen_logps"] = self._values(pol_bad.sum_logps, pol_bad.n_tokens)[index]
         if "chosen_nll" in needs:
             extra["chosen_nll"] = -(policy.sum_logps / policy.n_tokens.clamp(min=1))[chosen]

@@ -317,3 +317,43 @@ def test_select_rows_equals_the_full_batch_rows(tiny) -> None:
     torch.testing.assert_close(sub.sum_logps, full.sum_logps[rows], rtol=1e-5, atol=1e-5)
     assert sub.n_tokens.tolist() == full.n_tokens[rows].tolist()
     assert select_rows(batch, rows).group_sizes == [1, 2]
+
+
+@pytest.mark.parametrize("max_length", [None, 40])
+def test_prefix_sharing_equals_the_plain_forward(tiny, max_length) -> None:
+    """share_prefix=True (image + prompt once per group, responses on the shared KV cache) gives the
+    plain path's log-probs, token counts and gradients, for every family (Qwen2-VL: M-RoPE positions)."""
+    _, model, processor = tiny
+    groups = _groups()
+    if max_length is not None:  # room for a few response tokens: truncation must agree too
+        longest_prompt = int(build_group_batch(processor, groups).prompt_lengths.max())
+        max_length = longest_prompt + 3
+    batch = build_group_batch(processor, groups, max_length=max_length)
+    params = [p for n, p in model.named_parameters() if "layers.0" in n and p.dim() == 2][:3]
+    grads = []
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        out = group_logps(model, batch, share_prefix=share)
+        (out.sum_logps * torch.arange(1, 6)).sum().backward()
+        grads.append([p.grad.clone() for p in params])
+        results.append(out)
+    plain, shared = results
+    torch.testing.assert_close(shared.sum_logps, plain.sum_logps, rtol=1e-5, atol=1e-4)
+    assert shared.n_tokens.tolist() == plain.n_tokens.tolist()
+    assert shared.group_sizes == plain.group_sizes == [2, 3]
+    for a, b in zip(*grads):  # float32 sums in another order: compare at the scale of the gradient
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3 * float(a.abs().max()))
+        assert float(torch.linalg.vector_norm(b - a) / torch.linalg.vector_norm(a)) < 1e-4
+    model.zero_grad()
+
+
+def test_prefix_sharing_needs_one_prompt_per_group_and_forward_method() -> None:
+    model, processor = build_tiny_vlm("llava")
+    batch = build_group_batch(processor, _groups())
+    with pytest.raises(ValueError, match="method='forward'"):
+        group_logps(model, batch, method="hidden", share_prefix=True)
+    batch.group_index = torch.zeros_like(batch.group_index)  # claim all 5 rows are one group
+    batch.group_sizes = [5]
+    with pytest.raises(ValueError, match="do not share one prompt"):
+        group_logps(model, batch, share_prefix=True)

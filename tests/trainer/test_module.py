@@ -334,3 +334,25 @@ def test_idefics3_family(demo_shards):
     out = module.compute_loss(batch)
     out["losses"].mean().backward()
     assert torch.isfinite(out["losses"]).all()
+
+
+def test_prefix_sharing_flag_gives_the_same_loss(val_batch):
+    """--model.prefix_sharing: same losses, rewards and gradients as the plain path (float rounding aside)."""
+    outs, grads = [], []
+    for share in (False, True):
+        module = VisionDPOModule("tiny:llava", prefix_sharing=share, lora_dropout=0.0)
+        _perturb_lora(module)
+        out = module.compute_loss(val_batch)
+        out["losses"].mean().backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for n, p in module.model.named_parameters() if "lora_" in n]))
+    for key in ("losses", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(outs[1][key].detach(), outs[0][key].detach(), rtol=1e-4, atol=1e-4)
+    assert float(torch.linalg.vector_norm(grads[1] - grads[0]) / torch.linalg.vector_norm(grads[0])) < 1e-4
+
+
+def test_prefix_sharing_flag_checks():
+    with pytest.raises(ValueError, match="--model.prefix_sharing needs"):
+        VisionDPOModule("tiny:llava", prefix_sharing=True, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="--model.prefix_sharing needs"):
+        VisionDPOModule("tiny:llava", prefix_sharing=True, logps_method="hidden")

@@ -308,6 +308,7 @@ def group_logps(
     batch: GroupBatch,
     method: Literal["forward", "hidden"] = "forward",
     chunk_size: int = 4096,
+    share_prefix: bool = False,
 ) -> GroupLogps:
     """Summed response log-probs of every row of ``batch`` with one forward pass of ``model``.
 
@@ -331,10 +332,16 @@ def group_logps(
         batch: Output of :func:`build_group_batch`, on the model's device.
         method: ``"forward"`` or ``"hidden"``, see above.
         chunk_size: Rows per LM-head chunk of the ``"hidden"`` method.
+        share_prefix: Run each group's image + prompt once and its responses on top of the
+            shared KV cache (see :func:`_prefix_shared_logps`); ``"forward"`` method only.
 
     Returns:
         :class:`GroupLogps` with ``sum_logps`` (float32) and ``n_tokens``.
     """
+    if share_prefix:
+        if method != "forward":
+            raise ValueError("share_prefix works with method='forward' only")
+        return _prefix_shared_logps(model, batch)
     labels = batch.labels
     # the token at position t is predicted at position t - 1
     predicts = torch.zeros_like(labels, dtype=torch.bool)
@@ -375,6 +382,106 @@ def group_logps(
     return GroupLogps(
         sum_logps=sum_logps, n_tokens=n_tokens, group_index=batch.group_index, group_sizes=list(batch.group_sizes)
     )
+
+
+def _rope_index(model: nn.Module) -> Any:
+    """The ``get_rope_index`` of an M-RoPE VLM (Qwen2-VL family), through any wrapper; else ``None``."""
+    for module in model.modules():
+        if hasattr(module, "get_rope_index") and hasattr(module, "rope_deltas"):
+            return module.get_rope_index
+    return None
+
+
+def _expand_like(positions: Tensor, prefix_positions: Tensor) -> Tensor:
+    """``[N, R]`` text positions in the layout of the prefix's (``[3, G, L]`` for M-RoPE)."""
+    if prefix_positions.dim() == 3:
+        return positions[None].expand(prefix_positions.shape[0], -1, -1)
+    return positions
+
+
+def _prefix_shared_logps(model: nn.Module, batch: GroupBatch) -> GroupLogps:
+    """:func:`group_logps` with the image + prompt prefix run once per group (``share_prefix=True``).
+
+    1. One row per group holds the prompt (left-padded to the longest prompt, explicit positions),
+       run with ``use_cache=True``: the vision tower and the prompt run once per group, and the
+       logits at the last prompt position score every response's first token.
+    2. The KV cache is indexed to one entry per response (``batch_select_indices``; gradients flow
+       back through it into the prefix pass) and the responses run on top of it with positions
+       continuing from their prompt, scoring the remaining tokens at response positions only.
+
+    The result equals the plain path up to float rounding (tested per family). M-RoPE models
+    (Qwen2-VL / Qwen2.5-VL) get their 3-D prompt positions from the model's own ``get_rope_index``;
+    response tokens continue from the largest prompt position, as in the plain forward.
+    """
+    inputs = batch.model_inputs
+    ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], batch.labels
+    n, t = ids.shape
+    device = ids.device
+    sizes = torch.tensor(batch.group_sizes, device=device)
+    first = torch.cumsum(sizes, 0) - sizes  # first row of each group (rows are grouped in order)
+    owner = batch.group_index
+    plen = batch.prompt_lengths.to(device)
+    width = int(plen.max())
+    cols = torch.arange(t, device=device)
+    # rows of a group must share their prompt (true for build_group_batch output)
+    prompt_of_owner = ids[first][owner]
+    same = ((ids == prompt_of_owner) | (cols[None, :] >= plen[:, None])).all(dim=1) & (plen == plen[first][owner])
+    if not bool(same.all()):
+        raise ValueError("share_prefix: the rows of a group do not share one prompt")
+    per_token = [k for k, v in inputs.items() if isinstance(v, Tensor) and v.shape == ids.shape and k != "attention_mask"]
+
+    # 1. prefix pass: prompt of each group, left-padded so every prompt ends at column width - 1
+    g_len = plen[first]
+    shift = width - g_len  # [G]
+    src = cols[None, :width] - shift[:, None]  # source column of each prefix column
+    valid = src >= 0
+    src = src.clamp(min=0)
+    prefix = {k: torch.where(valid, inputs[k][first].gather(1, src), 0) for k in per_token}
+    prefix_mask = valid.to(mask.dtype)
+    image_inputs = {k: v for k, v in select_rows(batch, first).model_inputs.items() if k not in per_token and k != "attention_mask"}
+    rope_index = _rope_index(model) if "image_grid_thw" in image_inputs else None
+    if rope_index is not None:
+        position_ids, _ = rope_index(
+            prefix["input_ids"], mm_token_type_ids=prefix.get("mm_token_type_ids"),
+            image_grid_thw=image_inputs["image_grid_thw"], attention_mask=prefix_mask,
+        )  # [3, G, width]
+        next_position = position_ids.masked_fill(~valid[None], 0).amax(dim=(0, 2)) + 1  # [G]
+    else:
+        position_ids = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+        next_position = g_len
+    out = model(
+        **prefix, **image_inputs, attention_mask=prefix_mask, position_ids=position_ids,
+        use_cache=True, logits_to_keep=1, return_dict=True,
+    )
+    first_logits = out.logits[:, -1].float()  # [G, V]: predicts each response's first token
+    cache = out.past_key_values
+    cache.batch_select_indices(owner)
+
+    # 2. response pass on top of the per-response cache
+    n_resp = (labels != IGNORE_INDEX).sum(dim=1)  # response tokens per row
+    r_width = int(n_resp.max())
+    r_cols = torch.arange(r_width, device=device)
+    r_valid = r_cols[None, :] < n_resp[:, None]
+    r_src = (plen[:, None] + r_cols[None, :]).clamp(max=t - 1)
+    resp = {k: torch.where(r_valid, inputs[k].gather(1, r_src), 0) for k in per_token}
+    resp_ids = resp["input_ids"]
+    first_lp = -F.cross_entropy(first_logits[owner], resp_ids[:, 0], reduction="none")  # [N]
+    sum_logps = first_lp
+    keep = r_valid.clone()
+    keep[:, -1] = False
+    keep[:, :-1] &= r_valid[:, 1:]  # position j scores token j + 1
+    if bool(keep.any()):
+        out2 = model(
+            **resp,
+            attention_mask=torch.cat([prefix_mask[owner], r_valid.to(mask.dtype)], dim=1),
+            position_ids=_expand_like(next_position[owner][:, None] + r_cols[None, :], position_ids),
+            past_key_values=cache, use_cache=True, logits_to_keep=keep, return_dict=True,
+        )
+        targets = resp_ids[:, 1:][keep[:, :-1]]
+        flat = -F.cross_entropy(out2.logits.float(), targets, reduction="none")
+        rows = keep.nonzero(as_tuple=True)[0]
+        sum_logps = sum_logps.index_add(0, rows, flat)
+    return GroupLogps(sum_logps=sum_logps, n_tokens=n_resp, group_index=owner, group_sizes=list(batch.group_sizes))
 
 
 def batch_to_device(inputs: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
