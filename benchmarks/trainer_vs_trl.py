@@ -1,0 +1,607 @@
+"""vpa's trainer vs TRL's ``DPOTrainer``: DPO training throughput and peak memory on one LLaVA-shaped VLM.
+
+    python benchmarks/trainer_vs_trl.py                      # defaults, CPU (and CUDA if available)
+    python benchmarks/trainer_vs_trl.py --steps 10 --pairs-per-step 8 --groups-per-step 2 --device cpu
+
+Model: a randomly initialised ``LlavaForConditionalGeneration`` built from configs (nothing is
+downloaded): CLIP vision tower (``--image-size`` 224, patch 14: 256 image tokens, 2 layers, hidden
+128) + Llama text model (hidden 256, 4 layers, 8 heads / 4 KV heads), with the byte-level BPE
+tokenizer, chat template and ``LlavaProcessor`` of :mod:`vpa_lightning.models.tiny`. It is saved
+once to a temporary folder; both sides load the same weights from there.
+
+Both sides train the same thing: LoRA r=16, alpha=32, dropout 0 on every ``nn.Linear`` of the
+language model (the regex of ``vpa_lightning.module.default_lora_targets``), the reference is the
+same network with the adapters disabled, DPO sigmoid loss with beta 0.1 on summed response
+log-probs, AdamW (lr 5e-6, no weight decay, cosine schedule without warm-up), gradient clipping at
+norm 1.0, float32, no gradient checkpointing, ``max_length`` 512, data collated on the fly in the
+training process (no DataLoader workers). Each side is used the way its users run it:
+
+* **vpa**: ``VisionDPOModule`` trained by a ``lightning.Trainer.fit`` over a ``DataLoader`` of
+  :class:`~vpa_lightning.data.datamodule.PreferenceExample` s collated by the data module's own
+  :class:`~vpa_lightning.data.datamodule.GroupCollator` (one group = one image, one prompt, its K
+  responses and its pairs). Per step: one no-grad reference forward and one policy forward +
+  backward over the ``N = sum(K)`` distinct responses of the batch (each response once), then the
+  loss over all pairs of the groups.
+* **TRL**: ``trl.DPOTrainer`` (``Trainer.train``) on a ``datasets.Dataset`` in TRL's vision format
+  (``images`` column + conversational ``prompt`` / ``chosen`` / ``rejected``), ``processing_class``
+  = the processor, ``peft_config`` = the same LoRA config, ``precompute_ref_log_probs=False``.
+  One dataset row is one pair, so per step: one no-grad reference forward and one policy forward +
+  backward over ``2 x pairs`` sequences (the chosen and the rejected of every pair).
+
+Settings:
+
+1. ``pairwise`` (SeVa-like): ``--pairs-per-step`` (image, prompt, chosen, rejected) pairs per step;
+   vpa gets them as K=2 groups, TRL as pair rows: both run ``2 x pairs`` sequences per forward.
+2. ``groups`` (VLFeedback-like): every prompt has 4 ranked responses and all 6 pairs among them;
+   ``--groups-per-step`` groups per step = ``6 x groups`` pairs. vpa runs ``4 x groups``
+   sequences per forward; TRL gets the 6 pairs of each group as 6 rows (``6 x groups`` rows per
+   step) and runs ``12 x groups`` sequences per forward, every response 3 times.
+
+Differences that remain: TRL's conversational format scores ``response<|end|>\n`` (the chat
+template's newline after the end-of-turn token) where vpa scores ``response<|end|>``: one more token
+per sequence on the TRL side (about 0.3 % of a ~330-token sequence). TRL's fused LM head also
+computes per-token entropy, mean logit and top-1 metrics, and vpa's module updates its torchmetrics;
+both are part of how each tool runs. Sequences are right-padded to the longest of the batch on both
+sides (TRL left-pads prompts, then flushes left).
+
+Measurement: each (setting, side) runs in its own subprocess (peak memory is its own: peak RSS
+``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), ``--warmup`` untimed steps then
+``--steps`` timed optimizer steps, timed between step-end timestamps (a Lightning callback's
+``on_train_batch_end``; a ``TrainerCallback.on_step_end`` for TRL), so batch collation is inside the
+timed window on both sides. Runs are interleaved (side order alternates) and repeated
+``--repeats`` times; the best throughput of each side is kept (this VM is noisy). The first step's
+loss is printed for both: with LoRA at identity the policy equals the reference, so it must be
+ln 2 = 0.6931 on both sides, which checks that they compute the same loss. ``--json PATH`` writes
+the command line, device, versions and all figures. Not a test: timings never go in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BETA = 0.1
+LR = 5e-6
+LORA_R, LORA_ALPHA = 16, 32
+MAX_GRAD_NORM = 1.0
+K_GROUP = 4  # responses per VLFeedback-like group
+
+QUESTIONS = [
+    "What is in the image? Describe the picture in detail.",
+    "How many people are in this picture?",
+    "Is there a car in the image?",
+    "What is the weather like in this scene?",
+    "Describe the objects on the table.",
+    "What is the man doing?",
+]
+
+
+# -- model and data ------------------------------------------------------------------------------
+def build_model(out_dir: str, image_size: int, seed: int = 0) -> None:
+    """Build the LLaVA-shaped model + processor from configs and save both to ``out_dir``."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from vpa_lightning.models.tiny import (
+        _image_processor_class,
+        build_tiny_tokenizer,
+        chat_template,
+    )
+
+    patch = 14
+    if image_size % patch:
+        raise ValueError(f"--image-size must be a multiple of {patch}")
+    tokenizer = build_tiny_tokenizer(["<image>"])
+    vision = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        projection_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    image_processor = _image_processor_class("CLIPImageProcessor")(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template("<image>"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def make_groups(n_groups: int, k: int, image_size: int, seed: int) -> list[dict[str, Any]]:
+    """``n_groups`` synthetic groups: a smooth random image, a question, ``k`` responses of 3-5 sentences."""
+    import numpy as np
+    from PIL import Image
+
+    from vpa_lightning.models.tiny import _CORPUS
+
+    rng = random.Random(seed)
+    nprng = np.random.default_rng(seed)
+    groups = []
+    for g in range(n_groups):
+        small = (nprng.random((8, 8, 3)) * 255).astype("uint8")
+        image = Image.fromarray(small).resize((image_size, image_size), Image.BILINEAR)
+        responses = [" ".join(rng.sample(_CORPUS, rng.randint(3, 5))) for _ in range(k)]
+        groups.append({"key": f"g{seed}-{g:05d}", "image": image, "prompt": rng.choice(QUESTIONS), "responses": responses})
+    return groups
+
+
+def all_pairs(k: int) -> list[tuple[int, int]]:
+    """Ranked responses: response i is preferred to response j for every i < j."""
+    return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+# -- measurement helpers ---------------------------------------------------------------------------
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _finish(spec: dict[str, Any], stamps: list[float], loss0: float | None, pairs_per_step: int, extra: dict) -> dict:
+    import torch
+
+    warmup, steps = spec["warmup"], spec["steps"]
+    if len(stamps) < warmup + steps:
+        raise RuntimeError(f"only {len(stamps)} steps recorded, expected {warmup + steps}")
+    # stamps[i] = end of step i+1; the timed window is steps warmup+1 .. warmup+steps
+    elapsed = stamps[warmup + steps - 1] - stamps[warmup - 1]
+    step_times = [b - a for a, b in zip(stamps[warmup - 1 : warmup + steps - 1], stamps[warmup : warmup + steps])]
+    out = {
+        "seconds": elapsed,
+        "step_seconds": step_times,
+        "pairs_per_step": pairs_per_step,
+        "pairs_per_s": steps * pairs_per_step / elapsed,
+        "pairs_per_s_median_step": pairs_per_step / sorted(step_times)[len(step_times) // 2],
+        "loss_step0": loss0,
+        "rss_before_train_mib": spec["_rss_before"],
+        **extra,
+    }
+    if spec["device"] == "cuda":
+        out["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["peak_memory_mib"] = out["peak_cuda_allocated_mib"]
+    else:
+        out["peak_rss_mib"] = _peak_rss_mib()
+        out["peak_memory_mib"] = out["peak_rss_mib"]
+    return out
+
+
+def _pairs_layout(spec: dict[str, Any]) -> tuple[int, int, int]:
+    """(groups per step, responses per group, pairs per step)."""
+    if spec["setting"] == "pairwise":
+        return spec["pairs_per_step"], 2, spec["pairs_per_step"]
+    return spec["groups_per_step"], K_GROUP, spec["groups_per_step"] * len(all_pairs(K_GROUP))
+
+
+# -- vpa worker ----------------------------------------------------------------------------------
+def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vpa_lightning.data.datamodule import GroupCollator, PreferenceExample
+    from vpa_lightning.losses import DPOLoss
+    from vpa_lightning.models.logps import PreferenceGroup
+    from vpa_lightning.module import VisionDPOModule
+
+    torch.manual_seed(0)
+    g_step, k, pairs_per_step = _pairs_layout(spec)
+    n_steps = spec["warmup"] + spec["steps"]
+    pairs = [(0, 1)] if k == 2 else all_pairs(k)
+    examples = [
+        PreferenceExample(
+            key=g["key"],
+            group=PreferenceGroup(image=g["image"], prompt=g["prompt"], responses=g["responses"], id=g["key"]),
+            pairs=list(pairs),
+            probability=[math.nan] * len(pairs),
+            margin=[math.nan] * len(pairs),
+        )
+        for g in make_groups(g_step * n_steps, k, spec["image_size"], seed=spec["data_seed"])
+    ]
+    module = VisionDPOModule(
+        spec["model_dir"],
+        loss=DPOLoss(beta=BETA),
+        lora=True,
+        lora_r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        learning_rate=LR,
+        warmup_ratio=0.0,
+        gradient_checkpointing=False,
+        prefix_sharing=spec.get("prefix_sharing", False),
+    )
+    loader = DataLoader(
+        examples,
+        batch_size=g_step,
+        shuffle=False,
+        collate_fn=GroupCollator(module.processor, max_length=spec["max_length"]),
+        num_workers=0,
+    )
+
+    class Timer(pl.Callback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+            self.loss0: float | None = None
+            self.rows: list[int] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if spec["device"] == "cuda":
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+            self.rows.append(int(batch["inputs"].labels.shape[0]))
+            if self.loss0 is None:
+                self.loss0 = float(outputs["loss"].detach())
+
+    timer = Timer()
+    trainer = pl.Trainer(
+        accelerator="gpu" if spec["device"] == "cuda" else "cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=n_steps,
+        max_epochs=1,
+        gradient_clip_val=MAX_GRAD_NORM,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
+    if spec["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    spec["_rss_before"] = _rss_mib()
+    trainer.fit(module, train_dataloaders=loader)
+    seqs = timer.rows[spec["warmup"]] if len(timer.rows) > spec["warmup"] else None
+    return _finish(
+        spec,
+        timer.stamps,
+        timer.loss0,
+        pairs_per_step,
+        {
+            "how": "lightning.Trainer.fit(VisionDPOModule) over DataLoader(GroupCollator)",
+            "sequences_per_forward": seqs,
+            "forwards_per_step": "1 reference (no grad) + 1 policy (grad), each over all distinct responses",
+        },
+    )
+
+
+# -- TRL worker ----------------------------------------------------------------------------------
+def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    g_step, k, pairs_per_step = _pairs_layout(spec)
+    n_steps = spec["warmup"] + spec["steps"]
+    pairs = [(0, 1)] if k == 2 else all_pairs(k)
+    rows = []
+    for g in make_groups(g_step * n_steps, k, spec["image_size"], seed=spec["data_seed"]):
+        for c, j in pairs:  # one row per pair: each response is recomputed for every pair it is in
+            rows.append(
+                {
+                    "images": [g["image"]],
+                    "prompt": [{"role": "user", "content": g["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": g["responses"][c]}],
+                    "rejected": [{"role": "assistant", "content": g["responses"][j]}],
+                }
+            )
+    dataset = Dataset.from_list(rows)
+    model = AutoModelForImageTextToText.from_pretrained(spec["model_dir"])
+    processor = AutoProcessor.from_pretrained(spec["model_dir"])
+    peft_config = LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=spec["lora_targets"], task_type="CAUSAL_LM"
+    )
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        report_to="none",
+        use_cpu=spec["device"] != "cuda",
+        bf16=False,
+        fp16=False,
+        activation_checkpointing=False,
+        per_device_train_batch_size=pairs_per_step,
+        gradient_accumulation_steps=1,
+        max_steps=n_steps,
+        learning_rate=LR,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        max_grad_norm=MAX_GRAD_NORM,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=spec["max_length"],
+        precompute_ref_log_probs=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        train_sampling_strategy="sequential",  # same batches, in the same order, as vpa
+        logging_first_step=True,
+        logging_steps=10**9,
+        save_strategy="no",
+        eval_strategy="no",
+        seed=0,
+    )
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+            self.loss0: float | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if spec["device"] == "cuda":
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.loss0 is None and logs and "loss" in logs:
+                self.loss0 = float(logs["loss"])
+
+    timer = Timer()
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+        callbacks=[timer],
+    )
+    # sequences per forward: the collator's batch of 2 x pairs rows
+    sample = trainer.data_collator([dict(r) for r in rows[:pairs_per_step]])
+    seqs = int(sample["input_ids"].shape[0])
+    if spec["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    spec["_rss_before"] = _rss_mib()
+    trainer.train()
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    return _finish(
+        spec,
+        timer.stamps,
+        timer.loss0,
+        pairs_per_step,
+        {
+            "how": "trl.DPOTrainer.train() (peft_config LoRA, adapters disabled for the reference)",
+            "sequences_per_forward": seqs,
+            "forwards_per_step": "1 reference (no grad) + 1 policy (grad), each over chosen+rejected of every pair",
+        },
+    )
+
+
+# -- driver --------------------------------------------------------------------------------------
+def _worker_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    result = (run_vpa if spec["side"] == "vpa" else run_trl)(spec)
+    Path(spec["out"]).write_text(json.dumps(result))
+
+
+def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    spec = {**spec, "out": out}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--_worker", json.dumps(spec)],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise RuntimeError(f"{spec['side']} / {spec['setting']} worker failed (exit {proc.returncode})")
+    result = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return result
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "trl", "lightning", "datasets", "accelerate"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones (>= 1)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side and setting (best kept)")
+    parser.add_argument("--pairs-per-step", type=int, default=8, help="pairwise setting: pairs per optimizer step")
+    parser.add_argument("--groups-per-step", type=int, default=2, help="groups setting: 4-response groups per step")
+    parser.add_argument("--image-size", type=int, default=224, help="image side (patch 14: (size/14)^2 image tokens)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--settings", default="pairwise,groups")
+    parser.add_argument("--prefix-sharing", action="store_true",
+                        help="vpa side with --model.prefix_sharing (image + prompt once per group)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "both"],
+                        help="auto = cpu, plus cuda when available")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/trainer_vs_trl.json"))
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker run")
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._worker:
+        _worker_main(args._worker)
+        return
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1")
+
+    import torch
+
+    from vpa_lightning.module import default_lora_targets
+
+    if args.device == "auto" or args.device == "both":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        devices = [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        parser.error("CUDA is not available")
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+
+    t_start = time.perf_counter()
+    model_dir = tempfile.mkdtemp(prefix="vpa-vs-trl-model-")
+    build_model(model_dir, args.image_size)
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    lora_targets = default_lora_targets(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    print(f"model: LLaVA (CLIP {args.image_size}px/14 = {(args.image_size // 14) ** 2} image tokens, "
+          f"Llama 256x4), {n_params / 1e6:.2f} M parameters; LoRA targets {lora_targets}")
+
+    results: dict[str, Any] = {}
+    for device in devices:
+        for setting in settings:
+            runs: dict[str, list[dict]] = {"vpa": [], "trl": []}
+            for rep in range(args.repeats):
+                order = ["vpa", "trl"] if rep % 2 == 0 else ["trl", "vpa"]
+                for side in order:
+                    spec = {
+                        "side": side,
+                        "setting": setting,
+                        "device": device,
+                        "model_dir": model_dir,
+                        "lora_targets": lora_targets,
+                        "steps": args.steps,
+                        "warmup": args.warmup,
+                        "pairs_per_step": args.pairs_per_step,
+                        "groups_per_step": args.groups_per_step,
+                        "image_size": args.image_size,
+                        "max_length": args.max_length,
+                        "data_seed": 1234,
+                        "prefix_sharing": args.prefix_sharing,
+                    }
+                    r = _spawn(spec, args.timeout)
+                    runs[side].append(r)
+                    print(f"[{device}/{setting}] {side:3s} run {rep + 1}: {r['pairs_per_s']:.3f} pairs/s, "
+                          f"peak {r['peak_memory_mib']:.0f} MiB, step-0 loss {r['loss_step0']:.4f}, "
+                          f"{r['sequences_per_forward']} sequences/forward", flush=True)
+            best = {side: max(rs, key=lambda r: r["pairs_per_s"]) for side, rs in runs.items()}
+            entry = {
+                "pairs_per_step": best["vpa"]["pairs_per_step"],
+                "vpa": {**best["vpa"], "all_pairs_per_s": [r["pairs_per_s"] for r in runs["vpa"]],
+                        "all_peak_memory_mib": [r["peak_memory_mib"] for r in runs["vpa"]]},
+                "trl": {**best["trl"], "all_pairs_per_s": [r["pairs_per_s"] for r in runs["trl"]],
+                        "all_peak_memory_mib": [r["peak_memory_mib"] for r in runs["trl"]]},
+                "throughput_ratio_vpa_over_trl": best["vpa"]["pairs_per_s"] / best["trl"]["pairs_per_s"],
+                "peak_memory_ratio_vpa_over_trl": best["vpa"]["peak_memory_mib"] / best["trl"]["peak_memory_mib"],
+                "target_throughput_ratio": 1.5 if setting == "pairwise" else 3.0,
+            }
+            entry["step0_loss_matches_ln2"] = all(
+                abs(best[s]["loss_step0"] - math.log(2)) < 1e-3 for s in ("vpa", "trl")
+            )
+            results[f"{device}/{setting}"] = entry
+
+    mem_name = {"cpu": "peak RSS", "cuda": "peak CUDA alloc"}
+    print()
+    header = (f"{'device/setting':18s} {'pairs/step':>10s} {'vpa pairs/s':>12s} {'TRL pairs/s':>12s} {'ratio':>6s} "
+              f"{'target':>6s} {'vpa MiB':>8s} {'TRL MiB':>8s} {'mem ratio':>9s} {'vpa seq':>7s} {'TRL seq':>7s} "
+              f"{'loss0 vpa/TRL':>14s}")
+    print(header)
+    print("-" * len(header))
+    for key, e in results.items():
+        v, t = e["vpa"], e["trl"]
+        print(f"{key:18s} {e['pairs_per_step']:>10d} {v['pairs_per_s']:>12.3f} {t['pairs_per_s']:>12.3f} "
+              f"{e['throughput_ratio_vpa_over_trl']:>5.2f}x {e['target_throughput_ratio']:>5.1f}x "
+              f"{v['peak_memory_mib']:>8.0f} {t['peak_memory_mib']:>8.0f} {e['peak_memory_ratio_vpa_over_trl']:>9.2f} "
+              f"{v['sequences_per_forward']:>7} {t['sequences_per_forward']:>7} "
+              f"{v['loss_step0']:.4f}/{t['loss_step0']:.4f}")
+    print(f"(memory = {', '.join(mem_name[d] for d in devices)}; seq = sequences per forward pass, "
+          f"2 forwards per step on both sides: reference no-grad + policy with grad; ln 2 = {math.log(2):.4f})")
+
+    report = {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "devices": devices,
+        "device_names": {
+            "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
+            **({"cuda": torch.cuda.get_device_name(0)} if "cuda" in devices else {}),
+        },
+        "torch_threads": torch.get_num_threads(),
+        "versions": _versions(),
+        "model": {
+            "family": "llava",
+            "parameters": n_params,
+            "image_tokens": (args.image_size // 14) ** 2,
+            "vision": "CLIP, hidden 128, 2 layers, patch 14",
+            "text": "Llama, hidden 256, intermediate 704, 4 layers, 8 heads / 4 KV heads",
+            "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "target_modules": lora_targets},
+        },
+        "training": {"beta": BETA, "loss": "sigmoid", "lr": LR, "optimizer": "AdamW", "max_grad_norm": MAX_GRAD_NORM,
+                     "dtype": "float32", "gradient_checkpointing": False, "logps": "summed"},
+        "results": results,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    shutil.rmtree(model_dir, ignore_errors=True)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
