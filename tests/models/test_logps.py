@@ -323,7 +323,8 @@ def test_select_rows_equals_the_full_batch_rows(tiny) -> None:
 def test_prefix_sharing_equals_the_plain_forward(tiny, max_length) -> None:
     """share_prefix=True (image + prompt once per group, responses on the shared KV cache) gives the
     plain path's log-probs, token counts and gradients, for every family (Qwen2-VL: M-RoPE positions)."""
-    _, model, processor = tiny
+    family, _, _ = tiny
+    model, processor = build_tiny_vlm(family)  # fresh: other tests freeze or wrap the shared one
     groups = _groups()
     if max_length is not None:  # room for a few response tokens: truncation must agree too
         longest_prompt = int(build_group_batch(processor, groups).prompt_lengths.max())
