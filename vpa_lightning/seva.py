@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 
+from vpa_lightning._io import write_text_atomic
 from vpa_lightning.augment.pixels import corrupt_pixel_values
 from vpa_lightning.models.generation import encode_for_generation, greedy_generate
 
@@ -145,12 +146,6 @@ def _load_image(image_root: Path, rel: str):
 
 
 # --------------------------------------------------------------------------- driver
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _wait_for(paths: list[Path], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not all(p.exists() for p in paths):
@@ -268,7 +263,7 @@ def generate_pairs(
             )
 
     pairs_file = out / f"pairs-rank{rank}.jsonl"
-    _write_atomic(
+    write_text_atomic(
         pairs_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     )
 
@@ -304,7 +299,7 @@ def generate_pairs(
         "pairs_file": os.fspath(pairs_file),
         "rejected_reasons": rejects,
     }
-    _write_atomic(out / f"seva-rank{rank}.json", json.dumps(counts, indent=2) + "\n")
+    write_text_atomic(out / f"seva-rank{rank}.json", json.dumps(counts, indent=2) + "\n")
     return counts
 
 

@@ -140,6 +140,7 @@ def rounds(
     Returns:
         One summary per round (also in ``OUT/round{r}/round.json``).
     """
+    from vpa_lightning._io import write_text_atomic
     from vpa_lightning.cli import cli_main
     from vpa_lightning.export import export
     from vpa_lightning.seva import generate_pairs
@@ -194,9 +195,7 @@ def rounds(
             "adapter": os.fspath(written["adapter"]) if "adapter" in written else None,
             "metrics": metrics,
         }
-        tmp = done.with_name(done.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, done)
+        write_text_atomic(done, json.dumps(summary, indent=2) + "\n")
         summaries.append(summary)
         policy = summary["model_out"]
     return summaries

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vpa_lightning._io import write_text_atomic
 from vpa_lightning.eval.base import Benchmark, EvalItem, Reject
 
 __all__ = ["ModelSpec", "evaluate", "format_table", "load_model"]
@@ -156,18 +156,6 @@ def _load_images(
     return kept, images, rejects
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -296,7 +284,7 @@ def evaluate(
                 }
                 for it, a in zip(items, answers)
             ]
-            _write_atomic(
+            write_text_atomic(
                 out / "answers" / spec.name / f"{key}.jsonl",
                 "".join(json.dumps(r) + "\n" for r in rows),
             )
@@ -306,7 +294,7 @@ def evaluate(
             torch.cuda.empty_cache()
 
     report = {"models": results, "rejects": rejects, "counts": counts}
-    _write_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
     if print_table:
         print(format_table(results))
     return report
