@@ -236,7 +236,9 @@ impl<R: BufRead> Chunks<R> {
     }
 }
 
-/// Spill buckets: in memory when everything fits one bucket, else one JSONL file per bucket.
+/// Spill buckets: in memory when everything fits one bucket, else one file per bucket of
+/// length-prefixed bincode items (a scratch format read back by this build only; binary because
+/// JSON escaping of the sample texts was a tenth of a build).
 enum Spill<T> {
     Memory(Vec<T>),
     Files { dir: PathBuf, prefix: &'static str, writers: Vec<BufWriter<File>> },
@@ -249,7 +251,7 @@ impl<T: Serialize + for<'de> Deserialize<'de>> Spill<T> {
         }
         let writers = (0..n)
             .map(|b| {
-                let p = dir.join(format!("{prefix}-{b:05}.jsonl"));
+                let p = dir.join(format!("{prefix}-{b:05}.bin"));
                 File::create(&p).map(|f| BufWriter::with_capacity(1 << 16, f)).map_err(|e| Error::output(&p, e))
             })
             .collect::<Result<_>>()?;
@@ -274,13 +276,15 @@ impl<T: Serialize + for<'de> Deserialize<'de>> Spill<T> {
                 let encoded: Vec<(usize, Vec<u8>)> = items
                     .par_iter()
                     .map(|(b, t)| {
-                        let mut line = serde_json::to_vec(t).expect("spill items serialise");
-                        line.push(b'\n');
-                        (*b, line)
+                        let mut item = vec![0u8; 4];
+                        bincode::serialize_into(&mut item, t).expect("spill items serialise");
+                        let len = u32::try_from(item.len() - 4).expect("spill item under 4 GiB");
+                        item[..4].copy_from_slice(&len.to_le_bytes());
+                        (*b, item)
                     })
                     .collect();
-                for (b, line) in encoded {
-                    writers[b].write_all(&line).map_err(|e| Error::output(&*dir, e))?;
+                for (b, item) in encoded {
+                    writers[b].write_all(&item).map_err(|e| Error::output(&*dir, e))?;
                 }
             }
         }
@@ -304,13 +308,21 @@ impl<T: Serialize + for<'de> Deserialize<'de>> Spill<T> {
         match self {
             Spill::Memory(v) => Ok(std::mem::take(v)),
             Spill::Files { dir, prefix, .. } => {
-                // A bucket fits in memory by construction; read it whole and parse lines in parallel.
-                let p = dir.join(format!("{prefix}-{b:05}.jsonl"));
+                // A bucket fits in memory by construction; read it whole and decode items in parallel.
+                let p = dir.join(format!("{prefix}-{b:05}.bin"));
                 let data = std::fs::read(&p).map_err(|e| Error::output(&p, e))?;
-                let out = data
-                    .par_split(|&c| c == b'\n')
-                    .filter(|line| !line.is_empty())
-                    .map(|line| serde_json::from_slice(line).map_err(|e| Error::output(&p, std::io::Error::other(e))))
+                let corrupt = || Error::output(&p, std::io::Error::other("truncated spill file"));
+                let mut items = Vec::new();
+                let mut at = 0usize;
+                while at < data.len() {
+                    let len = data.get(at..at + 4).ok_or_else(corrupt)?;
+                    let len = u32::from_le_bytes(len.try_into().unwrap()) as usize;
+                    items.push(data.get(at + 4..at + 4 + len).ok_or_else(corrupt)?);
+                    at += 4 + len;
+                }
+                let out = items
+                    .par_iter()
+                    .map(|item| bincode::deserialize(item).map_err(|e| Error::output(&p, std::io::Error::other(e))))
                     .collect::<Result<Vec<T>>>()?;
                 std::fs::remove_file(&p).map_err(|e| Error::output(&p, e))?;
                 Ok(out)
