@@ -154,16 +154,24 @@ fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
         Ok(t) => t,
         Err(e) => return unowned_reject(vec![], Reject::record(&src, "$", format!("invalid UTF-8: {e}"))),
     };
-    let value: serde_json::Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(e) => return unowned_reject(vec![], Reject::record(&src, "$", format!("malformed JSON: {e}"))),
-    };
     let ctx = Ctx { src: &src, aspects: &fc.aspects, max_text_chars: fc.cfg.max_text_chars };
-    let parsed = parse::parse(&value, fc.format, &ctx);
-    let mut response_rejects = parsed.response_rejects;
-    let draft = match parsed.draft {
-        Ok(d) => d,
-        Err(r) => return unowned_reject(response_rejects, r),
+    let fast = match fc.format {
+        Format::Vlfeedback => parse::vlfeedback_fast(text, &ctx),
+        _ => None,
+    };
+    let (draft, mut response_rejects) = match fast {
+        Some(d) => (d, vec![]),
+        None => {
+            let value: serde_json::Value = match serde_json::from_str(text) {
+                Ok(v) => v,
+                Err(e) => return unowned_reject(vec![], Reject::record(&src, "$", format!("malformed JSON: {e}"))),
+            };
+            let parsed = parse::parse(&value, fc.format, &ctx);
+            match parsed.draft {
+                Ok(d) => (d, parsed.response_rejects),
+                Err(r) => return unowned_reject(parsed.response_rejects, r),
+            }
+        }
     };
     let path = image::resolve(&draft.image, &fc.image_root);
     let img = match image::read(&path) {

@@ -330,6 +330,163 @@ fn pairwise(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
     }
 }
 
+/// A JSON string, borrowed from the input when it holds no escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(s.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A rating as [`rating`] reads it: `None` when [`rating`] would reject it (or when an object
+/// holds several "rating" keys, where the `Value` path's choice depends on key order).
+struct FastRating(Option<f64>);
+
+impl<'de> serde::Deserialize<'de> for FastRating {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FastRating;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a rating")
+            }
+            fn visit_u64<E>(self, x: u64) -> Result<FastRating, E> {
+                Ok(FastRating(Some(x as f64)))
+            }
+            fn visit_i64<E>(self, x: i64) -> Result<FastRating, E> {
+                Ok(FastRating(Some(x as f64)))
+            }
+            fn visit_f64<E>(self, x: f64) -> Result<FastRating, E> {
+                Ok(FastRating(Some(x).filter(|x| x.is_finite())))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<FastRating, E> {
+                Ok(FastRating(s.trim().parse::<f64>().ok().filter(|x| x.is_finite())))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<FastRating, E> {
+                Ok(FastRating(None))
+            }
+            fn visit_unit<E>(self) -> Result<FastRating, E> {
+                Ok(FastRating(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<FastRating, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(FastRating(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<FastRating, A::Error> {
+                let mut found: Option<Option<f64>> = None;
+                let mut ambiguous = false;
+                while let Some(k) = a.next_key::<Text>()? {
+                    if k.0.eq_ignore_ascii_case("rating") {
+                        ambiguous |= found.is_some();
+                        found = Some(a.next_value::<FastRating>()?.0);
+                    } else {
+                        a.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(FastRating(if ambiguous { None } else { found.flatten() }))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Annotations as (aspect as written, rating) entries, rationales skipped unread.
+struct FastAnnotations<'a>(Vec<(Cow<'a, str>, Option<f64>)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for FastAnnotations<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FastAnnotations<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of ratings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<FastAnnotations<'de>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = a.next_key::<Text>()? {
+                    out.push((k.0, a.next_value::<FastRating>()?.0));
+                }
+                Ok(FastAnnotations(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct FastCompletion<'a> {
+    #[serde(borrow)]
+    model: Option<Text<'a>>,
+    #[serde(borrow)]
+    response: Option<Text<'a>>,
+    #[serde(borrow)]
+    annotations: Option<FastAnnotations<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct FastRow<'a> {
+    #[serde(borrow)]
+    prompt: Option<Text<'a>>,
+    #[serde(borrow)]
+    img_path: Option<Text<'a>>,
+    #[serde(borrow)]
+    completions: Option<Vec<FastCompletion<'a>>>,
+}
+
+/// Fast path for the common, valid VLFeedback row (`prompt`, `img_path`, a list of completions):
+/// typed, borrowing deserialisation that skips the rationales instead of building a `Value`
+/// tree (which was the largest cost of validation). It gives up (`None`) on anything else —
+/// other key spellings, the column form, duplicate keys, any invalid text or rating — and the
+/// `Value` path then parses the record and reports each problem by field. Where it answers, it
+/// answers exactly what [`parse`] does (tested below).
+pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
+    if ctx.aspects.is_empty() {
+        return None; // absent vs null annotations differ then; leave it to the Value path
+    }
+    let row: FastRow = serde_json::from_str(text).ok()?;
+    let prompt = clean_prompt(&row.prompt?.0);
+    check_text("prompt", &prompt, ctx).ok()?;
+    let image = row.img_path?.0;
+    if image.trim().is_empty() {
+        return None;
+    }
+    let completions = row.completions?;
+    let mut responses = Vec::with_capacity(completions.len());
+    for c in completions {
+        let text = c.response?.0;
+        check_text("response", &text, ctx).ok()?;
+        let ann = c.annotations?.0;
+        let mut scores = BTreeMap::new();
+        for (name, _) in ctx.aspects {
+            let mut hits = ann.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name));
+            let (_, r) = hits.next()?;
+            if hits.next().is_some() {
+                return None;
+            }
+            scores.insert(name.clone(), (*r)?);
+        }
+        responses.push(Response { text: text.into_owned(), model: c.model.map(|m| m.0.into_owned()), scores });
+    }
+    if responses.is_empty() {
+        return None;
+    }
+    Some(Draft { prompt, image: image.into_owned(), responses, explicit_pairs: vec![] })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,5 +581,46 @@ mod tests {
         let v = json!({"image": "a", "question": "q", "chosen": long, "rejected": "n"});
         let r = parse(&v, Format::Pairwise, &ctx(&src, &[])).draft.unwrap_err();
         assert!(r.reason.contains("over the limit"));
+    }
+    #[test]
+    fn vlfeedback_fast_path_agrees_or_defers() {
+        let src = Source { file: "f".into(), line: 1 };
+        let a = vlf_aspects();
+        let c = ctx(&src, &a);
+        let ok = [
+            r#"{"id": "1", "prompt": "<image>\nWhat?", "img_path": "x.png", "models": ["m1"], "completions": [
+                {"model": "m1", "response": "A \"quoted\" \u00e9 answer", "annotations": {"Helpfulness": {"Rating": "4", "Rationale": "r"},
+                 "visual faithfulness": {"rating": 5}, "Ethical Considerations": {"Rating": " 3.5 "}}},
+                {"model": null, "response": "B", "extra": [1, {"x": 2}], "annotations": {"Helpfulness": 2,
+                 "Visual Faithfulness": "1", "Ethical Considerations": {"Rationale": "x", "RATING": {"Rating": 1e0}}, "Other": "N/A"}}]}"#,
+            r#"{"prompt": "Q", "question": "ignored", "img_path": "a b.jpg", "completions": [{"response": "only", "annotations":
+                {"Helpfulness": -1, "Visual Faithfulness": 0, "Ethical Considerations": 2}}]}"#,
+        ];
+        for t in ok {
+            let v: Value = serde_json::from_str(t).unwrap();
+            let slow = parse(&v, Format::Vlfeedback, &c);
+            assert!(slow.response_rejects.is_empty());
+            assert_eq!(vlfeedback_fast(t, &c), Some(slow.draft.unwrap()), "{t}");
+        }
+        let defer = [
+            r#"{"prompt": "Q", "img_path": "x", "completions": [{"response": "A", "annotations": {"Helpfulness": "N/A", "Visual Faithfulness": 1, "Ethical Considerations": 1}}]}"#,
+            r#"{"prompt": "Q", "img_path": "x", "completions": [{"response": " ", "annotations": {"Helpfulness": 1, "Visual Faithfulness": 1, "Ethical Considerations": 1}}]}"#,
+            r#"{"prompt": "Q", "img_path": "x", "completions": [{"response": "A", "annotations": {"Helpfulness": 1, "Visual Faithfulness": 1}}]}"#,
+            r#"{"prompt": "Q", "img_path": "x", "completions": [{"response": "A", "annotations": {"Helpfulness": 1, "helpfulness": 2, "Visual Faithfulness": 1, "Ethical Considerations": 1}}]}"#,
+            r#"{"prompt": "Q", "img_path": "x", "completions": [{"response": "A", "annotations": {"Helpfulness": {"Rating": 1, "rating": 2}, "Visual Faithfulness": 1, "Ethical Considerations": 1}}]}"#,
+            r#"{"prompt": "Q", "img_path": "x", "completions": [{"response": "A", "annotations": {"Helpfulness": null, "Visual Faithfulness": 1, "Ethical Considerations": 1}}]}"#,
+            r#"{"prompt": "Q", "img_path": "x", "completions": {"response": ["A"], "annotations": [{"Helpfulness": 1, "Visual Faithfulness": 1, "Ethical Considerations": 1}]}}"#,
+            r#"{"prompt": "Q", "prompt": "R", "img_path": "x", "completions": [{"response": "A", "annotations": {"Helpfulness": 1, "Visual Faithfulness": 1, "Ethical Considerations": 1}}]}"#,
+            r#"{"question": "Q", "img_path": "x", "completions": [{"response": "A", "annotations": {"Helpfulness": 1, "Visual Faithfulness": 1, "Ethical Considerations": 1}}]}"#,
+            r#"{"prompt": "Q", "image": "x", "completions": [{"response": "A", "annotations": {"Helpfulness": 1, "Visual Faithfulness": 1, "Ethical Considerations": 1}}]}"#,
+            r#"{"prompt": "<image>", "img_path": "x", "completions": [{"response": "A", "annotations": {"Helpfulness": 1, "Visual Faithfulness": 1, "Ethical Considerations": 1}}]}"#,
+            r#"{"prompt": "Q", "img_path": "x", "completions": []}"#,
+            r#"{"prompt": "Q", "img_path": "x", "completions": [{"model": 3, "response": "A", "annotations": {"Helpfulness": 1, "Visual Faithfulness": 1, "Ethical Considerations": 1}}]}"#,
+            r#"[1, 2]"#,
+        ];
+        for t in defer {
+            assert_eq!(vlfeedback_fast(t, &c), None, "{t}");
+        }
+        assert_eq!(vlfeedback_fast(ok[1], &ctx(&src, &[])), None);
     }
 }
