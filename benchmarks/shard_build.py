@@ -5,8 +5,10 @@
 Generates (once, cached in the workdir) VLFeedback-style records with 4 responses x 3 aspects
 and one small real JPEG per record (plus 2% exact duplicates and 0.5% bad lines), then in one
 run: the Rust build (``vpa_lightning.data.build``), the plain-Python reference build
-(``reference_build.py``: json + hashlib + tarfile + a Python Bradley-Terry fit) and a plain
-file copy of the same images. Each build runs in its own process so peak RSS is its own. The
+(``reference_build.py``: json + hashlib + tarfile + a Python Bradley-Terry fit), a plain
+file copy of the same images, and the I/O floor (``io_floor/``, Rust, built with cargo when it is
+on PATH: read the annotations, read + sha256 every image in parallel, write the image bytes once
+while hashing them, and nothing else: no build can be faster on this machine). Each build runs in its own process so peak RSS is its own. The
 two builds must produce the same samples (keys, pairs, strengths) before any ratio is reported.
 Results go to stdout and ``benchmarks/results/shard_build.json``.
 """
@@ -141,6 +143,22 @@ def copy_images(work: Path) -> tuple[float, int]:
     return dt, n
 
 
+def io_floor(work: Path, ann: Path, repeat: int) -> dict | None:
+    """Seconds of the bare I/O any build of this set must do (fastest of ``repeat``); None without cargo."""
+    if shutil.which("cargo") is None:
+        return None
+    root = HERE.parent
+    target = root / "target" / "io_floor"
+    subprocess.run(["cargo", "build", "--quiet", "--release", "--manifest-path", str(HERE / "io_floor" / "Cargo.toml"),
+                    "--target-dir", str(target)], check=True)
+    runs = []
+    for _ in range(repeat):
+        out = subprocess.run([str(target / "release" / "io_floor"), str(ann), str(work / "images"), str(work / "floor.bin")],
+                             capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout)["seconds"])
+    return {"seconds": min(runs), "runs_seconds": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=100_000)
@@ -164,6 +182,7 @@ def main() -> None:
     # Warm the page cache the same way for everyone: one copy before timing.
     copy_images(work)
     copy_s, image_bytes = copy_images(work)
+    floor = io_floor(work, ann, max(args.repeat, 3))
     modes = {}
     all_ok = True
     for mode in args.image_check:
@@ -184,6 +203,9 @@ def main() -> None:
             "python_reference": {"seconds": py["seconds"], "records_per_s": n_lines / py["seconds"], "peak_rss_mb": py["peak_rss_mb"]},
             "speedup_records_per_s": py["seconds"] / rust["seconds"],
             "image_throughput_fraction_of_copy": copy_s / rust["seconds"],
+            # how far each build is from the bare I/O, and the best speed-up any build could show here
+            "rust_seconds_over_io_floor": rust["seconds"] / floor["seconds"] if floor else None,
+            "speedup_bound_at_io_floor": py["seconds"] / floor["seconds"] if floor else None,
             "runs_seconds": {"rust": [r["seconds"] for r in rust_runs], "python_reference": [r["seconds"] for r in py_runs]},
             "outputs_identical": ok,
             "outputs_check": why,
@@ -197,12 +219,14 @@ def main() -> None:
         "image_bytes": image_bytes,
         "generate_seconds": round(gen_s, 2),
         "file_copy": {"seconds": copy_s, "image_mb_per_s": image_bytes / copy_s / 1e6},
+        "io_floor": floor,
         "image_check": modes,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"records: {n_lines:,} ({image_bytes / 1e6:.0f} MB of JPEG), {os.cpu_count()} cores; "
-          f"plain file copy of the images: {res['file_copy']['image_mb_per_s']:.0f} MB/s")
+          f"plain file copy of the images: {res['file_copy']['image_mb_per_s']:.0f} MB/s"
+          + (f"; I/O floor {floor['seconds']:.2f} s" if floor else ""))
     print(f"{'image check':12}{'build':24}{'seconds':>9}{'records/s':>11}{'peak RSS MB':>13}{'image MB/s':>12}")
     for mode, r in modes.items():
         print(f"{mode:12}{'rust (vpa-shard)':24}{r['rust']['seconds']:>9.2f}{r['rust']['records_per_s']:>11,.0f}"
@@ -211,6 +235,9 @@ def main() -> None:
               f"{r['python_reference']['records_per_s']:>11,.0f}{r['python_reference']['peak_rss_mb']:>13.0f}")
         print(f"{'':12}speed-up {r['speedup_records_per_s']:.1f}x; rust image throughput = {r['image_throughput_fraction_of_copy']:.2f} "
               f"of a file copy; outputs identical: {r['outputs_identical']} ({r['outputs_check']})")
+        if floor:
+            print(f"{'':12}rust = {r['rust_seconds_over_io_floor']:.1f}x the I/O floor; "
+                  f"no build could beat {r['speedup_bound_at_io_floor']:.1f}x here")
     if not all_ok:
         sys.exit(1)
 
