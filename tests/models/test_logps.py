@@ -358,3 +358,66 @@ def test_prefix_sharing_needs_one_prompt_per_group_and_forward_method() -> None:
     batch.group_sizes = [5]
     with pytest.raises(ValueError, match="do not share one prompt"):
         group_logps(model, batch, share_prefix=True)
+
+
+def _vision_module(family: str, model):
+    return {"llava": lambda: model.model.vision_tower, "qwen2_vl": lambda: model.model.visual,
+            "idefics3": lambda: model.model.vision_model}[family]()
+
+
+@pytest.mark.parametrize("method", ["forward", "hidden"])
+def test_vision_tower_runs_once_per_group(tiny, method) -> None:
+    """The default path encodes each group's image once (2 images for 2 groups of 2 + 3 rows), with the
+    same log-probs and gradients (vision tower and projector included) as encoding every row."""
+    family, _, _ = tiny
+    model, processor = build_tiny_vlm(family)  # fresh: other tests freeze or wrap the shared one
+    batch = build_group_batch(processor, _groups())
+    images_seen: list[int] = []
+
+    def count(_module, args, kwargs):
+        if family == "qwen2_vl":
+            images_seen.append(kwargs["grid_thw"].shape[0])
+        else:
+            images_seen.append((args[0] if args else kwargs["pixel_values"]).shape[0])
+
+    handle = _vision_module(family, model).register_forward_pre_hook(count, with_kwargs=True)
+    results, grads, counts = [], [], []
+    try:
+        for share in (False, True):
+            model.zero_grad()
+            images_seen.clear()
+            out = group_logps(model, batch, method=method, share_image=share)
+            (out.sum_logps * torch.arange(1, 6)).sum().backward()
+            counts.append(sum(images_seen))
+            results.append(out)
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    finally:
+        handle.remove()
+    assert counts == [5, 2]
+    plain, shared = results
+    torch.testing.assert_close(shared.sum_logps, plain.sum_logps, rtol=1e-5, atol=1e-5)
+    assert shared.n_tokens.tolist() == plain.n_tokens.tolist()
+    assert grads[0].keys() == grads[1].keys()
+    vision = [n for n in grads[0] if any(k in n for k in ("vision", "visual", "projector", "connector", "merger"))]
+    assert vision, "the vision side should get gradients"
+    # float32 sums in another order: compare at the scale of the gradients (k_proj biases get ~0 in exact arithmetic)
+    scale = max(float(torch.linalg.vector_norm(g)) for g in grads[0].values())
+    for name, a in grads[0].items():
+        assert float(torch.linalg.vector_norm(grads[1][name] - a)) <= 1e-4 * scale + 1e-3 * float(torch.linalg.vector_norm(a)), name
+    model.zero_grad()
+
+
+def test_encode_images_once_leaves_one_row_groups_and_the_model_as_they_were(tiny) -> None:
+    from vpa_lightning.models.logps import encode_images_once, select_rows
+
+    family, model, processor = tiny
+    batch = build_group_batch(processor, _groups())
+    one_each = select_rows(batch, torch.tensor([0, 2]))  # one row per group: nothing to share
+    with torch.no_grad():
+        out = group_logps(model, one_each)
+        full = group_logps(model, batch)
+    torch.testing.assert_close(out.sum_logps, full.sum_logps[[0, 2]], rtol=1e-5, atol=1e-5)
+    inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    with encode_images_once(model, batch):
+        assert "get_image_features" in vars(inner)
+    assert "get_image_features" not in vars(inner)  # the patch is gone after the forward

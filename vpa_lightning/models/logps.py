@@ -26,9 +26,13 @@ Every processor output (``pixel_values``, ``image_grid_thw``, ``image_sizes``,
 ``pixel_attention_mask``, ``mm_token_type_ids``, ...) is passed to the model;
 per-token outputs (those shaped like ``input_ids``) are extended over the
 response with 0 (text token; see ``response_fill`` for prefix-LM models such as
-PaliGemma) and padded with 0. The image inputs are computed
-for every sequence (the image of a group is repeated K times), which keeps the
-code family-agnostic; the vision tower therefore runs once per sequence.
+PaliGemma) and padded with 0. The image inputs are built for every sequence
+(the image of a group is repeated K times), which keeps batching
+family-agnostic, but the vision tower runs **once per group**: during the
+forward, the model's ``get_image_features`` is given the first row of each
+group and its per-image features are reused for the group's other rows (see
+:func:`encode_images_once`; identical log-probs and gradients, tested per
+family).
 
 Truncation never cuts image tokens: with ``max_length`` the response is cut
 from the end; if the prompt alone (image tokens included) leaves no room for
@@ -37,7 +41,9 @@ at least one response token, a ``ValueError`` names the group.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,7 +51,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GroupBatch", "GroupLogps", "PreferenceGroup", "build_group_batch", "group_logps", "prompt_messages"]
+__all__ = [
+    "GroupBatch",
+    "GroupLogps",
+    "PreferenceGroup",
+    "build_group_batch",
+    "encode_images_once",
+    "group_logps",
+    "prompt_messages",
+]
 
 IGNORE_INDEX = -100
 
@@ -287,6 +301,63 @@ def build_group_batch(
     )
 
 
+_IMAGE_KWARGS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
+
+
+@contextmanager
+def encode_images_once(model: nn.Module, batch: GroupBatch) -> Iterator[None]:
+    """Within this context, ``model``'s vision tower encodes each group's image once.
+
+    The rows of a group carry the same image inputs. The decoder-side ``*Model`` (e.g.
+    ``LlavaModel``, ``Qwen2VLModel``, ``Idefics3Model``) gets an instance-level
+    ``get_image_features`` that runs the original on the first row of every group (picked
+    with :func:`select_rows`) and hands back its per-image features (``pooler_output``, one
+    entry per row in transformers >= 5) repeated for each row, so the model's own checks and
+    scattering of image features run unchanged. Features are shared tensors, so gradients of
+    all K rows flow into the one vision pass. A model without ``get_image_features``, a batch
+    with one row per group, or an output of another shape runs as usual.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    base = getattr(inner, "model", None)
+    original = getattr(base, "get_image_features", None)
+    index = batch.group_index
+    if original is None or "pixel_values" not in batch.model_inputs or index.numel() == 0:
+        yield
+        return
+    groups, inverse = torch.unique(index, return_inverse=True)
+    if groups.numel() == index.numel():
+        yield
+        return
+    first = torch.full_like(groups, index.numel()).scatter_reduce(
+        0, inverse, torch.arange(index.numel(), device=index.device), reduce="amin"
+    )
+    try:
+        unique = select_rows(batch, first).model_inputs
+    except ValueError:  # an input that is not per row: leave the batch as it is
+        yield
+        return
+    positional = [p.name for p in inspect.signature(original).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    def once(*args: Any, **kwargs: Any) -> Any:
+        # all by keyword: the method's decorators fill config defaults by keyword
+        call = {**dict(zip(positional, args)), **kwargs}
+        for name in _IMAGE_KWARGS:
+            if call.get(name) is not None and name in unique:
+                call[name] = unique[name]
+        out = original(**call)
+        features = getattr(out, "pooler_output", None)
+        if not isinstance(features, (list, tuple)) or len(features) != groups.numel():
+            return original(*args, **kwargs)  # an unknown layout: encode every row
+        out.pooler_output = [features[g] for g in inverse.tolist()]
+        return out
+
+    base.get_image_features = once  # instance attribute: shadows the method for this forward only
+    try:
+        yield
+    finally:
+        del base.get_image_features
+
+
 def _split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
     """(decoder returning last_hidden_state, LM head, final logit soft-cap) of a *ForConditionalGeneration."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
@@ -309,6 +380,7 @@ def group_logps(
     method: Literal["forward", "hidden"] = "forward",
     chunk_size: int = 4096,
     share_prefix: bool = False,
+    share_image: bool = True,
 ) -> GroupLogps:
     """Summed response log-probs of every row of ``batch`` with one forward pass of ``model``.
 
@@ -334,6 +406,8 @@ def group_logps(
         chunk_size: Rows per LM-head chunk of the ``"hidden"`` method.
         share_prefix: Run each group's image + prompt once and its responses on top of the
             shared KV cache (see :func:`_prefix_shared_logps`); ``"forward"`` method only.
+        share_image: Run the vision tower once per group, not once per row (see
+            :func:`encode_images_once`); same results, K times less vision work.
 
     Returns:
         :class:`GroupLogps` with ``sum_logps`` (float32) and ``n_tokens``.
@@ -350,7 +424,8 @@ def group_logps(
     targets = labels[:, 1:][predicts[:, :-1]]  # [M]
 
     if method == "forward":
-        out = model(**batch.model_inputs, logits_to_keep=predicts, use_cache=False, return_dict=True)
+        with encode_images_once(model, batch) if share_image else nullcontext():
+            out = model(**batch.model_inputs, logits_to_keep=predicts, use_cache=False, return_dict=True)
         logits = out.logits
         if logits.dim() != 2 or logits.shape[0] != targets.numel():
             raise RuntimeError(
@@ -362,7 +437,8 @@ def group_logps(
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         base, head, cap = _split_model(model)
-        hidden = base(**batch.model_inputs, use_cache=False, return_dict=True).last_hidden_state  # [N, T, H]
+        with encode_images_once(model, batch) if share_image else nullcontext():
+            hidden = base(**batch.model_inputs, use_cache=False, return_dict=True).last_hidden_state  # [N, T, H]
         if hidden.shape[:2] != labels.shape:
             raise RuntimeError(f"decoder output {tuple(hidden.shape[:2])} does not match labels {tuple(labels.shape)}")
         states = hidden[predicts]  # [M, H]
