@@ -79,7 +79,8 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def load_vlm(model_name_or_path: str, seed: int = 0, dtype: str | None = None) -> tuple[nn.Module, Any]:
-    """``(model, processor)``: ``tiny:<family>`` builds a tiny random VLM, anything else is loaded
+    """``(model, processor)``: ``tiny:<family>`` builds a tiny random VLM (size options as in
+    ``tiny:llava?image_size=56&vision_hidden=64``, see :func:`vpa_lightning.models.tiny.parse_tiny_spec`), anything else is loaded
     with ``AutoModelForImageTextToText`` / ``AutoProcessor`` (a local folder or a hub id already in the cache).
 
     ``dtype``: ``None`` (transformers' default, float32), ``"auto"`` (the checkpoint's dtype) or
@@ -144,7 +145,8 @@ class VisionDPOModule(pl.LightningModule):
     Args:
         model_name_or_path: A local folder loadable with ``AutoModelForImageTextToText``
             and ``AutoProcessor``, or ``tiny:llava`` / ``tiny:qwen2_vl`` / ``tiny:idefics3``
-            for a tiny random model (tests, demos).
+            for a tiny random model (tests, demos), optionally with size options, e.g.
+            ``tiny:llava?image_size=56&vision_hidden=64`` (see :mod:`vpa_lightning.models.tiny`).
         loss: The preference loss (``class_path`` in YAML), e.g.
             ``vpa_lightning.losses.DPOLoss`` (default, beta 0.1), ``IPOLoss``, ``HingeLoss``,
             ``RobustDPOLoss``, ``RPOLoss``, ``MDPOLoss`` (adds a pass of the chosen responses on a

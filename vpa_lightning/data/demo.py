@@ -5,12 +5,16 @@ or the count, so the right answer depends on the image. Four "models" answer in 
 rated 1-5 on helpfulness, visual faithfulness and ethics: a correct full sentence, a correct
 terse answer, and two hallucinations (wrong attribute; wrong attribute plus an invented object).
 A few deliberately bad lines show how the build rejects input with file, line and reason.
+
+:func:`answer_is_correct` scores a free-form answer (e.g. a greedy generation) against the best
+rated response of its question: right when it names the asked colour, shape or count and no other.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 COLOURS = {
@@ -125,3 +129,33 @@ def make_demo(directory: str | Path, *, num_images: int = 240, image_size: int =
     tmp.write_text("\n".join(text) + "\n")
     tmp.replace(out)
     return out
+
+
+#: The words that answer each kind of question (plural shapes match too: ``circles``).
+_VOCABULARY = {"colour": tuple(COLOURS), "shape": SHAPES, "count": tuple(NUMBERS.values())}
+
+
+def question_kind(question: str) -> str:
+    """``"colour"``, ``"shape"`` or ``"count"``: which demo question ``question`` (a prompt, with or without ``<image>``) asks."""
+    for kind, text in QUESTIONS.items():
+        if text in question:
+            return kind
+    raise ValueError(f"not a demo question: {question!r}")
+
+
+def _mentioned(kind: str, text: str) -> set[str]:
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    return {w for w in _VOCABULARY[kind] if w in words or w + "s" in words}
+
+
+def answer_is_correct(question: str, answer: str, reference: str) -> bool:
+    """Whether ``answer`` names the right colour / shape / count asked by ``question``, and no wrong one.
+
+    ``reference`` is a correct answer to the same question (the best rated response, e.g. "There
+    are two red circles in the image."); the right value is the one word of the asked kind in it.
+    """
+    kind = question_kind(question)
+    expected = _mentioned(kind, reference)
+    if len(expected) != 1:
+        raise ValueError(f"reference {reference!r} names {sorted(expected) or 'no'} {kind}, expected exactly one")
+    return _mentioned(kind, answer) == expected

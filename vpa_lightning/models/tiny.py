@@ -20,6 +20,13 @@ Supported families (``TINY_FAMILIES``):
     shuffle + tiny Llama, ``Idefics3Processor`` with ``Idefics3ImageProcessor``
     (56 px, 4 image tokens, image splitting off by default).
 
+Sizes: ``image_size`` (side of the processed image in pixels) and ``vision_hidden`` (width of
+the vision tower) can be raised from the defaults above, e.g. for a demo whose answers must be
+read off the image (see :data:`TINY_OPTIONS`). They are also reachable from a model spec string,
+``tiny:llava?image_size=56&vision_hidden=64`` (:func:`parse_tiny_spec`), wherever
+``model_name_or_path`` takes ``tiny:<family>``. Without options every family is built exactly
+as before (same config, same weights for a given seed).
+
 Image processors use the backend that ``AutoImageProcessor`` picks in the
 current environment (torchvision if installed, else PIL), so a saved folder
 loads back with identical preprocessing. ``qwen2_vl`` needs torchvision:
@@ -41,9 +48,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_FAMILIES", "build_tiny_tokenizer", "build_tiny_vlm", "chat_template"]
+__all__ = ["TINY_FAMILIES", "TINY_OPTIONS", "build_tiny_tokenizer", "build_tiny_vlm", "chat_template", "parse_tiny_spec"]
 
 TINY_FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "idefics3")
+
+#: Size options of :func:`build_tiny_vlm` and their defaults per family. ``image_size`` must be a
+#: multiple of the family's step (llava: the patch, 14; qwen2_vl and idefics3: patch x merge, 28);
+#: ``vision_hidden`` a multiple of 2 (the vision tower's 2 attention heads). llava also takes
+#: ``vision_init_factor``, the CLIP ``initializer_factor`` of its vision tower (default 10:
+#: large random weights; 1 gives features from which colour and count are easier to read).
+TINY_OPTIONS: dict[str, dict[str, int]] = {
+    "llava": {"image_size": 28, "vision_hidden": 32, "vision_init_factor": 10},
+    "qwen2_vl": {"image_size": 56, "vision_hidden": 32},
+    "idefics3": {"image_size": 56, "vision_hidden": 32},
+}
+_IMAGE_STEP = {"llava": 14, "qwen2_vl": 28, "idefics3": 28}
 
 # A short corpus: enough for the BPE to learn some merges; any text still encodes (byte-level).
 _CORPUS = [
@@ -172,7 +191,7 @@ def _llama_text_kwargs(tokenizer, hidden_size: int = 32) -> dict[str, Any]:
     }
 
 
-def _build_llava(tokenizer):
+def _build_llava(tokenizer, image_size: int = 28, vision_hidden: int = 32, vision_init_factor: int = 10):
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -181,17 +200,17 @@ def _build_llava(tokenizer):
         LlavaProcessor,
     )
 
-    image_size, patch = 28, 14
+    patch = 14
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
         projection_dim=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         image_size=image_size,
         patch_size=patch,
         initializer_range=_INIT_RANGE,
-        initializer_factor=10.0,
+        initializer_factor=float(vision_init_factor),
     )
     text = LlamaConfig(**_llama_text_kwargs(tokenizer))
     n_image_tokens = (image_size // patch) ** 2  # CLS dropped by the "default" strategy
@@ -218,7 +237,7 @@ def _build_llava(tokenizer):
     return LlavaForConditionalGeneration(config), processor
 
 
-def _build_qwen2_vl(tokenizer):
+def _build_qwen2_vl(tokenizer, image_size: int = 56, vision_hidden: int = 32):
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -237,7 +256,7 @@ def _build_qwen2_vl(tokenizer):
     assert sum(text["rope_parameters"]["mrope_section"]) * 2 == head_dim
     vision = {
         "depth": 2,
-        "embed_dim": 32,
+        "embed_dim": vision_hidden,
         "hidden_size": hidden,  # output of the patch merger = text hidden size
         "mlp_ratio": 2,  # transformers 5 configs are strict dataclasses: int, not 2.0
         "num_heads": 2,
@@ -257,7 +276,7 @@ def _build_qwen2_vl(tokenizer):
         vision_end_token_id=ids("<|vision_end|>"),
     )
     image_processor = _image_processor_class("Qwen2VLImageProcessor")(
-        size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56},
+        size={"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size},
         patch_size=14,
         temporal_patch_size=2,
         merge_size=2,
@@ -265,7 +284,7 @@ def _build_qwen2_vl(tokenizer):
     # transformers 5 will not build a Qwen2VLProcessor without a video processor, and video
     # processors need torchvision: this family therefore requires torchvision.
     video_processor = Qwen2VLVideoProcessor(
-        size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56},
+        size={"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size},
         patch_size=14,
         temporal_patch_size=2,
         merge_size=2,
@@ -279,7 +298,7 @@ def _build_qwen2_vl(tokenizer):
     return Qwen2VLForConditionalGeneration(config), processor
 
 
-def _build_idefics3(tokenizer):
+def _build_idefics3(tokenizer, image_size: int = 56, vision_hidden: int = 32):
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -288,10 +307,10 @@ def _build_idefics3(tokenizer):
         LlamaConfig,
     )
 
-    image_size, patch, scale = 56, 14, 2
+    patch, scale = 14, 2
     vision = Idefics3VisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
         image_size=image_size,
@@ -322,25 +341,81 @@ def _build_idefics3(tokenizer):
 _BUILDERS = {"llava": _build_llava, "qwen2_vl": _build_qwen2_vl, "idefics3": _build_idefics3}
 
 
-def build_tiny_vlm(family: str, out_dir: str | os.PathLike[str] | None = None, seed: int = 0):
+def parse_tiny_spec(spec: str) -> tuple[str, dict[str, int]]:
+    """``(family, options)`` of a tiny-model spec: ``"llava"`` or ``"llava?image_size=56&vision_hidden=64"``.
+
+    ``spec`` is what follows ``tiny:`` in ``model_name_or_path``. Options are ``name=int`` pairs
+    joined by ``&`` (see :data:`TINY_OPTIONS`); they are checked by :func:`build_tiny_vlm`.
+    """
+    family, _, query = spec.partition("?")
+    options: dict[str, int] = {}
+    for item in filter(None, query.split("&")):
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise ValueError(f"tiny model option {item!r} in {spec!r} is not name=value")
+        if name in options:
+            raise ValueError(f"tiny model option {name!r} given twice in {spec!r}")
+        try:
+            options[name] = int(value)
+        except ValueError:
+            raise ValueError(f"tiny model option {name}={value!r} in {spec!r} is not an integer") from None
+    return family, options
+
+
+def _check_options(family: str, options: dict[str, int]) -> dict[str, int]:
+    defaults = TINY_OPTIONS[family]
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown tiny model option(s) {unknown}; known: {sorted(defaults)}")
+    merged = {**defaults, **options}
+    step = _IMAGE_STEP[family]
+    if merged["image_size"] < step or merged["image_size"] % step:
+        raise ValueError(f"{family}: image_size must be a positive multiple of {step}, got {merged['image_size']}")
+    if merged["vision_hidden"] < 2 or merged["vision_hidden"] % 2:
+        raise ValueError(f"{family}: vision_hidden must be a positive multiple of 2, got {merged['vision_hidden']}")
+    return merged
+
+
+def build_tiny_vlm(
+    family: str,
+    out_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    *,
+    image_size: int | None = None,
+    vision_hidden: int | None = None,
+    vision_init_factor: int | None = None,
+):
     """Build a tiny random VLM of ``family`` and its processor, optionally saving both.
 
     Args:
-        family: One of ``TINY_FAMILIES`` (``"llava"``, ``"qwen2_vl"``, ``"idefics3"``).
+        family: One of ``TINY_FAMILIES`` (``"llava"``, ``"qwen2_vl"``, ``"idefics3"``), or a spec
+            with size options, ``"llava?image_size=56&vision_hidden=64"`` (see :func:`parse_tiny_spec`).
         out_dir: If given, ``save_pretrained`` model and processor there, so that
             ``AutoModelForImageTextToText.from_pretrained(out_dir)`` and
             ``AutoProcessor.from_pretrained(out_dir)`` load them back.
         seed: Seed of the random weight initialisation.
+        image_size: Side of the processed images in pixels (``None``: the family's default, see
+            :data:`TINY_OPTIONS`). For llava the vision tower sees ``(image_size / 14) ** 2``
+            image tokens, e.g. 16 at 56 px.
+        vision_hidden: Hidden size of the vision tower (its MLP is twice as wide; ``None``: 32).
+        vision_init_factor: llava only: ``initializer_factor`` of the CLIP vision tower (``None``: 10).
 
     Returns:
         ``(model, processor)``; the model is in eval mode, float32, on CPU.
     """
+    family, options = parse_tiny_spec(family)
     if family not in _BUILDERS:
         raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
+    for name, value in (("image_size", image_size), ("vision_hidden", vision_hidden), ("vision_init_factor", vision_init_factor)):
+        if value is not None:
+            if name in options and options[name] != value:
+                raise ValueError(f"{name} given twice with different values: {options[name]} and {value}")
+            options[name] = int(value)
+    sizes = _check_options(family, options)
     tokenizer = build_tiny_tokenizer(_FAMILY_SPECIAL_TOKENS[family])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, processor = _BUILDERS[family](tokenizer)
+        model, processor = _BUILDERS[family](tokenizer, **sizes)
     model.eval()
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
