@@ -301,6 +301,11 @@ def build_group_batch(
     )
 
 
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 _IMAGE_KWARGS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
 
 
@@ -317,7 +322,7 @@ def encode_images_once(model: nn.Module, batch: GroupBatch) -> Iterator[None]:
     all K rows flow into the one vision pass. A model without ``get_image_features``, a batch
     with one row per group, or an output of another shape runs as usual.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    inner = _unwrap_peft(model)
     base = getattr(inner, "model", None)
     original = getattr(base, "get_image_features", None)
     index = batch.group_index
@@ -360,7 +365,7 @@ def encode_images_once(model: nn.Module, batch: GroupBatch) -> Iterator[None]:
 
 def _split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
     """(decoder returning last_hidden_state, LM head, final logit soft-cap) of a *ForConditionalGeneration."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    inner = _unwrap_peft(model)
     base = getattr(inner, "model", None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if base is None or head is None:
