@@ -51,8 +51,22 @@ def test_other_families_take_sizes(family):
         assert torch.isfinite(model(**inputs).logits).all()
 
 
+@pytest.mark.parametrize("family", ["llava", "idefics3", "qwen2_vl"])
+def test_text_hidden(family):
+    if family == "qwen2_vl":
+        pytest.importorskip("torchvision")
+    model, processor = build_tiny_vlm(f"{family}?text_hidden=64")
+    assert model.config.text_config.hidden_size == 64
+    size = model.config.vision_config.image_size if family == "llava" else 56
+    inputs = encode_for_generation(processor, [Image.new("RGB", (size, size), (200, 30, 30))], ["What is this?"])
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    assert torch.isfinite(out.logits).all() and out.hidden_states[-1].shape[-1] == 64
+
+
 @pytest.mark.parametrize(
-    "spec", ["llava?image_size=30", "llava?vision_hidden=33", "llava?depth=3", "idefics3?image_size=42"]
+    "spec",
+    ["llava?image_size=30", "llava?vision_hidden=33", "llava?depth=3", "idefics3?image_size=42", "qwen2_vl?text_hidden=48"],
 )
 def test_bad_options(spec):
     with pytest.raises(ValueError):

@@ -20,8 +20,8 @@ Supported families (``TINY_FAMILIES``):
     shuffle + tiny Llama, ``Idefics3Processor`` with ``Idefics3ImageProcessor``
     (56 px, 4 image tokens, image splitting off by default).
 
-Sizes: ``image_size`` (side of the processed image in pixels) and ``vision_hidden`` (width of
-the vision tower) can be raised from the defaults above, e.g. for a demo whose answers must be
+Sizes: ``image_size`` (side of the processed image in pixels), ``vision_hidden`` and ``text_hidden`` (widths of
+the vision tower and the language model) can be raised from the defaults above, e.g. for a demo whose answers must be
 read off the image (see :data:`TINY_OPTIONS`). They are also reachable from a model spec string,
 ``tiny:llava?image_size=56&vision_hidden=64`` (:func:`parse_tiny_spec`), wherever
 ``model_name_or_path`` takes ``tiny:<family>``. Without options every family is built exactly
@@ -54,13 +54,15 @@ TINY_FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "idefics3")
 
 #: Size options of :func:`build_tiny_vlm` and their defaults per family. ``image_size`` must be a
 #: multiple of the family's step (llava: the patch, 14; qwen2_vl and idefics3: patch x merge, 28);
-#: ``vision_hidden`` a multiple of 2 (the vision tower's 2 attention heads). llava also takes
+#: ``vision_hidden`` a multiple of 2 (the vision tower's 2 attention heads); ``text_hidden`` (width
+#: of the language model) a multiple of 32 (4 heads whose size splits into Qwen2-VL's 3 M-RoPE
+#: sections). llava also takes
 #: ``vision_init_factor``, the CLIP ``initializer_factor`` of its vision tower (default 10:
 #: large random weights; 1 gives features from which colour and count are easier to read).
 TINY_OPTIONS: dict[str, dict[str, int]] = {
-    "llava": {"image_size": 28, "vision_hidden": 32, "vision_init_factor": 10},
-    "qwen2_vl": {"image_size": 56, "vision_hidden": 32},
-    "idefics3": {"image_size": 56, "vision_hidden": 32},
+    "llava": {"image_size": 28, "vision_hidden": 32, "text_hidden": 32, "vision_init_factor": 10},
+    "qwen2_vl": {"image_size": 56, "vision_hidden": 32, "text_hidden": 32},
+    "idefics3": {"image_size": 56, "vision_hidden": 32, "text_hidden": 32},
 }
 _IMAGE_STEP = {"llava": 14, "qwen2_vl": 28, "idefics3": 28}
 
@@ -191,7 +193,7 @@ def _llama_text_kwargs(tokenizer, hidden_size: int = 32) -> dict[str, Any]:
     }
 
 
-def _build_llava(tokenizer, image_size: int = 28, vision_hidden: int = 32, vision_init_factor: int = 10):
+def _build_llava(tokenizer, image_size: int = 28, vision_hidden: int = 32, text_hidden: int = 32, vision_init_factor: int = 10):
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -212,7 +214,7 @@ def _build_llava(tokenizer, image_size: int = 28, vision_hidden: int = 32, visio
         initializer_range=_INIT_RANGE,
         initializer_factor=float(vision_init_factor),
     )
-    text = LlamaConfig(**_llama_text_kwargs(tokenizer))
+    text = LlamaConfig(**_llama_text_kwargs(tokenizer, text_hidden))
     n_image_tokens = (image_size // patch) ** 2  # CLS dropped by the "default" strategy
     config = LlavaConfig(
         vision_config=vision,
@@ -237,7 +239,7 @@ def _build_llava(tokenizer, image_size: int = 28, vision_hidden: int = 32, visio
     return LlavaForConditionalGeneration(config), processor
 
 
-def _build_qwen2_vl(tokenizer, image_size: int = 56, vision_hidden: int = 32):
+def _build_qwen2_vl(tokenizer, image_size: int = 56, vision_hidden: int = 32, text_hidden: int = 32):
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -249,10 +251,11 @@ def _build_qwen2_vl(tokenizer, image_size: int = 56, vision_hidden: int = 32):
     if not is_torchvision_available():
         raise ImportError("the qwen2_vl tiny model needs torchvision (Qwen2VLProcessor requires a video processor)")
 
-    hidden, heads = 32, 4
+    hidden, heads = text_hidden, 4
     head_dim = hidden // heads
     text = dict(_llama_text_kwargs(tokenizer, hidden))
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    half = head_dim // 2  # M-RoPE splits the rotary half of each head into temporal, height, width
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half // 2, half // 4, half // 4]}
     assert sum(text["rope_parameters"]["mrope_section"]) * 2 == head_dim
     vision = {
         "depth": 2,
@@ -298,7 +301,7 @@ def _build_qwen2_vl(tokenizer, image_size: int = 56, vision_hidden: int = 32):
     return Qwen2VLForConditionalGeneration(config), processor
 
 
-def _build_idefics3(tokenizer, image_size: int = 56, vision_hidden: int = 32):
+def _build_idefics3(tokenizer, image_size: int = 56, vision_hidden: int = 32, text_hidden: int = 32):
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -317,7 +320,7 @@ def _build_idefics3(tokenizer, image_size: int = 56, vision_hidden: int = 32):
         patch_size=patch,
         initializer_range=_INIT_RANGE,
     )
-    text = LlamaConfig(**_llama_text_kwargs(tokenizer))
+    text = LlamaConfig(**_llama_text_kwargs(tokenizer, text_hidden))
     config = Idefics3Config(
         vision_config=vision,
         text_config=text,
@@ -373,6 +376,8 @@ def _check_options(family: str, options: dict[str, int]) -> dict[str, int]:
         raise ValueError(f"{family}: image_size must be a positive multiple of {step}, got {merged['image_size']}")
     if merged["vision_hidden"] < 2 or merged["vision_hidden"] % 2:
         raise ValueError(f"{family}: vision_hidden must be a positive multiple of 2, got {merged['vision_hidden']}")
+    if merged["text_hidden"] < 32 or merged["text_hidden"] % 32:
+        raise ValueError(f"{family}: text_hidden must be a positive multiple of 32, got {merged['text_hidden']}")
     return merged
 
 
@@ -383,6 +388,7 @@ def build_tiny_vlm(
     *,
     image_size: int | None = None,
     vision_hidden: int | None = None,
+    text_hidden: int | None = None,
     vision_init_factor: int | None = None,
 ):
     """Build a tiny random VLM of ``family`` and its processor, optionally saving both.
@@ -398,6 +404,7 @@ def build_tiny_vlm(
             :data:`TINY_OPTIONS`). For llava the vision tower sees ``(image_size / 14) ** 2``
             image tokens, e.g. 16 at 56 px.
         vision_hidden: Hidden size of the vision tower (its MLP is twice as wide; ``None``: 32).
+        text_hidden: Hidden size of the language model (its MLP is twice as wide; ``None``: 32).
         vision_init_factor: llava only: ``initializer_factor`` of the CLIP vision tower (``None``: 10).
 
     Returns:
@@ -406,7 +413,8 @@ def build_tiny_vlm(
     family, options = parse_tiny_spec(family)
     if family not in _BUILDERS:
         raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
-    for name, value in (("image_size", image_size), ("vision_hidden", vision_hidden), ("vision_init_factor", vision_init_factor)):
+    given = {"image_size": image_size, "vision_hidden": vision_hidden, "text_hidden": text_hidden, "vision_init_factor": vision_init_factor}
+    for name, value in given.items():
         if value is not None:
             if name in options and options[name] != value:
                 raise ValueError(f"{name} given twice with different values: {options[name]} and {value}")
