@@ -1,23 +1,27 @@
 """Lightning callbacks of the trainer.
 
 ``PreferenceReport`` measures the validation preference metrics of the policy right before
-the first training step and again when training ends, and prints a before/after table::
+the first training step and again when training ends, and prints a before/after table; with an
+``answer_scorer`` it also scores the policy's greedy answers to the validation prompts::
 
     trainer:
       callbacks:
         - class_path: vpa_lightning.callbacks.PreferenceReport
+          init_args:
+            answer_scorer: vpa_lightning.data.demo.answer_is_correct
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["PreferenceReport", "format_report"]
+__all__ = ["GREEDY_METRIC", "PreferenceReport", "format_report", "load_scorer"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,22 @@ PAIR_METRICS: tuple[str, ...] = (
 #: response has the higher policy log-prob, and fraction of prompts whose best-rated response has
 #: the highest policy log-prob among all of its responses.
 RANKING_METRICS: tuple[str, ...] = ("val/logps/accuracies", "val/top1")
+#: Fraction of validation prompts whose greedy answer the ``answer_scorer`` judges correct.
+GREEDY_METRIC = "val/greedy/correct"
+
+
+def load_scorer(path: str, flag: str = "answer_scorer") -> Callable[[str, str, str], bool]:
+    """The function at import path ``path`` (``"package.module.function"``); errors name ``flag``."""
+    module_name, _, name = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"{flag} must be an import path like 'package.module.function', got {path!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{flag}={path!r} cannot be imported: {exc}") from exc
+    if not callable(fn):
+        raise ValueError(f"{flag}={path!r} is not callable")
+    return fn
 
 
 def format_report(before: dict[str, float], after: dict[str, float], title: str = "Preference report") -> str:
@@ -61,32 +81,68 @@ class PreferenceReport(Callback):
     and ``val/top1``, see :data:`RANKING_METRICS`). Under LoRA the policy starts equal to the
     reference, so the "before" rewards are all 0: accuracy 0, margin 0, loss ``log 2`` for DPO.
 
+    With an ``answer_scorer`` the policy also answers every validation prompt greedily (through
+    the module's processor and chat template, as :func:`~vpa_lightning.models.generation.generate_answers`)
+    and ``val/greedy/correct`` is the fraction that the scorer judges correct against the group's
+    best-rated response (chosen in a pair, rejected in none; the strongest such). The answers are
+    kept in ``self.answers_before`` / ``self.answers_after`` as ``(key, question, reference, answer)``.
+    This needs the :class:`~vpa_lightning.data.datamodule.PreferenceDataModule` (it reads the
+    decoded validation groups) and a model that fits ``generate`` on one device.
+
     With several processes the sums are reduced over all ranks; only rank 0 prints.
 
     Args:
         max_batches: Validation batches per pass (``None`` = the whole validation set).
         ranking: Also measure the reference-free ranking metrics (one more policy forward per batch).
         print_table: Print the table at the end of training (the numbers are stored either way).
+        answer_scorer: Import path of ``scorer(question, answer, reference) -> bool``, e.g.
+            ``vpa_lightning.data.demo.answer_is_correct`` for the demo set; ``None``: no greedy answers.
+        max_new_tokens: Longest greedy answer, in tokens.
+        show_answers: With ``answer_scorer`` and ``print_table``: print this many validation
+            questions with their reference and the greedy answers before and after training.
     """
 
-    def __init__(self, max_batches: int | None = None, ranking: bool = True, print_table: bool = True) -> None:
+    def __init__(
+        self,
+        max_batches: int | None = None,
+        ranking: bool = True,
+        print_table: bool = True,
+        answer_scorer: str | None = None,
+        max_new_tokens: int = 32,
+        show_answers: int = 3,
+    ) -> None:
         super().__init__()
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if show_answers < 0:
+            raise ValueError(f"show_answers must be >= 0, got {show_answers}")
         self.max_batches = max_batches
         self.ranking = ranking
         self.print_table = print_table
+        self.scorer = load_scorer(answer_scorer) if answer_scorer is not None else None
+        self.max_new_tokens = max_new_tokens
+        self.show_answers = show_answers
         self.before: dict[str, float] = {}
         self.after: dict[str, float] = {}
+        self.answers_before: list[tuple[str, str, str, str]] = []
+        self.answers_after: list[tuple[str, str, str, str]] = []
 
     # -- hooks -----------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.before = self.measure(trainer, pl_module)
+        if self.scorer is not None:
+            self.answers_before = self.answer(trainer, pl_module, self.before)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.after = self.measure(trainer, pl_module)
+        if self.scorer is not None:
+            self.answers_after = self.answer(trainer, pl_module, self.after)
         if self.print_table and trainer.is_global_zero and (self.before or self.after):
             print("\n" + format_report(self.before, self.after), flush=True)
+            for (_, question, reference, old), (_, _, _, new) in list(zip(self.answers_before, self.answers_after))[: self.show_answers]:
+                print(f"\nQ: {question}\n  reference: {reference}\n  before:    {old!r}\n  after:     {new!r}", flush=True)
 
     # -- measurement -----------------------------------------------------------------------
     def _val_loader(self, trainer: pl.Trainer) -> Any:
@@ -129,6 +185,36 @@ class PreferenceReport(Callback):
             result["val/logps/accuracies"] = float(sums[len(PAIR_METRICS)]) / pairs
             result["val/top1"] = float(sums[len(PAIR_METRICS) + 1]) / max(groups, 1.0)
         return result
+
+    @torch.no_grad()
+    def answer(self, trainer: pl.Trainer, pl_module: pl.LightningModule, into: dict[str, float]) -> list[tuple[str, str, str, str]]:
+        """Greedy answers to this rank's validation groups, scored into ``into[GREEDY_METRIC]``."""
+        from vpa_lightning.models.generation import generate_answers
+
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "dataset") or getattr(datamodule, "val_urls", None) is None:
+            log.warning("PreferenceReport: answer_scorer needs a PreferenceDataModule with validation shards; no greedy answers")
+            return []
+        rows = []  # (key, image, question, reference)
+        for example in datamodule.dataset(datamodule.val_urls, train=False):
+            rejected = {j for _, j in example.pairs}
+            best = sorted(c for c, _ in example.pairs if c not in rejected)
+            if best:
+                rows.append((example.key, example.group.image, example.group.prompt, example.group.responses[best[0]]))
+            if self.max_batches is not None and len(rows) >= self.max_batches * datamodule.batch_size:
+                break
+        answers = (
+            generate_answers(pl_module.model, pl_module.processor, [r[1] for r in rows], [r[2] for r in rows],
+                             max_new_tokens=self.max_new_tokens, batch_size=max(datamodule.batch_size, 1))
+            if rows
+            else []
+        )
+        correct = sum(bool(self.scorer(q, a, ref)) for (_, _, q, ref), a in zip(rows, answers))
+        sums = torch.tensor([float(correct), float(len(rows))], dtype=torch.float64, device=pl_module.device)
+        sums = trainer.strategy.reduce(sums, reduce_op="sum").double().cpu()
+        if sums[1] > 0:
+            into[GREEDY_METRIC] = float(sums[0] / sums[1])
+        return [(key, q, ref, a) for (key, _, q, ref), a in zip(rows, answers)]
 
     def _batch_sums(self, pl_module: pl.LightningModule, batch: dict[str, Any], n_names: int) -> torch.Tensor:
         out = pl_module.compute_loss(batch)

@@ -197,7 +197,7 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_merge)
     d = sub.add_parser("demo", help="write the synthetic shapes set (DIR/data) and build it (DIR/shards)")
     d.add_argument("dir")
-    d.add_argument("--num-images", type=int, default=240, help="images to draw (default 240)")
+    d.add_argument("--num-images", type=int, default=720, help="images to draw (default 720, what configs/demo.yaml is tuned for)")
     d.add_argument("--no-build", action="store_true", help="only write the data")
     _add_build_args(d, inputs=False)
     d.set_defaults(fn=cmd_demo)

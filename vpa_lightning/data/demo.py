@@ -79,7 +79,7 @@ def answers(kind: str, colour: str, shape: str, count: int, rng: random.Random) 
     return [(right, (5, 5, 5)), (terse, (3, 5, 5)), (wrong, (2, 1, 5)), (dream, (1, 1, 4))]
 
 
-def make_demo(directory: str | Path, *, num_images: int = 240, image_size: int = 64, seed: int = 0, bad_records: bool = True) -> Path:
+def make_demo(directory: str | Path, *, num_images: int = 720, image_size: int = 64, seed: int = 0, bad_records: bool = True) -> Path:
     """Write ``images/*.png`` and ``annotations.jsonl`` (VLFeedback rows) under ``directory``.
 
     Returns the path of the annotations file. Deterministic for a given seed.
