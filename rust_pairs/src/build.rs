@@ -17,7 +17,7 @@ use crate::dedup::{group, Group};
 use crate::error::{Error, Result};
 use crate::image;
 use crate::manifest::{Counts, Manifest, FORMAT_VERSION};
-use crate::parse::{self, Ctx};
+use crate::layout::{self, Ctx};
 use crate::rank::{fit, sigmoid, Comparisons};
 use crate::record::{Record, Reject, Source};
 use crate::report::Stats;
@@ -156,7 +156,7 @@ fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
     };
     let ctx = Ctx { src: &src, aspects: &fc.aspects, max_text_chars: fc.cfg.max_text_chars };
     let fast = match fc.format {
-        Format::Vlfeedback => parse::vlfeedback_fast(text, &ctx),
+        Format::Vlfeedback => layout::vlfeedback_fast(text, &ctx),
         _ => None,
     };
     let (draft, mut response_rejects) = match fast {
@@ -166,7 +166,7 @@ fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
                 Ok(v) => v,
                 Err(e) => return unowned_reject(vec![], Reject::record(&src, "$", format!("malformed JSON: {e}"))),
             };
-            let parsed = parse::parse(&value, fc.format, &ctx);
+            let parsed = layout::parse(&value, fc.format, &ctx);
             match parsed.draft {
                 Ok(d) => (d, parsed.response_rejects),
                 Err(r) => return unowned_reject(parsed.response_rejects, r),
@@ -206,7 +206,7 @@ fn detect_format(path: &Path) -> Result<Option<Format>> {
     for line in BufReader::new(f).split(b'\n') {
         let line = line.map_err(|e| Error::input(path, e))?;
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) {
-            if let Some(fmt) = parse::detect(&v) {
+            if let Some(fmt) = layout::detect(&v) {
                 return Ok(Some(fmt));
             }
         }

@@ -1,7 +1,7 @@
 //! `rust_pairs`: the data core of vpa.
 //!
 //! Multi-aspect preference annotations (VLFeedback, HelpSteer-style rated rows, pairwise rows)
-//! are validated ([`parse`], [`image`]), deduplicated ([`dedup`]), Bradley-Terry-ranked ([`rank`]),
+//! are validated ([`layout`], [`image`]), deduplicated ([`dedup`]), Bradley-Terry-ranked ([`rank`]),
 //! turned into preference pairs by a named strategy ([`select`]) and written into deterministic
 //! WebDataset tar shards ([`shard`]) with a manifest and a report. [`build`] runs the pipeline.
 //! The PyO3 layer (`python`, feature `python`) is a thin binding over these modules.
@@ -9,7 +9,7 @@
 pub mod config;
 pub mod error;
 pub mod image;
-pub mod parse;
+pub mod layout;
 pub mod record;
 pub mod text;
 pub mod dedup;

@@ -1,108 +1,16 @@
-//! Parsing and validation of the three input formats into format-free drafts.
+//! Scored layouts: several rated responses per prompt, ranked by the build.
 //!
-//! A draft is a record whose text and ratings are valid; its image is checked later
-//! (see [`crate::image`]). A record-level problem rejects the record; a problem with one
-//! response (non-numeric rating, empty text) rejects only that response.
+//! VLFeedback rows (Silkie), in row form or the column form where `completions` is an object
+//! of lists, and HelpSteer-style rated rows (`responses` with `scores`, or the scores beside the
+//! text). Includes the typed fast path for the common valid VLFeedback row.
 
-use crate::config::Format;
-use crate::record::{Reject, Response, Source};
+use super::common::*;
+use super::{Ctx, Draft, Parsed};
+use crate::record::{Reject, Response};
 use crate::text::clean_prompt;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Draft {
-    pub prompt: String,
-    pub image: String,
-    pub responses: Vec<Response>,
-    pub explicit_pairs: Vec<(usize, usize)>,
-}
-
-#[derive(Debug)]
-pub struct Parsed {
-    pub draft: Result<Draft, Reject>,
-    /// Responses dropped from a kept record (or from a record rejected later).
-    pub response_rejects: Vec<Reject>,
-}
-
-/// Per-file context for parsing.
-pub struct Ctx<'a> {
-    pub src: &'a Source,
-    pub aspects: &'a [(String, f64)],
-    pub max_text_chars: usize,
-}
-
-const PROMPT_KEYS: [&str; 4] = ["prompt", "question", "instruction", "query"];
-const IMAGE_KEYS: [&str; 4] = ["img_path", "image", "image_path", "images"];
-
-/// Guess the format of one record from its keys.
-pub fn detect(v: &Value) -> Option<Format> {
-    let o = v.as_object()?;
-    if o.contains_key("completions") {
-        Some(Format::Vlfeedback)
-    } else if o.contains_key("responses") {
-        Some(Format::Rated)
-    } else if o.contains_key("chosen") || o.contains_key("rejected") || o.contains_key("reject") || o.contains_key("text") {
-        Some(Format::Pairwise)
-    } else {
-        None
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
-}
-
-type FieldErr = (String, String);
-
-fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, FieldErr> {
-    Err((field.into(), reason.into()))
-}
-
-/// First present key of `keys`; returns the key used and its value.
-fn first<'v>(o: &'v Map<String, Value>, keys: &[&'static str]) -> Option<(&'static str, &'v Value)> {
-    keys.iter().find_map(|k| o.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)))
-}
-
-fn check_text(field: &str, s: &str, ctx: &Ctx) -> Result<(), FieldErr> {
-    if s.trim().is_empty() {
-        return err(field, "empty text");
-    }
-    let n = s.chars().count();
-    if n > ctx.max_text_chars {
-        return err(field, format!("text is {n} characters, over the limit of {} (--max-text-chars)", ctx.max_text_chars));
-    }
-    Ok(())
-}
-
-fn string_field<'v>(o: &'v Map<String, Value>, keys: &[&'static str], what: &str) -> Result<(&'static str, &'v str), FieldErr> {
-    match first(o, keys) {
-        None if keys.len() == 1 => err(keys[0], "missing field"),
-        None => err(keys[0], format!("missing field (expected one of {})", keys.join(", "))),
-        Some((k, Value::String(s))) => Ok((k, s.as_str())),
-        Some((k, other)) => err(k, format!("{what}: expected a string, got {}", type_name(other))),
-    }
-}
-
-fn image_field(o: &Map<String, Value>) -> Result<String, FieldErr> {
-    match first(o, &IMAGE_KEYS) {
-        None => err("image", "missing field (expected one of img_path, image, image_path)"),
-        Some((_, Value::String(s))) if !s.trim().is_empty() => Ok(s.clone()),
-        // A one-image list (LLaVA-OneVision style) is accepted; several images are not.
-        Some((_, Value::Array(a))) if a.len() == 1 && a[0].is_string() => Ok(a[0].as_str().unwrap().to_string()),
-        Some((k, Value::Array(a))) => err(k, format!("expected one image path, got a list of {}", a.len())),
-        Some((k, Value::String(_))) => err(k, "empty image path"),
-        Some((k, other)) => err(k, format!("expected an image path string, got {}", type_name(other))),
-    }
-}
 
 /// A rating is a finite number, or a string holding one ("4", " 3.5 ").
 fn rating(v: &Value) -> Result<f64, String> {
@@ -145,21 +53,14 @@ fn optional_model(o: &Map<String, Value>, field: &str) -> Result<Option<String>,
     }
 }
 
-fn record_reject(ctx: &Ctx, (field, reason): FieldErr) -> Parsed {
-    Parsed { draft: Err(Reject::record(ctx.src, field, reason)), response_rejects: vec![] }
+/// VLFeedback rows: `completions` with `annotations` per aspect.
+pub fn vlfeedback(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
+    scored(o, ctx, "completions", vlfeedback_response)
 }
 
-/// Parse one record of a known format.
-pub fn parse(v: &Value, format: Format, ctx: &Ctx) -> Parsed {
-    let Some(o) = v.as_object() else {
-        return record_reject(ctx, ("$".into(), format!("expected a JSON object, got {}", type_name(v))));
-    };
-    match format {
-        Format::Vlfeedback => scored(o, ctx, "completions", vlfeedback_response),
-        Format::Rated => scored(o, ctx, "responses", rated_response),
-        Format::Pairwise => pairwise(o, ctx),
-        Format::Auto => record_reject(ctx, ("$".into(), "format could not be detected".into())),
-    }
+/// HelpSteer-style rated rows: `responses` with `scores`.
+pub fn rated(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
+    scored(o, ctx, "responses", rated_response)
 }
 
 type ResponseParser = fn(&Map<String, Value>, &str, &Ctx) -> Result<Response, FieldErr>;
@@ -251,83 +152,6 @@ fn scored(o: &Map<String, Value>, ctx: &Ctx, key: &'static str, parse_one: Respo
         Ok(Draft { prompt, image, responses, explicit_pairs: vec![] })
     };
     Parsed { draft, response_rejects }
-}
-
-/// The last assistant turn of a LLaVA-style conversation, or a plain string.
-fn answer(v: &Value, field: &str) -> Result<String, FieldErr> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        Value::Array(turns) => turns
-            .iter()
-            .rev()
-            .find_map(|t| {
-                let t = t.as_object()?;
-                let role = t.get("from").or_else(|| t.get("role"))?.as_str()?;
-                let is_assistant = matches!(role, "gpt" | "assistant" | "model");
-                let text = t.get("value").or_else(|| t.get("content"))?.as_str()?;
-                is_assistant.then(|| text.to_string())
-            })
-            .ok_or_else(|| (field.to_string(), "conversation has no assistant turn".to_string())),
-        other => err(field, format!("expected a string or a conversation, got {}", type_name(other))),
-    }
-}
-
-/// The first human turn of LLaVA-style `conversations`.
-fn conversation_prompt(v: &Value) -> Result<String, FieldErr> {
-    let Value::Array(turns) = v else {
-        return err("conversations", format!("expected a list of turns, got {}", type_name(v)));
-    };
-    turns
-        .iter()
-        .find_map(|t| {
-            let t = t.as_object()?;
-            let role = t.get("from").or_else(|| t.get("role"))?.as_str()?;
-            matches!(role, "human" | "user").then(|| t.get("value").or_else(|| t.get("content"))?.as_str().map(String::from))?
-        })
-        .ok_or_else(|| ("conversations".to_string(), "no human turn".to_string()))
-}
-
-fn pairwise(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
-    let res = (|| -> Result<Draft, FieldErr> {
-        // RLHF-V keeps question/chosen/rejected inside "text", sometimes as a JSON string.
-        let inner: Option<Map<String, Value>> = match o.get("text") {
-            Some(Value::Object(m)) => Some(m.clone()),
-            Some(Value::String(s)) if o.get("chosen").is_none() => match serde_json::from_str::<Value>(s) {
-                Ok(Value::Object(m)) => Some(m),
-                _ => return err("text", "expected an object (or a JSON string of one) with question, chosen, rejected"),
-            },
-            _ => None,
-        };
-        let fields = inner.as_ref().unwrap_or(o);
-        let prompt = match first(fields, &PROMPT_KEYS) {
-            Some((k, Value::String(s))) => (k.to_string(), s.clone()),
-            Some((k, other)) => return err(k, format!("expected a string, got {}", type_name(other))),
-            None => match o.get("conversations") {
-                Some(c) => ("conversations".to_string(), conversation_prompt(c)?),
-                None => return err("question", "missing field (expected question, prompt or conversations)"),
-            },
-        };
-        let prompt_text = clean_prompt(&prompt.1);
-        check_text(&prompt.0, &prompt_text, ctx)?;
-        let image = image_field(o)?;
-        let chosen_v = fields.get("chosen").ok_or_else(|| ("chosen".to_string(), "missing field".to_string()))?;
-        let (rk, rejected_v) = first(fields, &["rejected", "reject"])
-            .ok_or_else(|| ("rejected".to_string(), "missing field (expected rejected or reject)".to_string()))?;
-        let chosen = answer(chosen_v, "chosen")?;
-        let rejected = answer(rejected_v, rk)?;
-        check_text("chosen", &chosen, ctx)?;
-        check_text(rk, &rejected, ctx)?;
-        let model = |k: &str| fields.get(k).and_then(Value::as_str).map(String::from);
-        let responses = vec![
-            Response { text: chosen, model: model("chosen_model"), scores: BTreeMap::new() },
-            Response { text: rejected, model: model("rejected_model"), scores: BTreeMap::new() },
-        ];
-        Ok(Draft { prompt: prompt_text, image, responses, explicit_pairs: vec![(0, 1)] })
-    })();
-    match res {
-        Ok(d) => Parsed { draft: Ok(d), response_rejects: vec![] },
-        Err(e) => record_reject(ctx, e),
-    }
 }
 
 /// A JSON string, borrowed from the input when it holds no escapes.
@@ -490,6 +314,9 @@ pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Format;
+    use crate::layout::{detect, parse};
+    use crate::record::Source;
     use serde_json::json;
 
     fn ctx<'a>(src: &'a Source, aspects: &'a [(String, f64)]) -> Ctx<'a> {
@@ -545,21 +372,6 @@ mod tests {
     }
 
     #[test]
-    fn pairwise_spellings() {
-        let src = Source { file: "f".into(), line: 1 };
-        let seva = json!({"image": "a.jpg", "question": "Q?", "chosen": "yes", "reject": "no"});
-        let llava = json!({"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "x"}],
-            "chosen": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "yes"}], "rejected": "no"});
-        let rlhfv = json!({"image": "a.jpg", "text": "{\"question\": \"Q?\", \"chosen\": \"yes\", \"rejected\": \"no\"}"});
-        for v in [seva, llava, rlhfv] {
-            assert_eq!(detect(&v), Some(Format::Pairwise));
-            let d = parse(&v, Format::Pairwise, &ctx(&src, &[])).draft.unwrap();
-            assert_eq!((d.prompt.as_str(), d.responses[0].text.as_str(), d.responses[1].text.as_str()), ("Q?", "yes", "no"));
-            assert_eq!(d.explicit_pairs, vec![(0, 1)]);
-        }
-    }
-
-    #[test]
     fn record_level_rejects_name_field() {
         let src = Source { file: "f".into(), line: 9 };
         let a = vlf_aspects();
@@ -577,10 +389,6 @@ mod tests {
             assert!(r.reason.contains(reason), "{} vs {reason}", r.reason);
             assert_eq!(r.line, 9);
         }
-        let long = "x".repeat(1001);
-        let v = json!({"image": "a", "question": "q", "chosen": long, "rejected": "n"});
-        let r = parse(&v, Format::Pairwise, &ctx(&src, &[])).draft.unwrap_err();
-        assert!(r.reason.contains("over the limit"));
     }
     #[test]
     fn vlfeedback_fast_path_agrees_or_defers() {

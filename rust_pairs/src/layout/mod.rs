@@ -1,0 +1,57 @@
+//! Layouts: what the fields of one record mean, apart from the container the record came in.
+//!
+//! Each layout family has its module ([`scored`]: VLFeedback and HelpSteer-style rated rows;
+//! [`pairwise`]: rows with one explicit chosen/rejected pair); [`detect`] guesses a file's layout
+//! from its first records, `--format` forces it. A layout turns a JSON value into a [`Draft`]:
+//! a record whose text and ratings are valid; its image is checked later (see [`crate::image`]).
+//! A record-level problem rejects the record; a problem with one response (non-numeric rating,
+//! empty text) rejects only that response.
+
+pub mod common;
+pub mod detect;
+pub mod pairwise;
+pub mod scored;
+
+pub use detect::detect;
+pub use scored::vlfeedback_fast;
+
+use crate::config::Format;
+use crate::record::{Reject, Response, Source};
+use common::{record_reject, type_name};
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Draft {
+    pub prompt: String,
+    pub image: String,
+    pub responses: Vec<Response>,
+    pub explicit_pairs: Vec<(usize, usize)>,
+}
+
+#[derive(Debug)]
+pub struct Parsed {
+    pub draft: Result<Draft, Reject>,
+    /// Responses dropped from a kept record (or from a record rejected later).
+    pub response_rejects: Vec<Reject>,
+}
+
+/// Per-file context for parsing.
+pub struct Ctx<'a> {
+    pub src: &'a Source,
+    pub aspects: &'a [(String, f64)],
+    pub max_text_chars: usize,
+}
+
+
+/// Parse one record of a known layout.
+pub fn parse(v: &Value, format: Format, ctx: &Ctx) -> Parsed {
+    let Some(o) = v.as_object() else {
+        return record_reject(ctx, ("$".into(), format!("expected a JSON object, got {}", type_name(v))));
+    };
+    match format {
+        Format::Vlfeedback => scored::vlfeedback(o, ctx),
+        Format::Rated => scored::rated(o, ctx),
+        Format::Pairwise => pairwise::parse(o, ctx),
+        Format::Auto => record_reject(ctx, ("$".into(), "format could not be detected".into())),
+    }
+}
