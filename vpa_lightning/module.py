@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -44,10 +43,12 @@ from torchmetrics import MeanMetric
 
 from vpa_lightning.augment.pixels import corrupt_pixel_values
 from vpa_lightning.losses import DPOLoss, PreferenceLoss
+from vpa_lightning.models.loading import TINY_PREFIX, load_vlm
 from vpa_lightning.models.logps import GroupBatch, GroupLogps, group_logps, select_rows
+from vpa_lightning.models.lora import apply_lora, default_lora_targets, language_and_vision_modules
 from vpa_lightning.reference_cache import ReferenceCache
 
-__all__ = ["METRIC_NAMES", "VisionDPOModule", "load_vlm"]
+__all__ = ["METRIC_NAMES", "VisionDPOModule", "default_lora_targets", "load_vlm"]  # the last two re-exported
 
 log = logging.getLogger(__name__)
 
@@ -72,73 +73,6 @@ try:  # a lazy default shows up as ``class_path: ...DPOLoss`` in ``--print_confi
     _DEFAULT_LOSS: PreferenceLoss | None = lazy_instance(DPOLoss)
 except ImportError:  # pragma: no cover - jsonargparse comes with lightning's CLI extra
     _DEFAULT_LOSS = None
-TINY_PREFIX = "tiny:"
-
-
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def load_vlm(model_name_or_path: str, seed: int = 0, dtype: str | None = None) -> tuple[nn.Module, Any]:
-    """``(model, processor)``: ``tiny:<family>`` builds a tiny random VLM (size options as in
-    ``tiny:llava?image_size=56&vision_hidden=64``, see :func:`vpa_lightning.models.tiny.parse_tiny_spec`), anything else is loaded
-    with ``AutoModelForImageTextToText`` / ``AutoProcessor`` (a local folder or a hub id already in the cache).
-
-    ``dtype``: ``None`` (transformers' default, float32), ``"auto"`` (the checkpoint's dtype) or
-    ``"float32"`` / ``"bfloat16"`` / ``"float16"``.
-    """
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES} or None, got {dtype!r}")
-    if model_name_or_path.startswith(TINY_PREFIX):
-        from vpa_lightning.models.tiny import build_tiny_vlm
-
-        model, processor = build_tiny_vlm(model_name_or_path[len(TINY_PREFIX) :], seed=seed)
-        if dtype not in (None, "auto"):
-            model.to(getattr(torch, dtype))
-        return model, processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    kwargs = {} if dtype is None else {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
-    model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, **kwargs)
-    processor = AutoProcessor.from_pretrained(model_name_or_path)
-    return model, processor
-
-
-def _module_name(root: nn.Module, target: nn.Module) -> str:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
-
-
-def language_and_vision_modules(model: nn.Module) -> tuple[str, list[str]]:
-    """``(language model name, [vision tower / projector names])`` of a transformers VLM.
-
-    The language model is ``model.get_decoder()``; every other child of the
-    inner ``model.model`` (vision tower, projector/connector) counts as vision.
-    """
-    decoder = model.get_decoder()
-    lm_name = _module_name(model, decoder)
-    parent_name = lm_name.rsplit(".", 1)[0] if "." in lm_name else ""
-    parent = model.get_submodule(parent_name) if parent_name else model
-    vision = [
-        f"{parent_name}.{n}" if parent_name else n
-        for n, child in parent.named_children()
-        if child is not decoder and any(True for _ in child.parameters())
-    ]
-    return lm_name, vision
-
-
-def default_lora_targets(model: nn.Module) -> str:
-    """A PEFT ``target_modules`` regex matching the ``nn.Linear`` layers of the language model only."""
-    lm_name, _ = language_and_vision_modules(model)
-    leaves = sorted(
-        {n.rsplit(".", 1)[-1] for n, m in model.get_submodule(lm_name).named_modules() if isinstance(m, nn.Linear)}
-    )
-    if not leaves:
-        raise ValueError(f"no nn.Linear layers in {lm_name}; set lora_target_modules")
-    return rf"^{re.escape(lm_name)}\..*\.({'|'.join(map(re.escape, leaves))})$"
-
-
 class VisionDPOModule(pl.LightningModule):
     """Preference optimisation (DPO and relatives) of a vision-language model, with LoRA or full fine-tuning.
 
@@ -248,17 +182,7 @@ class VisionDPOModule(pl.LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         if lora:
-            from peft import LoraConfig, get_peft_model
-
-            targets: str | list[str] = lora_target_modules or default_lora_targets(model)
-            config = LoraConfig(
-                r=lora_r,
-                lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout,
-                target_modules=targets,
-                modules_to_save=None if freeze_vision else [v.rsplit(".", 1)[-1] for v in vision],
-            )
-            self.model = get_peft_model(model, config)
+            self.model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_target_modules, freeze_vision)
             self._reference: list[nn.Module] = []
         else:
             if freeze_vision:

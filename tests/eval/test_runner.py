@@ -28,7 +28,8 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     import lightning.pytorch as pl
     from peft import LoraConfig, get_peft_model
 
-    from vpa_lightning.module import VisionDPOModule, default_lora_targets, load_vlm
+    from vpa_lightning.models import default_lora_targets, load_vlm
+    from vpa_lightning.module import VisionDPOModule
 
     root = tmp_path_factory.mktemp("models")
     model, processor = load_vlm("tiny:llava", seed=0)

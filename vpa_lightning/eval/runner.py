@@ -81,7 +81,7 @@ def load_model(spec: ModelSpec, seed: int = 0, device: str = "cpu") -> tuple[Any
         module = load_module(spec.checkpoint)
         model, processor = module.model, module.processor
     else:
-        from vpa_lightning.module import load_vlm
+        from vpa_lightning.models.loading import load_vlm
 
         model, processor = load_vlm(str(spec.path), seed=seed, dtype=spec.dtype)
         if spec.adapter is not None:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from vpa_lightning.models.families import family_of
+
 __all__ = ["chat_prompt", "encode_for_generation", "generate_answers", "greedy_generate"]
 
 
@@ -27,15 +29,10 @@ def encode_for_generation(processor: Any, images: Sequence[Any], questions: Sequ
     tok.padding_side = "left"
     try:
         texts = [chat_prompt(processor, q) for q in questions]
-        # Idefics3-style processors take one list of images per text
-        imgs: Any = [[im] for im in images] if _nested_images(processor) else list(images)
+        imgs = family_of(processor).images_argument([[im] for im in images])
         return dict(processor(images=imgs, text=texts, padding=True, return_tensors="pt"))
     finally:
         tok.padding_side = old_side
-
-
-def _nested_images(processor: Any) -> bool:
-    return type(processor).__name__.startswith(("Idefics", "SmolVLM"))
 
 
 @torch.no_grad()

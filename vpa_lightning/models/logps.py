@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vpa_lightning.models.families import family_of
+
 __all__ = [
     "GroupBatch",
     "GroupLogps",
@@ -215,9 +217,9 @@ def build_group_batch(
             end-of-turn token). Defaults to the tokenizer's EOS token; ``""`` for none.
         response_fill: Value of each per-token processor output (those shaped like
             ``input_ids``, other than ``input_ids``/``attention_mask``) over the response
-            tokens; default 0 (= text token for ``mm_token_type_ids`` and Gemma-3-style
-            ``token_type_ids``). PaliGemma-style prefix-LM models need
-            ``{"token_type_ids": 1}`` (1 marks the causal suffix there).
+            tokens, over the family's own (:attr:`~vpa_lightning.models.families.Family.response_fill`,
+            e.g. PaliGemma's ``token_type_ids`` 1 = causal suffix); default 0 (= text token for
+            ``mm_token_type_ids`` and Gemma-3-style ``token_type_ids``).
 
     Returns:
         A :class:`GroupBatch`.
@@ -247,13 +249,14 @@ def build_group_batch(
             responses.append(ids)
             owners.append(g)
 
-    enc = processor(text=prompts, images=images, return_tensors="pt", padding=True)
-    enc = dict(enc)
+    family = family_of(processor)
+    enc = processor(text=prompts, images=family.images_argument(images), return_tensors="pt", padding=True)
+    enc = {k: v for k, v in enc.items() if k not in family.dropped_inputs}
     input_ids: Tensor = enc.pop("input_ids")
     attention_mask: Tensor = enc.pop("attention_mask")
     # per-token processor outputs (mm_token_type_ids, token_type_ids, ...) follow input_ids
     per_token = {k: enc.pop(k) for k in list(enc) if isinstance(enc[k], Tensor) and enc[k].shape == input_ids.shape}
-    fill = {k: int((response_fill or {}).get(k, 0)) for k in per_token}
+    fill = {k: int({**family.response_fill, **(response_fill or {})}.get(k, 0)) for k in per_token}
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
 
