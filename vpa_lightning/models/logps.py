@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vpa_lightning.models.families import family_of
+from vpa_lightning.models.chunked_head import head_token_logps
 
 __all__ = [
     "GroupBatch",
@@ -386,7 +387,7 @@ def group_logps(
     model: nn.Module,
     batch: GroupBatch,
     method: Literal["forward", "hidden"] = "forward",
-    chunk_size: int = 4096,
+    chunk_size: int = 256,
     share_prefix: bool = False,
     share_image: bool = True,
 ) -> GroupLogps:
@@ -403,7 +404,9 @@ def group_logps(
       wrapper hooks (PEFT, FSDP, ``torch.compile``) apply as usual.
     * ``"hidden"``: run the decoder ``model.model`` only, gather its last hidden
       states at those positions and apply the LM head in chunks of ``chunk_size``
-      rows: peak memory ``chunk_size x vocab`` instead of ``M x vocab``. Bypasses
+      rows: peak memory ``chunk_size x vocab`` instead of ``M x vocab``, in backward too
+      (a plain linear head recomputes each chunk's logits there, see
+      :mod:`~vpa_lightning.models.chunked_head`). Bypasses
       the top-level module's forward (a final-logit soft-cap in the text config is
       re-applied); prefer ``"forward"`` under FSDP unless the LM head is sharded with the decoder.
 
@@ -449,14 +452,7 @@ def group_logps(
             hidden = base(**batch.model_inputs, use_cache=False, return_dict=True).last_hidden_state  # [N, T, H]
         if hidden.shape[:2] != labels.shape:
             raise RuntimeError(f"decoder output {tuple(hidden.shape[:2])} does not match labels {tuple(labels.shape)}")
-        states = hidden[predicts]  # [M, H]
-        parts = []
-        for start in range(0, targets.numel(), chunk_size):
-            chunk = head(states[start : start + chunk_size]).float()
-            if cap:
-                chunk = torch.tanh(chunk / cap) * cap
-            parts.append(-F.cross_entropy(chunk, targets[start : start + chunk_size], reduction="none"))
-        flat = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+        flat = head_token_logps(head, hidden[predicts], targets, chunk_size, cap)  # no [M, vocab] kept for backward
     else:
         raise ValueError(f"method must be 'forward' or 'hidden', got {method!r}")
 
