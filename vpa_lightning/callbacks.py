@@ -1,6 +1,7 @@
 """Lightning callbacks of the trainer.
 
-``PreferenceReport`` measures the validation preference metrics of the policy right before
+``ThroughputLog`` (on by default in ``vpa fit``) logs tokens/s, pairs/s, samples/s and, on CUDA,
+MFU every ``log_every_n_steps``. ``PreferenceReport`` measures the validation preference metrics of the policy right before
 the first training step and again when training ends, and prints a before/after table; with an
 ``answer_scorer`` it also scores the policy's greedy answers to the validation prompts::
 
@@ -21,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["GREEDY_METRIC", "PreferenceReport", "format_report", "load_scorer"]
+__all__ = ["GREEDY_METRIC", "THROUGHPUT_METRICS", "PreferenceReport", "ThroughputLog", "format_report", "load_scorer"]
 
 log = logging.getLogger(__name__)
 
@@ -253,3 +254,97 @@ class PreferenceReport(Callback):
         assert len(row) == n_names + 2
         return torch.stack(row)
 
+
+
+#: What :class:`ThroughputLog` logs (``mfu`` and ``tflops_per_s`` only where the device's peak is known: CUDA).
+THROUGHPUT_METRICS: tuple[str, ...] = (
+    "train/throughput/tokens_per_s",
+    "train/throughput/pairs_per_s",
+    "train/throughput/samples_per_s",
+    "train/throughput/tflops_per_s",
+    "train/throughput/mfu",
+)
+
+
+class ThroughputLog(Callback):
+    """Training throughput, logged on the steps the trainer logs (``log_every_n_steps``).
+
+    Rates are over the steps since the previous log (wall time, the GPU synchronised first), summed
+    over all ranks: ``train/throughput/tokens_per_s`` (non-padding tokens of the batch as built: prompt,
+    image tokens and response of every response's sequence), ``pairs_per_s`` (preference pairs),
+    ``samples_per_s`` (groups: one image + prompt with its responses). On CUDA also
+    ``tflops_per_s`` and ``mfu``: model FLOPs per second per device over the device's peak for the
+    training precision (Lightning's ``get_available_flops``). Model FLOPs per token are counted as
+    ``2 N`` for the policy forward, ``2 N`` for the backward to the activations, ``2 N_trainable`` for
+    the weight gradients and ``2 N`` for the reference forward (unless the loss is reference-free),
+    with ``N`` the parameters outside the input embeddings; attention's own ``T^2`` work is left out
+    (as in PaLM's MFU). When the module runs fewer tokens than the batch holds (packed groups,
+    prefix sharing: the shared prefix runs once), its ``forward_tokens(batch)`` gives the tokens FLOPs
+    are counted on, so MFU stays a hardware figure while tokens/s counts the data.
+
+    Args:
+        log_mfu: Also log ``tflops_per_s`` / ``mfu`` where the peak is known (CUDA).
+    """
+
+    def __init__(self, log_mfu: bool = True) -> None:
+        super().__init__()
+        self.log_mfu = log_mfu
+        self._counts = torch.zeros(4, dtype=torch.float64)  # tokens, pairs, samples, flop tokens
+        self._t0: float | None = None
+        self._params: tuple[int, int] | None = None
+        self._peak: float | None = None
+        self.last: dict[str, float] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        self._counts.zero_()
+        self._t0 = time.perf_counter()
+        embeddings = {id(p) for m in pl_module.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+        params = [p for p in pl_module.parameters() if id(p) not in embeddings]
+        # ZeRO-3 / FSDP shards: ds_numel / the unsharded count where the strategy records it
+        numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
+        self._params = (sum(numel(p) for p in params), sum(numel(p) for p in params if p.requires_grad))
+        self._peak = None
+        if self.log_mfu and pl_module.device.type == "cuda":
+            from lightning.fabric.utilities.throughput import _plugin_to_compute_dtype, get_available_flops
+
+            self._peak = get_available_flops(pl_module.device, _plugin_to_compute_dtype(trainer.precision_plugin))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        import time
+
+        if self._t0 is None or not isinstance(batch, dict):
+            return
+        inputs = batch.get("inputs")
+        if inputs is not None:
+            mask = inputs.model_inputs.get("attention_mask")
+            tokens = float(mask.sum()) if mask is not None and mask.dim() == 2 else float(inputs.labels.numel())
+            counter = getattr(pl_module, "forward_tokens", None)
+            flop_tokens = float(counter(batch)) if callable(counter) else tokens
+            self._counts += torch.tensor([tokens, float(batch["chosen"].numel()), float(len(batch.get("keys", ()))), flop_tokens], dtype=torch.float64)
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is not None and not connector.should_update_logs:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        now = time.perf_counter()
+        elapsed = max(now - self._t0, 1e-9)
+        counts = trainer.strategy.reduce(self._counts.to(pl_module.device), reduce_op="sum").double().cpu()
+        tokens, pairs, samples, flop_tokens = (float(c) for c in counts)
+        metrics = {
+            "train/throughput/tokens_per_s": tokens / elapsed,
+            "train/throughput/pairs_per_s": pairs / elapsed,
+            "train/throughput/samples_per_s": samples / elapsed,
+        }
+        if self._peak and self._params is not None:
+            n_all, n_trainable = self._params
+            reference_free = bool(getattr(getattr(pl_module, "loss_fn", None), "reference_free", False))
+            per_token = 2 * n_all * (2 if reference_free else 3) + 2 * n_trainable
+            flops_per_device = per_token * flop_tokens / max(trainer.world_size, 1) / elapsed
+            metrics["train/throughput/tflops_per_s"] = flops_per_device / 1e12
+            metrics["train/throughput/mfu"] = flops_per_device / self._peak
+        self.last = metrics
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+        self._counts.zero_()
+        self._t0 = now

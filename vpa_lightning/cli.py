@@ -58,7 +58,13 @@ def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
     from vpa_lightning.data.datamodule import PreferenceDataModule
     from vpa_lightning.module import VisionDPOModule
 
+    from vpa_lightning.callbacks import ThroughputLog
+
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    # throughput (tokens/s, pairs/s, samples/s, MFU on CUDA) in every run's logs
+    defaults = dict(kwargs.get("trainer_defaults") or {})
+    defaults.setdefault("callbacks", [ThroughputLog()])
+    kwargs["trainer_defaults"] = defaults
     kwargs.setdefault("parser_kwargs", {"description": "Preference optimisation (DPO family) of vision-language models."})
     return LightningCLI(VisionDPOModule, PreferenceDataModule, args=args, run=run, **kwargs)
 
