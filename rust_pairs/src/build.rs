@@ -19,7 +19,8 @@ use crate::image;
 use crate::manifest::{Counts, Manifest, FORMAT_VERSION};
 use crate::layout::{self, Ctx};
 use crate::rank::{fit, sigmoid, Comparisons};
-use crate::record::{Record, Reject, Source};
+use crate::record::{anchor, image_key, ImageRef, Record, Reject, Source};
+use crate::row::ImageSrc;
 use crate::report::Stats;
 use crate::select::{self, Dropped, GroupView, Params};
 use crate::shard::{encode_member, write_atomic, ShardInfo, ShardWriter};
@@ -49,9 +50,10 @@ pub fn hash64(parts: &[&[u8]]) -> u64 {
     u64::from_be_bytes(h.finalize()[..8].try_into().unwrap())
 }
 
-/// Which partition owns a valid record (by image content, so groups never straddle partitions).
-fn owner_of_image(image_sha256: &str, n: u64) -> u64 {
-    hash64(&[b"partition", image_sha256.as_bytes()]) % n
+/// Which partition owns a valid record (by its [`anchor`]: image content, or the prompt of a
+/// text-only record, so groups never straddle partitions).
+fn owner_of_image(anchor: &str, n: u64) -> u64 {
+    hash64(&[b"partition", anchor.as_bytes()]) % n
 }
 
 /// Which partition owns a record whose image is unknown (unparseable, or image unreadable).
@@ -63,6 +65,26 @@ fn owner_of_line(src: &Source, n: u64) -> u64 {
 /// so the held-out set stays put when only the shuffle seed changes.
 pub fn is_val(image_sha256: &str, val_fraction: f64) -> bool {
     val_fraction > 0.0 && (hash64(&[b"split", image_sha256.as_bytes()]) as f64 / 2f64.powi(64)) < val_fraction
+}
+
+/// The split of a group: a single image goes by its hash ([`is_val`], as in format 1); a text-only
+/// group by its anchor (its prompt); a multi-image group goes where all its images go, and when
+/// its images fall on both sides it is dropped (`Err`, with the reason), so that no image is ever
+/// in both train and val.
+fn split_of(images: &[ImageRef], anchor: &str, val_fraction: f64) -> std::result::Result<bool, String> {
+    if images.is_empty() {
+        return Ok(is_val(anchor, val_fraction));
+    }
+    let val = images.iter().filter(|i| is_val(&i.sha256, val_fraction)).count();
+    if val == 0 || val == images.len() {
+        Ok(val > 0)
+    } else {
+        Err(format!(
+            "its {} images fall on both sides of the train/val split ({val} held out by --val-fraction): \
+             a multi-image sample must lie wholly in one split so that no image is in both",
+            images.len()
+        ))
+    }
 }
 
 fn shuffle_key(seed: u64, key: &str) -> u64 {
@@ -91,14 +113,30 @@ struct PairOut {
     margin: f64,
 }
 
+/// One image of a sample: its tar member (after `{key}.`) and sha256, in placeholder order.
+#[derive(Serialize)]
+struct ImageOut<'a> {
+    member: String,
+    sha256: &'a str,
+}
+
 #[derive(Serialize)]
 struct SampleOut<'a> {
     key: &'a str,
     prompt: &'a str,
-    image_sha256: &'a str,
+    /// The first image's sha256 (`null` for a text-only sample); `images` lists them all.
+    image_sha256: Option<&'a str>,
+    images: Vec<ImageOut<'a>>,
     responses: Vec<ResponseOut<'a>>,
     pairs: Vec<PairOut>,
-    source: &'a [Source],
+    source: Vec<serde_json::Value>,
+}
+
+/// Tar member name (after `{key}.`) of a sample's image `i`: `0.jpg`, `1.png`, ... The stock
+/// WebDataset reader splits a member name at the first dot of its base name, so `{key}.0.jpg`,
+/// `{key}.1.png` and `{key}.json` are one sample with fields `0.jpg`, `1.png` and `json`.
+pub fn image_member(i: usize, ext: &str) -> String {
+    format!("{i}.{ext}")
 }
 
 /// A finished sample on its way to a shard.
@@ -108,10 +146,8 @@ struct Finished {
     key: String,
     val: bool,
     json: String,
-    image_sha256: String,
-    image_ext: String,
-    image_offset: u64,
-    image_len: u64,
+    /// (extension, offset in the scratch blob, length) of each image, in order.
+    images: Vec<(String, u64, u64)>,
     pairs: u64,
     responses: u64,
 }
@@ -120,7 +156,8 @@ enum Line {
     Blank,
     OtherPartition,
     Rejected(Vec<Reject>),
-    Kept(Box<Record>, Vec<Reject>, Vec<u8>),
+    /// A valid record, its response rejects, and its images' bytes (in order).
+    Kept(Box<Record>, Vec<Reject>, Vec<Vec<u8>>),
 }
 
 struct FileCtx<'a> {
@@ -132,11 +169,10 @@ struct FileCtx<'a> {
 }
 
 fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
-    let src = Source { file: fc.label.clone(), line };
-    let (part, parts) = fc.cfg.partition;
-    // A record rejected before its image is known belongs to the partition its (file, line) picks.
+    let src = Source::line(fc.label.clone(), line);
+    // A record rejected before its images are known belongs to the partition its (file, line) picks.
     let unowned_reject = |mut earlier: Vec<Reject>, r: Reject| {
-        if owner_of_line(&src, parts) != part {
+        if owner_of_line(&src, fc.cfg.partition.1) != fc.cfg.partition.0 {
             Line::OtherPartition
         } else {
             earlier.push(r);
@@ -159,7 +195,7 @@ fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
         Format::Vlfeedback => layout::vlfeedback_fast(text, &ctx),
         _ => None,
     };
-    let (draft, mut response_rejects) = match fast {
+    let (draft, response_rejects) = match fast {
         Some(d) => (d, vec![]),
         None => {
             let value: serde_json::Value = match serde_json::from_str(text) {
@@ -173,31 +209,60 @@ fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
             }
         }
     };
-    let path = image::resolve(&draft.image, &fc.image_root);
-    let img = match image::read(&path) {
-        Ok(i) => i,
-        Err(reason) => return unowned_reject(response_rejects, Reject::record(&src, "image", reason)),
+    validate_draft(draft, response_rejects, &mut [], src, fc)
+}
+
+/// Read, own and check a parsed record's images; `blobs` are its row's embedded bytes (taken).
+fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs: &mut [Vec<u8>], src: Source, fc: &FileCtx) -> Line {
+    let (part, parts) = fc.cfg.partition;
+    let unowned_reject = |mut earlier: Vec<Reject>, r: Reject| {
+        if owner_of_line(&src, parts) != part {
+            Line::OtherPartition
+        } else {
+            earlier.push(r);
+            Line::Rejected(earlier)
+        }
     };
-    if owner_of_image(&img.sha256, parts) != part {
+    let field = |i: usize| if draft.images.len() == 1 { "image".to_string() } else { format!("images[{i}]") };
+    let mut imgs = Vec::with_capacity(draft.images.len());
+    for (i, im) in draft.images.iter().enumerate() {
+        let read = match im {
+            ImageSrc::Path(p) => image::read(&image::resolve(p, &fc.image_root)),
+            ImageSrc::Embedded { index, .. } => match blobs.get_mut(*index) {
+                Some(b) => image::from_bytes(std::mem::take(b), PathBuf::from(im.label())),
+                None => Err(format!("{} names no embedded image (only Parquet binary columns embed bytes)", im.label())),
+            },
+        };
+        match read {
+            Ok(img) => imgs.push(img),
+            Err(reason) => return unowned_reject(response_rejects, Reject::record(&src, field(i), reason)),
+        }
+    }
+    let prompt_norm = normalize(&draft.prompt);
+    let key = image_key(imgs.iter().map(|i| i.sha256.as_str()));
+    if owner_of_image(&anchor(&key, &prompt_norm), parts) != part {
         return Line::OtherPartition;
     }
-    if let Err(reason) = image::check(&img, fc.cfg.image_check) {
-        response_rejects.push(Reject::record(&src, "image", reason));
-        return Line::Rejected(response_rejects);
+    for (i, img) in imgs.iter().enumerate() {
+        if let Err(reason) = image::check(img, fc.cfg.image_check) {
+            response_rejects.push(Reject::record(&src, field(i), reason));
+            return Line::Rejected(response_rejects);
+        }
     }
+    let images = imgs
+        .iter()
+        .map(|i| ImageRef { path: i.path.to_string_lossy().to_string(), sha256: i.sha256.clone(), ext: i.ext.to_string(), offset: 0, len: i.bytes.len() as u64 })
+        .collect();
     let record = Record {
-        image_offset: 0,
-        image_len: img.bytes.len() as u64,
-        prompt_norm: normalize(&draft.prompt),
+        prompt_norm,
         prompt: draft.prompt,
-        image_path: img.path.to_string_lossy().to_string(),
-        image_sha256: img.sha256,
-        image_ext: img.ext.to_string(),
+        images,
+        image_key: key,
         responses: draft.responses,
         explicit_pairs: draft.explicit_pairs,
         source: src,
     };
-    Line::Kept(Box::new(record), response_rejects, img.bytes)
+    Line::Kept(Box::new(record), response_rejects, imgs.into_iter().map(|i| i.bytes).collect())
 }
 
 /// Detect a file's format from its first record that parses and says which format it is.
@@ -381,6 +446,11 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
     counts.responses_collapsed += g.collapsed;
     counts.prompts_near_duplicate += g.near_dup_merged;
     counts.pairs_dropped_identical += g.identical_pairs;
+    // A text-only group is split by its key (its normalised prompt).
+    let val = match split_of(&g.images, &format!("text\0{}", g.key), cfg.val_fraction) {
+        Ok(v) => v,
+        Err(why) => return Ranked::Dropped(why),
+    };
     let mut comp = Comparisons::new(n);
     let mean: Vec<Option<f64>> = g
         .responses
@@ -521,24 +591,22 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
     let sample = SampleOut {
         key: &g.key,
         prompt: &g.prompt,
-        image_sha256: &g.image_sha256,
+        image_sha256: g.images.first().map(|i| i.sha256.as_str()),
+        images: g.images.iter().enumerate().map(|(i, im)| ImageOut { member: image_member(i, &im.ext), sha256: &im.sha256 }).collect(),
         responses: order
             .iter()
             .map(|&i| ResponseOut { text: &g.responses[i].text, model: g.responses[i].model.as_deref(), scores: &all_scores[i], strength: theta[i] })
             .collect(),
         pairs: pair_out,
-        source: &g.sources,
+        source: g.sources.iter().map(Source::to_json).collect(),
     };
     let npairs = sample.pairs.len() as u64;
     Ranked::Sample(Finished {
         order: shuffle_key(cfg.seed, &g.key),
         key: g.key.clone(),
-        val: is_val(&g.image_sha256, cfg.val_fraction),
+        val,
         json: serde_json::to_string(&sample).expect("sample serialises"),
-        image_sha256: g.image_sha256.clone(),
-        image_ext: g.image_ext.clone(),
-        image_offset: g.image_offset,
-        image_len: g.image_len,
+        images: g.images.iter().map(|i| (i.ext.clone(), i.offset, i.len)).collect(),
         pairs: npairs,
         responses: n as u64,
     })
@@ -690,14 +758,16 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
                                 counts.responses_rejected += rs.iter().filter(|r| r.kind == crate::record::RejectKind::Response).count() as u64;
                                 write_rejects(&rs, &mut rejects);
                             }
-                            Line::Kept(mut rec, rs, bytes) => {
+                            Line::Kept(mut rec, rs, images) => {
                                 counts.records_in += 1;
                                 counts.responses_rejected += rs.len() as u64;
                                 write_rejects(&rs, &mut rejects);
-                                rec.image_offset = blob_len;
-                                blob.write_all(&bytes).map_err(|e| Error::output(&blob_path, e))?;
-                                blob_len += bytes.len() as u64;
-                                let b = range_bucket(hash64(&[b"bucket", rec.image_sha256.as_bytes()]), nb);
+                                for (im, bytes) in rec.images.iter_mut().zip(&images) {
+                                    im.offset = blob_len;
+                                    blob.write_all(bytes).map_err(|e| Error::output(&blob_path, e))?;
+                                    blob_len += bytes.len() as u64;
+                                }
+                                let b = range_bucket(hash64(&[b"bucket", anchor(&rec.image_key, &rec.prompt_norm).as_bytes()]), nb);
                                 kept.push((b, *rec));
                             }
                         }
@@ -800,14 +870,17 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
             io_pool.install(|| batch
                 .par_iter()
                 .map(|f| {
-                    // The image is read from the scratch blob straight into the tar buffer.
+                    // Images are read from the scratch blob straight into the tar buffer.
                     let json = f.json.as_bytes();
-                    let mut enc = Vec::with_capacity(4 * 512 + f.image_len as usize + json.len());
-                    let mut read = Ok(());
-                    let image_name = format!("{}.{}", f.key, f.image_ext);
-                    encode_member(&mut enc, &image_name, f.image_len as usize, |buf| read = blob.read_exact_at(buf, f.image_offset))
-                        .map_err(|e| Error::output(&out, e))?;
-                    read.map_err(|e| Error::output(&blob_path, e))?;
+                    let image_bytes: u64 = f.images.iter().map(|i| i.2).sum();
+                    let mut enc = Vec::with_capacity((2 + 2 * f.images.len()) * 512 + image_bytes as usize + json.len());
+                    for (i, (ext, offset, len)) in f.images.iter().enumerate() {
+                        let mut read = Ok(());
+                        let name = format!("{}.{}", f.key, image_member(i, ext));
+                        encode_member(&mut enc, &name, *len as usize, |buf| read = blob.read_exact_at(buf, *offset))
+                            .map_err(|e| Error::output(&out, e))?;
+                        read.map_err(|e| Error::output(&blob_path, e))?;
+                    }
                     encode_member(&mut enc, &format!("{}.json", f.key), json.len(), |buf| buf.copy_from_slice(json))
                         .map_err(|e| Error::output(&out, e))?;
                     Ok(enc)
@@ -874,3 +947,28 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
     Ok(manifest)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img(sha: &str) -> ImageRef {
+        ImageRef { path: String::new(), sha256: sha.into(), ext: "png".into(), offset: 0, len: 0 }
+    }
+
+    #[test]
+    fn split_keeps_every_image_on_one_side() {
+        // Find a held-out and a training image at val_fraction 0.5.
+        let shas: Vec<String> = (0..64).map(|i| format!("{i:064x}")).collect();
+        let val = shas.iter().find(|s| is_val(s, 0.5)).unwrap();
+        let train = shas.iter().find(|s| !is_val(s, 0.5)).unwrap();
+        assert_eq!(split_of(&[img(val)], "a", 0.5), Ok(true));
+        assert_eq!(split_of(&[img(train)], "a", 0.5), Ok(false));
+        let val2 = shas.iter().filter(|s| is_val(s, 0.5)).nth(1).unwrap();
+        assert_eq!(split_of(&[img(val), img(val2)], "a", 0.5), Ok(true));
+        assert!(split_of(&[img(val), img(train)], "a", 0.5).unwrap_err().contains("both sides"));
+        assert_eq!(split_of(&[img(val), img(train)], "a", 0.0), Ok(false));
+        // Text-only: by its anchor, deterministic.
+        assert_eq!(split_of(&[], "text\0q", 0.5), Ok(is_val("text\0q", 0.5)));
+    }
+}

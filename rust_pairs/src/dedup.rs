@@ -7,7 +7,7 @@
 //! global dedup.
 
 use crate::image::sha256_hex;
-use crate::record::{Record, Response, Source};
+use crate::record::{ImageRef, Record, Response, Source};
 use crate::text::normalize;
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -17,11 +17,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 pub struct Group {
     pub key: String,
     pub prompt: String,
-    pub image_path: String,
-    pub image_sha256: String,
-    pub image_ext: String,
-    pub image_offset: u64,
-    pub image_len: u64,
+    /// The images of the group's first record (all its records have the same image list).
+    pub images: Vec<ImageRef>,
+    /// See [`crate::record::image_key`]; `""` for a text-only group.
+    pub image_key: String,
     pub responses: Vec<Response>,
     /// (chosen, rejected) over `responses`, one entry per source comparison.
     pub explicit_pairs: Vec<(usize, usize)>,
@@ -34,10 +33,10 @@ pub struct Group {
     pub near_dup_merged: u64,
 }
 
-/// Deterministic sample key: 20 hex digits of sha256(image hash, normalised prompt); no dots.
-pub fn group_key(image_sha256: &str, prompt_norm: &str) -> String {
-    let mut s = String::with_capacity(image_sha256.len() + 1 + prompt_norm.len());
-    s.push_str(image_sha256);
+/// Deterministic sample key: 20 hex digits of sha256(image key, normalised prompt); no dots.
+pub fn group_key(image_key: &str, prompt_norm: &str) -> String {
+    let mut s = String::with_capacity(image_key.len() + 1 + prompt_norm.len());
+    s.push_str(image_key);
     s.push('\0');
     s.push_str(prompt_norm);
     sha256_hex(s.as_bytes())[..20].to_string()
@@ -50,8 +49,10 @@ pub fn group(records: Vec<Record>, near_dup: Option<f64>) -> Vec<Group> {
         None => HashMap::new(),
         Some(t) => {
             let mut by_image: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-            for r in &records {
-                by_image.entry(&r.image_sha256).or_default().insert(&r.prompt_norm);
+            // Text-only records are bucketed by their prompt, so near-duplicates among them could
+            // sit in other buckets: near-dup merging applies to records with images only.
+            for r in records.iter().filter(|r| !r.image_key.is_empty()) {
+                by_image.entry(&r.image_key).or_default().insert(&r.prompt_norm);
             }
             let mut map = HashMap::new();
             for (img, prompts) in by_image {
@@ -69,8 +70,8 @@ pub fn group(records: Vec<Record>, near_dup: Option<f64>) -> Vec<Group> {
     let keys: Vec<String> = records
         .par_iter()
         .map(|r| {
-            let canon = canonical.get(&(r.image_sha256.as_str(), r.prompt_norm.as_str())).map_or(r.prompt_norm.as_str(), String::as_str);
-            group_key(&r.image_sha256, canon)
+            let canon = canonical.get(&(r.image_key.as_str(), r.prompt_norm.as_str())).map_or(r.prompt_norm.as_str(), String::as_str);
+            group_key(&r.image_key, canon)
         })
         .collect();
     drop(canonical);
@@ -93,11 +94,8 @@ fn merge(key: String, recs: Vec<Record>) -> Group {
     let mut g = Group {
         key,
         prompt: first.prompt.clone(),
-        image_path: first.image_path.clone(),
-        image_sha256: first.image_sha256.clone(),
-        image_ext: first.image_ext.clone(),
-        image_offset: first.image_offset,
-        image_len: first.image_len,
+        images: first.images.clone(),
+        image_key: first.image_key.clone(),
         responses: vec![],
         explicit_pairs: vec![],
         identical_pairs: 0,
@@ -229,14 +227,11 @@ mod tests {
 
     fn rec(file: &str, line: u64, img: &str, prompt: &str, texts: &[(&str, f64)], pairs: &[(usize, usize)]) -> Record {
         Record {
-            source: Source { file: file.into(), line },
+            source: Source::line(file, line),
             prompt: prompt.into(),
             prompt_norm: normalize(prompt),
-            image_path: format!("/{img}.png"),
-            image_sha256: img.into(),
-            image_ext: "png".into(),
-            image_offset: 0,
-            image_len: 0,
+            images: vec![ImageRef { path: format!("/{img}.png"), sha256: img.into(), ext: "png".into(), offset: 0, len: 0 }],
+            image_key: img.into(),
             responses: texts
                 .iter()
                 .map(|(t, s)| Response { text: t.to_string(), model: None, scores: [("h".to_string(), *s)].into() })
@@ -254,8 +249,8 @@ mod tests {
         ];
         let gs = group(recs, None);
         assert_eq!(gs.len(), 2);
-        let g = gs.iter().find(|g| g.image_sha256 == "img1").unwrap();
-        assert_eq!(g.sources, vec![Source { file: "a".into(), line: 7 }, Source { file: "b".into(), line: 1 }]);
+        let g = gs.iter().find(|g| g.image_key == "img1").unwrap();
+        assert_eq!(g.sources, vec![Source::line("a", 7), Source::line("b", 1)]);
         // First source (a:7) fixes the stored prompt and response order.
         assert_eq!(g.prompt, "what  is IT?");
         let texts: Vec<&str> = g.responses.iter().map(|r| r.text.as_str()).collect();

@@ -71,13 +71,23 @@ pub fn read(path: &Path) -> Result<ImageFile, String> {
     if (bytes.len() as u64) < meta.len() {
         return Err(format!("image {} shrank while it was read", path.display()));
     }
+    from_bytes(bytes, path.to_path_buf())
+}
+
+/// Hash and type image bytes (read from a file, or embedded in a row); `label` names it in
+/// messages. The format comes from the magic bytes.
+pub fn from_bytes(bytes: Vec<u8>, label: PathBuf) -> Result<ImageFile, String> {
+    let path = label;
     if bytes.is_empty() {
         return Err(format!("image {} is empty", path.display()));
+    }
+    if bytes.len() as u64 > MAX_IMAGE_BYTES {
+        return Err(format!("image {} is {} bytes, over the {} byte limit", path.display(), bytes.len(), MAX_IMAGE_BYTES));
     }
     let format = image::guess_format(&bytes).map_err(|_| format!("image {} is not a recognised image format", path.display()))?;
     let ext = extension_of(format)
         .ok_or_else(|| format!("image {} has unsupported format {format:?} (jpeg, png, webp, gif, bmp)", path.display()))?;
-    Ok(ImageFile { path: path.to_path_buf(), sha256: sha256_hex(&bytes), ext, bytes })
+    Ok(ImageFile { sha256: sha256_hex(&bytes), path, ext, bytes })
 }
 
 /// Check the image: a full decode, the container structure, or the header only (see [`ImageCheck`]).

@@ -11,6 +11,7 @@ pub mod error;
 pub mod image;
 pub mod layout;
 pub mod record;
+pub mod row;
 pub mod text;
 pub mod dedup;
 pub mod rank;

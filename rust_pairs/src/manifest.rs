@@ -58,7 +58,8 @@ impl Counts {
     }
 }
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: a sample holds 0..N images as `{key}.{i}.{ext}` listed in its JSON `images` (1: one `{key}.{ext}`).
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -81,7 +82,11 @@ impl Manifest {
         let data = std::fs::read(path).map_err(|e| Error::Manifest(format!("cannot read manifest {}: {e}", path.display())))?;
         let m: Manifest = serde_json::from_slice(&data).map_err(|e| Error::Manifest(format!("manifest {} is malformed: {e}", path.display())))?;
         if m.format_version != FORMAT_VERSION {
-            return Err(Error::Manifest(format!("manifest {} has format_version {}, expected {FORMAT_VERSION}", path.display(), m.format_version)));
+            return Err(Error::Manifest(format!(
+                "manifest {} has format_version {}, expected {FORMAT_VERSION}: rebuild it with this vpa-shard",
+                path.display(),
+                m.format_version
+            )));
         }
         Ok(m)
     }

@@ -11,46 +11,61 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
+/// Members of one sample seen so far: name suffixes (after `{key}.`) and its JSON.
+struct Seen {
+    key: String,
+    members: Vec<String>,
+    json: Option<Value>,
+}
+
+/// A sample is whole when it has its JSON and exactly the image members the JSON lists.
+fn close(cur: Option<Seen>, problems: &mut Vec<String>) {
+    let Some(s) = cur else { return };
+    let Some(js) = &s.json else {
+        problems.push(format!("sample {} lacks its json", s.key));
+        return;
+    };
+    let mut want: Vec<String> = js["images"].as_array().map_or_else(Vec::new, |a| a.iter().filter_map(|i| i["member"].as_str().map(String::from)).collect());
+    let mut have: Vec<String> = s.members.into_iter().filter(|m| m != "json").collect();
+    want.sort();
+    have.sort();
+    if want != have {
+        problems.push(format!("sample {} has image members {have:?}, its json lists {want:?}", s.key));
+    }
+}
+
 /// Walk one shard: samples (consecutive members sharing a key), pairs, and structural problems.
 fn walk(path: &Path) -> std::io::Result<(u64, u64, Vec<String>, Option<Value>)> {
     let mut ar = tar::Archive::new(BufReader::new(File::open(path)?));
     let (mut samples, mut pairs, mut problems, mut first) = (0u64, 0u64, Vec::new(), None);
-    let mut current: Option<(String, bool, bool)> = None; // key, has image, has json
-    let close = |cur: &Option<(String, bool, bool)>, problems: &mut Vec<String>| {
-        if let Some((k, img, js)) = cur {
-            if !(*img && *js) {
-                problems.push(format!("sample {k} lacks its {}", if *img { "json" } else { "image" }));
-            }
-        }
-    };
+    let mut current: Option<Seen> = None;
     for e in ar.entries()? {
         let mut e = e?;
         let name = e.path()?.to_string_lossy().to_string();
         let (key, ext) = name.split_once('.').map(|(k, x)| (k.to_string(), x.to_string())).unwrap_or((name.clone(), String::new()));
-        if current.as_ref().map(|c| &c.0) != Some(&key) {
-            close(&current, &mut problems);
-            current = Some((key.clone(), false, false));
+        if current.as_ref().map(|c| &c.key) != Some(&key) {
+            close(current.take(), &mut problems);
+            current = Some(Seen { key: key.clone(), members: vec![], json: None });
             samples += 1;
         }
         let cur = current.as_mut().unwrap();
         if ext == "json" {
-            cur.2 = true;
             let mut data = Vec::new();
             e.read_to_end(&mut data)?;
             match serde_json::from_slice::<Value>(&data) {
                 Ok(v) => {
                     pairs += v["pairs"].as_array().map_or(0, |a| a.len() as u64);
                     if first.is_none() {
-                        first = Some(v);
+                        first = Some(v.clone());
                     }
+                    cur.json = Some(v);
                 }
                 Err(err) => problems.push(format!("{name}: malformed JSON: {err}")),
             }
-        } else {
-            cur.1 = true;
         }
+        cur.members.push(ext);
     }
-    close(&current, &mut problems);
+    close(current, &mut problems);
     Ok((samples, pairs, problems, first))
 }
 

@@ -3,11 +3,37 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Where a record came from: input file and 1-based line number.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+/// Where a record came from: input file and 1-based line number. For a JSON array, `line` is the
+/// line where the element starts and `index` its 0-based position in the array; for Parquet,
+/// `line` is the 1-based row number over the whole file, `row_group` and `row` (0-based, within
+/// the row group) say where it sits. (No `skip_serializing_if` here: records are spilled with
+/// bincode, which needs every field; the JSON written for users leaves the `None`s out.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Source {
     pub file: String,
     pub line: u64,
+    pub index: Option<u64>,
+    pub row_group: Option<u64>,
+    pub row: Option<u64>,
+}
+
+impl Source {
+    pub fn line(file: impl Into<String>, line: u64) -> Source {
+        Source { file: file.into(), line, ..Default::default() }
+    }
+
+    /// The JSON users see (sample `source`): file and line, plus index / row group / row when set.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut o = serde_json::Map::new();
+        o.insert("file".into(), self.file.clone().into());
+        o.insert("line".into(), self.line.into());
+        for (k, v) in [("index", self.index), ("row_group", self.row_group), ("row", self.row)] {
+            if let Some(v) = v {
+                o.insert(k.into(), v.into());
+            }
+        }
+        serde_json::Value::Object(o)
+    }
 }
 
 /// One candidate answer with its per-aspect scores (declared aspects only).
@@ -26,20 +52,50 @@ pub struct Record {
     pub prompt: String,
     /// Normalised prompt (dedup identity).
     pub prompt_norm: String,
-    pub image_path: String,
-    /// sha256 of the image bytes, hex.
-    pub image_sha256: String,
-    /// Where the validated image bytes sit in the build's scratch blob (so each image is read
-    /// from its file once, and the shard gets exactly the bytes that were validated).
-    #[serde(default)]
-    pub image_offset: u64,
-    #[serde(default)]
-    pub image_len: u64,
-    /// File extension for the shard member (`jpg`, `png`, ...).
-    pub image_ext: String,
+    /// The record's images in placeholder order (0..N; none for a text-only record).
+    pub images: Vec<ImageRef>,
+    /// Identity of the image list (see [`image_key`]): the dedup, partition and bucket key.
+    pub image_key: String,
     pub responses: Vec<Response>,
     /// Explicit preferences (chosen index, rejected index) from pairwise inputs.
     pub explicit_pairs: Vec<(usize, usize)>,
+}
+
+/// One validated image of a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    /// The path it was read from, or the label of embedded bytes (provenance only).
+    pub path: String,
+    /// sha256 of the image bytes, hex.
+    pub sha256: String,
+    /// File extension for the shard member (`jpg`, `png`, ...), from the bytes' magic.
+    pub ext: String,
+    /// Where the validated bytes sit in the build's scratch blob (so each image is read once,
+    /// and the shard gets exactly the bytes that were validated).
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Identity of a record's image list: one image → its sha256 (as in format 1, so keys, splits and
+/// partitions of single-image data do not change); several → sha256 of their sha256s joined by
+/// `,` in order (the same images in another order are another list); none → `""`.
+pub fn image_key<'a>(shas: impl IntoIterator<Item = &'a str>) -> String {
+    let shas: Vec<&str> = shas.into_iter().collect();
+    match shas.len() {
+        0 => String::new(),
+        1 => shas[0].to_string(),
+        _ => crate::image::sha256_hex(shas.join(",").as_bytes()),
+    }
+}
+
+/// What partitions, spill buckets and (for text-only records) the train/val split hash: the image
+/// key, or for a record without images its normalised prompt (its dedup identity then).
+pub fn anchor(image_key: &str, prompt_norm: &str) -> String {
+    if image_key.is_empty() {
+        format!("text\0{prompt_norm}")
+    } else {
+        image_key.to_string()
+    }
 }
 
 /// Whether a whole record or one response inside a kept record was rejected.
@@ -50,11 +106,18 @@ pub enum RejectKind {
     Response,
 }
 
-/// One line of `rejects.jsonl`.
+/// One line of `rejects.jsonl`. `index` (JSON arrays), `row_group` and `row` (Parquet) are
+/// present only for those containers (see [`Source`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reject {
     pub file: String,
     pub line: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_group: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row: Option<u64>,
     pub kind: RejectKind,
     pub field: String,
     pub reason: String,
@@ -62,9 +125,13 @@ pub struct Reject {
 
 impl Reject {
     pub fn record(src: &Source, field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Reject { file: src.file.clone(), line: src.line, kind: RejectKind::Record, field: field.into(), reason: reason.into() }
+        Reject::new(src, RejectKind::Record, field.into(), reason.into())
     }
     pub fn response(src: &Source, field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Reject { file: src.file.clone(), line: src.line, kind: RejectKind::Response, field: field.into(), reason: reason.into() }
+        Reject::new(src, RejectKind::Response, field.into(), reason.into())
+    }
+    fn new(src: &Source, kind: RejectKind, field: String, reason: String) -> Self {
+        let Source { file, line, index, row_group, row } = src.clone();
+        Reject { file, line, index, row_group, row, kind, field, reason }
     }
 }

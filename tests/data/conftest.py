@@ -40,19 +40,25 @@ def vlf_row(img: str, prompt: str, completions: list[dict], rid: str = "r") -> d
 
 
 def read_samples(out: Path) -> dict[str, dict]:
-    """key -> {"json": dict, "image": bytes, "ext": str, "split": str, "shard": str} via tarfile."""
+    """key -> {"json": dict, "images": [bytes, ...] (in the JSON's order), "exts": [...],
+    "image"/"ext": the first image and its extension, "split", "shard"} via tarfile."""
     manifest = json.loads((out / "manifest.json").read_text())
     samples: dict[str, dict] = {}
     for s in manifest["shards"]:
         with tarfile.open(out / s["path"]) as tf:
+            members: dict[str, dict[str, bytes]] = {}
             for m in tf.getmembers():
                 key, ext = m.name.split(".", 1)
-                data = tf.extractfile(m).read()
-                entry = samples.setdefault(key, {"split": s["split"], "shard": s["path"]})
-                if ext == "json":
-                    entry["json"] = json.loads(data)
-                else:
-                    entry["image"], entry["ext"] = data, ext
+                members.setdefault(key, {})[ext] = tf.extractfile(m).read()
+        for key, fields in members.items():
+            js = json.loads(fields.pop("json"))
+            names = [i["member"] for i in js["images"]]
+            assert sorted(names) == sorted(fields), (key, names, list(fields))
+            entry = samples.setdefault(key, {"split": s["split"], "shard": s["path"], "json": js})
+            entry["images"] = [fields[n] for n in names]
+            entry["exts"] = [n.split(".", 1)[1] for n in names]
+            if names:
+                entry["image"], entry["ext"] = entry["images"][0], entry["exts"][0]
     return samples
 
 

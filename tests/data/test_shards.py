@@ -35,10 +35,12 @@ def test_stock_webdataset_reads_exactly_what_the_manifest_counts(tmp_path):
     per_split = {"train": set(), "val": set()}
     shard_of = {str(out / s["path"]): s["split"] for s in m["shards"]}
     for sample in ds:
-        img_key = next(k for k in ("png", "jpg") if k in sample)
-        img = sample[img_key]
-        assert img.size == (16, 12)
         js = sample["json"]
+        # One sample, one image member named by the JSON (`{key}.0.png` -> field "0.png").
+        (entry,) = js["images"]
+        assert entry["member"] in ("0.png", "0.jpg") and entry["sha256"] == js["image_sha256"]
+        img = sample[entry["member"]]
+        assert img.size == (16, 12)
         assert js["key"] == sample["__key__"] and "." not in sample["__key__"]
         n = len(js["responses"])
         for p in js["pairs"]:

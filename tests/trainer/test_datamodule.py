@@ -93,9 +93,9 @@ def _corrupt_copy(demo_shards, tmp_path):
     out = []
     for name, data in members:
         key, ext = name.split(".", 1)
-        if key == bad[0] and ext == "png":
+        if key == bad[0] and ext == "0.png":
             data = b"this is not an image"
-        elif key == bad[1] and ext == "png":
+        elif key == bad[1] and ext == "0.png":
             data = data[: len(data) // 2]
         elif key == bad[2] and ext == "json":
             data = data[:-10]
@@ -109,7 +109,7 @@ def test_corrupt_samples_are_skipped_and_counted(demo_shards, tiny_llava, tmp_pa
     path, n, bad = _corrupt_copy(demo_shards, tmp_path)
     # the truncated PNG must really be undecodable
     with pytest.raises(OSError):
-        Image.open(io.BytesIO(dict(read_tar(path))[f"{bad[1]}.png"])).load()
+        Image.open(io.BytesIO(dict(read_tar(path))[f"{bad[1]}.0.png"])).load()
     dm = PreferenceDataModule(str(path), batch_size=4, processor=processor, shuffle_buffer=0)
     with caplog.at_level(logging.WARNING, logger="vpa_lightning.data.datamodule"):
         batches = list(dm.train_dataloader())
@@ -174,3 +174,38 @@ def test_test_shards_directory_gives_all_shards(demo_shards, manifest, tiny_llav
     dm = PreferenceDataModule(str(demo_shards), test_shards=str(demo_shards), processor=tiny_llava[1])
     assert len(dm.test_urls) == len(manifest["shards"])
     assert sum(len(b["keys"]) for b in dm.test_dataloader()) == manifest["counts"]["groups"]
+
+
+def test_text_only_and_multi_image_samples_are_skipped_with_their_reason(tiny_llava, tmp_path, caplog):
+    import json
+
+    import webdataset as wds
+
+    from vpa_lightning.data import build, inspect
+    from vpa_lightning.data.datamodule import decode_sample
+
+    _, processor = tiny_llava
+    for i, colour in enumerate([(250, 0, 0), (0, 250, 0), (0, 0, 250)]):
+        Image.new("RGB", (24, 20), colour).save(tmp_path / f"{i}.png")
+    rows = [
+        {"image": "0.png", "question": "Colour?", "chosen": "Red.", "rejected": "Blue."},
+        {"question": "Say hi.", "chosen": "Hi!", "rejected": "No."},  # text-only
+        {"images": ["1.png", "2.png"], "question": "<image><image>Which is green?", "chosen": "The first.", "rejected": "The second."},
+    ]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "shards"
+    m = build([tmp_path / "rows.jsonl"], out, val_fraction=0)
+    assert m["counts"]["groups"] == 3 and inspect(out)["ok"]
+    raw = {s["__key__"]: s for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False, empty_check=False)}
+    decoded = [decode_sample(s) for s in raw.values()]
+    assert sorted(len(e.images) for e in decoded) == [0, 1, 2]
+    multi = next(e for e in decoded if len(e.images) == 2)
+    assert [im.getpixel((0, 0)) for im in multi.images] == [(0, 250, 0), (0, 0, 250)]
+    assert multi.group.image is None
+    dm = PreferenceDataModule(str(out), batch_size=2, processor=processor, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="vpa_lightning.data.datamodule"):
+        batches = list(dm.train_dataloader())
+    assert [k for b in batches for k in b["keys"]] == [e.key for e in decoded if len(e.images) == 1]
+    assert dm.skipped == {"text_only_sample": 1, "multi_image_sample": 1}
+    assert any("text_only_sample: 0 images" in r.getMessage() for r in caplog.records)
+    assert any("multi_image_sample: 2 images" in r.getMessage() for r in caplog.records)

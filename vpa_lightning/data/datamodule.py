@@ -1,8 +1,10 @@
 """Lightning data module that streams preference groups from ``vpa-shard`` WebDataset shards.
 
-One WebDataset sample (``{key}.png|jpg`` + ``{key}.json``) is one *group*: an
-image, a prompt, K >= 2 responses and the preference pairs among them
-(indices into the responses). The data module
+One WebDataset sample is one *group*: its images (``{key}.0.jpg``,
+``{key}.1.png``, ... as listed in the JSON's ``images``, in ``<image>``
+placeholder order; format 1 shards have one ``{key}.png|jpg``), a prompt,
+K >= 2 responses and the preference pairs among them (indices into the
+responses). The data module
 
 1. streams the shards with :class:`webdataset.WebDataset` (split by node and
    by DataLoader worker, shard order shuffled per epoch for training),
@@ -58,6 +60,13 @@ is logged (logger ``vpa_lightning.data.datamodule``), it is counted in
 travels with the next batch in ``batch["skipped"]`` so the training module can
 log the total across workers. An unreadable shard (truncated tar, missing
 file) is skipped the same way from the failing point on. Nothing crashes the run.
+
+Text-only and multi-image samples
+---------------------------------
+Shards may hold samples with no image (text-only preference rows) or with
+several. They are decoded (:attr:`PreferenceExample.images` holds every image)
+but the trainer takes one image per group for now, so they are skipped with
+the counted, logged reasons ``text_only_sample`` and ``multi_image_sample``.
 """
 
 from __future__ import annotations
@@ -96,7 +105,9 @@ class PreferenceExample:
 
     Attributes:
         key: The WebDataset sample key.
-        group: Image (RGB PIL), prompt and the K response texts; ``group.id == key``.
+        group: Image (RGB PIL; ``None`` unless the sample has exactly one), prompt and the K
+            response texts; ``group.id == key``.
+        images: Every image of the sample (RGB PIL), in ``<image>`` placeholder order.
         pairs: ``(chosen, rejected)`` response indices.
         probability: Bradley-Terry probability of each pair (``nan`` when absent).
         margin: Score margin of each pair (``nan`` when absent).
@@ -108,6 +119,7 @@ class PreferenceExample:
     pairs: list[tuple[int, int]]
     probability: list[float]
     margin: list[float]
+    images: list[Any] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
 
@@ -160,17 +172,38 @@ def decode_sample(sample: dict[str, Any]) -> PreferenceExample:
         pairs.append((c, j))
         probability.append(_float(p.get("probability")))
         margin.append(_float(p.get("margin")))
-    image_ext = next((e for e in _IMAGE_EXTS if e in sample), None)
-    if image_ext is None:
-        raise SampleError("no image member (.png/.jpg/.jpeg/.webp)")
+    images = [_decode_image(sample[m], m) for m in _image_members(sample, meta)]
+    group = PreferenceGroup(image=images[0] if len(images) == 1 else None, prompt=prompt, responses=texts, id=key)
+    return PreferenceExample(key=key, group=group, pairs=pairs, probability=probability, margin=margin, images=images)
+
+
+def _image_members(sample: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """The sample's image fields in placeholder order: the JSON's ``images`` (format 2), or the
+    one ``png``/``jpg``/... member of a format 1 sample."""
+    listed = meta.get("images")
+    if listed is None:
+        ext = next((e for e in _IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            raise SampleError("no image member (.png/.jpg/.jpeg/.webp)")
+        return [ext]
+    if not isinstance(listed, list):
+        raise SampleError("'images' is not a list")
+    members = []
+    for i, entry in enumerate(listed):
+        member = entry.get("member") if isinstance(entry, dict) else None
+        if not isinstance(member, str) or member not in sample:
+            raise SampleError(f"image {i} ({member!r}) listed in the JSON has no member in the shard")
+        members.append(member)
+    return members
+
+
+def _decode_image(data: bytes, member: str) -> Any:
     try:
-        with Image.open(io.BytesIO(sample[image_ext])) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
-            image = img.convert("RGB")
+            return img.convert("RGB")
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise SampleError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
-    group = PreferenceGroup(image=image, prompt=prompt, responses=texts, id=key)
-    return PreferenceExample(key=key, group=group, pairs=pairs, probability=probability, margin=margin)
+        raise SampleError(f"cannot decode image {member}: {type(exc).__name__}: {exc}") from exc
 
 
 class _SkipLog:
@@ -204,10 +237,17 @@ class _DecodeStage:
     def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[PreferenceExample]:
         for sample in src:
             key = str(sample.get("__key__", "?"))
+            what = f"sample {key!r} ({sample.get('__url__', '?')})"
             try:
                 example = decode_sample(sample)
             except SampleError as exc:
-                self.skips.skip(f"sample {key!r} ({sample.get('__url__', '?')})", "malformed_sample", str(exc))
+                self.skips.skip(what, "malformed_sample", str(exc))
+                continue
+            if len(example.images) != 1:
+                # Until the trainer consumes them: counted and logged, never a crash.
+                n = len(example.images)
+                reason = "text_only_sample" if n == 0 else "multi_image_sample"
+                self.skips.skip(what, reason, f"{reason}: {n} images, the trainer takes one image per group")
                 continue
             example.skipped = self.skips.take()
             yield example
@@ -436,7 +476,8 @@ class PreferenceDataModule(pl.LightningDataModule):
     # -- state -------------------------------------------------------------------------------
     @property
     def skipped(self) -> dict[str, int]:
-        """Samples skipped so far in this process, by reason (``malformed_sample``, ``tokenisation``, ``shard``)."""
+        """Samples skipped so far in this process, by reason (``malformed_sample``, ``tokenisation``,
+        ``shard``, ``text_only_sample``, ``multi_image_sample``)."""
         return dict(self._skips.counts)
 
     @property

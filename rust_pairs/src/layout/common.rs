@@ -2,6 +2,7 @@
 
 use super::{Ctx, Parsed};
 use crate::record::Reject;
+use crate::row::{image_refs, ImageSrc};
 use serde_json::{Map, Value};
 
 pub const PROMPT_KEYS: [&str; 4] = ["prompt", "question", "instruction", "query"];
@@ -49,15 +50,11 @@ pub fn string_field<'v>(o: &'v Map<String, Value>, keys: &[&'static str], what: 
     }
 }
 
-pub fn image_field(o: &Map<String, Value>) -> Result<String, FieldErr> {
+/// The record's images (see [`image_refs`]); no image field at all is a text-only record.
+pub fn image_field(o: &Map<String, Value>) -> Result<Vec<ImageSrc>, FieldErr> {
     match first(o, &IMAGE_KEYS) {
-        None => err("image", "missing field (expected one of img_path, image, image_path)"),
-        Some((_, Value::String(s))) if !s.trim().is_empty() => Ok(s.clone()),
-        // A one-image list (LLaVA-OneVision style) is accepted; several images are not.
-        Some((_, Value::Array(a))) if a.len() == 1 && a[0].is_string() => Ok(a[0].as_str().unwrap().to_string()),
-        Some((k, Value::Array(a))) => err(k, format!("expected one image path, got a list of {}", a.len())),
-        Some((k, Value::String(_))) => err(k, "empty image path"),
-        Some((k, other)) => err(k, format!("expected an image path string, got {}", type_name(other))),
+        None => Ok(vec![]),
+        Some((k, v)) => image_refs(v).map_err(|reason| (k.to_string(), reason)),
     }
 }
 

@@ -23,7 +23,8 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Draft {
     pub prompt: String,
-    pub image: String,
+    /// 0..N images in placeholder order (none: a text-only record); see [`crate::row::image_refs`].
+    pub images: Vec<crate::row::ImageSrc>,
     pub responses: Vec<Response>,
     pub explicit_pairs: Vec<(usize, usize)>,
 }

@@ -67,7 +67,7 @@ pub fn parse(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
         };
         let prompt_text = clean_prompt(&prompt.1);
         check_text(&prompt.0, &prompt_text, ctx)?;
-        let image = image_field(o)?;
+        let images = image_field(o)?;
         let chosen_v = fields.get("chosen").ok_or_else(|| ("chosen".to_string(), "missing field".to_string()))?;
         let (rk, rejected_v) = first(fields, &["rejected", "reject"])
             .ok_or_else(|| ("rejected".to_string(), "missing field (expected rejected or reject)".to_string()))?;
@@ -80,7 +80,7 @@ pub fn parse(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
             Response { text: chosen, model: model("chosen_model"), scores: BTreeMap::new() },
             Response { text: rejected, model: model("rejected_model"), scores: BTreeMap::new() },
         ];
-        Ok(Draft { prompt: prompt_text, image, responses, explicit_pairs: vec![(0, 1)] })
+        Ok(Draft { prompt: prompt_text, images, responses, explicit_pairs: vec![(0, 1)] })
     })();
     match res {
         Ok(d) => Parsed { draft: Ok(d), response_rejects: vec![] },
@@ -101,7 +101,7 @@ mod tests {
 
     #[test]
     fn pairwise_spellings() {
-        let src = Source { file: "f".into(), line: 1 };
+        let src = Source::line("f", 1);
         let seva = json!({"image": "a.jpg", "question": "Q?", "chosen": "yes", "reject": "no"});
         let llava = json!({"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "x"}],
             "chosen": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "yes"}], "rejected": "no"});
@@ -116,7 +116,7 @@ mod tests {
 
     #[test]
     fn long_text_is_rejected() {
-        let src = Source { file: "f".into(), line: 9 };
+        let src = Source::line("f", 9);
         let long = "x".repeat(1001);
         let v = json!({"image": "a", "question": "q", "chosen": long, "rejected": "n"});
         let r = parse(&v, Format::Pairwise, &ctx(&src, &[])).draft.unwrap_err();

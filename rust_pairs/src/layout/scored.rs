@@ -125,15 +125,15 @@ fn rows<'v>(v: &'v Value, key: &str) -> Result<Vec<Cow<'v, Map<String, Value>>>,
 }
 
 fn scored(o: &Map<String, Value>, ctx: &Ctx, key: &'static str, parse_one: ResponseParser) -> Parsed {
-    let head = (|| -> Result<(String, String, Vec<Cow<Map<String, Value>>>), FieldErr> {
+    let head = (|| -> Result<(String, Vec<crate::row::ImageSrc>, Vec<Cow<Map<String, Value>>>), FieldErr> {
         let (pk, prompt) = string_field(o, &PROMPT_KEYS, "prompt")?;
         let prompt = clean_prompt(prompt);
         check_text(pk, &prompt, ctx)?;
-        let image = image_field(o)?;
+        let images = image_field(o)?;
         let list = o.get(key).ok_or_else(|| (key.to_string(), "missing field".to_string()))?;
-        Ok((prompt, image, rows(list, key)?))
+        Ok((prompt, images, rows(list, key)?))
     })();
-    let (prompt, image, items) = match head {
+    let (prompt, images, items) = match head {
         Ok(h) => h,
         Err(e) => return record_reject(ctx, e),
     };
@@ -149,7 +149,7 @@ fn scored(o: &Map<String, Value>, ctx: &Ctx, key: &'static str, parse_one: Respo
         let why = if items.is_empty() { "no responses" } else { "no rankable response (all were rejected)" };
         Err(Reject::record(ctx.src, key, why))
     } else {
-        Ok(Draft { prompt, image, responses, explicit_pairs: vec![] })
+        Ok(Draft { prompt, images, responses, explicit_pairs: vec![] })
     };
     Parsed { draft, response_rejects }
 }
@@ -308,7 +308,7 @@ pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
     if responses.is_empty() {
         return None;
     }
-    Some(Draft { prompt, image: image.into_owned(), responses, explicit_pairs: vec![] })
+    Some(Draft { prompt, images: vec![crate::row::ImageSrc::Path(image.into_owned())], responses, explicit_pairs: vec![] })
 }
 
 #[cfg(test)]
@@ -331,7 +331,7 @@ mod tests {
 
     #[test]
     fn vlfeedback_rows_and_columns_agree() {
-        let src = Source { file: "f".into(), line: 1 };
+        let src = Source::line("f", 1);
         let a = vlf_aspects();
         let rows = json!({"id": "1", "prompt": "<image>\nWhat?", "img_path": "x.png", "completions": [
             {"model": "m1", "response": "A", "annotations": ann(json!("4"), json!(5), json!("3"))},
@@ -357,7 +357,7 @@ mod tests {
 
     #[test]
     fn rated_nested_and_flat_scores() {
-        let src = Source { file: "f".into(), line: 3 };
+        let src = Source::line("f", 3);
         let a: Vec<(String, f64)> = vec![("helpfulness".into(), 1.0), ("clarity".into(), 2.0)];
         let v = json!({"prompt": "Q", "image": "i.jpg", "responses": [
             {"text": "one", "scores": {"Helpfulness": 3, "clarity": 1}},
@@ -373,11 +373,11 @@ mod tests {
 
     #[test]
     fn record_level_rejects_name_field() {
-        let src = Source { file: "f".into(), line: 9 };
+        let src = Source::line("f", 9);
         let a = vlf_aspects();
         let cases = [
             (json!({"prompt": 3, "img_path": "x", "completions": []}), "prompt", "expected a string, got number"),
-            (json!({"prompt": "q", "completions": []}), "image", "missing field"),
+            (json!({"prompt": "q", "img_path": ["a.png", 3], "completions": []}), "img_path", "item 1: expected an image path"),
             (json!({"prompt": "q", "img_path": "x", "completions": []}), "completions", "no responses"),
             (json!({"prompt": "  ", "img_path": "x", "completions": []}), "prompt", "empty text"),
             (json!({"prompt": "q", "img_path": "x", "completions": {"model": ["a"], "response": []}}), "completions.response", "column form"),
@@ -392,7 +392,7 @@ mod tests {
     }
     #[test]
     fn vlfeedback_fast_path_agrees_or_defers() {
-        let src = Source { file: "f".into(), line: 1 };
+        let src = Source::line("f", 1);
         let a = vlf_aspects();
         let c = ctx(&src, &a);
         let ok = [
