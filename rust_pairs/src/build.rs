@@ -18,12 +18,13 @@ use crate::error::{Error, Result};
 use crate::image;
 use crate::manifest::{Counts, Manifest, FORMAT_VERSION};
 use crate::layout::{self, Ctx};
+use crate::outdir::OutDir;
 use crate::rank::{fit, sigmoid, Comparisons};
 use crate::record::{anchor, image_key, ImageRef, Record, Reject, Source};
 use crate::row::ImageSrc;
 use crate::report::Stats;
 use crate::select::{self, Dropped, GroupView, Params};
-use crate::shard::{encode_member, write_atomic, ShardInfo, ShardWriter};
+use crate::shard::{encode_member, write_atomic, ShardWriter};
 use crate::text::normalize;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
@@ -34,6 +35,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Lines validated in parallel at a time; with their image bytes in flight, this bounds memory.
 const CHUNK_LINES: usize = 512;
@@ -637,27 +639,6 @@ fn expand_inputs(inputs: &[String]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Remove what an interrupted or earlier build of the same partition left: partial files and
-/// shards of this prefix that the new build does not write.
-fn clean(out: &Path, suffix: &str, keep: &[ShardInfo]) -> Result<()> {
-    for e in std::fs::read_dir(out).map_err(|e| Error::output(out, e))?.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        // Exactly `{split}{suffix}-NNNNNN.tar`, so other partitions' files are never touched.
-        let is_ours = |n: &str| {
-            ["train", "val"].iter().any(|s| {
-                n.strip_prefix(&format!("{s}{suffix}-"))
-                    .and_then(|rest| rest.strip_suffix(".tar"))
-                    .is_some_and(|d| d.len() == 6 && d.bytes().all(|b| b.is_ascii_digit()))
-            })
-        };
-        let stale_partial = name.strip_prefix('.').and_then(|n| n.strip_suffix(".partial")).is_some_and(is_ours);
-        if (is_ours(&name) && !keep.iter().any(|s| s.path == name)) || stale_partial {
-            std::fs::remove_file(e.path()).map_err(|err| Error::output(e.path(), err))?;
-        }
-    }
-    Ok(())
-}
-
 fn config_json(cfg: &BuildConfig) -> serde_json::Value {
     let mut v = serde_json::to_value(cfg).expect("config serialises");
     let o = v.as_object_mut().unwrap();
@@ -684,9 +665,10 @@ pub fn build(cfg: &BuildConfig) -> Result<Manifest> {
 fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
     let files = expand_inputs(&cfg.inputs)?;
     let out = PathBuf::from(&cfg.out);
-    std::fs::create_dir_all(&out).map_err(|e| Error::output(&out, e))?;
     let suffix = cfg.partition_suffix();
-    let spill_dir = out.join(format!(".spill{suffix}"));
+    // Lock --out, prove what it may touch, and invalidate the previous manifest (see outdir).
+    let outdir = Arc::new(OutDir::claim(&out, &suffix)?);
+    let spill_dir = out.join(OutDir::spill_name(&suffix));
     if spill_dir.exists() {
         std::fs::remove_dir_all(&spill_dir).map_err(|e| Error::output(&spill_dir, e))?;
     }
@@ -702,7 +684,13 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
             buf.push(b'\n');
         }
     };
-    let rejects_path = out.join(format!("rejects{suffix}.jsonl"));
+    let rejects_name = format!("rejects{suffix}.jsonl");
+    let report_name = format!("report{suffix}.json");
+    let manifest_name = OutDir::manifest_name(&suffix);
+    for n in [&rejects_name, &report_name, &manifest_name] {
+        outdir.own(n)?;
+    }
+    let rejects_path = out.join(&rejects_name);
     let rejects_tmp = out.join(format!(".rejects{suffix}.jsonl.partial"));
     let mut rejects_file = BufWriter::new(File::create(&rejects_tmp).map_err(|e| Error::output(&rejects_tmp, e))?);
 
@@ -861,6 +849,8 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
     let mut val = ShardWriter::new(&out, "val", &suffix, cfg.max_samples_per_shard, cfg.max_shard_bytes);
     train.durable = cfg.fsync;
     val.durable = cfg.fsync;
+    train.outdir = Some(outdir.clone());
+    val.outdir = Some(outdir.clone());
     let pb = progress(cfg, counts.groups, "write");
     let blob = File::open(&blob_path).map_err(|e| Error::output(&blob_path, e))?;
     for b in 0..nbuckets {
@@ -918,16 +908,16 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
     if timings {
         eprintln!("rust_pairs: write {:.3}s", t2.elapsed().as_secs_f64());
     }
-    clean(&out, &suffix, &shards)?;
 
     rejects_file.flush().map_err(|e| Error::output(&rejects_tmp, e))?;
     rejects_file.get_ref().sync_all().map_err(|e| Error::output(&rejects_tmp, e))?;
     drop(rejects_file);
     std::fs::rename(&rejects_tmp, &rejects_path).map_err(|e| Error::output(&rejects_path, e))?;
+    let keep: Vec<String> = shards.iter().map(|s| s.path.clone()).chain([rejects_name.clone(), report_name.clone(), manifest_name.clone()]).collect();
+    outdir.remove_stale(&keep)?;
     std::fs::remove_dir_all(&spill_dir).map_err(|e| Error::output(&spill_dir, e))?;
 
     debug_assert!(counts.balanced());
-    let report_name = format!("report{suffix}.json");
     let counts_json = serde_json::to_value(&counts).unwrap();
     let report = stats.to_report(cfg.bt_prior, &counts_json);
     write_atomic(&out.join(&report_name), serde_json::to_string_pretty(&report).unwrap().as_bytes())?;
@@ -943,7 +933,8 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
         merged_from: vec![],
     };
     // The manifest goes last: its presence means the build completed.
-    write_atomic(&out.join(format!("manifest{suffix}.json")), manifest.to_json().as_bytes())?;
+    write_atomic(&out.join(&manifest_name), manifest.to_json().as_bytes())?;
+    Arc::try_unwrap(outdir).ok().expect("shard writers are finished").finish()?;
     Ok(manifest)
 }
 

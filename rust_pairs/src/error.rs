@@ -17,6 +17,9 @@ pub enum Error {
     /// A manifest is missing, malformed or inconsistent with others.
     #[error("{0}")]
     Manifest(String),
+    /// The output directory is locked by another build, or holds files a build must not touch.
+    #[error("{0}")]
+    OutDir(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -20,6 +20,7 @@ pub mod report;
 pub mod shard;
 pub mod build;
 pub mod manifest;
+pub mod outdir;
 pub mod ops;
 
 #[cfg(feature = "python")]

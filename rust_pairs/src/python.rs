@@ -24,7 +24,7 @@ fn to_py(e: Error) -> PyErr {
     match e {
         Error::Config(_) => ConfigError::new_err(msg),
         Error::Input { .. } => InputFileError::new_err(msg),
-        Error::Output { .. } => OutputError::new_err(msg),
+        Error::Output { .. } | Error::OutDir(_) => OutputError::new_err(msg),
         Error::Manifest(_) => ManifestError::new_err(msg),
     }
 }

@@ -112,6 +112,8 @@ pub struct ShardWriter {
     abort_after: Option<usize>,
     /// fsync each shard before its rename.
     pub durable: bool,
+    /// The claimed output directory, told each shard's name before the shard is created.
+    pub outdir: Option<std::sync::Arc<crate::outdir::OutDir>>,
 }
 
 impl ShardWriter {
@@ -127,6 +129,7 @@ impl ShardWriter {
             done: vec![],
             abort_after: std::env::var(ABORT_ENV).ok().and_then(|v| v.parse().ok()),
             durable: false,
+            outdir: None,
         }
     }
 
@@ -137,6 +140,9 @@ impl ShardWriter {
     fn start(&mut self) -> Result<()> {
         let name = Self::shard_name(&self.prefix, self.next_index);
         self.next_index += 1;
+        if let Some(od) = &self.outdir {
+            od.own(&name)?;
+        }
         let tmp = self.dir.join(format!(".{name}.partial"));
         let file = File::create(&tmp).map_err(|e| Error::output(&tmp, e))?;
         let out = BufWriter::with_capacity(1 << 20, HashingFile { file, hasher: Sha256::new(), written: 0 });

@@ -1,0 +1,111 @@
+"""Reliability of the data core (issue 13): nothing a user owns is touched, builds lock their
+output, a manifest never describes other shards than those on disk, nothing hangs, bad images
+and ratings are rejected with a reason. Processes that could hang run with a hard timeout."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vpa_lightning.data import OutputError, build, inspect
+
+from .conftest import make_dataset, make_image, rejects, vlf_completion, vlf_row, write_jsonl
+
+VPA_SHARD = str(Path(sys.executable).with_name("vpa-shard"))
+
+
+def shard_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    exe = [VPA_SHARD] if os.path.exists(VPA_SHARD) else [sys.executable, "-m", "vpa_lightning.data.cli"]
+    return subprocess.run([*exe, *args, "--no-plots", "--no-progress"], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def listing(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# --- 6. a user's files are never deleted ------------------------------------------------------
+
+def test_out_holding_foreign_files_is_refused_and_left_alone(tmp_path):
+    files = make_dataset(tmp_path, n_images=6)
+    out = tmp_path / "out"
+    (out / ".spill").mkdir(parents=True)
+    (out / ".spill" / "keep.bin").write_bytes(b"user spill data")
+    (out / "train-000000.tar").write_bytes(b"someone else's shard")
+    before = listing(out)
+    proc = shard_cli("build", *map(str, files), "--out", str(out))
+    assert proc.returncode != 0
+    assert str(out) in proc.stderr and "holds no vpa-shard build" in proc.stderr and "--out" in proc.stderr
+    assert listing(out) == before
+
+
+def test_rebuild_refuses_a_shard_its_manifest_does_not_list(tmp_path):
+    files = make_dataset(tmp_path, n_images=6)
+    out = tmp_path / "out"
+    build(files, out, val_fraction=0)
+    (out / "train-000007.tar").write_bytes(b"copied in by the user")
+    with pytest.raises(OutputError, match=r"train-000007.tar is not listed"):
+        build(files, out, val_fraction=0, seed=1)
+    assert (out / "train-000007.tar").read_bytes() == b"copied in by the user"
+    assert inspect(out)["ok"]  # the earlier build is untouched
+
+
+# --- 7. concurrent builds into one --out ------------------------------------------------------
+
+def test_a_build_fails_fast_while_another_holds_the_lock(tmp_path):
+    files = make_dataset(tmp_path, n_images=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".vpa-shard.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = shard_cli("build", *map(str, files), "--out", str(out), timeout=60)
+    assert proc.returncode == 1 and "another vpa-shard build is writing there" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".vpa-shard.lock"]
+
+
+def test_two_concurrent_builds_never_mix(tmp_path):
+    files = make_dataset(tmp_path, n_images=30)
+    out = tmp_path / "out"
+    exe = [VPA_SHARD] if os.path.exists(VPA_SHARD) else [sys.executable, "-m", "vpa_lightning.data.cli"]
+    procs = [
+        subprocess.Popen([*exe, "build", *map(str, files), "--out", str(out), "--seed", str(s), "--max-samples-per-shard", "2",
+                          "--no-plots", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for s in (1, 2)
+    ]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert any(rc == 0 for rc, _ in results), results
+    for rc, err in results:
+        assert rc == 0 or "another vpa-shard build is writing there" in err, err
+    # Whatever ran last, the manifest describes exactly the shards on disk.
+    m = json.loads((out / "manifest.json").read_text())
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(s["path"] for s in m["shards"])
+    assert inspect(out)["ok"]
+
+
+# --- 8. the manifest never describes other shards ---------------------------------------------
+
+def test_killed_rebuild_over_a_finished_build_leaves_no_stale_manifest(tmp_path):
+    files = make_dataset(tmp_path)
+    clean = tmp_path / "clean"
+    build(files, clean, max_samples_per_shard=5, val_fraction=0, seed=1)
+    out = tmp_path / "out"
+    build(files, out, max_samples_per_shard=5, val_fraction=0, seed=0)
+    code = (
+        "from vpa_lightning.data import build; "
+        f"build({[str(f) for f in files]!r}, {str(out)!r}, max_samples_per_shard=5, val_fraction=0, seed=1)"
+    )
+    env = dict(os.environ, RUST_PAIRS_TEST_ABORT_AFTER_SHARDS="2")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "aborting mid-shard" in proc.stderr
+    # New shards 0 and 1 sit beside old ones: no manifest may describe that mixture.
+    assert not (out / "manifest.json").exists()
+    m = build(files, out, max_samples_per_shard=5, val_fraction=0, seed=1)
+    ref = json.loads((clean / "manifest.json").read_text())
+    assert [(s["path"], s["sha256"]) for s in m["shards"]] == [(s["path"], s["sha256"]) for s in ref["shards"]]
+    assert sorted(p.name for p in out.glob("*.tar")) == [s["path"] for s in m["shards"]]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".vpa-shard.lock"]
