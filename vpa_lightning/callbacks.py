@@ -232,7 +232,7 @@ class PreferenceReport(Callback):
             from vpa_lightning.models.logps import group_logps
 
             inputs = batch["inputs"]
-            policy = group_logps(pl_module.model, inputs, method=pl_module.logps_method, share_prefix=pl_module.prefix_sharing)
+            policy = group_logps(pl_module.model, inputs, **pl_module.logps_options)
             values = pl_module._values(policy.sum_logps, policy.n_tokens).float()
             chosen, rejected = batch["chosen"], batch["rejected"]
             row.append((values[chosen] > values[rejected]).float().sum())

@@ -114,6 +114,13 @@ class VisionDPOModule(pl.LightningModule):
             shared KV cache (the vision tower and the long prompt once per group instead of once per
             response; same log-probs up to float rounding). Needs ``logps_method="forward"`` and no
             gradient checkpointing (it relies on the KV cache).
+        packed: Packed shared-prefix groups (:mod:`~vpa_lightning.models.packed`, arXiv 2410.20305):
+            each group is one segment ``[image + prompt | response 1 | ... | response K]`` under a mask
+            that lets each response see the prefix and itself only, several groups per row; one
+            forward, no KV cache, so it works with gradient checkpointing, FSDP and DeepSpeed. Same
+            log-probs and gradients as the plain path up to float rounding. Needs an attention
+            implementation that takes a mask (``sdpa``, ``eager``; ``flex_attention`` on CUDA).
+        pack_tokens: With ``packed``: token budget of a packed row (``None``: the longest group).
         image_corruption: How losses that need a corrupted image (mDPO) corrupt it: any
             :func:`~vpa_lightning.augment.build_augmentation` spec (``diffusion_noise``,
             ``{name: diffusion_noise, step: 800}``, a list, ...). ``None`` = mDPO's own corruption,
@@ -142,6 +149,8 @@ class VisionDPOModule(pl.LightningModule):
         dtype: str | None = None,
         seed: int = 0,
         prefix_sharing: bool = False,
+        packed: bool = False,
+        pack_tokens: int | None = None,
         image_corruption: str | dict[str, Any] | list[Any] | None = None,
     ) -> None:
         super().__init__()
@@ -166,7 +175,13 @@ class VisionDPOModule(pl.LightningModule):
                 "--model.prefix_sharing needs --model.logps_method forward and no --model.gradient_checkpointing "
                 "(it runs the responses on the prompt's KV cache)"
             )
+        if packed and prefix_sharing:
+            raise ValueError("--model.packed and --model.prefix_sharing are two ways to share the prefix: pick one")
+        if pack_tokens is not None and pack_tokens < 1:
+            raise ValueError(f"--model.pack_tokens must be >= 1, got {pack_tokens}")
         self.prefix_sharing = prefix_sharing
+        self.packed = packed
+        self.pack_tokens = pack_tokens
         self.model_name_or_path = model_name_or_path
         self.use_lora = lora
         self.average_logps = average_logps
@@ -203,6 +218,22 @@ class VisionDPOModule(pl.LightningModule):
         )
         self._skipped_total = 0
 
+    @property
+    def logps_options(self) -> dict[str, Any]:
+        """Keyword arguments of every :func:`~vpa_lightning.models.logps.group_logps` call of the module."""
+        return {"method": self.logps_method, "share_prefix": self.prefix_sharing, "pack": self.packed,
+                "pack_tokens": self.pack_tokens}
+
+    def forward_tokens(self, batch: dict[str, Any]) -> int:
+        """Tokens one forward over ``batch`` runs (each group's prefix once when packed or prefix-shared)."""
+        inputs: GroupBatch = batch["inputs"]
+        total = int(inputs.model_inputs["attention_mask"].sum())
+        if self.packed or self.prefix_sharing:
+            sizes = torch.tensor(inputs.group_sizes, device=inputs.prompt_lengths.device)
+            first = torch.cumsum(sizes, 0) - sizes
+            total -= int((inputs.prompt_lengths[first] * (sizes - 1)).sum())
+        return total
+
     # -- reference -----------------------------------------------------------------------
     def _cache(self, max_length: int | None) -> ReferenceCache | None:
         if self.reference_cache_dir is None:
@@ -225,14 +256,14 @@ class VisionDPOModule(pl.LightningModule):
             model.eval()
             try:
                 with torch.no_grad(), model.disable_adapter():
-                    return group_logps(model, inputs, method=self.logps_method, share_prefix=self.prefix_sharing)
+                    return group_logps(model, inputs, **self.logps_options)
             finally:
                 model.train(was_training)
         reference = self._reference[0]
         if next(reference.parameters()).device != self.device:
             reference.to(self.device)
         with torch.no_grad():
-            return group_logps(reference, inputs, method=self.logps_method, share_prefix=self.prefix_sharing)
+            return group_logps(reference, inputs, **self.logps_options)
 
     def _reference_sums(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         inputs: GroupBatch = batch["inputs"]
@@ -284,10 +315,10 @@ class VisionDPOModule(pl.LightningModule):
             sub, index = corrupted
             ref_bad = self.reference_logps(sub)
             extra["ref_corrupted_chosen_logps"] = self._values(ref_bad.sum_logps, ref_bad.n_tokens)[index]
-        policy = group_logps(self.model, inputs, method=self.logps_method, share_prefix=self.prefix_sharing)
+        policy = group_logps(self.model, inputs, **self.logps_options)
         pol = self._values(policy.sum_logps, policy.n_tokens)
         if corrupted is not None:
-            pol_bad = group_logps(self.model, sub, method=self.logps_method, share_prefix=self.prefix_sharing)
+            pol_bad = group_logps(self.model, sub, **self.logps_options)
             extra["policy_corrupted_chosen_logps"] = self._values(pol_bad.sum_logps, pol_bad.n_tokens)[index]
         if "chosen_nll" in needs:
             extra["chosen_nll"] = -(policy.sum_logps / policy.n_tokens.clamp(min=1))[chosen]

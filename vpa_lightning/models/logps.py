@@ -390,6 +390,8 @@ def group_logps(
     chunk_size: int = 256,
     share_prefix: bool = False,
     share_image: bool = True,
+    pack: bool = False,
+    pack_tokens: int | None = None,
 ) -> GroupLogps:
     """Summed response log-probs of every row of ``batch`` with one forward pass of ``model``.
 
@@ -419,10 +421,18 @@ def group_logps(
             shared KV cache (see :func:`_prefix_shared_logps`); ``"forward"`` method only.
         share_image: Run the vision tower once per group, not once per row (see
             :func:`encode_images_once`); same results, K times less vision work.
+        pack: Packed shared-prefix groups (see :mod:`~vpa_lightning.models.packed`): each group's
+            image + prompt once, its responses after it under a segment mask, several groups per row;
+            one forward, so gradient checkpointing works. Either method.
+        pack_tokens: Token budget of a packed row (``None``: the longest group's length).
 
     Returns:
         :class:`GroupLogps` with ``sum_logps`` (float32) and ``n_tokens``.
     """
+    if pack:
+        from vpa_lightning.models.packed import packed_logps
+
+        return packed_logps(model, batch, method=method, chunk_size=chunk_size, max_tokens=pack_tokens)
     if share_prefix:
         if method != "forward":
             raise ValueError("share_prefix works with method='forward' only")
