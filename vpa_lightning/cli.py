@@ -13,18 +13,26 @@ Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (LightningCLI). Every
 from the docstrings; the loss is chosen with ``--model.loss`` / ``model.loss.class_path``.
 
 The other subcommands are separate tools behind the same ``vpa`` command (see
-:data:`TOOLS`): ``vpa seva generate|rounds``, ``vpa eval``, ``vpa report``, ``vpa export``.
+:data:`TOOLS`): ``vpa demo``, ``vpa seva generate|rounds``, ``vpa eval``, ``vpa report``,
+``vpa export``.
+
+Exit status (the console script is :func:`console_main`): 0 on success; 2 for a bad flag or
+option value (the message names the flag: an unknown option, a value a class rejects, shards
+that do not exist yet); 1 for a run that fails (one ``vpa <command>: error: ...`` line for the
+trainer's own errors, a traceback for anything unexpected); 130 on Ctrl-C.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-__all__ = ["TOOLS", "cli_main", "main"]
+__all__ = ["TOOLS", "cli_main", "console_main", "main"]
 
 #: ``vpa <name> ...`` subcommands that are not LightningCLI ones: name -> (module, function).
 #: Each function takes the remaining arguments as a list (``None`` = ``sys.argv``).
 TOOLS: dict[str, tuple[str, str]] = {
+    "demo": ("vpa_lightning.demo", "main"),
     "seva": ("vpa_lightning.seva_cli", "main"),
     "eval": ("vpa_lightning.eval.cli", "main"),
     "report": ("vpa_lightning.eval.report", "main"),
@@ -55,10 +63,20 @@ def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
     """
     from lightning.pytorch.cli import LightningCLI
 
+    from vpa_lightning.callbacks import ThroughputLog
     from vpa_lightning.data.datamodule import PreferenceDataModule
+    from vpa_lightning.errors import UsageError
     from vpa_lightning.module import VisionDPOModule
 
-    from vpa_lightning.callbacks import ThroughputLog
+    class VpaCLI(LightningCLI):
+        def instantiate_classes(self) -> None:
+            # a value an __init__ rejects is a bad option, like an unknown flag (exit status 2)
+            try:
+                super().instantiate_classes()
+            except ValueError as exc:
+                if isinstance(exc, UsageError):
+                    raise
+                raise UsageError(str(exc)) from exc
 
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     # throughput (tokens/s, pairs/s, samples/s, MFU on CUDA) in every run's logs
@@ -66,18 +84,54 @@ def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
     defaults.setdefault("callbacks", [ThroughputLog()])
     kwargs["trainer_defaults"] = defaults
     kwargs.setdefault("parser_kwargs", {"description": "Preference optimisation (DPO family) of vision-language models."})
-    return LightningCLI(VisionDPOModule, PreferenceDataModule, args=args, run=run, **kwargs)
+    return VpaCLI(VisionDPOModule, PreferenceDataModule, args=args, run=run, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Console-script entry point: a :data:`TOOLS` subcommand, else LightningCLI."""
+    """``vpa ARGS`` from Python: a :data:`TOOLS` subcommand, else LightningCLI; returns what it returns."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOLS:
         return run_tool(args[0], args[1:])
-    return cli_main(args)
+    return cli_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
+
+
+def _status(code: Any) -> int:
+    """The exit status of a ``SystemExit`` code (``None`` = 0, a message = 1, as ``sys.exit`` does)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The ``vpa`` console script: runs :func:`main` and returns the exit status (see the module docstring)."""
+    from vpa_lightning.errors import UsageError, VpaError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    prog = "vpa" + (f" {args[0]}" if args and not args[0].startswith("-") else "")
+    try:
+        main(args)
+    except SystemExit as exc:  # argparse / jsonargparse: --help (0), a bad flag (2)
+        return _status(exc.code)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except VpaError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    except Exception as exc:  # the data core's typed errors: a bad build option is a usage error
+        from vpa_lightning.data.shards import ConfigError
+
+        if isinstance(exc, ConfigError):
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+        raise  # anything else: traceback, status 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(console_main())

@@ -90,6 +90,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vpa_lightning.data.shards import load_manifest
+from vpa_lightning.errors import MissingShardsError
 from vpa_lightning.models.logps import PreferenceGroup, build_group_batch
 
 __all__ = ["GroupCollator", "PreferenceDataModule", "PreferenceExample", "decode_sample", "resolve_shards"]
@@ -394,6 +395,23 @@ def _manifest_shards(spec: str, split: str | None) -> list[dict] | None:
     return [s for s in manifest.get("shards", []) if split is None or s.get("split") == split]
 
 
+def missing_shards(spec: str, flag: str) -> MissingShardsError | None:
+    """The error for a local shard spec (directory, ``.tar``, brace pattern, ``::`` list) naming paths
+    that do not exist yet - with the command that builds them - or ``None`` (URLs are not checked)."""
+    if "://" in spec or spec.startswith("pipe:"):
+        return None
+    missing = [u for u in wds.shardlists.expand_urls(spec) if not Path(u).exists()]
+    if not missing:
+        return None
+    first = Path(missing[0])
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    out = first if first.suffix != ".tar" else first.parent
+    how = f"build them with `vpa-shard build INPUT... --out {out}`"
+    if out.name == "shards":  # the layout `vpa-shard demo DIR` writes (DIR/shards)
+        how += f", or the demo set with `vpa-shard demo {out.parent} --num-images 720 --val-fraction 0.2` (`vpa demo` builds and trains it)"
+    return MissingShardsError(f"{flag}: {first}{more} does not exist (no shards built there yet); {how}")
+
+
 def _test_urls(spec: str) -> str | list[str]:
     """``test_shards``: every shard (train and val split) of a manifest directory, else the spec as is."""
     shards = _manifest_shards(spec, None)
@@ -486,6 +504,18 @@ class PreferenceDataModule(pl.LightningDataModule):
         return self.groups_per_epoch or self.counts.get("train_samples")
 
     def setup(self, stage: str | None = None) -> None:
+        # fail before anything else (e.g. the LR schedule, which needs the manifest's counts) when
+        # the shards of this stage were never built
+        train, val, test = ("--data.train_shards", self.train_shards), ("--data.val_shards", self.val_shards), ("--data.test_shards", self.test_shards)
+        if stage in (None, "fit"):
+            checks = [train, val]
+        else:  # the first spec given is where this stage's shards come from
+            order = [val, train] if stage == "validate" else [test, val, train]
+            checks = [next(c for c in order if c[1] is not None)]
+        for flag, spec in checks:
+            error = missing_shards(spec, flag) if spec is not None else None
+            if error is not None:
+                raise error
         if self.processor is None:
             module = getattr(self.trainer, "lightning_module", None) if self._trainer_attached() else None
             processor = getattr(module, "processor", None)

@@ -1,0 +1,27 @@
+"""Typed errors of the trainer half; the ``vpa`` console script maps them to exit statuses.
+
+``UsageError`` (a bad option or config value; the message names the flag) exits with status 2,
+like an unknown flag; any other :class:`VpaError` (a run that cannot go on, e.g. too many skipped
+samples) exits with status 1. Both print one ``vpa <command>: error: ...`` line, no traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MissingShardsError", "TooManySkippedError", "UsageError", "VpaError"]
+
+
+class VpaError(Exception):
+    """An error the command line reports as one message (exit status 1)."""
+
+
+class UsageError(VpaError, ValueError):
+    """A bad option or config value; the message names the flag (exit status 2)."""
+
+
+class MissingShardsError(UsageError):
+    """The shards a data option points at do not exist (not built yet); the message names the
+    path and the command that creates it."""
+
+
+class TooManySkippedError(VpaError, RuntimeError):
+    """More than ``--data.max_skip_fraction`` of the samples were skipped; the message gives the first reasons."""
