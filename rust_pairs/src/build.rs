@@ -246,7 +246,7 @@ fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs
         return Line::OtherPartition;
     }
     for (i, img) in imgs.iter().enumerate() {
-        if let Err(reason) = image::check(img, fc.cfg.image_check) {
+        if let Err(reason) = image::check(img, fc.cfg.image_check, fc.cfg.max_image_pixels) {
             response_rejects.push(Reject::record(&src, field(i), reason));
             return Line::Rejected(response_rejects);
         }

@@ -69,6 +69,9 @@ pub struct BuildConfig {
     pub max_text_chars: usize,
     pub max_record_bytes: usize,
     pub image_check: ImageCheck,
+    /// Images with more pixels (width x height, read from the header before any decode) are
+    /// rejected in every check mode; Pillow's `MAX_IMAGE_PIXELS` default.
+    pub max_image_pixels: u64,
     /// Target size of one spill bucket, in bytes of input; bounds memory.
     pub spill_bucket_bytes: u64,
     pub threads: Option<usize>,
@@ -101,6 +104,7 @@ impl Default for BuildConfig {
             max_text_chars: 100_000,
             max_record_bytes: 64 << 20,
             image_check: ImageCheck::Structure,
+            max_image_pixels: 89_478_485,
             spill_bucket_bytes: 64 << 20,
             threads: None,
             io_threads: 16,
@@ -197,6 +201,9 @@ impl BuildConfig {
                 "--bt-prior must be > 0 (without a prior a strict ranking has no finite Bradley-Terry fit), got {}",
                 self.bt_prior
             ));
+        }
+        if self.max_image_pixels == 0 {
+            return bad("--max-image-pixels must be >= 1".into());
         }
         if self.max_text_chars == 0 {
             return bad("--max-text-chars must be >= 1".into());

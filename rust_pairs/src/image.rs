@@ -55,11 +55,31 @@ fn extension_of(format: image::ImageFormat) -> Option<&'static str> {
 
 /// Read and hash an image; the format comes from its magic bytes, not its name.
 pub fn read(path: &Path) -> Result<ImageFile, String> {
-    // open + fstat + one read: per-file syscalls dominate for small images.
-    let mut f = std::fs::File::open(path).map_err(|e| format!("image {} is missing or unreadable: {e}", path.display()))?;
+    // open + fstat + one read: per-file syscalls dominate for small images. O_NONBLOCK: opening
+    // a FIFO (or a device) must not wait for a writer; only regular files are read (fstat below),
+    // and for those the flag changes nothing.
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("image {} is missing or unreadable: {e}", path.display()))?;
     let meta = f.metadata().map_err(|e| format!("image {} is unreadable: {e}", path.display()))?;
     if !meta.is_file() {
-        return Err(format!("image {} is not a regular file", path.display()));
+        let kind = meta.file_type();
+        use std::os::unix::fs::FileTypeExt;
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else {
+            "special"
+        };
+        return Err(format!("image {} is not a regular file ({what}); only regular files are read", path.display()));
     }
     if meta.len() > MAX_IMAGE_BYTES {
         return Err(format!("image {} is {} bytes, over the {} byte limit", path.display(), meta.len(), MAX_IMAGE_BYTES));
@@ -90,19 +110,41 @@ pub fn from_bytes(bytes: Vec<u8>, label: PathBuf) -> Result<ImageFile, String> {
     Ok(ImageFile { sha256: sha256_hex(&bytes), path, ext, bytes })
 }
 
-/// Check the image: a full decode, the container structure, or the header only (see [`ImageCheck`]).
-pub fn check(img: &ImageFile, mode: ImageCheck) -> Result<(), String> {
-    let reader = image::ImageReader::new(Cursor::new(&img.bytes[..]))
-        .with_guessed_format()
-        .map_err(|e| format!("image {} cannot be opened: {e}", img.path.display()))?;
+/// Check the image: a full decode, the container structure, or the header only (see
+/// [`ImageCheck`]). In every mode the pixel count is read from the header first and an image of
+/// more than `max_pixels` is rejected before anything is decoded (a decompression bomb: a small
+/// file that decodes to gigabytes). `Decode` also runs the structure check, so it is never less
+/// strict (a decoder pads a JPEG cut after its scan header with grey).
+pub fn check(img: &ImageFile, mode: ImageCheck, max_pixels: u64) -> Result<(), String> {
+    let reader = || {
+        image::ImageReader::new(Cursor::new(&img.bytes[..]))
+            .with_guessed_format()
+            .map_err(|e| format!("image {} cannot be opened: {e}", img.path.display()))
+    };
+    let (w, h) = reader()?.into_dimensions().map_err(|e| format!("image {} does not decode: {e}", img.path.display()))?;
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels {
+        return Err(format!(
+            "image {} is {w}x{h} = {pixels} pixels, over the limit of {max_pixels} (--max-image-pixels; a decompression bomb?)",
+            img.path.display()
+        ));
+    }
+    let structure = || match img.ext {
+        "jpg" => jpeg_structure(&img.bytes),
+        "png" => png_structure(&img.bytes),
+        _ => trailer_structure(img.ext, &img.bytes),
+    };
     let res = match mode {
-        ImageCheck::Header => reader.into_dimensions().map(|_| ()).map_err(|e| e.to_string()),
-        ImageCheck::Decode => reader.decode().map(|_| ()).map_err(|e| e.to_string()),
-        ImageCheck::Structure => match img.ext {
-            "jpg" => jpeg_structure(&img.bytes),
-            "png" => png_structure(&img.bytes),
-            _ => reader.into_dimensions().map_err(|e| e.to_string()).and_then(|_| trailer_structure(img.ext, &img.bytes)),
-        },
+        ImageCheck::Header => Ok(()),
+        ImageCheck::Structure => structure(),
+        ImageCheck::Decode => structure().and_then(|()| {
+            let mut r = reader()?;
+            let mut limits = image::Limits::default();
+            limits.max_image_width = Some(w);
+            limits.max_image_height = Some(h);
+            r.limits(limits);
+            r.decode().map(|_| ()).map_err(|e| e.to_string())
+        }),
     };
     res.map_err(|e| format!("image {} does not decode: {e}", img.path.display()))
 }
@@ -232,15 +274,15 @@ mod tests {
         let img = read(&good).unwrap();
         assert_eq!(img.ext, "png");
         assert_eq!(img.sha256, sha256_hex(&png_bytes()));
-        check(&img, ImageCheck::Decode).unwrap();
+        check(&img, ImageCheck::Decode, 1 << 20).unwrap();
 
         let truncated = dir.path().join("t.png");
         let b = png_bytes();
         std::fs::write(&truncated, &b[..b.len() / 2]).unwrap();
         let t = read(&truncated).unwrap();
-        assert!(check(&t, ImageCheck::Decode).unwrap_err().contains("does not decode"));
+        assert!(check(&t, ImageCheck::Decode, 1 << 20).unwrap_err().contains("does not decode"));
 
-        assert!(check(&t, ImageCheck::Structure).unwrap_err().contains("does not decode"));
+        assert!(check(&t, ImageCheck::Structure, 1 << 20).unwrap_err().contains("does not decode"));
         let mut jpeg = Vec::new();
         image::RgbImage::from_pixel(9, 7, image::Rgb([1, 2, 3])).write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
         jpeg_structure(&jpeg).unwrap();
@@ -259,5 +301,64 @@ mod tests {
         assert!(read(&dir.path().join("missing.png")).unwrap_err().contains("missing"));
         assert_eq!(resolve("/abs/x.png", Path::new("/root")), PathBuf::from("/abs/x.png"));
         assert_eq!(resolve("rel/x.png", Path::new("/root")), PathBuf::from("/root/rel/x.png"));
+    }
+
+    /// A PNG whose IHDR claims `w`x`h`, with valid CRCs and one tiny IDAT: passes the structure check.
+    fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut chunk = |kind: &[u8], data: &[u8]| {
+            out.extend((data.len() as u32).to_be_bytes());
+            let mut body = kind.to_vec();
+            body.extend(data);
+            out.extend(&body);
+            out.extend(crc32fast::hash(&body).to_be_bytes());
+        };
+        let mut ihdr = w.to_be_bytes().to_vec();
+        ihdr.extend(h.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]);
+        chunk(b"IHDR", &ihdr);
+        chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+        chunk(b"IEND", &[]);
+        out
+    }
+
+    #[test]
+    fn pixel_limit_holds_in_every_mode() {
+        let bomb = from_bytes(png_claiming(100_000, 100_000), "bomb.png".into()).unwrap();
+        png_structure(&bomb.bytes).unwrap(); // the container itself is well-formed
+        let small = from_bytes(png_bytes(), "small.png".into()).unwrap();
+        for mode in [ImageCheck::Structure, ImageCheck::Header, ImageCheck::Decode] {
+            let e = check(&bomb, mode, 89_478_485).unwrap_err();
+            assert!(e.contains("100000x100000") && e.contains("--max-image-pixels"), "{mode:?}: {e}");
+            check(&small, mode, 12).unwrap();
+            assert!(check(&small, mode, 11).unwrap_err().contains("over the limit of 11"), "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn decode_is_at_least_as_strict_as_structure() {
+        let mut jpeg = Vec::new();
+        image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 7]))
+            .write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        // Cut right after the scan header (SOS segment): no entropy-coded data, no EOI.
+        let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        let len = u16::from_be_bytes([jpeg[sos + 2], jpeg[sos + 3]]) as usize;
+        let cut = from_bytes(jpeg[..sos + 2 + len].to_vec(), "cut.jpg".into()).unwrap();
+        assert!(check(&cut, ImageCheck::Structure, 1 << 20).is_err());
+        assert!(check(&cut, ImageCheck::Decode, 1 << 20).unwrap_err().contains("end-of-image"));
+    }
+
+    #[test]
+    fn a_fifo_is_rejected_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe.png");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // On a thread with a deadline: a regression blocks in open() forever, failing instead of hanging.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(read(&fifo)).unwrap());
+        let res = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("reading a FIFO blocked");
+        assert!(res.unwrap_err().contains("not a regular file (a FIFO)"));
     }
 }

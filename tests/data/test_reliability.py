@@ -109,3 +109,66 @@ def test_killed_rebuild_over_a_finished_build_leaves_no_stale_manifest(tmp_path)
     assert [(s["path"], s["sha256"]) for s in m["shards"]] == [(s["path"], s["sha256"]) for s in ref["shards"]]
     assert sorted(p.name for p in out.glob("*.tar")) == [s["path"] for s in m["shards"]]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".vpa-shard.lock"]
+
+
+# --- 1. nothing hangs -------------------------------------------------------------------------
+
+def good_pair(img: str, prompt: str = "Q?") -> dict:
+    return vlf_row(img, prompt, [vlf_completion("a", "yes", (5, 5, 5)), vlf_completion("b", "no", (1, 1, 1))])
+
+
+def test_an_image_path_that_is_a_fifo_is_rejected_without_blocking(tmp_path):
+    make_image(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    data = write_jsonl(tmp_path / "in.jsonl", [good_pair("pipe.png"), good_pair("ok.png")])
+    out = tmp_path / "out"
+    # A hard timeout: the regression blocks in open() forever, and must fail here, not hang CI.
+    proc = shard_cli("build", str(data), "--out", str(out), "--val-fraction", "0", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (rej,) = [r for r in rejects(out) if r["kind"] == "record"]
+    assert rej["line"] == 1 and rej["field"] == "image" and "not a regular file (a FIFO)" in rej["reason"]
+    assert json.loads((out / "manifest.json").read_text())["counts"]["records_used"] == 1
+
+
+# --- 4. image bombs ---------------------------------------------------------------------------
+
+def png_claiming(path: Path, w: int, h: int) -> Path:
+    """A well-formed PNG container (valid CRCs) whose header claims w x h pixels: a bomb's shape."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["structure", "header", "decode"])
+def test_pixel_limit_holds_in_every_check_mode(tmp_path, mode):
+    png_claiming(tmp_path / "bomb.png", 100_000, 100_000)
+    make_image(tmp_path / "ok.png", size=(16, 12))
+    make_image(tmp_path / "big.png", size=(40, 30))
+    data = write_jsonl(tmp_path / "in.jsonl", [good_pair("bomb.png"), good_pair("big.png"), good_pair("ok.png")])
+    m = build([data], tmp_path / "out", image_check=mode, max_image_pixels=1000, val_fraction=0)
+    reasons = {r["line"]: r["reason"] for r in rejects(tmp_path / "out") if r["kind"] == "record"}
+    assert "100000x100000 = 10000000000 pixels, over the limit of 1000 (--max-image-pixels" in reasons[1]
+    assert "40x30 = 1200 pixels" in reasons[2]
+    assert m["counts"]["records_used"] == 1
+    # The default (Pillow's 89,478,485) stops the bomb too.
+    m = build([data], tmp_path / "out2", image_check=mode, val_fraction=0)
+    assert m["counts"]["records_used"] == 2 and m["counts"]["records_rejected"] == 1
+
+
+def test_decode_rejects_a_jpeg_cut_after_its_scan_header(tmp_path):
+    make_image(tmp_path / "full.jpg", size=(64, 48), fmt="JPEG")
+    b = (tmp_path / "full.jpg").read_bytes()
+    sos = b.index(b"\xff\xda")
+    (tmp_path / "cut.jpg").write_bytes(b[: sos + 2 + int.from_bytes(b[sos + 2:sos + 4], "big")])
+    data = write_jsonl(tmp_path / "in.jsonl", [good_pair("cut.jpg"), good_pair("full.jpg")])
+    for mode in ("structure", "decode"):
+        m = build([data], tmp_path / mode, image_check=mode, val_fraction=0)
+        (rej,) = [r for r in rejects(tmp_path / mode) if r["kind"] == "record"]
+        assert rej["line"] == 1 and "does not decode" in rej["reason"], (mode, rej)
+        assert m["counts"]["records_used"] == 1

@@ -77,6 +77,8 @@ def _add_build_args(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
     p.add_argument("--max-text-chars", type=int, default=100_000, help="reject longer prompts or responses (default 100000)")
     p.add_argument("--image-check", default="structure", choices=["structure", "decode", "header"],
                    help="structure (default: container checks that catch truncated/corrupt files), decode (full pixel decode) or header")
+    p.add_argument("--max-image-pixels", type=int, default=89_478_485,
+                   help="reject images with more pixels (width x height, from the header, in every check mode; default 89478485 as Pillow)")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     p.add_argument("--io-threads", type=int, default=16, help="threads validating records and reading images (default 16)")
     p.add_argument("--fsync", action="store_true", help="fsync each shard before renaming it into place (power-loss durability)")
@@ -89,7 +91,7 @@ def _build_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         strategy=a.strategy, min_margin=a.min_margin, min_probability=a.min_probability, aspects=a.aspects,
         val_fraction=a.val_fraction, seed=a.seed, max_samples_per_shard=a.max_samples_per_shard,
         max_shard_bytes=a.max_shard_bytes, partition=a.partition, near_dup=a.near_dup, bt_prior=a.bt_prior,
-        max_text_chars=a.max_text_chars, image_check=a.image_check, threads=a.threads, io_threads=a.io_threads, fsync=a.fsync,
+        max_text_chars=a.max_text_chars, image_check=a.image_check, max_image_pixels=a.max_image_pixels, threads=a.threads, io_threads=a.io_threads, fsync=a.fsync,
         progress=not a.no_progress and sys.stderr.isatty(),
     )
 

@@ -78,6 +78,7 @@ def build_options(
     max_text_chars: int = 100_000,
     max_record_bytes: int = 64 << 20,
     image_check: Literal["structure", "decode", "header"] = "structure",
+    max_image_pixels: int = 89_478_485,
     spill_bucket_bytes: int = 64 << 20,
     threads: int | None = None,
     io_threads: int = 16,
@@ -106,6 +107,7 @@ def build_options(
         "max_text_chars": max_text_chars,
         "max_record_bytes": max_record_bytes,
         "image_check": image_check,
+        "max_image_pixels": max_image_pixels,
         "spill_bucket_bytes": spill_bucket_bytes,
         "threads": threads,
         "io_threads": io_threads,
@@ -144,6 +146,9 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, **options: Any) 
         image_check: ``structure`` (default: JPEG markers to end-of-image, PNG chunk CRCs, ...;
             catches truncated and corrupt files), ``decode`` (full pixel decode; slower) or
             ``header`` (dimensions only).
+        max_image_pixels: Images with more pixels (width x height, read from the header before
+            any decode) are rejected in every check mode (default 89,478,485, Pillow's
+            ``MAX_IMAGE_PIXELS``): a guard against decompression bombs.
         threads: Worker threads (default: all cores).
         io_threads: Threads that validate records, each reading image files (default 16: many
             small reads in flight).
