@@ -166,6 +166,7 @@ struct FileCtx<'a> {
     label: String,
     format: Format,
     aspects: Vec<(String, f64)>,
+    rating_scale: Option<crate::config::RatingScale>,
     image_root: PathBuf,
     cfg: &'a BuildConfig,
 }
@@ -192,7 +193,7 @@ fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
         Ok(t) => t,
         Err(e) => return unowned_reject(vec![], Reject::record(&src, "$", format!("invalid UTF-8: {e}"))),
     };
-    let ctx = Ctx { src: &src, aspects: &fc.aspects, max_text_chars: fc.cfg.max_text_chars };
+    let ctx = Ctx { src: &src, aspects: &fc.aspects, max_text_chars: fc.cfg.max_text_chars, rating_scale: fc.rating_scale };
     let fast = match fc.format {
         Format::Vlfeedback => layout::vlfeedback_fast(text, &ctx),
         _ => None,
@@ -722,6 +723,7 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
             label: label.clone(),
             format: format.unwrap_or(Format::Auto),
             aspects: cfg.aspects_for(format.unwrap_or(Format::Auto)),
+            rating_scale: cfg.rating_scale_for(format.unwrap_or(Format::Auto)),
             image_root,
             cfg,
         };

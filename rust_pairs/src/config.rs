@@ -43,6 +43,18 @@ pub const VLFEEDBACK_ASPECTS: [&str; 3] = ["Helpfulness", "Visual Faithfulness",
 /// The five HelpSteer aspects (MM-DPO, arXiv 2402.10884).
 pub const HELPSTEER_ASPECTS: [&str; 5] = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"];
 
+/// The scale ratings must lie on; a rating outside it rejects its response.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RatingScale {
+    pub lo: f64,
+    pub hi: f64,
+    /// Where the scale comes from, for the reject reason.
+    pub origin: &'static str,
+}
+
+/// No rating scale is wider: keeps weighted sums and margins finite when no scale is known.
+pub const MAX_ABS_RATING: f64 = 1e15;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BuildConfig {
@@ -56,6 +68,9 @@ pub struct BuildConfig {
     pub min_probability: f64,
     /// Declared aspects and weights; `None` takes the format's default aspects with weight 1.
     pub aspects: Option<Vec<(String, f64)>>,
+    /// Declared rating scale `[lo, hi]`; `None` takes the format's known scale (VLFeedback 1-5,
+    /// HelpSteer 0-4 for rated rows with the default aspects), else only `|rating| <= 1e15`.
+    pub rating_range: Option<(f64, f64)>,
     pub val_fraction: f64,
     pub seed: u64,
     pub max_samples_per_shard: u64,
@@ -94,6 +109,7 @@ impl Default for BuildConfig {
             min_margin: None,
             min_probability: 0.75,
             aspects: None,
+            rating_range: None,
             val_fraction: 0.05,
             seed: 0,
             max_samples_per_shard: 1000,
@@ -170,12 +186,17 @@ impl BuildConfig {
                 return bad("--aspects: no aspect declared".into());
             }
             for (n, w) in aspects {
-                if !(w.is_finite() && *w >= 0.0) {
-                    return bad(format!("--aspects: weight of {n:?} must be finite and >= 0, got {w}"));
+                if !(w.is_finite() && *w >= 0.0 && *w <= MAX_ABS_RATING) {
+                    return bad(format!("--aspects: weight of {n:?} must be in [0, 1e15], got {w}"));
                 }
             }
             if aspects.iter().all(|(_, w)| *w == 0.0) {
                 return bad("--aspects: at least one weight must be > 0".into());
+            }
+        }
+        if let Some((lo, hi)) = self.rating_range {
+            if !(lo.is_finite() && hi.is_finite() && lo < hi && lo.abs() <= MAX_ABS_RATING && hi.abs() <= MAX_ABS_RATING) {
+                return bad(format!("--rating-range must be LO:HI with finite LO < HI within ±1e15, got {lo}:{hi}"));
             }
         }
         if !(0.0..1.0).contains(&self.val_fraction) {
@@ -228,6 +249,16 @@ impl BuildConfig {
             Format::Pairwise | Format::Auto => &[],
         };
         names.iter().map(|n| (n.to_string(), 1.0)).collect()
+    }
+
+    /// Rating scale in force for a file of the given (detected) format.
+    pub fn rating_scale_for(&self, format: Format) -> Option<RatingScale> {
+        match (self.rating_range, format) {
+            (Some((lo, hi)), _) => Some(RatingScale { lo, hi, origin: "--rating-range" }),
+            (None, Format::Vlfeedback) => Some(RatingScale { lo: 1.0, hi: 5.0, origin: "VLFeedback's scale" }),
+            (None, Format::Rated) if self.aspects.is_none() => Some(RatingScale { lo: 0.0, hi: 4.0, origin: "HelpSteer's scale" }),
+            _ => None,
+        }
     }
 
     /// Partition file suffix: empty for a single build, `-p{i}of{N}` otherwise.

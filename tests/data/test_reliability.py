@@ -172,3 +172,48 @@ def test_decode_rejects_a_jpeg_cut_after_its_scan_header(tmp_path):
         (rej,) = [r for r in rejects(tmp_path / mode) if r["kind"] == "record"]
         assert rej["line"] == 1 and "does not decode" in rej["reason"], (mode, rej)
         assert m["counts"]["records_used"] == 1
+
+
+# --- 5. ratings out of scale ------------------------------------------------------------------
+
+def test_ratings_off_the_known_scale_reject_their_response(tmp_path):
+    make_image(tmp_path / "ok.png")
+    comps = [vlf_completion(f"m{i}", f"answer {i}", (r, 3, 3)) for i, r in enumerate(["-5", 0, 6, 1000, 4, "2"])]
+    data = write_jsonl(tmp_path / "in.jsonl", [vlf_row("ok.png", "Q?", comps)])
+    m = build([data], tmp_path / "out", val_fraction=0)
+    rej = [r for r in rejects(tmp_path / "out") if r["kind"] == "response"]
+    assert [r["field"] for r in rej] == [f"completions[{i}].annotations.Helpfulness" for i in range(4)]
+    assert all("outside VLFeedback's scale 1..5" in r["reason"] and "--rating-range" in r["reason"] for r in rej)
+    assert m["counts"]["responses_rejected"] == 4 and m["counts"]["records_used"] == 1
+    # A declared scale takes them.
+    m = build([data], tmp_path / "wide", val_fraction=0, rating_range="-10:1000")
+    assert m["counts"]["responses_rejected"] == 0
+    proc = shard_cli("build", str(data), "--out", str(tmp_path / "bad"), "--rating-range", "5:1")
+    assert proc.returncode == 2 and "--rating-range" in proc.stderr
+
+
+def test_huge_ratings_never_make_a_margin_null(tmp_path):
+    make_image(tmp_path / "ok.png")
+    aspects = ("helpfulness", "clarity")
+    resp = lambda t, a, b: {"text": t, "scores": dict(zip(aspects, (a, b)))}  # noqa: E731
+    rows = [{"prompt": "Q?", "image": "ok.png", "responses": [
+        resp("a", 1.7e308, 1.7e308), resp("b", -1.7e308, -1.7e308), resp("c", 3, 1), resp("d", 1, 1), resp("e", 2e14, 1)]}]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    m = build([data], tmp_path / "out", aspects="helpfulness,clarity", val_fraction=0)
+    rej = [r for r in rejects(tmp_path / "out") if r["kind"] == "response"]
+    assert [r["field"] for r in rej] == ["responses[0].scores.helpfulness", "responses[1].scores.helpfulness"]
+    assert all("beyond ±1e15" in r["reason"] for r in rej)
+    (sample,) = [json.loads(line) for line in _sample_jsons(tmp_path / "out")]
+    assert len(sample["pairs"]) == 3 and all(isinstance(p["margin"], float) for p in sample["pairs"])
+    assert m["counts"]["records_used"] == 1
+
+
+def _sample_jsons(out: Path) -> list[bytes]:
+    import tarfile
+
+    m = json.loads((out / "manifest.json").read_text())
+    found = []
+    for s in m["shards"]:
+        with tarfile.open(out / s["path"]) as tf:
+            found += [tf.extractfile(x).read() for x in tf.getmembers() if x.name.endswith(".json")]
+    return found

@@ -67,6 +67,8 @@ def _add_build_args(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
     p.add_argument("--min-margin", type=float, default=None, help="minimum weighted-mean-score gap of a pair (default: 2 for best-vs-rest, else any positive gap)")
     p.add_argument("--min-probability", type=float, default=0.75, help="Bradley-Terry probability threshold for min-probability (default 0.75)")
     p.add_argument("--aspects", default=None, help='declared aspects and weights, e.g. "Helpfulness=1,Visual Faithfulness=1,Ethical Considerations=1"')
+    p.add_argument("--rating-range", default=None, metavar="LO:HI",
+                   help="rating scale; ratings outside it reject their response (default: VLFeedback 1:5, HelpSteer 0:4 for rated rows with the default aspects)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of images held out for validation (default 0.05)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     p.add_argument("--max-samples-per-shard", type=int, default=1000, help="samples per shard at most (default 1000)")
@@ -88,7 +90,7 @@ def _add_build_args(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
 
 def _build_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        strategy=a.strategy, min_margin=a.min_margin, min_probability=a.min_probability, aspects=a.aspects,
+        strategy=a.strategy, min_margin=a.min_margin, min_probability=a.min_probability, aspects=a.aspects, rating_range=a.rating_range,
         val_fraction=a.val_fraction, seed=a.seed, max_samples_per_shard=a.max_samples_per_shard,
         max_shard_bytes=a.max_shard_bytes, partition=a.partition, near_dup=a.near_dup, bt_prior=a.bt_prior,
         max_text_chars=a.max_text_chars, image_check=a.image_check, max_image_pixels=a.max_image_pixels, threads=a.threads, io_threads=a.io_threads, fsync=a.fsync,

@@ -49,6 +49,17 @@ def parse_partition(spec: str | tuple[int, int]) -> tuple[int, int]:
     return i, n
 
 
+def parse_rating_range(spec: str | Sequence[float] | None) -> list[float] | None:
+    """``"LO:HI"`` (or a pair) to ``[lo, hi]``; raises :class:`ConfigError` naming ``--rating-range``."""
+    if spec is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in (str(spec).split(":") if isinstance(spec, str) else spec))
+    except (TypeError, ValueError):
+        raise ConfigError(f"--rating-range must look like LO:HI (for example 1:10), got {spec!r}") from None
+    return [lo, hi]
+
+
 def _aspects(aspects: str | Mapping[str, float] | Sequence[tuple[str, float]] | None) -> list[list[Any]] | None:
     if aspects is None:
         return None
@@ -68,6 +79,7 @@ def build_options(
     min_margin: float | None = None,
     min_probability: float = 0.75,
     aspects: str | Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+    rating_range: str | Sequence[float] | None = None,
     val_fraction: float = 0.05,
     seed: int = 0,
     max_samples_per_shard: int = 1000,
@@ -97,6 +109,7 @@ def build_options(
         "min_margin": min_margin,
         "min_probability": min_probability,
         "aspects": _aspects(aspects),
+        "rating_range": parse_rating_range(rating_range),
         "val_fraction": val_fraction,
         "seed": seed,
         "max_samples_per_shard": max_samples_per_shard,
@@ -134,6 +147,9 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, **options: Any) 
         min_probability: Bradley-Terry probability threshold of ``min-probability``.
         aspects: Declared aspects and weights, ``"Helpfulness=1,Visual Faithfulness=1"`` or a dict
             (default: the three VLFeedback aspects, or the five HelpSteer aspects for rated rows).
+        rating_range: The rating scale, ``"LO:HI"``; a rating outside it rejects its response with
+            the reason. Default: the format's known scale (VLFeedback 1-5; HelpSteer 0-4 for rated
+            rows with the default aspects), else any rating within ±1e15.
         val_fraction: Share of images held out in ``val-*`` shards (split by image hash).
         seed: Shuffle seed; the same input and seed give byte-identical shards.
         max_samples_per_shard: Samples (groups) per shard at most.

@@ -41,6 +41,8 @@ pub struct Ctx<'a> {
     pub src: &'a Source,
     pub aspects: &'a [(String, f64)],
     pub max_text_chars: usize,
+    /// Ratings outside it reject their response (see [`crate::config::BuildConfig::rating_scale_for`]).
+    pub rating_scale: Option<crate::config::RatingScale>,
 }
 
 

@@ -96,7 +96,7 @@ mod tests {
     use serde_json::json;
 
     fn ctx<'a>(src: &'a Source, aspects: &'a [(String, f64)]) -> Ctx<'a> {
-        Ctx { src, aspects, max_text_chars: 1000 }
+        Ctx { src, aspects, max_text_chars: 1000, rating_scale: None }
     }
 
     #[test]

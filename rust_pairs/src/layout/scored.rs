@@ -6,6 +6,7 @@
 
 use super::common::*;
 use super::{Ctx, Draft, Parsed};
+use crate::config::MAX_ABS_RATING;
 use crate::record::{Reject, Response};
 use crate::text::clean_prompt;
 use serde_json::{Map, Value};
@@ -29,6 +30,19 @@ fn rating(v: &Value) -> Result<f64, String> {
     }
 }
 
+/// A numeric rating must lie on the scale in force (or within ±1e15 when none is known), so
+/// means and margins stay finite.
+pub(crate) fn on_scale(x: f64, ctx: &Ctx) -> Result<(), String> {
+    match ctx.rating_scale {
+        Some(s) if !(s.lo..=s.hi).contains(&x) => Err(format!(
+            "rating {x} is outside {} {}..{} (declare the scale with --rating-range LO:HI)",
+            s.origin, s.lo, s.hi
+        )),
+        _ if x.abs() > MAX_ABS_RATING => Err(format!("rating {x} is beyond ±1e15 (declare the scale with --rating-range LO:HI)")),
+        _ => Ok(()),
+    }
+}
+
 /// Look up each declared aspect (case-insensitively) in `scores`.
 fn aspect_scores(scores: &Map<String, Value>, field: &str, ctx: &Ctx) -> Result<BTreeMap<String, f64>, FieldErr> {
     let mut out = BTreeMap::new();
@@ -37,7 +51,7 @@ fn aspect_scores(scores: &Map<String, Value>, field: &str, ctx: &Ctx) -> Result<
         match found {
             None => return err(format!("{field}.{name}"), "missing rating for a declared aspect"),
             Some((k, v)) => {
-                let r = rating(v).map_err(|reason| (format!("{field}.{k}"), reason))?;
+                let r = rating(v).and_then(|r| on_scale(r, ctx).map(|()| r)).map_err(|reason| (format!("{field}.{k}"), reason))?;
                 out.insert(name.clone(), r);
             }
         }
@@ -301,7 +315,9 @@ pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
             if hits.next().is_some() {
                 return None;
             }
-            scores.insert(name.clone(), (*r)?);
+            let x = (*r)?;
+            on_scale(x, ctx).ok()?;
+            scores.insert(name.clone(), x);
         }
         responses.push(Response { text: text.into_owned(), model: c.model.map(|m| m.0.into_owned()), scores });
     }
@@ -320,7 +336,7 @@ mod tests {
     use serde_json::json;
 
     fn ctx<'a>(src: &'a Source, aspects: &'a [(String, f64)]) -> Ctx<'a> {
-        Ctx { src, aspects, max_text_chars: 1000 }
+        Ctx { src, aspects, max_text_chars: 1000, rating_scale: None }
     }
     fn vlf_aspects() -> Vec<(String, f64)> {
         crate::config::VLFEEDBACK_ASPECTS.iter().map(|s| (s.to_string(), 1.0)).collect()
