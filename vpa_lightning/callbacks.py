@@ -223,7 +223,7 @@ class PreferenceReport(Callback):
         row = [
             (chosen_r > rejected_r).float().sum(),
             (chosen_r - rejected_r).sum(),
-            out["losses"].float().sum(),
+            out["loss"].detach().float() * chosen_r.numel(),
             out["chosen_logps"].float().sum(),
             out["rejected_logps"].float().sum(),
         ]

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from vpa_lightning.augment.pixels import corrupt_pixel_values
-from vpa_lightning.losses import DPOLoss, PreferenceLoss
+from vpa_lightning.losses import DPOLoss, LossBatch, PreferenceLoss
 from vpa_lightning.models.loading import TINY_PREFIX, load_vlm
 from vpa_lightning.models.logps import GroupBatch, GroupLogps, group_logps, select_rows
 from vpa_lightning.models.lora import apply_lora, default_lora_targets, language_and_vision_modules
@@ -63,7 +63,9 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 _STAGES = ("train", "val", "test")
 #: Loss ``extra_inputs`` the module computes (see ``compute_loss``).
-_EXTRA_INPUTS = {"chosen_nll", "policy_corrupted_chosen_logps", "ref_corrupted_chosen_logps"}
+_EXTRA_INPUTS = {"policy_corrupted_chosen_logps", "ref_corrupted_chosen_logps"}
+#: Optional :class:`~vpa_lightning.losses.LossBatch` inputs the module computes for a loss that needs them.
+_NEEDS = {"token_logps", "ref_token_logps", "log_sum_sq_probs", "labels", "kl_logps", "scores"}
 #: mDPO's corruption (arXiv 2406.11839, Sec. 3): a random crop keeping at most 20 % of the image.
 MDPO_CORRUPTION: dict[str, Any] = {"name": "random_resized_crop", "scale": (0.01, 0.2)}
 
@@ -95,8 +97,10 @@ class VisionDPOModule(pl.LightningModule):
         freeze_vision: Keep the vision tower and projector frozen. With ``lora`` and
             ``freeze_vision=False`` they are trained fully as PEFT ``modules_to_save``
             (their originals stay available for the reference).
-        average_logps: Use length-averaged response log-probs (IPO-style) instead of
-            summed ones (DPO, MM-DPO) in the loss and the logged log-probs.
+        average_logps: Length-averaged response log-probs instead of summed ones in the loss and
+            the logged log-probs. ``None`` (default): what the loss declares (summed for DPO and
+            most losses; averaged for IPO, SimPO and ORPO); ``true`` / ``false`` overrides it for
+            every part of the loss.
         reference_cache_dir: Directory of an on-disk cache of reference log-probs
             (keyed by sample key + response index); computed once, reused across
             epochs and runs. ``None`` = recompute every time.
@@ -138,7 +142,7 @@ class VisionDPOModule(pl.LightningModule):
         lora_dropout: float = 0.05,
         lora_target_modules: list[str] | None = None,
         freeze_vision: bool = True,
-        average_logps: bool = False,
+        average_logps: bool | None = None,
         reference_cache_dir: str | None = None,
         learning_rate: float = 5e-6,
         weight_decay: float = 0.0,
@@ -160,8 +164,12 @@ class VisionDPOModule(pl.LightningModule):
         if isinstance(loss, dict):
             loss = _loss_from_spec(loss)
         self.loss_fn = DPOLoss() if loss is None or loss is _DEFAULT_LOSS else loss
+        if average_logps is not None:
+            for part in self.loss_fn.modules():
+                if isinstance(part, PreferenceLoss):
+                    part.average_logps = bool(average_logps)
         self.hparams["loss"] = _loss_spec(self.loss_fn)
-        unknown = set(self.loss_fn.extra_inputs) - _EXTRA_INPUTS
+        unknown = (set(self.loss_fn.extra_inputs) - _EXTRA_INPUTS) | (set(self.loss_fn.required_inputs()) - _NEEDS)
         if unknown:
             raise ValueError(f"--model.loss: {type(self.loss_fn).__name__} needs inputs the module cannot compute: {sorted(unknown)}")
         self.image_corruption = MDPO_CORRUPTION if image_corruption is None else image_corruption
@@ -177,6 +185,11 @@ class VisionDPOModule(pl.LightningModule):
             )
         if packed and prefix_sharing:
             raise ValueError("--model.packed and --model.prefix_sharing are two ways to share the prefix: pick one")
+        if packed and self.loss_fn.required_inputs() & {"token_logps", "log_sum_sq_probs"}:
+            raise ValueError(
+                "--model.packed gives summed log-probs only: LD-DPO (ld_alpha) and WPO (pair_weighting wpo) "
+                "need the plain path or --model.prefix_sharing"
+            )
         if pack_tokens is not None and pack_tokens < 1:
             raise ValueError(f"--model.pack_tokens must be >= 1, got {pack_tokens}")
         self.prefix_sharing = prefix_sharing
@@ -184,7 +197,7 @@ class VisionDPOModule(pl.LightningModule):
         self.pack_tokens = pack_tokens
         self.model_name_or_path = model_name_or_path
         self.use_lora = lora
-        self.average_logps = average_logps
+        self.average_logps = self.loss_fn.average_logps
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
@@ -204,14 +217,17 @@ class VisionDPOModule(pl.LightningModule):
                 for name in vision:
                     model.get_submodule(name).requires_grad_(False)
             self.model = model
-            reference = copy.deepcopy(model).eval().requires_grad_(False)
-            self._reference = [reference]  # a list: not a submodule, not in state_dict
+            # a list: not a submodule, not in state_dict; a reference-free loss needs no copy at all
+            self._reference = [] if self.loss_fn.reference_free else [copy.deepcopy(model).eval().requires_grad_(False)]
         self.model.train()
         # LoRA checkpoints keep the trainable weights only (see on_save_checkpoint); the frozen base
         # comes from model_name_or_path when the module is rebuilt, so loading is non-strict.
         self.strict_loading = not lora
 
         self.reference_cache: ReferenceCache | None = None
+        if reference_cache_dir is not None and self.loss_fn.reference_free:
+            log.info("%s is reference-free: --model.reference_cache_dir is not used", type(self.loss_fn).__name__)
+            reference_cache_dir = None
         self.reference_cache_dir = reference_cache_dir
         self.metrics = nn.ModuleDict(
             {f"{stage}_": nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES}) for stage in _STAGES}
@@ -249,21 +265,27 @@ class VisionDPOModule(pl.LightningModule):
             self.reference_cache = ReferenceCache(self.reference_cache_dir, fingerprint)
         return self.reference_cache
 
-    def reference_logps(self, inputs: GroupBatch) -> GroupLogps:
-        """Reference log-probs of every row (no grad; eval mode, so no dropout)."""
+    def reference_logps(self, inputs: GroupBatch, **kwargs: bool) -> GroupLogps:
+        """Reference log-probs of every row (no grad; eval mode, so no dropout); ``kwargs`` go to
+        :func:`~vpa_lightning.models.logps.group_logps` (``token_logps``)."""
+        if self.loss_fn.reference_free:
+            raise RuntimeError(f"{type(self.loss_fn).__name__} is reference-free: no reference forward")
         if self.use_lora:
             model, was_training = self.model, self.model.training
             model.eval()
             try:
                 with torch.no_grad(), model.disable_adapter():
-                    return group_logps(model, inputs, **self.logps_options)
+                    return self._logps(model, inputs, **kwargs)
             finally:
                 model.train(was_training)
         reference = self._reference[0]
         if next(reference.parameters()).device != self.device:
             reference.to(self.device)
         with torch.no_grad():
-            return group_logps(reference, inputs, **self.logps_options)
+            return self._logps(reference, inputs, **kwargs)
+
+    def _logps(self, model: nn.Module, inputs: GroupBatch, **kwargs: bool) -> GroupLogps:
+        return group_logps(model, inputs, **self.logps_options, **kwargs)
 
     def _reference_sums(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         inputs: GroupBatch = batch["inputs"]
@@ -281,7 +303,8 @@ class VisionDPOModule(pl.LightningModule):
 
     # -- loss --------------------------------------------------------------------------------
     def _values(self, sums: Tensor, n_tokens: Tensor) -> Tensor:
-        return sums / n_tokens.clamp(min=1).to(sums.dtype) if self.average_logps else sums
+        """Per-row log-probs as the loss uses them (summed or length-averaged)."""
+        return self.loss_fn.row_values(sums, n_tokens)
 
     def corrupted_chosen_batch(self, inputs: GroupBatch, chosen: Tensor) -> tuple[GroupBatch, Tensor]:
         """``(sub-batch, index)``: each distinct chosen row once, its image corrupted by
@@ -297,47 +320,81 @@ class VisionDPOModule(pl.LightningModule):
         return sub, index
 
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Per-pair losses, rewards and log-probs of a batch (policy with gradient)."""
+        """The loss of a batch (``loss``, with gradient), its per-unit ``losses``, and per-pair
+        rewards and log-probs. Computes exactly what the loss declares it needs: no reference
+        work at all for a reference-free loss."""
         inputs: GroupBatch = batch["inputs"]
         chosen, rejected = batch["chosen"], batch["rejected"]
-        needs = self.loss_fn.extra_inputs
+        loss_fn = self.loss_fn
+        needs = loss_fn.required_inputs()
         extra: dict[str, Tensor] = {}
-        corrupted = self.corrupted_chosen_batch(inputs, chosen) if "policy_corrupted_chosen_logps" in needs else None
+        corrupted = (
+            self.corrupted_chosen_batch(inputs, chosen) if "policy_corrupted_chosen_logps" in loss_fn.extra_inputs else None
+        )
+        kl_inputs: GroupBatch | None = batch.get("kl_inputs") if "kl_logps" in needs else None
         # reference first (no grad, cached or adapters off), so no mode switch happens while the graph is alive
-        if self.loss_fn.reference_free:
-            ref_c = ref_r = None
-        else:
-            ref_sums, ref_n = self._reference_sums(batch)
-            ref = self._values(ref_sums, ref_n)
-            ref_c, ref_r = ref[chosen], ref[rejected]
+        ref_sums = ref_tokens = kl_ref = None
+        if not loss_fn.reference_free:
+            if "ref_token_logps" in needs:  # per-token values are not cached
+                ref = self.reference_logps(inputs, token_logps=True)
+                ref_sums, ref_tokens = ref.sum_logps, ref.token_logps
+            else:
+                ref_sums, _ = self._reference_sums(batch)
+            if corrupted is not None:
+                # corrupted images are drawn per step, so these are never cached
+                sub, index = corrupted
+                ref_bad = self.reference_logps(sub)
+                extra["ref_corrupted_chosen_logps"] = self._values(ref_bad.sum_logps, ref_bad.n_tokens)[index]
+            if kl_inputs is not None:
+                kl_ref = self.reference_logps(kl_inputs).sum_logps
+        kl_policy = None
+        if kl_inputs is not None:
+            with torch.no_grad():  # KTO's reference point is detached
+                kl_policy = self._logps(self.model, kl_inputs).sum_logps
+        policy = self._logps(
+            self.model, inputs, token_logps="token_logps" in needs, sq_probs="log_sum_sq_probs" in needs
+        )
         if corrupted is not None:
-            # corrupted images are drawn per step, so these are never cached
-            sub, index = corrupted
-            ref_bad = self.reference_logps(sub)
-            extra["ref_corrupted_chosen_logps"] = self._values(ref_bad.sum_logps, ref_bad.n_tokens)[index]
-        policy = group_logps(self.model, inputs, **self.logps_options)
-        pol = self._values(policy.sum_logps, policy.n_tokens)
-        if corrupted is not None:
-            pol_bad = group_logps(self.model, sub, **self.logps_options)
+            pol_bad = self._logps(self.model, sub)
             extra["policy_corrupted_chosen_logps"] = self._values(pol_bad.sum_logps, pol_bad.n_tokens)[index]
-        if "chosen_nll" in needs:
-            extra["chosen_nll"] = -(policy.sum_logps / policy.n_tokens.clamp(min=1))[chosen]
-        losses, chosen_rewards, rejected_rewards = self.loss_fn(pol[chosen], pol[rejected], ref_c, ref_r, **extra)
+        device = policy.sum_logps.device
+        lb = LossBatch(
+            policy_logps=policy.sum_logps,
+            n_tokens=policy.n_tokens,
+            ref_logps=None if ref_sums is None else ref_sums.to(device),
+            chosen=chosen,
+            rejected=rejected,
+            row_group=policy.group_index.to(device),
+            pair_group=batch.get("pair_group"),
+            probability=batch.get("probability"),
+            margin=batch.get("margin"),
+            scores=batch.get("response_score"),
+            strength=batch.get("response_strength"),
+            labels=batch.get("response_label"),
+            token_logps=policy.token_logps,
+            ref_token_logps=ref_tokens,
+            log_sum_sq_probs=policy.log_sum_sq_probs,
+            kl_policy_logps=kl_policy,
+            kl_ref_logps=kl_ref,
+            extra=extra,
+        )
+        out = loss_fn.batch_loss(lb)
         return {
-            "losses": losses,
-            "chosen_rewards": chosen_rewards,
-            "rejected_rewards": rejected_rewards,
-            "chosen_logps": pol[chosen].detach(),
-            "rejected_logps": pol[rejected].detach(),
+            "loss": out.loss,
+            "losses": out.losses,
+            "chosen_rewards": out.chosen_rewards,
+            "rejected_rewards": out.rejected_rewards,
+            "chosen_logps": out.chosen_logps,
+            "rejected_logps": out.rejected_logps,
         }
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | None:
         if batch.get("inputs") is None or batch["chosen"].numel() == 0:
             return None  # every group of the batch was skipped
         out = self.compute_loss(batch)
-        loss = out["losses"].mean()
+        loss = out["loss"]
         values = {
-            "loss": out["losses"].detach(),
+            "loss": loss.detach(),
             "rewards/chosen": out["chosen_rewards"],
             "rewards/rejected": out["rejected_rewards"],
             "rewards/accuracies": (out["chosen_rewards"] > out["rejected_rewards"]).float(),
@@ -349,7 +406,8 @@ class VisionDPOModule(pl.LightningModule):
         n_groups = len(batch["keys"])
         for name, value in values.items():
             metric = self.metrics[f"{stage}_"][_key(name)]
-            metric(value)  # forward: updates the epoch state and computes the batch value
+            # forward: updates the epoch state and computes the batch value; the loss weighs by pairs
+            metric(value, out["chosen_rewards"].numel()) if name == "loss" else metric(value)
             self.log(
                 f"{stage}/{name}",
                 metric,
@@ -432,15 +490,30 @@ class VisionDPOModule(pl.LightningModule):
 
 
 def _loss_spec(loss: PreferenceLoss) -> dict[str, Any]:
-    """``{"class_path", "init_args"}`` of a loss, from its constructor arguments stored as attributes."""
+    """``{"class_path", "init_args"}`` of a loss, from its constructor arguments stored as attributes
+    (those of its base classes too, for ``**kwargs`` options; nested losses as specs)."""
     import inspect
 
     # skip a jsonargparse lazy-instance subclass, if any
     klass = next(
         k for k in type(loss).__mro__ if not k.__name__.startswith("LazyInstance") and "jsonargparse" not in k.__module__
     )
-    params = [p for p in inspect.signature(klass.__init__).parameters.values() if p.name != "self"]
-    init_args = {p.name: getattr(loss, p.name) for p in params if hasattr(loss, p.name)}
+    names: list[str] = []
+    for k in klass.__mro__:
+        if k is PreferenceLoss.__mro__[1] or not issubclass(k, PreferenceLoss):
+            break
+        for p in inspect.signature(k.__init__).parameters.values():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self" and p.name not in names:
+                names.append(p.name)
+        if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(k.__init__).parameters.values()):
+            break  # no **kwargs: the base's options are not this class's arguments
+    init_args = {}
+    for name in names:
+        if hasattr(loss, name):
+            value = getattr(loss, name)
+            if isinstance(value, nn.ModuleList):
+                value = [_loss_spec(part) for part in value]
+            init_args[name] = value
     return {"class_path": f"{klass.__module__}.{klass.__qualname__}", "init_args": init_args}
 
 
@@ -449,7 +522,11 @@ def _loss_from_spec(spec: dict[str, Any]) -> PreferenceLoss:
 
     module_name, _, class_name = spec["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    loss = cls(**spec.get("init_args", {}))
+    init_args = {
+        k: [_loss_from_spec(v) for v in value] if isinstance(value, list) and value and isinstance(value[0], dict) else value
+        for k, value in spec.get("init_args", {}).items()
+    }
+    loss = cls(**init_args)
     if not isinstance(loss, PreferenceLoss):
         raise TypeError(f"{spec['class_path']} is not a PreferenceLoss")
     return loss

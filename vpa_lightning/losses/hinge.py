@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import PreferenceLoss
+from .base import PairwiseLoss
 
 __all__ = ["HingeLoss"]
 
 
-class HingeLoss(PreferenceLoss):
+class HingeLoss(PairwiseLoss):
     r"""Hinge (SLiC-style) preference loss on the reference-normalised margin.
 
     Zhao et al., "SLiC-HF: Sequence Likelihood Calibration with Human
@@ -29,17 +29,9 @@ class HingeLoss(PreferenceLoss):
 
     Args:
         beta: Inverse margin (> 0): the loss is zero once the log-ratio margin exceeds ``1 / beta``.
+        **kwargs: Options of every pairwise loss (see :class:`~vpa_lightning.losses.PairwiseLoss`):
+            ``average_logps``, ``pair_weighting``, ``beta_margin_scale``, ``ld_alpha``.
     """
 
-    def forward(
-        self,
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        ref_chosen_logps: Tensor | None,
-        ref_rejected_logps: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        chosen, rejected = self.log_ratios(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-        )
-        losses = torch.relu(1.0 - self.beta * (chosen - rejected))
-        return (losses, *self.rewards(chosen, rejected))
+    def pair_loss(self, chosen: Tensor, rejected: Tensor, beta: Tensor | float) -> Tensor:
+        return torch.relu(1.0 - beta * (chosen - rejected))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import PreferenceLoss
+from .base import PairwiseLoss
 
 __all__ = ["IPOLoss"]
 
 
-class IPOLoss(PreferenceLoss):
+class IPOLoss(PairwiseLoss):
     r"""Identity Preference Optimisation (IPO).
 
     Azar et al., "A General Theoretical Paradigm to Understand Learning from
@@ -22,24 +22,20 @@ class IPOLoss(PreferenceLoss):
         h = [\log\pi(y_w) - \log\pi_{ref}(y_w)] - [\log\pi(y_l) - \log\pi_{ref}(y_l)]
 
     where ``beta`` plays the role of the paper's regulariser :math:`\tau`.
-    Following the paper's experiments (and TRL), pass **length-averaged**
-    log-probs (``sum_logps / n_tokens`` from
-    :func:`vpa_lightning.models.logps.group_logps`) rather than summed ones;
-    with summed log-probs the target margin ``1/(2 beta)`` is not length-invariant.
+    The log-probs are **length-averaged** by default (``average_logps`` true: the module
+    feeds ``sum_logps / n_tokens``), as in the paper's experiments and TRL's ``ipo`` (which
+    divides the summed log-ratios by the completion length, confirmed with the authors);
+    with summed log-probs the target margin ``1/(2 beta)`` would not be length-invariant.
+    ``average_logps: false`` restores summed log-probs. :meth:`forward` takes the values as
+    given (average them yourself).
 
     Args:
         beta: Regularisation strength :math:`\tau` (> 0); the target margin is ``1 / (2 beta)``.
+        **kwargs: Options of every pairwise loss (see :class:`~vpa_lightning.losses.PairwiseLoss`):
+            ``average_logps``, ``pair_weighting``, ``beta_margin_scale``, ``ld_alpha``.
     """
 
-    def forward(
-        self,
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        ref_chosen_logps: Tensor | None,
-        ref_rejected_logps: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        chosen, rejected = self.log_ratios(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-        )
-        losses = (chosen - rejected - 1.0 / (2.0 * self.beta)) ** 2
-        return (losses, *self.rewards(chosen, rejected))
+    default_average_logps = True
+
+    def pair_loss(self, chosen: Tensor, rejected: Tensor, beta: Tensor | float) -> Tensor:
+        return (chosen - rejected - 1.0 / (2.0 * beta)) ** 2

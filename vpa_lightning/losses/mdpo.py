@@ -7,12 +7,12 @@ import math
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import PreferenceLoss, check_non_negative
+from .base import PairwiseLoss, check_non_negative
 
 __all__ = ["MDPOLoss"]
 
 
-class MDPOLoss(PreferenceLoss):
+class MDPOLoss(PairwiseLoss):
     r"""mDPO: DPO + image-conditional preference + anchored reward.
 
     Wang et al., "mDPO: Conditional Preference Optimization for Multimodal
@@ -45,6 +45,8 @@ class MDPOLoss(PreferenceLoss):
         anchor_weight: Weight :math:`\lambda_a` of the anchor term, >= 0.
         anchor: Anchor value :math:`\delta` (a reward margin, in the same units as
             ``beta * log-ratio``); the anchor loss pushes ``beta * r(y_w|m)`` above it.
+        **kwargs: Options of every pairwise loss (see :class:`~vpa_lightning.losses.PairwiseLoss`):
+            ``average_logps``, ``pair_weighting``, ``beta_margin_scale``, ``ld_alpha``.
     """
 
     extra_inputs = frozenset({"policy_corrupted_chosen_logps", "ref_corrupted_chosen_logps"})
@@ -55,8 +57,9 @@ class MDPOLoss(PreferenceLoss):
         conditional_weight: float = 1.0,
         anchor_weight: float = 1.0,
         anchor: float = 0.0,
+        **kwargs,
     ) -> None:
-        super().__init__(beta)
+        super().__init__(beta, **kwargs)
         self.conditional_weight = check_non_negative(conditional_weight, "conditional_weight")
         self.anchor_weight = check_non_negative(anchor_weight, "anchor_weight")
         anchor = float(anchor)
@@ -66,36 +69,30 @@ class MDPOLoss(PreferenceLoss):
 
     def extra_repr(self) -> str:
         return (
-            f"beta={self.beta}, conditional_weight={self.conditional_weight}, "
+            f"{super().extra_repr()}, conditional_weight={self.conditional_weight}, "
             f"anchor_weight={self.anchor_weight}, anchor={self.anchor}"
         )
 
-    def forward(
+    def pair_loss(
         self,
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        ref_chosen_logps: Tensor | None,
-        ref_rejected_logps: Tensor | None,
+        chosen: Tensor,
+        rejected: Tensor,
+        beta: Tensor | float,
         *,
         policy_corrupted_chosen_logps: Tensor,
         ref_corrupted_chosen_logps: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """See :class:`PreferenceLoss.forward` and the class docstring for the two corrupted-image inputs."""
+    ) -> Tensor:
+        """mDPO per pair; the two corrupted-image inputs are ``[B]`` (see the class docstring)."""
         for name, value in (
             ("policy_corrupted_chosen_logps", policy_corrupted_chosen_logps),
             ("ref_corrupted_chosen_logps", ref_corrupted_chosen_logps),
         ):
             if value is None:
                 raise ValueError(f"{name} is required by MDPOLoss")
-            if value.shape != policy_chosen_logps.shape:
-                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(policy_chosen_logps.shape)}")
-        chosen, rejected = self.log_ratios(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-        )
+            if value.shape != chosen.shape:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(chosen.shape)}")
         corrupted = policy_corrupted_chosen_logps - ref_corrupted_chosen_logps
-        b = self.beta
-        dpo = -F.logsigmoid(b * (chosen - rejected))
-        conditional = -F.logsigmoid(b * (chosen - corrupted))
-        anchored = -F.logsigmoid(b * chosen - self.anchor)
-        losses = dpo + self.conditional_weight * conditional + self.anchor_weight * anchored
-        return (losses, *self.rewards(chosen, rejected))
+        dpo = -F.logsigmoid(beta * (chosen - rejected))
+        conditional = -F.logsigmoid(beta * (chosen - corrupted))
+        anchored = -F.logsigmoid(beta * chosen - self.anchor)
+        return dpo + self.conditional_weight * conditional + self.anchor_weight * anchored

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import PreferenceLoss, check_non_negative
+from .base import LossBatch, PairwiseLoss, check_non_negative
 
 __all__ = ["RPOLoss"]
 
 
-class RPOLoss(PreferenceLoss):
+class RPOLoss(PairwiseLoss):
     r"""DPO + negative log-likelihood of the chosen response (RPO / "DPO+NLL").
 
     Pang et al., "Iterative Reasoning Preference Optimization",
@@ -26,46 +26,50 @@ class RPOLoss(PreferenceLoss):
     the DPO term); here, as in TRL (``rpo_alpha`` / ``loss_type=["sigmoid", "sft"]``),
     ``alpha`` weights the NLL term. Both coincide at the paper's default ``alpha = 1``.
 
-    Extra input of :meth:`forward`: ``chosen_nll`` (keyword, required), the
-    ``[B]`` length-normalised NLL of each chosen response under the **policy**,
-    with gradient, i.e. ``-policy_chosen_sum_logps / n_chosen_tokens`` (the
-    ``sum_logps`` and ``n_tokens`` outputs of
-    :func:`vpa_lightning.models.logps.group_logps`). The paper normalises by
-    prompt+response length; normalising by the response length only (what is
-    trained on) is the common implementation choice.
+    The NLL is computed from the policy's summed log-probs and token counts of the chosen
+    responses (with gradient), normalised as ``nll_reduction`` says:
+
+    * ``"sequence"`` (default): each pair's own ``-log pi(y_w) / |y_w|`` (the paper normalises
+      per sequence; by the response length here, which is what is trained on);
+    * ``"token"``: TRL's ``sft`` term, one number for the batch, the mean NLL over all the
+      chosen tokens of all pairs, ``-sum_i log pi(y_w^i) / sum_i |y_w^i|`` (long responses
+      weigh more).
+
+    :meth:`forward` takes the per-pair NLL as the keyword ``chosen_nll`` (``[B]``, required).
 
     Args:
         beta: Inverse temperature of the DPO term, > 0.
         alpha: Weight of the chosen-response NLL term, >= 0 (0 gives plain DPO).
+        nll_reduction: ``"sequence"`` or ``"token"`` (TRL's), see above.
+        **kwargs: Options of every pairwise loss (see :class:`~vpa_lightning.losses.PairwiseLoss`):
+            ``average_logps``, ``pair_weighting``, ``beta_margin_scale``, ``ld_alpha``.
     """
 
-    extra_inputs = frozenset({"chosen_nll"})
-
-    def __init__(self, beta: float = 0.1, alpha: float = 1.0) -> None:
-        super().__init__(beta)
+    def __init__(self, beta: float = 0.1, alpha: float = 1.0, nll_reduction: str = "sequence", **kwargs) -> None:
+        super().__init__(beta, **kwargs)
         self.alpha = check_non_negative(alpha, "alpha")
+        if nll_reduction not in ("sequence", "token"):
+            raise ValueError(f"nll_reduction must be 'sequence' or 'token', got {nll_reduction!r}")
+        self.nll_reduction = nll_reduction
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, alpha={self.alpha}"
+        return f"{super().extra_repr()}, alpha={self.alpha}, nll_reduction={self.nll_reduction!r}"
 
-    def forward(
-        self,
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        ref_chosen_logps: Tensor | None,
-        ref_rejected_logps: Tensor | None,
-        *,
-        chosen_nll: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """See :class:`PreferenceLoss.forward`; ``chosen_nll`` is the ``[B]`` per-token NLL of the chosen responses."""
+    def pair_extras(self, b: LossBatch, chosen_values: Tensor) -> dict[str, Tensor]:
+        return {"chosen_nll": chosen_nll(b, self.nll_reduction)}
+
+    def pair_loss(self, chosen: Tensor, rejected: Tensor, beta: Tensor | float, *, chosen_nll: Tensor) -> Tensor:
         if chosen_nll is None:
             raise ValueError("chosen_nll is required by RPOLoss")
-        if chosen_nll.shape != policy_chosen_logps.shape:
-            raise ValueError(
-                f"chosen_nll has shape {tuple(chosen_nll.shape)}, expected {tuple(policy_chosen_logps.shape)}"
-            )
-        chosen, rejected = self.log_ratios(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-        )
-        losses = -F.logsigmoid(self.beta * (chosen - rejected)) + self.alpha * chosen_nll
-        return (losses, *self.rewards(chosen, rejected))
+        if chosen_nll.shape != chosen.shape:
+            raise ValueError(f"chosen_nll has shape {tuple(chosen_nll.shape)}, expected {tuple(chosen.shape)}")
+        return -F.logsigmoid(beta * (chosen - rejected)) + self.alpha * chosen_nll
+
+
+def chosen_nll(b: LossBatch, reduction: str) -> Tensor:
+    """``[P]`` NLL of every pair's chosen response under the policy: per sequence
+    (``-log pi / |y|``) or TRL's batch token mean (the same value for every pair)."""
+    sums, n = b.policy_logps[b.chosen], b.n_tokens[b.chosen].to(b.policy_logps.dtype)
+    if reduction == "sequence":
+        return -sums / n.clamp(min=1)
+    return (-sums.sum() / n.sum().clamp(min=1)).expand_as(sums)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import PreferenceLoss, check_unit_interval
+from .base import PairwiseLoss, check_unit_interval
 
 __all__ = ["DPOLoss"]
 
 
-class DPOLoss(PreferenceLoss):
+class DPOLoss(PairwiseLoss):
     r"""Direct Preference Optimization, sigmoid (Bradley-Terry) loss.
 
     Rafailov et al., "Direct Preference Optimization: Your Language Model is
@@ -29,28 +29,21 @@ class DPOLoss(PreferenceLoss):
         beta: Inverse temperature of the implicit reward (KL strength), > 0.
         label_smoothing: Probability :math:`\varepsilon` that a preference label is
             flipped (cDPO); 0 gives plain DPO. Must be in [0, 0.5].
+        **kwargs: Options of every pairwise loss (see :class:`~vpa_lightning.losses.PairwiseLoss`):
+            ``average_logps``, ``pair_weighting``, ``beta_margin_scale``, ``ld_alpha``.
     """
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
-        super().__init__(beta)
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, **kwargs) -> None:
+        super().__init__(beta, **kwargs)
         self.label_smoothing = check_unit_interval(label_smoothing, "label_smoothing", 0.5, upper_inclusive=True)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, label_smoothing={self.label_smoothing}"
+        return f"{super().extra_repr()}, label_smoothing={self.label_smoothing}"
 
-    def forward(
-        self,
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        ref_chosen_logps: Tensor | None,
-        ref_rejected_logps: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        chosen, rejected = self.log_ratios(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-        )
-        z = self.beta * (chosen - rejected)
+    def pair_loss(self, chosen: Tensor, rejected: Tensor, beta: Tensor | float) -> Tensor:
+        z = beta * (chosen - rejected)
         eps = self.label_smoothing
         losses = -(1.0 - eps) * F.logsigmoid(z)
         if eps > 0.0:
             losses = losses - eps * F.logsigmoid(-z)
-        return (losses, *self.rewards(chosen, rejected))
+        return losses

@@ -163,12 +163,18 @@ class GroupLogps:
         n_tokens: ``[N]`` number of response tokens scored.
         group_index: ``[N]`` group of each row.
         group_sizes: K of each group.
+        token_logps: ``[N, R]`` per-token log-probs of the responses (zero past each row's end),
+            when asked for (``token_logps=True``; LD-DPO).
+        log_sum_sq_probs: ``[N]`` sum over the response positions of ``log sum_v p(v)^2`` (no
+            gradient), when asked for (``sq_probs=True``; WPO's weight alignment).
     """
 
     sum_logps: Tensor
     n_tokens: Tensor
     group_index: Tensor
     group_sizes: list[int] = field(default_factory=list)
+    token_logps: Tensor | None = None
+    log_sum_sq_probs: Tensor | None = None
 
     @property
     def mean_logps(self) -> Tensor:
@@ -392,6 +398,8 @@ def group_logps(
     share_image: bool = True,
     pack: bool = False,
     pack_tokens: int | None = None,
+    token_logps: bool = False,
+    sq_probs: bool = False,
 ) -> GroupLogps:
     """Summed response log-probs of every row of ``batch`` with one forward pass of ``model``.
 
@@ -425,6 +433,8 @@ def group_logps(
             image + prompt once, its responses after it under a segment mask, several groups per row;
             one forward, so gradient checkpointing works. Either method.
         pack_tokens: Token budget of a packed row (``None``: the longest group's length).
+        token_logps: Also return the per-token log-probs (``[N, R]``).
+        sq_probs: Also return ``log_sum_sq_probs`` (one more log-softmax over the vocabulary).
 
     Returns:
         :class:`GroupLogps` with ``sum_logps`` (float32) and ``n_tokens``.
@@ -432,11 +442,14 @@ def group_logps(
     if pack:
         from vpa_lightning.models.packed import packed_logps
 
+        if token_logps or sq_probs:
+            raise ValueError("packed groups give summed log-probs only (no token_logps / sq_probs)")
+
         return packed_logps(model, batch, method=method, chunk_size=chunk_size, max_tokens=pack_tokens)
     if share_prefix:
         if method != "forward":
             raise ValueError("share_prefix works with method='forward' only")
-        return _prefix_shared_logps(model, batch)
+        return _prefix_shared_logps(model, batch, token_logps=token_logps, sq_probs=sq_probs)
     labels = batch.labels
     # the token at position t is predicted at position t - 1
     predicts = torch.zeros_like(labels, dtype=torch.bool)
@@ -454,6 +467,7 @@ def group_logps(
                 f"logits_to_keep selecting {targets.numel()} positions; use method='hidden'"
             )
         flat = -F.cross_entropy(logits.float(), targets, reduction="none")
+        sq = _log_sum_sq(logits) if sq_probs else None
     elif method == "hidden":
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -462,16 +476,44 @@ def group_logps(
             hidden = base(**batch.model_inputs, use_cache=False, return_dict=True).last_hidden_state  # [N, T, H]
         if hidden.shape[:2] != labels.shape:
             raise RuntimeError(f"decoder output {tuple(hidden.shape[:2])} does not match labels {tuple(labels.shape)}")
-        flat = head_token_logps(head, hidden[predicts], targets, chunk_size, cap)  # no [M, vocab] kept for backward
+        states = hidden[predicts]  # [M, H]
+        flat = head_token_logps(head, states, targets, chunk_size, cap)  # no [M, vocab] kept for backward
+        sq = None
+        if sq_probs:  # WPO: no gradient, so chunk by chunk without keeping anything
+            with torch.no_grad():
+                sq_parts = []
+                for start in range(0, targets.numel(), chunk_size):
+                    chunk = head(states[start : start + chunk_size]).float()
+                    sq_parts.append(_log_sum_sq(torch.tanh(chunk / cap) * cap if cap else chunk))
+                sq = torch.cat(sq_parts) if sq_parts else flat.new_zeros(0)
     else:
         raise ValueError(f"method must be 'forward' or 'hidden', got {method!r}")
 
     n = labels.shape[0]
     sum_logps = torch.zeros(n, dtype=torch.float32, device=flat.device).index_add(0, rows, flat.float())
     n_tokens = torch.zeros(n, dtype=torch.long, device=labels.device).index_add(0, rows, torch.ones_like(rows))
-    return GroupLogps(
+    out = GroupLogps(
         sum_logps=sum_logps, n_tokens=n_tokens, group_index=batch.group_index, group_sizes=list(batch.group_sizes)
     )
+    if token_logps:
+        starts = torch.cumsum(n_tokens, 0) - n_tokens
+        positions = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+        out.token_logps = _scatter_tokens(flat.float(), rows, positions, n, int(n_tokens.max()) if n else 0)
+    if sq is not None:
+        out.log_sum_sq_probs = torch.zeros(n, dtype=torch.float32, device=flat.device).index_add(0, rows, sq)
+    return out
+
+
+def _log_sum_sq(logits: Tensor) -> Tensor:
+    """``log sum_v p(v)^2`` per row of ``[M, V]`` logits, without gradient (WPO's weight alignment)."""
+    with torch.no_grad():
+        return torch.logsumexp(2.0 * F.log_softmax(logits.float(), dim=-1), dim=-1)
+
+
+def _scatter_tokens(values: Tensor, rows: Tensor, positions: Tensor, n: int, width: int) -> Tensor:
+    """``[n, width]`` zeros with ``values[m]`` at ``(rows[m], positions[m])`` (differentiable)."""
+    out = values.new_zeros(n, max(width, 1))
+    return out.index_put((rows, positions), values)
 
 
 def _rope_index(model: nn.Module) -> Any:
@@ -489,7 +531,9 @@ def _expand_like(positions: Tensor, prefix_positions: Tensor) -> Tensor:
     return positions
 
 
-def _prefix_shared_logps(model: nn.Module, batch: GroupBatch) -> GroupLogps:
+def _prefix_shared_logps(
+    model: nn.Module, batch: GroupBatch, token_logps: bool = False, sq_probs: bool = False
+) -> GroupLogps:
     """:func:`group_logps` with the image + prompt prefix run once per group (``share_prefix=True``).
 
     1. One row per group holds the prompt (left-padded to the longest prompt, explicit positions),
@@ -557,6 +601,8 @@ def _prefix_shared_logps(model: nn.Module, batch: GroupBatch) -> GroupLogps:
     resp_ids = resp["input_ids"]
     first_lp = -F.cross_entropy(first_logits[owner], resp_ids[:, 0], reduction="none")  # [N]
     sum_logps = first_lp
+    sq = _log_sum_sq(first_logits)[owner] if sq_probs else None
+    tokens = _scatter_tokens(first_lp, torch.arange(n, device=device), torch.zeros(n, dtype=torch.long, device=device), n, r_width) if token_logps else None
     keep = r_valid.clone()
     keep[:, -1] = False
     keep[:, :-1] &= r_valid[:, 1:]  # position j scores token j + 1
@@ -569,9 +615,16 @@ def _prefix_shared_logps(model: nn.Module, batch: GroupBatch) -> GroupLogps:
         )
         targets = resp_ids[:, 1:][keep[:, :-1]]
         flat = -F.cross_entropy(out2.logits.float(), targets, reduction="none")
-        rows = keep.nonzero(as_tuple=True)[0]
+        rows, cols_kept = keep.nonzero(as_tuple=True)
         sum_logps = sum_logps.index_add(0, rows, flat)
-    return GroupLogps(sum_logps=sum_logps, n_tokens=n_resp, group_index=owner, group_sizes=list(batch.group_sizes))
+        if tokens is not None:
+            tokens = tokens.index_put((rows, cols_kept + 1), flat)
+        if sq is not None:
+            sq = sq.index_add(0, rows, _log_sum_sq(out2.logits))
+    return GroupLogps(
+        sum_logps=sum_logps, n_tokens=n_resp, group_index=owner, group_sizes=list(batch.group_sizes),
+        token_logps=tokens, log_sum_sq_probs=sq,
+    )
 
 
 def batch_to_device(inputs: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
