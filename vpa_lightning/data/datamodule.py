@@ -35,6 +35,15 @@ A batch is a ``dict``:
     ``keys`` this identifies a response, e.g. for the reference cache).
 ``response_sha``
     ``list[str]`` (length ``N``): a short hash of each row's response text.
+``response_score`` / ``response_strength``
+    ``[N]`` float: each response's mean score (over its rated aspects) and its Bradley-Terry
+    strength from the shard (``nan`` when absent); the listwise losses rank by them.
+``response_label``
+    ``[N]`` long, only with ``unpaired``: 1 desirable, 0 undesirable, -1 unused (KTO).
+``kl_inputs``
+    Only when the loss asks for mismatched pairs (KTO's reference point): a
+    :class:`~vpa_lightning.models.logps.GroupBatch` of each group's image + prompt with the
+    previous group's responses (``None`` for a batch of one group).
 ``max_length``
     The ``max_length`` used for tokenisation (``int`` or ``None``).
 ``skipped``
@@ -71,6 +80,7 @@ the counted, logged reasons ``text_only_sample`` and ``multi_image_sample``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -112,6 +122,8 @@ class PreferenceExample:
         pairs: ``(chosen, rejected)`` response indices.
         probability: Bradley-Terry probability of each pair (``nan`` when absent).
         margin: Score margin of each pair (``nan`` when absent).
+        scores: Mean score of each response over its rated aspects (``nan`` when unrated).
+        strength: Bradley-Terry strength of each response (``nan`` when absent).
         skipped: Keys of samples skipped before this one (for logging across workers).
     """
 
@@ -121,6 +133,8 @@ class PreferenceExample:
     probability: list[float]
     margin: list[float]
     images: list[Any] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    strength: list[float] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
 
@@ -153,12 +167,14 @@ def decode_sample(sample: dict[str, Any]) -> PreferenceExample:
     responses = meta.get("responses")
     if not isinstance(responses, list) or len(responses) < 2:
         raise SampleError("'responses' must be a list of at least 2 responses")
-    texts = []
+    texts, scores, strength = [], [], []
     for r, response in enumerate(responses):
         text = response.get("text") if isinstance(response, dict) else None
         if not isinstance(text, str) or not text:
             raise SampleError(f"response {r} has no text")
         texts.append(text)
+        scores.append(_mean_score(response.get("scores")))
+        strength.append(_float(response.get("strength")))
     pairs_raw = meta.get("pairs")
     if not isinstance(pairs_raw, list) or not pairs_raw:
         raise SampleError("no 'pairs'")
@@ -175,7 +191,10 @@ def decode_sample(sample: dict[str, Any]) -> PreferenceExample:
         margin.append(_float(p.get("margin")))
     images = [_decode_image(sample[m], m) for m in _image_members(sample, meta)]
     group = PreferenceGroup(image=images[0] if len(images) == 1 else None, prompt=prompt, responses=texts, id=key)
-    return PreferenceExample(key=key, group=group, pairs=pairs, probability=probability, margin=margin, images=images)
+    return PreferenceExample(
+        key=key, group=group, pairs=pairs, probability=probability, margin=margin, images=images,
+        scores=scores, strength=strength,
+    )
 
 
 def _image_members(sample: dict[str, Any], meta: dict[str, Any]) -> list[str]:
@@ -205,6 +224,46 @@ def _decode_image(data: bytes, member: str) -> Any:
             return img.convert("RGB")
     except Exception as exc:  # PIL raises many types for corrupt data
         raise SampleError(f"cannot decode image {member}: {type(exc).__name__}: {exc}") from exc
+
+
+def _mean_score(scores: Any) -> float:
+    """Mean of a response's numeric aspect scores (``nan`` when it has none)."""
+    if not isinstance(scores, dict):
+        return math.nan
+    values = [v for v in (_float(x) for x in scores.values()) if math.isfinite(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def parse_unpaired(spec: str | None) -> tuple[str, float] | None:
+    """``--data.unpaired``: ``None``, ``"pairs"`` or ``"threshold:X"`` -> ``(mode, threshold)``."""
+    if spec is None:
+        return None
+    if spec == "pairs":
+        return ("pairs", math.nan)
+    mode, _, value = spec.partition(":")
+    if mode == "threshold":
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = math.nan
+        if math.isfinite(threshold):
+            return ("threshold", threshold)
+    raise ValueError(f"--data.unpaired must be 'pairs' or 'threshold:<score>' (e.g. threshold:3.5), got {spec!r}")
+
+
+def unpaired_labels(example: PreferenceExample, mode: tuple[str, float]) -> list[int]:
+    """Per response: 1 desirable, 0 undesirable, -1 unused.
+
+    ``threshold``: mean score >= X is desirable, below is undesirable, unrated is unused.
+    ``pairs``: chosen in some pair and rejected in none is desirable, the reverse undesirable,
+    both (a middle response of all-pairs) unused.
+    """
+    kind, threshold = mode
+    if kind == "threshold":
+        return [-1 if math.isnan(x) else int(x >= threshold) for x in example.scores]
+    won = {c for c, _ in example.pairs}
+    lost = {j for _, j in example.pairs}
+    return [1 if (r in won and r not in lost) else 0 if (r in lost and r not in won) else -1 for r in range(len(example.group.responses))]
 
 
 class _SkipLog:
@@ -290,12 +349,23 @@ class GroupCollator:
         processor: The model's multimodal processor.
         max_length: Passed to :func:`build_group_batch`.
         skips: Where dropped groups are counted (the data module's record).
+        unpaired: ``parse_unpaired`` output: add ``response_label`` (KTO).
+        mismatched_pairs: Add ``kl_inputs`` (KTO's reference point).
     """
 
-    def __init__(self, processor: Any, max_length: int | None = None, skips: _SkipLog | None = None) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int | None = None,
+        skips: _SkipLog | None = None,
+        unpaired: tuple[str, float] | None = None,
+        mismatched_pairs: bool = False,
+    ) -> None:
         self.processor = processor
         self.max_length = max_length
         self.skips = skips if skips is not None else _SkipLog()
+        self.unpaired = unpaired
+        self.mismatched_pairs = mismatched_pairs
 
     def __call__(self, examples: Sequence[PreferenceExample]) -> dict[str, Any]:
         examples = list(examples)
@@ -330,7 +400,16 @@ class GroupCollator:
             response_index.extend(range(len(e.group.responses)))
             response_sha.extend(_response_sha(t) for t in e.group.responses)
             offset += len(e.group.responses)
+        extra: dict[str, Any] = {}
+        if self.unpaired is not None:
+            labels = [x for e in examples for x in unpaired_labels(e, self.unpaired)]
+            extra["response_label"] = torch.tensor(labels, dtype=torch.long)
+        if self.mismatched_pairs:
+            extra["kl_inputs"] = self._mismatched(examples)
         return {
+            **extra,
+            "response_score": torch.tensor([x for e in examples for x in e.scores], dtype=torch.float32),
+            "response_strength": torch.tensor([x for e in examples for x in e.strength], dtype=torch.float32),
             "inputs": inputs,
             "chosen": torch.tensor(chosen, dtype=torch.long),
             "rejected": torch.tensor(rejected, dtype=torch.long),
@@ -343,6 +422,20 @@ class GroupCollator:
             "max_length": self.max_length,
             "skipped": skipped,
         }
+
+    def _mismatched(self, examples: Sequence[PreferenceExample]) -> Any:
+        """Each group's image + prompt with the previous group's responses (TRL's KTO ``KL`` pairs)."""
+        if len(examples) < 2:
+            return None
+        groups = [
+            dataclasses.replace(e.group, responses=examples[g - 1].group.responses, id=f"{e.key}/kl")
+            for g, e in enumerate(examples)
+        ]
+        try:
+            return build_group_batch(self.processor, groups, max_length=self.max_length)
+        except Exception as exc:  # noqa: BLE001 - no reference point this step is better than no step
+            log.warning("mismatched pairs for KTO's reference point failed (%s: %s); z0 = 0 this batch", type(exc).__name__, exc)
+            return None
 
 
 def resolve_shards(
@@ -453,6 +546,12 @@ class PreferenceDataModule(pl.LightningDataModule):
             The resampled shard order is not reproducible (WebDataset seeds it from time and pid).
         processor: The model's processor; ``None`` takes
             ``trainer.lightning_module.processor`` in :meth:`setup`.
+        unpaired: Label each response desirable / undesirable for unpaired losses (KTO):
+            ``threshold:X`` (mean score >= X is desirable, below undesirable; VLFeedback ratings
+            1-5, MM-DPO's HelpSteer 0-4) or ``pairs`` (chosen and never rejected is desirable,
+            rejected and never chosen undesirable). ``None``: no labels (KTO then uses ``pairs``).
+        mismatched_pairs: Also batch each group's prompt with another group's responses (KTO's
+            KL reference point); ``None`` = when the module's loss asks for it.
     """
 
     def __init__(
@@ -467,8 +566,12 @@ class PreferenceDataModule(pl.LightningDataModule):
         seed: int = 0,
         groups_per_epoch: int | None = None,
         processor: Any = None,
+        unpaired: str | None = None,
+        mismatched_pairs: bool | None = None,
     ) -> None:
         super().__init__()
+        self.unpaired = parse_unpaired(unpaired)
+        self.mismatched_pairs = mismatched_pairs
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0 or shuffle_buffer < 0:
@@ -516,8 +619,11 @@ class PreferenceDataModule(pl.LightningDataModule):
             error = missing_shards(spec, flag) if spec is not None else None
             if error is not None:
                 raise error
+        module = getattr(self.trainer, "lightning_module", None) if self._trainer_attached() else None
+        if self.mismatched_pairs is None:
+            loss = getattr(module, "loss_fn", None)
+            self.mismatched_pairs = loss is not None and "kl_logps" in loss.required_inputs()
         if self.processor is None:
-            module = getattr(self.trainer, "lightning_module", None) if self._trainer_attached() else None
             processor = getattr(module, "processor", None)
             if processor is None:
                 raise RuntimeError(
@@ -569,7 +675,9 @@ class PreferenceDataModule(pl.LightningDataModule):
             raise RuntimeError("no shards for this stage (set val_shards / test_shards)")
         if self.processor is None:
             self.setup()
-        collate = GroupCollator(self.processor, self.max_length, self._skips)
+        collate = GroupCollator(
+            self.processor, self.max_length, self._skips, unpaired=self.unpaired, mismatched_pairs=bool(self.mismatched_pairs)
+        )
         return DataLoader(
             self.dataset(urls, train),
             batch_size=self.batch_size,
