@@ -13,7 +13,12 @@ from vpa_lightning.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
 # the `vpa fit` recipes; every config (fit, seva, eval) is parsed by its own command in tests/test_configs.py
-CONFIGS = [c for c in sorted((ROOT / "configs").glob("*.yaml")) if " fit --config" in c.read_text().splitlines()[0]]
+# (configs/loss_*.yaml are loss fragments stacked on a recipe: `--config configs/demo.yaml --config configs/loss_x.yaml`)
+CONFIGS = [
+    c
+    for c in sorted((ROOT / "configs").glob("*.yaml"))
+    if " fit --config" in c.read_text().splitlines()[0] and not c.name.startswith("loss_")
+]
 
 
 def _model_is_local(config: Path) -> bool:
