@@ -498,17 +498,16 @@ def _loss_spec(loss: PreferenceLoss) -> dict[str, Any]:
     klass = next(
         k for k in type(loss).__mro__ if not k.__name__.startswith("LazyInstance") and "jsonargparse" not in k.__module__
     )
-    names: list[str] = []
-    for k in klass.__mro__:
-        if k is PreferenceLoss.__mro__[1] or not issubclass(k, PreferenceLoss):
+    names: list[str] = ["self"]
+    for k in klass.__mro__:  # a class whose __init__ takes **kwargs passes its base's options on
+        if not issubclass(k, PreferenceLoss):
             break
-        for p in inspect.signature(k.__init__).parameters.values():
-            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self" and p.name not in names:
-                names.append(p.name)
-        if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(k.__init__).parameters.values()):
-            break  # no **kwargs: the base's options are not this class's arguments
+        params = inspect.signature(k.__init__).parameters.values()
+        names += [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
     init_args = {}
-    for name in names:
+    for name in names[1:]:
         if hasattr(loss, name):
             value = getattr(loss, name)
             if isinstance(value, nn.ModuleList):

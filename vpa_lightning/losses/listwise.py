@@ -111,7 +111,8 @@ class LiPOLambdaLoss(_ListwiseLoss):
     with scores :math:`s = \beta[\log\pi - \log\pi_{ref}]`, labels :math:`\psi` from the shard
     (``rank_by``), gains :math:`G = 2^{\psi} - 1`, the rank :math:`\tau_i` of response i in its
     group under the current :math:`s` (1 = best; detached) and the discount
-    :math:`D(\tau) = \log_2(1 + \tau)`. Tied pairs (labels within ``tie_tolerance``) contribute
+    :math:`D(\tau) = \log_2(1 + \tau)` (NDCG's base, as in LambdaLoss; the paper writes
+    :math:`\log(1 + \tau)`, and the base only rescales the loss). Tied pairs (labels within ``tie_tolerance``) contribute
     nothing. The loss is the sum per group, averaged over groups.
 
     Args:
