@@ -7,7 +7,7 @@ samples) exits with status 1. Both print one ``vpa <command>: error: ...`` line,
 
 from __future__ import annotations
 
-__all__ = ["MissingShardsError", "TooManySkippedError", "UsageError", "VpaError"]
+__all__ = ["BadShardsError", "MissingShardsError", "NothingTrainedError", "TooManySkippedError", "UsageError", "VpaError"]
 
 
 class VpaError(Exception):
@@ -25,3 +25,12 @@ class MissingShardsError(UsageError):
 
 class TooManySkippedError(VpaError, RuntimeError):
     """More than ``--data.max_skip_fraction`` of the samples were skipped; the message gives the first reasons."""
+
+
+class BadShardsError(VpaError, ValueError):
+    """Shards that exist but cannot be read as training data: not a regular file, not a tar archive,
+    all empty, or not the files their manifest lists (size or sha256); the message names the path."""
+
+
+class NothingTrainedError(VpaError, RuntimeError):
+    """A fit (or an epoch of it) ran 0 training steps: no usable sample came from the data."""

@@ -233,6 +233,7 @@ class VisionDPOModule(pl.LightningModule):
             {f"{stage}_": nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES}) for stage in _STAGES}
         )
         self._skipped_total = 0
+        self._fit_batches = self._epoch_batches = self._fit_epochs = 0
 
     @property
     def logps_options(self) -> dict[str, Any]:
@@ -421,7 +422,47 @@ class VisionDPOModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         self._skipped_total += len(batch.get("skipped", ()))
         self.log("train/skipped_samples", float(self._skipped_total), on_step=True, on_epoch=False, batch_size=1)
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        if loss is not None:
+            self._epoch_batches += 1
+            self._fit_batches += 1
+        return loss
+
+    # -- a run that trained on nothing fails ---------------------------------------------------
+    def on_train_start(self) -> None:
+        self._fit_batches = self._fit_epochs = 0
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_batches = 0
+
+    def on_train_epoch_end(self) -> None:
+        self._fit_epochs += 1
+        # The tail of an epoch resumed from a mid-epoch checkpoint may legitimately be empty;
+        # any other epoch without a single usable batch means the data yields nothing (and with
+        # max_steps and no max_epochs Lightning would loop over empty epochs forever).
+        if self._total(self._epoch_batches) == 0 and not (self._fit_epochs == 1 and self.trainer.ckpt_path):
+            self._no_training(f"training epoch {self.current_epoch}")
+
+    def on_train_end(self) -> None:
+        if self._total(self._fit_batches) == 0 and not self.trainer.ckpt_path:
+            self._no_training("the fit")
+
+    def _total(self, count: int) -> int:
+        """``count`` summed over all ranks (each rank reads its own part of the shards)."""
+        return int(self.trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="sum").item())
+
+    def _no_training(self, what: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        shards = getattr(dm, "train_shards", None)
+        skipped = getattr(dm, "skipped", None)
+        from vpa_lightning.errors import NothingTrainedError
+
+        raise NothingTrainedError(
+            f"{what} ran 0 training steps: no usable training sample was read"
+            + (f" from --data.train_shards {shards!r}" if shards is not None else "")
+            + (f" (skipped in this process: {skipped}; the warnings name each sample)" if skipped else "")
+            + ". Nothing was trained and no checkpoint is written."
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._shared_step(batch, "val")

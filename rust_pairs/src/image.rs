@@ -41,6 +41,10 @@ pub fn resolve(reference: &str, root: &Path) -> PathBuf {
     }
 }
 
+/// Shard member extensions of the image types a build accepts (one per format, in this order);
+/// exported to Python as `rust_pairs.IMAGE_EXTENSIONS` so the trainer reads exactly these.
+pub const EXTENSIONS: [&str; 5] = ["jpg", "png", "webp", "gif", "bmp"];
+
 fn extension_of(format: image::ImageFormat) -> Option<&'static str> {
     use image::ImageFormat as F;
     match format {
@@ -258,6 +262,16 @@ fn trailer_structure(ext: &str, b: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_written_extension_is_exported() {
+        use image::ImageFormat as F;
+        let mut written: Vec<_> = F::all().filter_map(extension_of).collect();
+        let mut exported = EXTENSIONS.to_vec();
+        written.sort_unstable();
+        exported.sort_unstable();
+        assert_eq!(written, exported);
+    }
 
     fn png_bytes() -> Vec<u8> {
         let img = image::RgbImage::from_pixel(4, 3, image::Rgb([200, 10, 10]));

@@ -111,6 +111,7 @@ fn strategies() -> Vec<(String, String, f64)> {
 fn rust_pairs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("IMAGE_EXTENSIONS", crate::image::EXTENSIONS.to_vec())?;
     m.add("RustPairsError", py.get_type::<RustPairsError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("InputFileError", py.get_type::<InputFileError>())?;

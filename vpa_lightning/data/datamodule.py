@@ -86,12 +86,18 @@ import io
 import json
 import logging
 import math
+import os
 import random
+import re
+import stat
+import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import lightning.pytorch as pl
 import torch
@@ -99,15 +105,30 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vpa_lightning.data.shards import load_manifest
-from vpa_lightning.errors import MissingShardsError
+from vpa_lightning import rust_pairs as _rp
+from vpa_lightning.data.shards import ManifestError, load_manifest
+from vpa_lightning.errors import BadShardsError, MissingShardsError
 from vpa_lightning.models.logps import PreferenceGroup, build_group_batch
 
-__all__ = ["GroupCollator", "PreferenceDataModule", "PreferenceExample", "decode_sample", "resolve_shards"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "GroupCollator",
+    "PreferenceDataModule",
+    "PreferenceExample",
+    "check_shards",
+    "decode_sample",
+    "resolve_shards",
+]
 
 log = logging.getLogger(__name__)
 
-_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+#: Image members the trainer decodes: exactly the types the data core writes (one shared
+#: definition, ``rust_pairs.IMAGE_EXTENSIONS``), plus ``jpeg`` for hand-made shards.
+IMAGE_EXTENSIONS: tuple[str, ...] = (*_rp.IMAGE_EXTENSIONS, "jpeg")
+
+#: Default pixel limit of a decoded image: Pillow's ``Image.MAX_IMAGE_PIXELS`` default
+#: (about 89.5 megapixels, 0.25 GiB of RGB), the data core's default too.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 @dataclass
@@ -149,16 +170,26 @@ def _float(value: Any) -> float:
         return math.nan
 
 
-def decode_sample(sample: dict[str, Any]) -> PreferenceExample:
-    """Decode one raw WebDataset sample (``{"__key__", "json", "png"|...}`` bytes) or raise :class:`SampleError`."""
+def _index(value: Any) -> int:
+    # exact integers only: int() of a float would truncate 1.5 and overflow on Infinity
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"not an integer: {value!r}")
+    return value
+
+
+def decode_sample(sample: dict[str, Any], max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> PreferenceExample:
+    """Decode one raw WebDataset sample (``{"__key__", "json", "png"|...}`` bytes) or raise :class:`SampleError`.
+
+    An image of more than ``max_image_pixels`` pixels (``None``: no limit) is refused from its
+    header, before any pixel is decoded."""
     key = str(sample.get("__key__", "?"))
     raw = sample.get("json")
     if raw is None:
         raise SampleError("no .json member")
     try:
         meta = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SampleError(f"invalid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError; too deeply nested
+        raise SampleError(f"invalid JSON: {type(exc).__name__}: {exc}") from exc
     if not isinstance(meta, dict):
         raise SampleError("JSON is not an object")
     prompt = meta.get("prompt")
@@ -181,15 +212,15 @@ def decode_sample(sample: dict[str, Any]) -> PreferenceExample:
     pairs, probability, margin = [], [], []
     for p in pairs_raw:
         try:
-            c, j = int(p["chosen"]), int(p["rejected"])
-        except (TypeError, KeyError, ValueError) as exc:
+            c, j = _index(p["chosen"]), _index(p["rejected"])
+        except (TypeError, KeyError) as exc:
             raise SampleError(f"malformed pair {p!r}") from exc
         if not (0 <= c < len(texts) and 0 <= j < len(texts)) or c == j:
             raise SampleError(f"pair {p!r} out of range for {len(texts)} responses")
         pairs.append((c, j))
         probability.append(_float(p.get("probability")))
         margin.append(_float(p.get("margin")))
-    images = [_decode_image(sample[m], m) for m in _image_members(sample, meta)]
+    images = [_decode_image(sample[m], m, max_image_pixels) for m in _image_members(sample, meta)]
     group = PreferenceGroup(image=images[0] if len(images) == 1 else None, prompt=prompt, responses=texts, id=key)
     return PreferenceExample(
         key=key, group=group, pairs=pairs, probability=probability, margin=margin, images=images,
@@ -202,9 +233,9 @@ def _image_members(sample: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     one ``png``/``jpg``/... member of a format 1 sample."""
     listed = meta.get("images")
     if listed is None:
-        ext = next((e for e in _IMAGE_EXTS if e in sample), None)
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
-            raise SampleError("no image member (.png/.jpg/.jpeg/.webp)")
+            raise SampleError(f"no image member (.{'/.'.join(IMAGE_EXTENSIONS)})")
         return [ext]
     if not isinstance(listed, list):
         raise SampleError("'images' is not a list")
@@ -213,15 +244,26 @@ def _image_members(sample: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         member = entry.get("member") if isinstance(entry, dict) else None
         if not isinstance(member, str) or member not in sample:
             raise SampleError(f"image {i} ({member!r}) listed in the JSON has no member in the shard")
+        if member.rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS:
+            raise SampleError(f"image {i} ({member!r}) is not one of the image types .{'/.'.join(IMAGE_EXTENSIONS)}")
         members.append(member)
     return members
 
 
-def _decode_image(data: bytes, member: str) -> Any:
+def _decode_image(data: bytes, member: str, max_image_pixels: int | None) -> Image.Image:
+    """RGB image from encoded bytes; the pixel count is checked on the header, before decoding."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if max_image_pixels is not None and width * height > max_image_pixels:
+                raise SampleError(
+                    f"image {member} of {width}x{height} = {width * height} pixels is over the limit of "
+                    f"{max_image_pixels} (max_image_pixels)"
+                )
             img.load()
             return img.convert("RGB")
+    except SampleError:
+        raise
     except Exception as exc:  # PIL raises many types for corrupt data
         raise SampleError(f"cannot decode image {member}: {type(exc).__name__}: {exc}") from exc
 
@@ -289,19 +331,37 @@ class _SkipLog:
 
 
 class _DecodeStage:
-    """WebDataset pipeline stage: raw samples -> :class:`PreferenceExample`, malformed ones skipped."""
+    """WebDataset pipeline stage: raw samples -> :class:`PreferenceExample`, malformed ones skipped.
 
-    def __init__(self, skips: _SkipLog) -> None:
+    Any exception a sample raises (not only :class:`SampleError`: ``RecursionError`` from deep
+    JSON, ``OverflowError``, a Pillow bug) skips that sample; only ``max_skips_without_example``
+    skips in a row before any usable sample fail the pass, so that resampled shards that are all
+    bad raise instead of being drawn forever.
+    """
+
+    def __init__(
+        self, skips: _SkipLog, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, max_skips_without_example: int | None = None
+    ) -> None:
         self.skips = skips
+        self.max_image_pixels = max_image_pixels
+        self.max_skips_without_example = max_skips_without_example
 
     def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[PreferenceExample]:
+        good, bad = 0, 0
         for sample in src:
             key = str(sample.get("__key__", "?"))
             what = f"sample {key!r} ({sample.get('__url__', '?')})"
             try:
-                example = decode_sample(sample)
-            except SampleError as exc:
-                self.skips.skip(what, "malformed_sample", str(exc))
+                example = decode_sample(sample, self.max_image_pixels)
+            except Exception as exc:  # noqa: BLE001 - whatever a bad sample raises, it must not end the run
+                detail = str(exc) if isinstance(exc, SampleError) else f"{type(exc).__name__}: {exc}"[:500]
+                self.skips.skip(what, "malformed_sample", detail)
+                bad += 1
+                if not good and self.max_skips_without_example is not None and bad >= self.max_skips_without_example:
+                    raise RuntimeError(
+                        f"{bad} samples in a row were malformed and none was usable (last: {what}: {detail}); "
+                        "see the warnings for each"
+                    ) from exc
                 continue
             if len(example.images) != 1:
                 # Until the trainer consumes them: counted and logged, never a crash.
@@ -309,8 +369,13 @@ class _DecodeStage:
                 reason = "text_only_sample" if n == 0 else "multi_image_sample"
                 self.skips.skip(what, reason, f"{reason}: {n} images, the trainer takes one image per group")
                 continue
+            good += 1
             example.skipped = self.skips.take()
             yield example
+
+
+#: Malformed samples in a row, before any usable one, after which resampled training fails.
+_MAX_SKIPS_WITHOUT_EXAMPLE = 10_000
 
 
 class _ShuffleStage:
@@ -439,14 +504,19 @@ class GroupCollator:
 
 
 def resolve_shards(
-    train_shards: str, val_shards: str | None = None
+    train_shards: str, val_shards: str | None = None, expected: dict[str, dict] | None = None
 ) -> tuple[str | list[str], str | list[str] | None, dict[str, int]]:
     """Resolve the ``train_shards`` / ``val_shards`` arguments of :class:`PreferenceDataModule`.
 
     A local directory with ``manifest.json`` gives its ``train`` shards (and its
-    ``val`` shards unless ``val_shards`` is set); anything else is passed to
-    WebDataset as is (a path, brace notation ``shard-{000000..000009}.tar``,
-    ``::``-separated lists, ``pipe:`` / ``http(s)://`` URLs).
+    ``val`` shards unless ``val_shards`` is set) as absolute file paths: a manifest names files
+    relative to it, never a URL or a ``pipe:`` command (:class:`ManifestError` otherwise).
+    Anything else is typed by the user and passed to WebDataset as is (a path, brace notation
+    ``shard-{000000..000009}.tar``, ``::``-separated lists, ``pipe:`` / ``http(s)://`` URLs).
+
+    Args:
+        expected: Filled with ``{path: manifest shard entry}`` for every shard a manifest named
+            (what :func:`check_shards` verifies sizes and hashes against).
 
     Returns:
         ``(train_urls, val_urls, counts)`` where ``counts`` has ``train_samples``,
@@ -456,11 +526,13 @@ def resolve_shards(
 
     def from_manifest(spec: str, split: str) -> list[str] | None:
         shards = _manifest_shards(spec, split)
-        if shards is not None:
-            counts[f"{split}_samples"] = sum(int(s.get("samples", 0)) for s in shards)
-            counts[f"{split}_pairs"] = sum(int(s.get("pairs", 0)) for s in shards)
-            return [str(Path(spec) / s["path"]) for s in shards]
-        return None
+        if shards is None:
+            return None
+        counts[f"{split}_samples"] = sum(int(e.get("samples", 0)) for _, e in shards)
+        counts[f"{split}_pairs"] = sum(int(e.get("pairs", 0)) for _, e in shards)
+        if expected is not None:
+            expected.update(shards)
+        return [path for path, _ in shards]
 
     train = from_manifest(train_shards, "train")
     train_urls: str | list[str] = train if train is not None else train_shards
@@ -476,16 +548,23 @@ def resolve_shards(
     return train_urls, val_urls, counts
 
 
-def _manifest_shards(spec: str, split: str | None) -> list[dict] | None:
-    """The manifest's shard entries (of one split, or all) when ``spec`` is a local build
-    directory; ``None`` when it is a URL, a file or a brace pattern for WebDataset."""
+# "pipe:", "http:", "s3:", "file:"...: a scheme of two letters or more (not a drive letter).
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+
+
+def _manifest_shards(spec: str, split: str | None) -> list[tuple[str, dict]] | None:
+    """``(absolute path, entry)`` of the manifest's shards (of one split, or all) when ``spec`` is a
+    local build directory; ``None`` when it is a URL, a file or a brace pattern for WebDataset."""
     path = Path(spec)
-    if "://" in spec or spec.startswith("pipe:") or not path.is_dir():
+    if "://" in spec or _URL_SCHEME.match(spec) or not path.is_dir():
         return None
     if not (path / "manifest.json").is_file():
         raise FileNotFoundError(f"{path} is a directory without manifest.json")
     manifest = load_manifest(path)
-    return [s for s in manifest.get("shards", []) if split is None or s.get("split") == split]
+    entries = manifest.get("shards", []) if isinstance(manifest, dict) else None
+    if not isinstance(entries, list):
+        raise ManifestError(f"{path / 'manifest.json'}: 'shards' is not a list")
+    return [(_manifest_shard_path(path, e), e) for e in entries if split is None or (isinstance(e, dict) and e.get("split") == split)]
 
 
 def missing_shards(spec: str, flag: str) -> MissingShardsError | None:
@@ -505,10 +584,99 @@ def missing_shards(spec: str, flag: str) -> MissingShardsError | None:
     return MissingShardsError(f"{flag}: {first}{more} does not exist (no shards built there yet); {how}")
 
 
-def _test_urls(spec: str) -> str | list[str]:
+def _manifest_shard_path(directory: Path, entry: Any) -> str:
+    """Absolute path of one manifest shard. The name must be a plain relative path inside the build
+    directory: a URL or ``pipe:`` command (WebDataset would run it), an absolute path, ``..`` or
+    ``-`` (stdin) in a data file is refused, and the absolute result can never be read as a URL."""
+    where = directory / "manifest.json"
+    name = entry.get("path") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"{where}: shard entry {str(entry)[:200]!r} has no 'path'")
+    parts = PurePosixPath(name).parts
+    if _URL_SCHEME.match(name) or "://" in name:
+        raise ManifestError(f"{where}: shard path {name!r} is a URL or pipe; a manifest names files relative to it")
+    if PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name or "\0" in name or name == "-":
+        raise ManifestError(f"{where}: shard path {name!r} is not a file name relative to the manifest")
+    return str(Path(os.path.abspath(directory)).joinpath(*parts))
+
+
+def _test_urls(spec: str, expected: dict[str, dict] | None = None) -> str | list[str]:
     """``test_shards``: every shard (train and val split) of a manifest directory, else the spec as is."""
     shards = _manifest_shards(spec, None)
-    return spec if shards is None else [str(Path(spec) / s["path"]) for s in shards]
+    if shards is None:
+        return spec
+    if expected is not None:
+        expected.update(shards)
+    return [path for path, _ in shards]
+
+
+def _local_path(url: str) -> str | None:
+    """The local file a WebDataset URL opens, or ``None`` for a pipe, a remote URL or stdin."""
+    if url.startswith("file:"):
+        return url2pathname(urlparse(url).path)
+    if url == "-" or _URL_SCHEME.match(url):
+        return None
+    return url
+
+
+def _tar_is_empty(path: str) -> bool:
+    """Whether a tar archive holds no member (an empty file counts); other read errors raise."""
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            return tf.next() is None
+    except tarfile.ReadError as exc:
+        if os.path.getsize(path) == 0 or "empty" in str(exc):
+            return True
+        raise BadShardsError(f"shard {path} is not a readable tar archive: {exc}") from exc
+
+
+def check_shards(urls: str | list[str], expected: dict[str, dict], verify: str = "size", what: str = "shards") -> None:
+    """Check before reading that every local shard exists as a regular file and that not all are
+    empty; a shard named by a manifest must have the manifest's size (``verify="size"``), and its
+    sha256 too with ``verify="hash"`` (``"none"``: no manifest check).
+
+    Raises:
+        MissingShardsError / BadShardsError: naming the shard path and the reason.
+    """
+    paths = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
+    if not paths:
+        raise BadShardsError(f"{what}: no shards to read (an empty manifest split?)")
+    empty = []
+    for url in paths:
+        local = _local_path(url)
+        if local is None:
+            continue
+        origin = f" (named by {Path(local).parent / 'manifest.json'})" if url in expected else ""
+        try:
+            st = os.stat(local)
+        except FileNotFoundError:
+            raise MissingShardsError(f"{what}: shard {local}{origin} does not exist") from None
+        except OSError as exc:
+            raise BadShardsError(f"{what}: shard {local}{origin} cannot be read: {exc}") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise BadShardsError(f"{what}: shard {local}{origin} is not a regular file")
+        entry = expected.get(url)
+        if entry is not None and verify != "none":
+            stale = "the manifest does not describe the shards on disk (a stale manifest or a changed shard: rebuild)"
+            if "bytes" in entry and st.st_size != int(entry["bytes"]):
+                raise BadShardsError(
+                    f"{what}: shard {local} is {st.st_size} bytes, its manifest says {entry['bytes']}: {stale}"
+                )
+            if verify == "hash" and entry.get("sha256"):
+                digest = hashlib.sha256()
+                with open(local, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+                if digest.hexdigest() != entry["sha256"]:
+                    raise BadShardsError(
+                        f"{what}: shard {local} has sha256 {digest.hexdigest()}, its manifest says {entry['sha256']}: {stale}"
+                    )
+        if _tar_is_empty(local):
+            empty.append(local)
+    if empty and len(empty) == len(paths):
+        raise BadShardsError(f"{what}: every shard is empty (no samples): {', '.join(empty)}")
+    for path in empty:
+        log.warning("%s: shard %s is empty (no samples)", what, path)
 
 
 class PreferenceDataModule(pl.LightningDataModule):
@@ -552,6 +720,13 @@ class PreferenceDataModule(pl.LightningDataModule):
             rejected and never chosen undesirable). ``None``: no labels (KTO then uses ``pairs``).
         mismatched_pairs: Also batch each group's prompt with another group's responses (KTO's
             KL reference point); ``None`` = when the module's loss asks for it.
+        max_image_pixels: Largest image (width x height) decoded; a larger one is skipped and
+            counted from its header, before its pixels are decoded (the data core's
+            limit; Pillow's ``Image.MAX_IMAGE_PIXELS`` default). ``None``: no limit.
+        verify_shards: Before reading, shards named by a ``manifest.json`` are checked against it:
+            ``size`` (default: each file exists with the manifest's byte size), ``hash`` (also its
+            sha256; reads every shard once) or ``none``. A mismatch fails with the path and the
+            reason. Every local shard must exist and be a regular file, and not all may be empty.
     """
 
     def __init__(
@@ -568,6 +743,8 @@ class PreferenceDataModule(pl.LightningDataModule):
         processor: Any = None,
         unpaired: str | None = None,
         mismatched_pairs: bool | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        verify_shards: Literal["size", "hash", "none"] = "size",
     ) -> None:
         super().__init__()
         self.unpaired = parse_unpaired(unpaired)
@@ -578,6 +755,10 @@ class PreferenceDataModule(pl.LightningDataModule):
             raise ValueError("num_workers and shuffle_buffer must be >= 0")
         if groups_per_epoch is not None and groups_per_epoch < 1:
             raise ValueError(f"groups_per_epoch must be >= 1 or None, got {groups_per_epoch}")
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise ValueError(f"--data.max_image_pixels must be >= 1 or None, got {max_image_pixels}")
+        if verify_shards not in ("size", "hash", "none"):
+            raise ValueError(f"--data.verify_shards must be size, hash or none, got {verify_shards!r}")
         self.save_hyperparameters(ignore=["processor"])
         self.train_shards = train_shards
         self.val_shards = val_shards
@@ -589,10 +770,14 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.seed = seed
         self.groups_per_epoch = groups_per_epoch
         self.processor = processor
+        self.max_image_pixels = max_image_pixels
+        self.verify_shards = verify_shards
         self._skips = _SkipLog()
         self._shuffle = _ShuffleStage(shuffle_buffer, seed) if shuffle_buffer > 0 else None
-        self.train_urls, self.val_urls, self.counts = resolve_shards(train_shards, val_shards)
-        self.test_urls = _test_urls(test_shards) if test_shards is not None else self.val_urls
+        self._expected: dict[str, dict] = {}  # manifest entry of each shard a manifest named
+        self.train_urls, self.val_urls, self.counts = resolve_shards(train_shards, val_shards, self._expected)
+        self.test_urls = _test_urls(test_shards, self._expected) if test_shards is not None else self.val_urls
+        self._checked: set[str] = set()
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -660,7 +845,8 @@ class PreferenceDataModule(pl.LightningDataModule):
             workersplitter=None if resampled else wds.split_by_worker,
             empty_check=False,
         )
-        ds = ds.compose(_DecodeStage(self._skips))
+        # resampled shards are drawn forever: a pass with nothing usable must fail, not spin
+        ds = ds.compose(_DecodeStage(self._skips, self.max_image_pixels, _MAX_SKIPS_WITHOUT_EXAMPLE if resampled else None))
         if train and self._shuffle is not None:
             ds = ds.compose(self._shuffle)
         if resampled:
@@ -670,9 +856,12 @@ class PreferenceDataModule(pl.LightningDataModule):
             ds = ds.with_epoch(per_worker).with_length(per_worker * workers, silent=True)
         return ds
 
-    def _loader(self, urls: str | list[str] | None, train: bool) -> DataLoader:
+    def _loader(self, urls: str | list[str] | None, train: bool, what: str) -> DataLoader:
         if urls is None:
             raise RuntimeError("no shards for this stage (set val_shards / test_shards)")
+        if repr(urls) not in self._checked:  # before the first read; a missing shard must not pass as 0 steps
+            check_shards(urls, self._expected, self.verify_shards, what)
+            self._checked.add(repr(urls))
         if self.processor is None:
             self.setup()
         collate = GroupCollator(
@@ -686,14 +875,19 @@ class PreferenceDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _what(self, split: str) -> str:
+        if split == "test" and self.test_shards is not None:
+            return "--data.test_shards"
+        return "--data.val_shards" if self.val_shards is not None else "--data.train_shards (its manifest's val split)"
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_urls, train=True)
+        return self._loader(self.train_urls, train=True, what="--data.train_shards")
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_urls, train=False) if self.val_urls is not None else []
+        return self._loader(self.val_urls, train=False, what=self._what("val")) if self.val_urls is not None else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_urls, train=False)
+        return self._loader(self.test_urls, train=False, what=self._what("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_urls, train=False)
+        return self._loader(self.test_urls, train=False, what=self._what("test"))
