@@ -213,8 +213,8 @@ def test_image_over_the_pixel_limit_is_skipped_from_its_header(demo_shards, tiny
     Image.new("1", (13000, 13000)).save(buf, format="PNG")  # 169 Mpx in a few hundred KB
     bomb = buf.getvalue()
     assert len(bomb) < 1 << 20
-    key, meta, _, _ = samples[0]
-    path = _shard(tmp_path / "bomb.tar", [(key, meta, "png", bomb), *samples[1:]])
+    key, meta, ext, _ = samples[0]
+    path = _shard(tmp_path / "bomb.tar", [(key, meta, ext, bomb), *samples[1:]])  # Pillow reads the PNG whatever the name
     dm = PreferenceDataModule(str(path), processor=processor, shuffle_buffer=0)
     assert dm.max_image_pixels == Image.MAX_IMAGE_PIXELS  # the same default limit as Pillow's
     import resource
