@@ -40,3 +40,9 @@ def normalize_text(text: str) -> str:
 
 def strategies() -> list[tuple[str, str, float]]:
     """(name, description, default min-margin) of each pair selection strategy."""
+
+def formats() -> list[str]:
+    """Names of the input layouts ``--format`` accepts (``auto`` first)."""
+
+def recipes() -> list[tuple[str, str]]:
+    """(name, description) of each named seed recipe (``--recipe``)."""

@@ -12,7 +12,7 @@
 //! Memory is bounded by the bucket size (`spill_bucket_bytes` of input per bucket), not by the
 //! input; a build whose input fits one bucket keeps it in memory.
 
-use crate::config::{BuildConfig, Format, VLFEEDBACK_ASPECTS, HELPSTEER_ASPECTS};
+use crate::config::{BuildConfig, Format, Score, VLFEEDBACK_ASPECTS, HELPSTEER_ASPECTS};
 use crate::dedup::{group, Group};
 use crate::error::{Error, Result};
 use crate::image;
@@ -25,7 +25,7 @@ use crate::row::ImageSrc;
 use crate::report::Stats;
 use crate::select::{self, Dropped, GroupView, Params};
 use crate::shard::{encode_member, write_atomic, ShardWriter};
-use crate::text::normalize;
+use crate::text::prompt_key;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -108,11 +108,28 @@ struct ResponseOut<'a> {
 }
 
 #[derive(Serialize)]
-struct PairOut {
+struct PairOut<'a> {
     chosen: usize,
     rejected: usize,
     probability: f64,
     margin: f64,
+    /// Reference log-probs the input shipped for this pair, with where they came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ref_logps: Option<RefLogpsOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct RefLogpsOut<'a> {
+    chosen: f64,
+    rejected: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chosen_avg: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rejected_avg: Option<f64>,
+    /// Input fields they were read from, the record, and the model (`--ref-logp-model`).
+    fields: &'a str,
+    source: serde_json::Value,
+    model: Option<&'a str>,
 }
 
 /// One image of a sample: its tar member (after `{key}.`) and sha256, in placeholder order.
@@ -130,7 +147,7 @@ struct SampleOut<'a> {
     image_sha256: Option<&'a str>,
     images: Vec<ImageOut<'a>>,
     responses: Vec<ResponseOut<'a>>,
-    pairs: Vec<PairOut>,
+    pairs: Vec<PairOut<'a>>,
     source: Vec<serde_json::Value>,
 }
 
@@ -193,7 +210,14 @@ fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
         Ok(t) => t,
         Err(e) => return unowned_reject(vec![], Reject::record(&src, "$", format!("invalid UTF-8: {e}"))),
     };
-    let ctx = Ctx { src: &src, aspects: &fc.aspects, max_text_chars: fc.cfg.max_text_chars, rating_scale: fc.rating_scale };
+    let ctx = Ctx {
+        src: &src,
+        aspects: &fc.aspects,
+        max_text_chars: fc.cfg.max_text_chars,
+        fields: &fc.cfg.fields,
+        image_template: fc.cfg.image_template.as_deref(),
+        rating_scale: fc.rating_scale,
+    };
     let fast = match fc.format {
         Format::Vlfeedback => layout::vlfeedback_fast(text, &ctx),
         _ => None,
@@ -241,7 +265,7 @@ fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs
             Err(reason) => return unowned_reject(response_rejects, Reject::record(&src, field(i), reason)),
         }
     }
-    let prompt_norm = normalize(&draft.prompt);
+    let prompt_norm = prompt_key(&draft.prompt, fc.cfg.dedup_mode());
     let key = image_key(imgs.iter().map(|i| i.sha256.as_str()));
     if owner_of_image(&anchor(&key, &prompt_norm), parts) != part {
         return Line::OtherPartition;
@@ -263,6 +287,7 @@ fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs
         image_key: key,
         responses: draft.responses,
         explicit_pairs: draft.explicit_pairs,
+        pair_ref_logps: draft.pair_ref_logps,
         source: src,
     };
     Line::Kept(Box::new(record), response_rejects, imgs.into_iter().map(|i| i.bytes).collect())
@@ -455,6 +480,8 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
         Err(why) => return Ranked::Dropped(why),
     };
     let mut comp = Comparisons::new(n);
+    let score = cfg.score_mode();
+    // Weighted mean (or sum, `--score sum`) of each response's aspect ratings.
     let mean: Vec<Option<f64>> = g
         .responses
         .iter()
@@ -463,7 +490,10 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
                 let wa = w.get(a).unwrap_or(0.0);
                 (s + wa * x, tw + wa)
             });
-            (tw > 0.0).then(|| s / tw)
+            (tw > 0.0).then(|| match score {
+                Score::Mean => s / tw,
+                Score::Sum => s,
+            })
         })
         .collect();
     for i in 0..n {
@@ -514,7 +544,17 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
     let params = Params { min_margin: cfg.min_margin.unwrap_or(strategy.default_margin), min_probability: cfg.min_probability };
     let mut dropped = Dropped::default();
     let random = hash64(&[b"random", &cfg.seed.to_le_bytes(), g.key.as_bytes()]);
-    let view = GroupView { mean: &mean, theta: &theta, random };
+    let choosable: Vec<bool> = g
+        .responses
+        .iter()
+        .map(|r| !r.model.as_ref().is_some_and(|m| cfg.exclude_chosen_models.contains(m)))
+        .collect();
+    if let Some(cycle) = preference_cycle(n, &g.explicit_pairs) {
+        counts.groups_contradictory += 1;
+        let shown: Vec<String> = cycle.iter().map(|&i| format!("{:?}", excerpt(&g.responses[i].text))).collect();
+        return Ranked::Dropped(format!("pairwise annotations contradict each other: {} (a cycle of preferences)", shown.join(" > ")));
+    }
+    let view = GroupView { mean: &mean, theta: &theta, random, choosable: &choosable };
     let mut pairs = if n >= 2 { (strategy.select)(&view, &params, &mut dropped) } else { vec![] };
 
     // Explicit pairs: one direction per unordered pair, the one the fit prefers.
@@ -543,6 +583,8 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
         let (c, r) = if theta[r] > theta[c] { (r, c) } else { (c, r) };
         if theta[c] == theta[r] {
             counts.pairs_dropped_conflicting += 1;
+        } else if !choosable[c] {
+            dropped.excluded += 1;
         } else if strategy.filters_probability && sigmoid(theta[c] - theta[r]) < cfg.min_probability {
             dropped.probability += 1;
         } else {
@@ -552,6 +594,7 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
     counts.pairs_dropped_ties += dropped.ties;
     counts.pairs_dropped_margin += dropped.margin;
     counts.pairs_dropped_probability += dropped.probability;
+    counts.pairs_dropped_excluded += dropped.excluded;
 
     if pairs.is_empty() {
         let why = if n < 2 && g.identical_pairs > 0 {
@@ -560,8 +603,8 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
             "fewer than two distinct rankable responses after deduplication".to_string()
         } else {
             format!(
-                "strategy {} selected no pair (ties {}, below margin {}, below probability {}, identical {})",
-                cfg.strategy, dropped.ties, dropped.margin, dropped.probability, g.identical_pairs
+                "strategy {} selected no pair (ties {}, below margin {}, below probability {}, identical {}, chosen model excluded {})",
+                cfg.strategy, dropped.ties, dropped.margin, dropped.probability, g.identical_pairs, dropped.excluded
             )
         };
         return Ranked::Dropped(why);
@@ -584,7 +627,13 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
     let level = |i: usize| mean[i].or(preference[i]).unwrap_or(0.0);
     let mut pair_out: Vec<PairOut> = pairs
         .iter()
-        .map(|&(c, r)| PairOut { chosen: pos[c], rejected: pos[r], probability: sigmoid(theta[c] - theta[r]), margin: level(c) - level(r) })
+        .map(|&(c, r)| PairOut {
+            chosen: pos[c],
+            rejected: pos[r],
+            probability: sigmoid(theta[c] - theta[r]),
+            margin: level(c) - level(r),
+            ref_logps: shipped_ref_logps(g, c, r, cfg.ref_logp_model.as_deref()),
+        })
         .collect();
     pair_out.sort_by_key(|p| (p.chosen, p.rejected));
     for p in &pair_out {
@@ -613,6 +662,68 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
         pairs: npairs,
         responses: n as u64,
     })
+}
+
+/// The reference log-probs an input shipped for the explicit pair `(c, r)` (either direction).
+fn shipped_ref_logps<'a>(g: &'a Group, c: usize, r: usize, model: Option<&'a str>) -> Option<RefLogpsOut<'a>> {
+    g.explicit_pairs.iter().zip(&g.pair_ref_logps).find_map(|(&(pc, pr), lp)| {
+        let (lp, source) = lp.as_ref().map(|(lp, s)| (lp, s))?;
+        let out = |chosen, rejected, chosen_avg, rejected_avg| RefLogpsOut { chosen, rejected, chosen_avg, rejected_avg, fields: &lp.fields, source: source.to_json(), model };
+        if (pc, pr) == (c, r) {
+            Some(out(lp.chosen, lp.rejected, lp.chosen_avg, lp.rejected_avg))
+        } else if (pc, pr) == (r, c) {
+            Some(out(lp.rejected, lp.chosen, lp.rejected_avg, lp.chosen_avg))
+        } else {
+            None
+        }
+    })
+}
+
+/// A cycle in the explicit preferences (A > B and B > A, or A > B > C > A), as response indices
+/// with the first repeated at the end; `None` when they are consistent.
+fn preference_cycle(n: usize, pairs: &[(usize, usize)]) -> Option<Vec<usize>> {
+    let mut next: Vec<Vec<usize>> = vec![vec![]; n];
+    for &(c, r) in pairs {
+        if !next[c].contains(&r) {
+            next[c].push(r);
+        }
+    }
+    // Iterative DFS with colours: 0 unseen, 1 on the stack, 2 done.
+    let mut colour = vec![0u8; n];
+    for start in 0..n {
+        if colour[start] != 0 {
+            continue;
+        }
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        colour[start] = 1;
+        while let Some(&mut (v, ref mut k)) = stack.last_mut() {
+            if let Some(&w) = next[v].get(*k) {
+                *k += 1;
+                match colour[w] {
+                    0 => {
+                        colour[w] = 1;
+                        stack.push((w, 0));
+                    }
+                    1 => {
+                        let from = stack.iter().position(|&(x, _)| x == w).unwrap();
+                        let mut cycle: Vec<usize> = stack[from..].iter().map(|&(x, _)| x).collect();
+                        cycle.push(w);
+                        return Some(cycle);
+                    }
+                    _ => {}
+                }
+            } else {
+                colour[v] = 2;
+                stack.pop();
+            }
+        }
+    }
+    None
+}
+
+fn excerpt(s: &str) -> String {
+    let t: String = s.chars().take(40).collect();
+    if t.len() < s.len() { format!("{t}…") } else { t }
 }
 
 /// Input files given as files or as directories of `*.jsonl`.
@@ -651,6 +762,7 @@ fn config_json(cfg: &BuildConfig) -> serde_json::Value {
 
 /// Run a build; returns its manifest (also written to the output directory).
 pub fn build(cfg: &BuildConfig) -> Result<Manifest> {
+    let cfg = &cfg.effective()?;
     cfg.validate()?;
     let run = || build_inner(cfg);
     match cfg.threads {
@@ -795,7 +907,7 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
     let mut samples: Spill<Finished> = Spill::new(&spill_dir, "samples", nbuckets)?;
     let pb = progress(cfg, nbuckets as u64, "rank");
     for b in 0..nbuckets {
-        let groups = group(spill.take(b)?, cfg.near_dup_threshold);
+        let groups = group(spill.take(b)?, cfg.near_dup_threshold, cfg.dedup_mode());
         let results: Vec<(Vec<Finished>, Vec<Reject>, Counts, Stats)> = groups
             .par_chunks(256)
             .map(|chunk| {
@@ -963,5 +1075,13 @@ mod tests {
         assert_eq!(split_of(&[img(val), img(train)], "a", 0.0), Ok(false));
         // Text-only: by its anchor, deterministic.
         assert_eq!(split_of(&[], "text\0q", 0.5), Ok(is_val("text\0q", 0.5)));
+    }
+
+    #[test]
+    fn preference_cycles_are_found() {
+        assert_eq!(preference_cycle(2, &[(0, 1)]), None);
+        assert_eq!(preference_cycle(3, &[(0, 1), (1, 2), (0, 2)]), None);
+        assert_eq!(preference_cycle(2, &[(0, 1), (1, 0)]), Some(vec![0, 1, 0]));
+        assert_eq!(preference_cycle(4, &[(3, 0), (0, 1), (1, 2), (2, 0)]), Some(vec![0, 1, 2, 0]));
     }
 }

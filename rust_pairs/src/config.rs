@@ -3,25 +3,152 @@
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-/// Input format; `Auto` detects it per file from the first record that parses.
+/// Input layout; `Auto` detects it per file from its first records (see [`crate::layout::detect`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Format {
     Auto,
+    /// VLFeedback rows (Silkie); without `img_path` the image is `merged_images/{id}.jpg`.
     Vlfeedback,
+    /// HelpSteer-style rated rows.
     Rated,
+    /// `{image, question, chosen, rejected}`: RLAIF-V, RLHF-V (`text`), SPA-VL, SeVa (`reject`, `image_id`).
     Pairwise,
+    /// TRL's vision format: `images` + `prompt`/`chosen`/`rejected` as lists of `{role, content}` messages.
+    Trl,
+    /// MM-DPO's DPO file: `{from, value}` turns (or their Python `str()`), shipped reference log-probs.
+    Mmdpo,
+    /// POVID: `conversations` (chosen) + `rejected_conversations`.
+    Povid,
+    /// LLaVA-RLHF human preference: `conversations`, `output_1`, `output_2`, `preference`.
+    LlavaRlhf,
+    /// Any row through `--field NAME=PATH` declarations.
+    Mapped,
 }
 
 impl Format {
+    pub const ALL: [Format; 9] = [
+        Format::Auto,
+        Format::Vlfeedback,
+        Format::Rated,
+        Format::Pairwise,
+        Format::Trl,
+        Format::Mmdpo,
+        Format::Povid,
+        Format::LlavaRlhf,
+        Format::Mapped,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Format::Auto => "auto",
             Format::Vlfeedback => "vlfeedback",
             Format::Rated => "rated",
             Format::Pairwise => "pairwise",
+            Format::Trl => "trl",
+            Format::Mmdpo => "mmdpo",
+            Format::Povid => "povid",
+            Format::LlavaRlhf => "llava-rlhf",
+            Format::Mapped => "mapped",
         }
     }
+}
+
+/// The fields `--field NAME=PATH` may map.
+pub const FIELD_NAMES: [&str; 5] = ["prompt", "image", "chosen", "rejected", "id"];
+
+/// Check `--field` declarations (`("prompt", "question")`, `("chosen", "answers.good")`).
+pub fn check_fields(fields: &[(String, String)]) -> Result<()> {
+    for (i, (name, path)) in fields.iter().enumerate() {
+        if !FIELD_NAMES.contains(&name.as_str()) {
+            return Err(Error::Config(format!("--field: unknown name {name:?}; choose one of {}", FIELD_NAMES.join(", "))));
+        }
+        if path.is_empty() || path.split('.').any(str::is_empty) {
+            return Err(Error::Config(format!("--field {name}: {path:?} is not a dotted path (like question or answers.good)")));
+        }
+        if fields[..i].iter().any(|(n, _)| n == name) {
+            return Err(Error::Config(format!("--field: {name} is declared twice")));
+        }
+    }
+    Ok(())
+}
+
+/// What makes two prompts, or two responses, the same when records are merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dedup {
+    /// Exact duplicates only: prompts equal after whitespace collapse and `<image>` removal,
+    /// responses equal after trimming surrounding whitespace (case and Unicode form kept).
+    Exact,
+    /// Also case-folded and NFKC-normalised ("Yes." and "yes." collapse).
+    Normalized,
+    /// Exact, and end-of-sequence markers (`</s>`, `<|im_end|>`, `<|eot_id|>`, `<|endoftext|>`)
+    /// at a response's end ignored (SeVa drops a pair whose answers differ only by these).
+    Eos,
+}
+
+/// A named seed recipe: the pair construction of a published paper, as its code does it.
+pub struct Recipe {
+    pub name: &'static str,
+    pub strategy: &'static str,
+    pub aspects: &'static [&'static str],
+    pub score: Score,
+    pub min_margin: Option<f64>,
+    pub dedup: Dedup,
+    pub help: &'static str,
+}
+
+pub static RECIPES: &[Recipe] = &[
+    Recipe {
+        name: "silkie",
+        strategy: "all-pairs",
+        aspects: &VLFEEDBACK_ASPECTS,
+        score: Score::Mean,
+        min_margin: None,
+        dedup: Dedup::Exact,
+        help: "Silkie (vlf-silkie/VLFeedback): mean of the three VLFeedback aspects, every pair, ties and non-numeric ratings skipped",
+    },
+    Recipe {
+        name: "mmdpo",
+        strategy: "best-vs-random",
+        aspects: &["helpfulness", "correctness", "coherence"],
+        score: Score::Sum,
+        min_margin: Some(2.0),
+        dedup: Dedup::Exact,
+        help: "MM-DPO (findalexli/mllm-dpo notebooks): sum of helpfulness+correctness+coherence, the top response against one random response at least 2 lower",
+    },
+    Recipe {
+        name: "mmdpo-self",
+        strategy: "best-vs-worst",
+        aspects: &["helpfulness", "correctness", "coherence"],
+        score: Score::Sum,
+        min_margin: Some(2.0),
+        dedup: Dedup::Exact,
+        help: "MM-DPO self-sampled: sum of helpfulness+correctness+coherence, max against min when they differ by at least 2",
+    },
+    Recipe {
+        name: "seva",
+        strategy: "all-pairs",
+        aspects: &[],
+        score: Score::Mean,
+        min_margin: None,
+        dedup: Dedup::Eos,
+        help: "SeVa (Kevinz-code/SeVa step 3): pairs kept as given; a pair is dropped only when its answers are identical after stripping whitespace and </s> (case-sensitive)",
+    },
+];
+
+pub fn recipe(name: &str) -> Option<&'static Recipe> {
+    RECIPES.iter().find(|r| r.name == name)
+}
+
+/// How a response's aspect ratings combine into the score that margins and selection use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Score {
+    /// Weighted mean (Silkie).
+    Mean,
+    /// Weighted sum (MM-DPO: helpfulness + correctness + coherence).
+    Sum,
 }
 
 /// How images are validated.
@@ -96,6 +223,20 @@ pub struct BuildConfig {
     /// fsync every shard before it is renamed into place (power-loss durability; slower).
     pub fsync: bool,
     pub progress: bool,
+    /// `--field NAME=PATH`: where a row keeps prompt, image, chosen, rejected, id.
+    pub fields: Vec<(String, String)>,
+    /// `--image-template`: the image path built from the row's fields, e.g. `merged_images/{id}.jpg`.
+    pub image_template: Option<String>,
+    /// `None`: the recipe's, else exact.
+    pub dedup: Option<Dedup>,
+    /// `None`: the recipe's, else mean.
+    pub score: Option<Score>,
+    /// A named seed recipe (see [`RECIPES`]); it sets strategy, aspects, score and margin.
+    pub recipe: Option<String>,
+    /// Responses of these models may be rejected but never chosen (MM-DPO's gold answer).
+    pub exclude_chosen_models: Vec<String>,
+    /// Which model the reference log-probs a dataset ships were computed with (recorded in the samples).
+    pub ref_logp_model: Option<String>,
 }
 
 impl Default for BuildConfig {
@@ -126,6 +267,13 @@ impl Default for BuildConfig {
             io_threads: 16,
             fsync: false,
             progress: false,
+            fields: vec![],
+            image_template: None,
+            dedup: None,
+            score: None,
+            recipe: None,
+            exclude_chosen_models: vec![],
+            ref_logp_model: None,
         }
     }
 }
@@ -158,8 +306,60 @@ pub fn parse_aspects(spec: &str) -> Result<Vec<(String, f64)>> {
 }
 
 impl BuildConfig {
+    /// The options with `--recipe` applied: it sets strategy, aspects, score, margin and dedup
+    /// unless the flag is given; a flag that contradicts the recipe's strategy is an error.
+    pub fn effective(&self) -> Result<BuildConfig> {
+        let mut c = self.clone();
+        if let Some(name) = &self.recipe {
+            let Some(r) = recipe(name) else {
+                let names: Vec<&str> = RECIPES.iter().map(|r| r.name).collect();
+                return Err(Error::Config(format!("--recipe: unknown recipe {name:?}; choose one of {}", names.join(", "))));
+            };
+            if c.strategy != "all-pairs" && c.strategy != r.strategy {
+                return Err(Error::Config(format!(
+                    "--recipe {name} selects pairs by {}; drop --strategy {} (or drop --recipe)",
+                    r.strategy, c.strategy
+                )));
+            }
+            c.strategy = r.strategy.to_string();
+            if c.aspects.is_none() && !r.aspects.is_empty() {
+                c.aspects = Some(r.aspects.iter().map(|a| (a.to_string(), 1.0)).collect());
+            }
+            c.score = c.score.or(Some(r.score));
+            c.min_margin = c.min_margin.or(r.min_margin);
+            c.dedup = c.dedup.or(Some(r.dedup));
+        }
+        c.dedup = c.dedup.or(Some(Dedup::Exact));
+        c.score = c.score.or(Some(Score::Mean));
+        if !c.fields.is_empty() && c.format == Format::Auto {
+            c.format = Format::Mapped;
+        }
+        Ok(c)
+    }
+
+    pub fn dedup_mode(&self) -> Dedup {
+        self.dedup.unwrap_or(Dedup::Exact)
+    }
+
+    pub fn score_mode(&self) -> Score {
+        self.score.unwrap_or(Score::Mean)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
+        check_fields(&self.fields)?;
+        if self.format == Format::Mapped {
+            for need in ["prompt", "chosen", "rejected"] {
+                if !self.fields.iter().any(|(n, _)| n == need) {
+                    return bad(format!("--field {need}=PATH is required by the mapped layout (declare prompt, chosen and rejected)"));
+                }
+            }
+        } else if !self.fields.is_empty() {
+            return bad(format!("--field declares a mapping, which only --format mapped (or auto) reads; got --format {}", self.format.name()));
+        }
+        if let Some(t) = &self.image_template {
+            crate::layout::common::check_template(t).map_err(|e| Error::Config(format!("--image-template: {e}")))?;
+        }
         if self.inputs.is_empty() {
             return bad("INPUT: give at least one JSONL file".into());
         }
@@ -246,7 +446,7 @@ impl BuildConfig {
         let names: &[&str] = match format {
             Format::Vlfeedback => &VLFEEDBACK_ASPECTS,
             Format::Rated => &HELPSTEER_ASPECTS,
-            Format::Pairwise | Format::Auto => &[],
+            _ => &[],
         };
         names.iter().map(|n| (n.to_string(), 1.0)).collect()
     }

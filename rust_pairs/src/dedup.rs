@@ -6,9 +6,10 @@
 //! the threshold also merge. Groups never span two images, so a partition by image hash keeps
 //! global dedup.
 
+use crate::config::Dedup;
 use crate::image::sha256_hex;
-use crate::record::{ImageRef, Record, Response, Source};
-use crate::text::normalize;
+use crate::record::{ImageRef, Record, RefLogps, Response, Source};
+use crate::text::response_key;
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -24,6 +25,8 @@ pub struct Group {
     pub responses: Vec<Response>,
     /// (chosen, rejected) over `responses`, one entry per source comparison.
     pub explicit_pairs: Vec<(usize, usize)>,
+    /// Shipped reference log-probs of each explicit pair (same order), with their record.
+    pub pair_ref_logps: Vec<Option<(RefLogps, Source)>>,
     /// Explicit pairs whose two sides collapsed into one response.
     pub identical_pairs: u64,
     pub sources: Vec<Source>,
@@ -43,7 +46,7 @@ pub fn group_key(image_key: &str, prompt_norm: &str) -> String {
 }
 
 /// Group records. Output is sorted by key; sources inside a group are in (file, line) order.
-pub fn group(records: Vec<Record>, near_dup: Option<f64>) -> Vec<Group> {
+pub fn group(records: Vec<Record>, near_dup: Option<f64>, mode: Dedup) -> Vec<Group> {
     // Canonical normalised prompt per (image, prompt): its near-duplicate cluster's smallest member.
     let canonical: HashMap<(&str, &str), String> = match near_dup {
         None => HashMap::new(),
@@ -86,10 +89,10 @@ pub fn group(records: Vec<Record>, near_dup: Option<f64>) -> Vec<Group> {
             _ => runs.push((keys[i].clone(), vec![rec])),
         }
     }
-    runs.into_par_iter().map(|(key, recs)| merge(key, recs)).collect()
+    runs.into_par_iter().map(|(key, recs)| merge(key, recs, mode)).collect()
 }
 
-fn merge(key: String, recs: Vec<Record>) -> Group {
+fn merge(key: String, recs: Vec<Record>, mode: Dedup) -> Group {
     let first = &recs[0];
     let mut g = Group {
         key,
@@ -98,6 +101,7 @@ fn merge(key: String, recs: Vec<Record>) -> Group {
         image_key: first.image_key.clone(),
         responses: vec![],
         explicit_pairs: vec![],
+        pair_ref_logps: vec![],
         identical_pairs: 0,
         sources: vec![],
         collapsed: 0,
@@ -109,7 +113,7 @@ fn merge(key: String, recs: Vec<Record>) -> Group {
     for rec in recs {
         let mut map = Vec::with_capacity(rec.responses.len());
         for Response { text, model, scores } in rec.responses {
-            let norm = normalize(&text);
+            let norm = response_key(&text, mode);
             let at = match index.get(&norm) {
                 Some(&i) => {
                     g.collapsed += 1;
@@ -132,12 +136,15 @@ fn merge(key: String, recs: Vec<Record>) -> Group {
             }
             map.push(at);
         }
+        let mut refs = rec.pair_ref_logps.into_iter();
         for (c, r) in rec.explicit_pairs {
             let (c, r) = (map[c], map[r]);
+            let lp = refs.next().flatten();
             if c == r {
                 g.identical_pairs += 1;
             } else {
                 g.explicit_pairs.push((c, r));
+                g.pair_ref_logps.push(lp.map(|lp| (lp, rec.source.clone())));
             }
         }
         g.sources.push(rec.source);
@@ -224,6 +231,7 @@ fn near_duplicate_clusters(prompts: &[&str], threshold: f64) -> Vec<(usize, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::text::{normalize, prompt_key};
 
     fn rec(file: &str, line: u64, img: &str, prompt: &str, texts: &[(&str, f64)], pairs: &[(usize, usize)]) -> Record {
         Record {
@@ -237,6 +245,7 @@ mod tests {
                 .map(|(t, s)| Response { text: t.to_string(), model: None, scores: [("h".to_string(), *s)].into() })
                 .collect(),
             explicit_pairs: pairs.to_vec(),
+            pair_ref_logps: vec![],
         }
     }
 
@@ -247,7 +256,7 @@ mod tests {
             rec("a", 7, "img1", "what  is IT?", &[("a cat.", 2.0), ("A bird.", 1.0)], &[]),
             rec("a", 2, "img2", "What is it?", &[("A cat.", 5.0)], &[]),
         ];
-        let gs = group(recs, None);
+        let gs = group(recs, None, Dedup::Normalized);
         assert_eq!(gs.len(), 2);
         let g = gs.iter().find(|g| g.image_key == "img1").unwrap();
         assert_eq!(g.sources, vec![Source::line("a", 7), Source::line("b", 1)]);
@@ -263,7 +272,7 @@ mod tests {
 
     #[test]
     fn identical_explicit_pairs_are_counted() {
-        let gs = group(vec![rec("a", 1, "i", "Q", &[("Yes.", 0.0), ("yes.", 0.0)], &[(0, 1)])], None);
+        let gs = group(vec![rec("a", 1, "i", "Q", &[("Yes.", 0.0), ("yes.", 0.0)], &[(0, 1)])], None, Dedup::Normalized);
         assert_eq!(gs[0].identical_pairs, 1);
         assert!(gs[0].explicit_pairs.is_empty());
     }
@@ -279,12 +288,32 @@ mod tests {
             rec("a", 3, "i", p3, &[("w", 1.0)], &[]),
             rec("a", 4, "j", p2, &[("v", 1.0)], &[]),
         ];
-        assert_eq!(group(recs(), None).len(), 4);
-        let gs = group(recs(), Some(0.7));
+        assert_eq!(group(recs(), None, Dedup::Normalized).len(), 4);
+        let gs = group(recs(), Some(0.7), Dedup::Normalized);
         assert_eq!(gs.len(), 3);
         let merged = gs.iter().find(|g| g.sources.len() == 2).unwrap();
         assert_eq!(merged.key, group_key("i", p1));
         assert_eq!(merged.near_dup_merged, 1);
         assert_eq!(merged.responses.len(), 3);
+    }
+
+    #[test]
+    fn exact_mode_keeps_case_and_merges_only_exact_duplicates() {
+        let mk = |line, prompt: &str, texts: &[(&str, f64)]| {
+            let mut r = rec("a", line, "img1", prompt, texts, &[]);
+            r.prompt_norm = prompt_key(prompt, Dedup::Exact);
+            r
+        };
+        let recs = vec![
+            mk(1, "<image>\nWhat is it?", &[("Yes.", 5.0), (" No. ", 1.0)]),
+            mk(2, "What  is it?", &[("yes.", 2.0), ("No.", 3.0)]),
+            mk(3, "what is it?", &[("Yes.", 4.0)]),
+        ];
+        let gs = group(recs, None, Dedup::Exact);
+        assert_eq!(gs.len(), 2, "a prompt differing in case is another prompt");
+        let g = gs.iter().find(|g| g.sources.len() == 2).unwrap();
+        let texts: Vec<(&str, f64)> = g.responses.iter().map(|r| (r.text.as_str(), r.scores["h"])).collect();
+        // "Yes." and "yes." stay apart; " No. " and "No." are the same answer (scores averaged).
+        assert_eq!(texts, vec![("Yes.", 5.0), (" No. ", 2.0), ("yes.", 2.0)]);
     }
 }

@@ -50,6 +50,10 @@ counts! {
     pairs_dropped_probability,
     /// Explicit pairs whose two directions were both asserted with equal weight.
     pairs_dropped_conflicting,
+    /// Pairs whose chosen response came from a model excluded from being chosen.
+    pairs_dropped_excluded,
+    /// Groups rejected because their pairwise annotations contradict each other (a cycle).
+    groups_contradictory,
 }
 
 impl Counts {

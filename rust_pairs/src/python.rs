@@ -54,7 +54,7 @@ fn build(py: Python<'_>, config_json: &str) -> PyResult<String> {
 /// Check the options without building; returns the normalised options as JSON.
 #[pyfunction]
 fn check_config(config_json: &str) -> PyResult<String> {
-    let cfg = config_from_json(config_json).map_err(to_py)?;
+    let cfg = config_from_json(config_json).and_then(|c| c.effective()).map_err(to_py)?;
     cfg.validate().map_err(to_py)?;
     Ok(serde_json::to_string(&cfg).unwrap())
 }
@@ -107,6 +107,18 @@ fn strategies() -> Vec<(String, String, f64)> {
     crate::select::STRATEGIES.iter().map(|s| (s.name.to_string(), s.help.to_string(), s.default_margin)).collect()
 }
 
+/// Names of the input layouts `--format` accepts (`auto` first).
+#[pyfunction]
+fn formats() -> Vec<String> {
+    crate::config::Format::ALL.iter().map(|f| f.name().to_string()).collect()
+}
+
+/// (name, description) of each named seed recipe (`--recipe`).
+#[pyfunction]
+fn recipes() -> Vec<(String, String)> {
+    crate::config::RECIPES.iter().map(|r| (r.name.to_string(), r.help.to_string())).collect()
+}
+
 #[pymodule]
 fn rust_pairs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -125,5 +137,7 @@ fn rust_pairs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bradley_terry, m)?)?;
     m.add_function(wrap_pyfunction!(normalize_text, m)?)?;
     m.add_function(wrap_pyfunction!(strategies, m)?)?;
+    m.add_function(wrap_pyfunction!(formats, m)?)?;
+    m.add_function(wrap_pyfunction!(recipes, m)?)?;
     Ok(())
 }

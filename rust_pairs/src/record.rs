@@ -44,6 +44,21 @@ pub struct Response {
     pub scores: BTreeMap<String, f64>,
 }
 
+/// Reference-model log-probs that a dataset ships for one explicit pair (MM-DPO's
+/// `ref_win_logp`/`ref_rej_logp`), kept so a trainer can use them instead of recomputing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefLogps {
+    pub chosen: f64,
+    pub rejected: f64,
+    /// Per-token averages, when shipped (`ref_win_avg_logp`/`ref_rej_avg_logp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_avg: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_avg: Option<f64>,
+    /// The input fields they were read from.
+    pub fields: String,
+}
+
 /// A validated input record, ready to be grouped.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
@@ -59,6 +74,9 @@ pub struct Record {
     pub responses: Vec<Response>,
     /// Explicit preferences (chosen index, rejected index) from pairwise inputs.
     pub explicit_pairs: Vec<(usize, usize)>,
+    /// Shipped reference log-probs per explicit pair (same order), if any.
+    #[serde(default)]
+    pub pair_ref_logps: Vec<Option<RefLogps>>,
 }
 
 /// One validated image of a record.

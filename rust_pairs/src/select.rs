@@ -15,6 +15,8 @@ pub struct GroupView<'a> {
     pub theta: &'a [f64],
     /// Deterministic per-group random value (seed and group key), for `best-vs-random`.
     pub random: u64,
+    /// Whether each response may be chosen (`--exclude-chosen-model` clears it).
+    pub choosable: &'a [bool],
 }
 
 pub struct Params {
@@ -28,6 +30,8 @@ pub struct Dropped {
     pub ties: u64,
     pub margin: u64,
     pub probability: u64,
+    /// Pairs whose better side may not be chosen.
+    pub excluded: u64,
 }
 
 type Selector = fn(&GroupView, &Params, &mut Dropped) -> Vec<(usize, usize)>;
@@ -92,6 +96,11 @@ fn scored(v: &GroupView) -> Vec<(usize, f64)> {
     v.mean.iter().enumerate().filter_map(|(i, m)| m.map(|m| (i, m))).collect()
 }
 
+/// The scored responses that may be chosen.
+fn choosable(v: &GroupView, s: &[(usize, f64)]) -> Vec<(usize, f64)> {
+    s.iter().copied().filter(|x| v.choosable[x.0]).collect()
+}
+
 /// Order: higher mean, then higher strength, then lower index (a total, deterministic order).
 fn better(v: &GroupView, a: (usize, f64), b: (usize, f64)) -> bool {
     a.1 > b.1 || (a.1 == b.1 && (v.theta[a.0] > v.theta[b.0] || (v.theta[a.0] == v.theta[b.0] && a.0 < b.0)))
@@ -121,6 +130,10 @@ fn all_pairs(v: &GroupView, p: &Params, d: &mut Dropped) -> Vec<(usize, usize)> 
     for (x, &a) in s.iter().enumerate() {
         for &b in &s[x + 1..] {
             let (hi, lo) = if better(v, b, a) { (b, a) } else { (a, b) };
+            if hi.1 > lo.1 && !v.choosable[hi.0] {
+                d.excluded += 1;
+                continue;
+            }
             out.extend(gate(hi, lo, p, d));
         }
     }
@@ -129,7 +142,7 @@ fn all_pairs(v: &GroupView, p: &Params, d: &mut Dropped) -> Vec<(usize, usize)> 
 
 fn best_vs_rest(v: &GroupView, p: &Params, d: &mut Dropped) -> Vec<(usize, usize)> {
     let s = scored(v);
-    let Some(top) = best(v, &s) else { return vec![] };
+    let Some(top) = best(v, &choosable(v, &s)) else { return vec![] };
     s.iter().filter(|x| x.0 != top.0).filter_map(|&lo| gate(top, lo, p, d)).collect()
 }
 
@@ -138,14 +151,14 @@ fn best_vs_worst(v: &GroupView, p: &Params, d: &mut Dropped) -> Vec<(usize, usiz
     if s.len() < 2 {
         return vec![];
     }
-    let top = best(v, &s).unwrap();
+    let Some(top) = best(v, &choosable(v, &s)) else { return vec![] };
     let worst = s.iter().copied().reduce(|x, y| if better(v, x, y) { y } else { x }).unwrap();
     gate(top, worst, p, d).into_iter().collect()
 }
 
 fn best_vs_random(v: &GroupView, p: &Params, d: &mut Dropped) -> Vec<(usize, usize)> {
     let s = scored(v);
-    let Some(top) = best(v, &s) else { return vec![] };
+    let Some(top) = best(v, &choosable(v, &s)) else { return vec![] };
     let mut local = Dropped::default();
     let candidates: Vec<(usize, usize)> = s.iter().filter(|x| x.0 != top.0).filter_map(|&lo| gate(top, lo, p, &mut local)).collect();
     if candidates.is_empty() {
@@ -168,6 +181,8 @@ fn min_probability(v: &GroupView, p: &Params, d: &mut Dropped) -> Vec<(usize, us
             let (hi, lo) = if v.theta[b.0] > v.theta[a.0] { (b, a) } else { (a, b) };
             if v.theta[hi.0] == v.theta[lo.0] && hi.1 == lo.1 {
                 d.ties += 1;
+            } else if !v.choosable[hi.0] {
+                d.excluded += 1;
             } else if sigmoid(v.theta[hi.0] - v.theta[lo.0]) < p.min_probability {
                 d.probability += 1;
             } else if hi.1 - lo.1 < p.min_margin {
@@ -188,7 +203,8 @@ mod tests {
         let s = strategy(name).unwrap();
         let p = Params { min_margin: margin.unwrap_or(s.default_margin), min_probability: minp };
         let mut d = Dropped::default();
-        let v = GroupView { mean, theta, random };
+        let choosable = vec![true; mean.len()];
+        let v = GroupView { mean, theta, random, choosable: &choosable };
         ((s.select)(&v, &p, &mut d), d)
     }
 
@@ -200,14 +216,14 @@ mod tests {
     fn all_pairs_skips_ties() {
         let (pairs, d) = run("all-pairs", &MEAN, &THETA, None, 0.75, 0);
         assert_eq!(pairs, vec![(0, 1), (0, 3), (2, 1), (1, 3), (2, 3)]);
-        assert_eq!(d, Dropped { ties: 1, margin: 0, probability: 0 });
+        assert_eq!(d, Dropped { ties: 1, ..Default::default() });
     }
 
     #[test]
     fn best_vs_rest_respects_margin() {
         let (pairs, d) = run("best-vs-rest", &MEAN, &THETA, None, 0.75, 0);
         assert_eq!(pairs, vec![(0, 1), (0, 3)]);
-        assert_eq!(d, Dropped { ties: 1, margin: 0, probability: 0 });
+        assert_eq!(d, Dropped { ties: 1, ..Default::default() });
         let (pairs, d) = run("best-vs-rest", &MEAN, &THETA, Some(2.5), 0.75, 0);
         assert_eq!(pairs, vec![(0, 3)]);
         assert_eq!(d.margin, 1);
@@ -237,5 +253,24 @@ mod tests {
     fn unscored_responses_are_ignored() {
         let mean = [None, Some(1.0), None];
         assert!(run("all-pairs", &mean, &[0.0; 3], None, 0.75, 0).0.is_empty());
+    }
+
+    #[test]
+    fn excluded_models_are_never_chosen() {
+        // Response 0 (the best) is the gold answer that may not be chosen.
+        let choosable = [false, true, true, true];
+        let run_ex = |name: &str, margin: Option<f64>| {
+            let s = strategy(name).unwrap();
+            let p = Params { min_margin: margin.unwrap_or(s.default_margin), min_probability: 0.75 };
+            let mut d = Dropped::default();
+            let v = GroupView { mean: &MEAN, theta: &THETA, random: 0, choosable: &choosable };
+            ((s.select)(&v, &p, &mut d), d)
+        };
+        let (pairs, d) = run_ex("all-pairs", None);
+        assert_eq!(pairs, vec![(2, 1), (1, 3), (2, 3)]);
+        assert_eq!(d.excluded, 2);
+        // The top choosable response is 2 (mean 4): against 1 (2.0) and 3 (1.5) with margin 2.
+        assert_eq!(run_ex("best-vs-rest", None).0, vec![(2, 1), (2, 3)]);
+        assert_eq!(run_ex("best-vs-worst", Some(2.0)).0, vec![(2, 3)]);
     }
 }

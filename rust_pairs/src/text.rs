@@ -1,5 +1,6 @@
 //! Text normalisation: the identity used for dedup of prompts and responses.
 
+use crate::config::Dedup;
 use unicode_normalization::UnicodeNormalization;
 
 /// Remove `<image>` placeholders (LLaVA-style prompts) and trim; this is the prompt that is stored.
@@ -32,6 +33,38 @@ pub fn normalize(s: &str) -> String {
     out
 }
 
+/// The exact prompt identity: `<image>` placeholders removed, whitespace runs collapsed to one
+/// space, trimmed; case and Unicode form kept.
+pub fn collapse(s: &str) -> String {
+    s.replace("<image>", " ").split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// End-of-sequence markers that generation leaves at an answer's end.
+pub const EOS_MARKERS: [&str; 5] = ["</s>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<eos>"];
+
+/// Prompt identity under a dedup mode.
+pub fn prompt_key(s: &str, mode: Dedup) -> String {
+    match mode {
+        Dedup::Normalized => normalize(s),
+        Dedup::Exact | Dedup::Eos => collapse(s),
+    }
+}
+
+/// Response identity under a dedup mode.
+pub fn response_key(s: &str, mode: Dedup) -> String {
+    match mode {
+        Dedup::Normalized => normalize(s),
+        Dedup::Exact => s.trim().to_string(),
+        Dedup::Eos => {
+            let mut t = s.trim();
+            while let Some(m) = EOS_MARKERS.iter().find(|m| t.ends_with(*m)) {
+                t = t[..t.len() - m.len()].trim_end();
+            }
+            t.to_string()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,5 +77,18 @@ mod tests {
         assert_eq!(normalize("ＡＢＣ"), "abc");
         assert_eq!(normalize(""), "");
         assert_eq!(clean_prompt("<image>\nWhat colour?"), "What colour?");
+    }
+
+    #[test]
+    fn dedup_keys_by_mode() {
+        assert_eq!(prompt_key("<image>\n What  IS\tit? ", Dedup::Exact), "What IS it?");
+        assert_ne!(prompt_key("What is it?", Dedup::Exact), prompt_key("what is it?", Dedup::Exact));
+        assert_eq!(prompt_key("What is it?", Dedup::Normalized), prompt_key("what is it?", Dedup::Normalized));
+        assert_eq!(response_key(" Yes. \n", Dedup::Exact), "Yes.");
+        assert_ne!(response_key("Yes.", Dedup::Exact), response_key("yes.", Dedup::Exact));
+        assert_ne!(response_key("Yes.", Dedup::Exact), response_key("Yes.</s>", Dedup::Exact));
+        assert_eq!(response_key("Yes.</s>", Dedup::Eos), "Yes.");
+        assert_eq!(response_key(" Yes. </s>\n<|im_end|>", Dedup::Eos), "Yes.");
+        assert_ne!(response_key("Yes.", Dedup::Eos), response_key("yes.", Dedup::Eos));
     }
 }

@@ -76,14 +76,15 @@ def test_pairwise_spellings_and_identical_pairs(tmp_path):
         {"image": "a.png", "question": "Q1", "chosen": "yes", "reject": "no"},  # SeVa
         {"image": "b.png", "conversations": [{"from": "human", "value": "<image>\nQ2"}, {"from": "gpt", "value": "x"}],
          "chosen": [{"from": "gpt", "value": "cat"}], "rejected": [{"from": "gpt", "value": "dog"}]},  # LLaVA-style
-        {"image": "c.png", "text": json.dumps({"question": "Q3", "chosen": "same", "rejected": " Same "})},  # RLHF-V, identical
+        {"image": "c.png", "text": json.dumps({"question": "Q3", "chosen": "same", "rejected": " same\n"})},  # RLHF-V, identical
+        {"image": "c.png", "question": "Q4", "chosen": "Same", "rejected": "same"},  # differ in case: a pair
     ]
     write_jsonl(tmp_path / "pw.jsonl", rows)
     m = build([tmp_path / "pw.jsonl"], tmp_path / "out", val_fraction=0)
     c = m["counts"]
-    assert (c["records_in"], c["groups"], c["pairs"], c["pairs_dropped_identical"], c["records_rejected"]) == (3, 2, 2, 1, 1)
+    assert (c["records_in"], c["groups"], c["pairs"], c["pairs_dropped_identical"], c["records_rejected"]) == (4, 3, 3, 1, 1)
     by_prompt = {s["json"]["prompt"]: s["json"] for s in read_samples(tmp_path / "out").values()}
-    assert set(by_prompt) == {"Q1", "Q2"}
+    assert set(by_prompt) == {"Q1", "Q2", "Q4"}
     q2 = by_prompt["Q2"]
     assert [r["text"] for r in q2["responses"]] == ["cat", "dog"]
     assert q2["pairs"] == [{"chosen": 0, "rejected": 1, "probability": pytest.approx(q2["pairs"][0]["probability"]), "margin": 1.0}]

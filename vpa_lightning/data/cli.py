@@ -1,6 +1,7 @@
 """``vpa-shard``: build, inspect, report on and merge preference-pair shards.
 
-    vpa-shard build INPUT... --out DIR [--image-root DIR] [--format ...] [--strategy ...] ...
+    vpa-shard build INPUT... --out DIR [--image-root DIR] [--format ...] [--field NAME=PATH ...]
+                    [--recipe ...] [--strategy ...] ...
     vpa-shard inspect DIR
     vpa-shard report DIR
     vpa-shard merge DIR... [--out DIR]
@@ -38,6 +39,7 @@ SUMMARY_KEYS = (
     "responses_collapsed", "prompts_near_duplicate", "records_other_partitions", "groups", "groups_train",
     "groups_val", "pairs", "pairs_train", "pairs_val", "pairs_dropped_identical", "pairs_dropped_ties",
     "pairs_dropped_margin", "pairs_dropped_probability", "pairs_dropped_conflicting",
+    "pairs_dropped_excluded", "groups_contradictory",
 )
 
 
@@ -57,13 +59,27 @@ def summary(manifest: dict[str, Any], seconds: float | None = None) -> str:
 
 def _add_build_args(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
     if inputs:
-        p.add_argument("inputs", nargs="+", metavar="INPUT", help="JSONL files or directories of *.jsonl")
+        p.add_argument("inputs", nargs="+", metavar="INPUT", help="input files or directories of them (layout detected per file)")
         p.add_argument("--out", required=True, help="output directory")
         p.add_argument("--image-root", default=None, help="directory relative image paths start from (default: each input's directory)")
-        p.add_argument("--format", default="auto", choices=["auto", "vlfeedback", "rated", "pairwise"], help="input format (default: detected per file)")
+        p.add_argument("--format", default="auto", choices=shards.formats(),
+                       help="input layout (default: detected per file from its first records)")
+        p.add_argument("--field", action="append", default=[], metavar="NAME=PATH",
+                       help="declare where a row keeps prompt, image, chosen, rejected or id (dotted paths, e.g. chosen=answers.good); implies --format mapped")
+        p.add_argument("--image-template", default=None, metavar="TEMPLATE",
+                       help='image path built from the row\'s fields, e.g. "merged_images/{id}.jpg"')
+        p.add_argument("--ref-logp-model", default=None, metavar="NAME",
+                       help="model that the reference log-probs an input ships were computed with (recorded per pair)")
     names = [s[0] for s in shards.strategies()]
     p.add_argument("--strategy", default="all-pairs", choices=names,
                    help="; ".join(f"{n}: {h}" for n, h, _ in shards.strategies()))
+    p.add_argument("--recipe", default=None, choices=[r[0] for r in shards.recipes()],
+                   help="; ".join(f"{n}: {h}" for n, h in shards.recipes()))
+    p.add_argument("--score", default=None, choices=["mean", "sum"], help="combine aspect ratings by weighted mean (default) or sum (MM-DPO)")
+    p.add_argument("--dedup", default=None, choices=["exact", "normalized", "eos"],
+                   help="exact (default): merge only exact duplicates; normalized: also case and Unicode form; eos: exact, end-of-sequence markers ignored")
+    p.add_argument("--exclude-chosen-model", action="append", default=[], metavar="MODEL",
+                   help="responses of MODEL may be rejected but never chosen (e.g. a gold answer); repeatable")
     p.add_argument("--min-margin", type=float, default=None, help="minimum weighted-mean-score gap of a pair (default: 2 for best-vs-rest, else any positive gap)")
     p.add_argument("--min-probability", type=float, default=0.75, help="Bradley-Terry probability threshold for min-probability (default 0.75)")
     p.add_argument("--aspects", default=None, help='declared aspects and weights, e.g. "Helpfulness=1,Visual Faithfulness=1,Ethical Considerations=1"')
@@ -95,12 +111,15 @@ def _build_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         max_shard_bytes=a.max_shard_bytes, partition=a.partition, near_dup=a.near_dup, bt_prior=a.bt_prior,
         max_text_chars=a.max_text_chars, image_check=a.image_check, max_image_pixels=a.max_image_pixels, threads=a.threads, io_threads=a.io_threads, fsync=a.fsync,
         progress=not a.no_progress and sys.stderr.isatty(),
+        recipe=a.recipe, score=a.score, dedup=a.dedup, exclude_chosen_models=a.exclude_chosen_model,
     )
 
 
 def _run_build(inputs: list[str], out: str, image_root: str | None, fmt: str, a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
-    manifest = shards.build(inputs, out, image_root=image_root, format=fmt, **_build_kwargs(a))
+    layout = dict(fields=getattr(a, "field", None), image_template=getattr(a, "image_template", None),
+                  ref_logp_model=getattr(a, "ref_logp_model", None))
+    manifest = shards.build(inputs, out, image_root=image_root, format=fmt, **layout, **_build_kwargs(a))
     dt = time.perf_counter() - t0
     print(summary(manifest, dt))
     report = manifest["report"]

@@ -19,7 +19,7 @@ from vpa_lightning import rust_pairs as _rp
 from vpa_lightning.rust_pairs import ConfigError, InputFileError, ManifestError, OutputError, RustPairsError
 
 PathLike = Union[str, "os.PathLike[str]"]
-Format = Literal["auto", "vlfeedback", "rated", "pairwise"]
+Format = Literal["auto", "vlfeedback", "rated", "pairwise", "trl", "mmdpo", "povid", "llava-rlhf", "mapped"]
 
 __all__ = [
     "ConfigError",
@@ -30,6 +30,9 @@ __all__ = [
     "bradley_terry",
     "build",
     "build_options",
+    "formats",
+    "parse_fields",
+    "recipes",
     "inspect",
     "load_manifest",
     "merge",
@@ -58,6 +61,24 @@ def parse_rating_range(spec: str | Sequence[float] | None) -> list[float] | None
     except (TypeError, ValueError):
         raise ConfigError(f"--rating-range must look like LO:HI (for example 1:10), got {spec!r}") from None
     return [lo, hi]
+
+
+def parse_fields(fields: Mapping[str, str] | Sequence[str] | None) -> list[list[str]]:
+    """``{"prompt": "question"}`` or ``["prompt=question", ...]`` to ``[[name, dotted path], ...]``.
+
+    Raises :class:`ConfigError` naming ``--field`` for a declaration without ``=``.
+    """
+    if not fields:
+        return []
+    if isinstance(fields, Mapping):
+        return [[str(k), str(v)] for k, v in fields.items()]
+    out = []
+    for spec in fields:
+        name, sep, path = str(spec).partition("=")
+        if not sep:
+            raise ConfigError(f"--field: expected NAME=PATH (for example prompt=question), got {spec!r}")
+        out.append([name.strip(), path.strip()])
+    return out
 
 
 def _aspects(aspects: str | Mapping[str, float] | Sequence[tuple[str, float]] | None) -> list[list[Any]] | None:
@@ -96,6 +117,13 @@ def build_options(
     io_threads: int = 16,
     fsync: bool = False,
     progress: bool = False,
+    fields: Mapping[str, str] | Sequence[str] | None = None,
+    image_template: str | None = None,
+    dedup: Literal["exact", "normalized", "eos"] | None = None,
+    score: Literal["mean", "sum"] | None = None,
+    recipe: str | None = None,
+    exclude_chosen_models: Sequence[str] = (),
+    ref_logp_model: str | None = None,
 ) -> dict[str, Any]:
     """The options :func:`build` sends to Rust, as a dict (see :func:`build` for their meaning)."""
     if isinstance(inputs, (str, os.PathLike)):
@@ -126,6 +154,13 @@ def build_options(
         "io_threads": io_threads,
         "fsync": fsync,
         "progress": progress,
+        "fields": parse_fields(fields),
+        "image_template": image_template,
+        "dedup": dedup,
+        "score": score,
+        "recipe": recipe,
+        "exclude_chosen_models": list(exclude_chosen_models),
+        "ref_logp_model": ref_logp_model,
     }
 
 
@@ -133,13 +168,14 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, **options: Any) 
     """Validate, deduplicate, rank and shard preference annotations.
 
     Args:
-        inputs: JSONL files (or directories of ``*.jsonl``): VLFeedback rows, HelpSteer-style
-            rated rows or pairwise rows; the format is detected per file unless ``format`` is set.
+        inputs: Input files (or directories of them); the layout is detected per file unless
+            ``format`` is set (see :func:`formats` and the README's list of layouts).
         out: Output directory for ``train-*.tar``, ``val-*.tar``, ``manifest.json``,
             ``rejects.jsonl`` and ``report.json``.
         image_root: Directory that relative image paths are relative to (default: each input
             file's directory).
-        format: ``auto``, ``vlfeedback``, ``rated`` or ``pairwise``.
+        format: ``auto`` or a layout: ``vlfeedback``, ``rated``, ``pairwise`` (RLAIF-V, RLHF-V,
+            SPA-VL, SeVa), ``trl``, ``mmdpo``, ``povid``, ``llava-rlhf``, ``mapped`` (``fields``).
         strategy: Pair selection: ``all-pairs`` (Silkie), ``best-vs-rest`` (MM-DPO),
             ``best-vs-worst``, ``best-vs-random`` (UltraFeedback), ``min-probability``.
         min_margin: Minimum weighted-mean-score gap of a pair (default: the strategy's own, 2 for
@@ -172,6 +208,17 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, **options: Any) 
         fsync: fsync each shard before renaming it into place (survives power loss; slower).
             Without it a killed build is still safe: shards only appear once complete.
         progress: Draw progress bars on stderr.
+        fields: ``--field`` declarations, ``{"prompt": "question", "chosen": "answers.good"}``
+            or ``["prompt=question", ...]``: where a row keeps prompt, image, chosen, rejected
+            (dotted paths); implies ``format="mapped"``.
+        image_template: The image path built from the row's fields, ``"merged_images/{id}.jpg"``.
+        dedup: ``exact`` (default: merge only exact duplicates), ``normalized`` (also case and
+            Unicode form) or ``eos`` (exact, end-of-sequence markers ignored; SeVa).
+        score: ``mean`` (default) or ``sum`` of the weighted aspect ratings (MM-DPO sums).
+        recipe: A seed recipe by name (see :func:`recipes`): ``silkie``, ``mmdpo``,
+            ``mmdpo-self``, ``seva``; it sets strategy, aspects, score, margin and dedup.
+        exclude_chosen_models: Responses of these models may be rejected but never chosen.
+        ref_logp_model: The model that shipped reference log-probs came from (recorded per pair).
 
     Returns:
         The manifest (also written to ``out/manifest.json``, or ``manifest-pIofN.json`` for a
@@ -218,3 +265,13 @@ def bradley_terry(n_items: int, comparisons: Sequence[tuple[int, int, float]], a
 def strategies() -> list[tuple[str, str, float]]:
     """(name, description, default min-margin) of each pair selection strategy."""
     return _rp.strategies()
+
+
+def formats() -> list[str]:
+    """Names of the input layouts ``format`` accepts (``auto`` first)."""
+    return _rp.formats()
+
+
+def recipes() -> list[tuple[str, str]]:
+    """(name, description) of each named seed recipe."""
+    return _rp.recipes()

@@ -1,12 +1,15 @@
 //! Helpers shared by the layout parsers: typed field access whose errors name the field.
 
-use super::{Ctx, Parsed};
-use crate::record::Reject;
+use super::{Ctx, Draft, Parsed};
+use crate::record::{Reject, RefLogps, Response};
 use crate::row::{image_refs, ImageSrc};
+use crate::text::clean_prompt;
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
 pub const PROMPT_KEYS: [&str; 4] = ["prompt", "question", "instruction", "query"];
-pub const IMAGE_KEYS: [&str; 4] = ["img_path", "image", "image_path", "images"];
+/// `image_id` is SeVa's (a file name under `--image-root`).
+pub const IMAGE_KEYS: [&str; 5] = ["img_path", "image", "image_path", "images", "image_id"];
 
 pub fn type_name(v: &Value) -> &'static str {
     match v {
@@ -62,3 +65,205 @@ pub fn record_reject(ctx: &Ctx, (field, reason): FieldErr) -> Parsed {
     Parsed { draft: Err(Reject::record(ctx.src, field, reason)), response_rejects: vec![] }
 }
 
+
+/// A value at a dotted path (`answers.good`, `completions.0.response`; numbers index lists).
+pub fn get_path<'v>(o: &'v Map<String, Value>, path: &str) -> Option<&'v Value> {
+    let mut parts = path.split('.');
+    let mut v = o.get(parts.next()?)?;
+    for p in parts {
+        v = match v {
+            Value::Object(m) => m.get(p)?,
+            Value::Array(a) => a.get(p.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    (!v.is_null()).then_some(v)
+}
+
+/// Check an `--image-template`: `{path}` placeholders (dotted paths), `{{`/`}}` for braces.
+pub fn check_template(t: &str) -> Result<(), String> {
+    let mut fields = 0;
+    template_parts(t, |part| {
+        if let Part::Field(f) = part {
+            if f.is_empty() || f.split('.').any(str::is_empty) {
+                return Err(format!("{{{f}}} in {t:?} is not a dotted field path"));
+            }
+            fields += 1;
+        }
+        Ok(())
+    })?;
+    if fields == 0 {
+        return Err(format!("{t:?} names no field (write e.g. \"merged_images/{{id}}.jpg\")"));
+    }
+    Ok(())
+}
+
+enum Part<'a> {
+    Lit(&'a str),
+    Field(&'a str),
+}
+
+fn template_parts<'a>(t: &'a str, mut f: impl FnMut(Part<'a>) -> Result<(), String>) -> Result<(), String> {
+    let mut rest = t;
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix("{{") {
+            f(Part::Lit("{"))?;
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("}}") {
+            f(Part::Lit("}"))?;
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix('{') {
+            let end = r.find('}').ok_or_else(|| format!("unclosed {{ in {t:?}"))?;
+            f(Part::Field(&r[..end]))?;
+            rest = &r[end + 1..];
+        } else if rest.starts_with('}') {
+            return Err(format!("unmatched }} in {t:?}"));
+        } else {
+            let end = rest.find(['{', '}']).unwrap_or(rest.len());
+            f(Part::Lit(&rest[..end]))?;
+            rest = &rest[end..];
+        }
+    }
+    Ok(())
+}
+
+/// Fill a template from the row's fields (strings and numbers).
+pub fn fill_template(t: &str, o: &Map<String, Value>) -> Result<String, FieldErr> {
+    let mut out = String::new();
+    let mut bad: Option<FieldErr> = None;
+    template_parts(t, |part| {
+        match part {
+            Part::Lit(l) => out.push_str(l),
+            Part::Field(f) => match get_path(o, f) {
+                Some(Value::String(s)) if !s.trim().is_empty() => out.push_str(s),
+                Some(Value::Number(n)) => out.push_str(&n.to_string()),
+                Some(other) => bad = Some((f.to_string(), format!("image template {t:?}: expected a string or number, got {}", type_name(other)))),
+                None => bad = Some((f.to_string(), format!("missing field (the image template {t:?} needs it)"))),
+            },
+        }
+        Ok(())
+    })
+    .map_err(|e| ("image".to_string(), e))?;
+    match bad {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// The record's images: `--image-template` when given (one path), else the row's image field
+/// (see [`image_field`]; none at all is a text-only record), else the layout's own template
+/// (`default_template`, e.g. VLFeedback's `merged_images/{id}.jpg`).
+pub fn image_of(o: &Map<String, Value>, ctx: &Ctx, default_template: Option<&str>) -> Result<Vec<ImageSrc>, FieldErr> {
+    if let Some(t) = ctx.image_template {
+        return fill_template(t, o).map(|p| vec![ImageSrc::Path(p)]);
+    }
+    match default_template {
+        Some(t) if first(o, &IMAGE_KEYS).is_none() => fill_template(t, o).map(|p| vec![ImageSrc::Path(p)]).map_err(|(_, why)| {
+            ("image".to_string(), format!("missing field (expected one of {}), and the layout's default image path cannot be built: {why}", IMAGE_KEYS.join(", ")))
+        }),
+        _ => image_field(o),
+    }
+}
+
+/// Text of a message's content: a string, or the text blocks of a list of
+/// `{type: text|image, ...}` blocks (TRL, OpenAI-style) joined by newlines.
+pub fn content_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(blocks) => {
+            let mut parts = Vec::new();
+            for b in blocks {
+                match b {
+                    Value::String(s) => parts.push(s.as_str()),
+                    Value::Object(m) => match m.get("type").and_then(Value::as_str) {
+                        Some("text") => parts.push(m.get("text").and_then(Value::as_str)?),
+                        Some(_) => {} // image / video placeholders: the images travel separately
+                        None => parts.push(m.get("text").and_then(Value::as_str)?),
+                    },
+                    _ => return None,
+                }
+            }
+            Some(parts.join("\n"))
+        }
+        _ => None,
+    }
+}
+
+/// `(role, text)` of one turn: LLaVA's `{from, value}` or chat `{role, content}`.
+pub fn turn(v: &Value) -> Option<(&str, String)> {
+    let t = v.as_object()?;
+    let role = t.get("from").or_else(|| t.get("role"))?.as_str()?;
+    let text = content_text(t.get("value").or_else(|| t.get("content"))?)?;
+    Some((role, text))
+}
+
+pub fn is_assistant(role: &str) -> bool {
+    matches!(role, "gpt" | "assistant" | "model" | "llava" | "bot")
+}
+
+pub fn is_user(role: &str) -> bool {
+    matches!(role, "human" | "user")
+}
+
+/// An answer: a plain string, one assistant turn, or the last assistant turn of a conversation.
+pub fn answer(v: &Value, field: &str) -> Result<String, FieldErr> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Object(_) => match turn(v) {
+            Some((_, text)) => Ok(text),
+            None => err(field, "expected a turn {from, value} or {role, content} with text"),
+        },
+        Value::Array(turns) => turns
+            .iter()
+            .rev()
+            .find_map(|t| turn(t).filter(|(r, _)| is_assistant(r)).map(|(_, x)| x))
+            .ok_or_else(|| (field.to_string(), "conversation has no assistant turn".to_string())),
+        other => err(field, format!("expected a string or a conversation, got {}", type_name(other))),
+    }
+}
+
+/// The user turn of a conversation (`field` names it in errors). A single user turn is the
+/// prompt; several user turns would need a multi-turn sample, which the shard format has not.
+pub fn user_prompt(v: &Value, field: &str) -> Result<String, FieldErr> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Object(_) => turn(v).map(|(_, x)| x).ok_or_else(|| (field.to_string(), "expected a turn {from, value} or {role, content} with text".to_string())),
+        Value::Array(turns) => {
+            let users: Vec<String> = turns.iter().filter_map(turn).filter(|(r, _)| is_user(r)).map(|(_, x)| x).collect();
+            match users.len() {
+                0 => err(field, "no human/user turn"),
+                1 => Ok(users.into_iter().next().unwrap()),
+                n => err(field, format!("multi-turn context ({n} user turns): one user turn per sample is supported")),
+            }
+        }
+        other => err(field, format!("expected a string or a list of turns, got {}", type_name(other))),
+    }
+}
+
+/// A draft with one explicit pair (chosen = response 0) after checking the texts.
+pub fn pair_draft(
+    ctx: &Ctx,
+    (pk, prompt): (&str, &str),
+    images: Vec<ImageSrc>,
+    (ck, chosen): (&str, String),
+    (rk, rejected): (&str, String),
+    models: (Option<String>, Option<String>),
+    ref_logps: Option<RefLogps>,
+) -> Result<Draft, FieldErr> {
+    let prompt = clean_prompt(prompt);
+    check_text(pk, &prompt, ctx)?;
+    check_text(ck, &chosen, ctx)?;
+    check_text(rk, &rejected, ctx)?;
+    let responses = vec![
+        Response { text: chosen, model: models.0, scores: BTreeMap::new() },
+        Response { text: rejected, model: models.1, scores: BTreeMap::new() },
+    ];
+    Ok(Draft { prompt, images, responses, explicit_pairs: vec![(0, 1)], pair_ref_logps: vec![ref_logps] })
+}
+
+pub fn finish(ctx: &Ctx, res: Result<Draft, FieldErr>) -> Parsed {
+    match res {
+        Ok(d) => Parsed { draft: Ok(d), response_rejects: vec![] },
+        Err(e) => record_reject(ctx, e),
+    }
+}

@@ -1,16 +1,49 @@
-//! Layout detection from one record's keys (a file's layout is that of its first record that says).
+//! Layout detection from one record's keys (a file's layout is that of its first record that
+//! says). Order matters: the most specific signatures come first.
 
 use crate::config::Format;
 use serde_json::Value;
 
-/// Guess the format of one record from its keys.
+/// A turn stored as the Python `str()` of a dict (MM-DPO).
+fn python_turn(v: &Value) -> bool {
+    v.as_str().is_some_and(|s| {
+        let s = s.trim_start();
+        s.starts_with("{'from'") || s.starts_with("{'value'")
+    })
+}
+
+fn is_turn(v: &Value) -> bool {
+    v.as_object().is_some_and(|o| o.contains_key("from") && o.contains_key("value"))
+}
+
+fn is_messages(v: &Value) -> bool {
+    v.as_array().is_some_and(|a| !a.is_empty() && a.iter().all(|m| m.get("role").is_some() && m.get("content").is_some()))
+}
+
+fn is_turns(v: &Value) -> bool {
+    v.as_array().is_some_and(|a| !a.is_empty() && a.iter().all(is_turn))
+}
+
+/// Guess the layout of one record from its keys.
 pub fn detect(v: &Value) -> Option<Format> {
     let o = v.as_object()?;
-    if o.contains_key("completions") {
+    let has = |k: &str| o.get(k).is_some_and(|v| !v.is_null());
+    if has("completions") {
         Some(Format::Vlfeedback)
-    } else if o.contains_key("responses") {
+    } else if has("responses") {
         Some(Format::Rated)
-    } else if o.contains_key("chosen") || o.contains_key("rejected") || o.contains_key("reject") || o.contains_key("text") {
+    } else if has("output_1") && has("output_2") && has("preference") {
+        Some(Format::LlavaRlhf)
+    } else if has("rejected_conversations") {
+        Some(Format::Povid)
+    } else if o.get("prompt").is_some_and(is_messages) || o.get("chosen").is_some_and(is_messages) {
+        Some(Format::Trl)
+    } else if has("ref_win_logp")
+        || ["question", "chosen", "rejected"].iter().any(|k| o.get(*k).is_some_and(|v| is_turn(v) || python_turn(v)))
+        || (!has("question") && !has("conversations") && o.get("chosen").is_some_and(is_turns))
+    {
+        Some(Format::Mmdpo)
+    } else if has("chosen") || has("rejected") || has("reject") || has("text") {
         Some(Format::Pairwise)
     } else {
         None

@@ -1,22 +1,29 @@
 //! Layouts: what the fields of one record mean, apart from the container the record came in.
 //!
 //! Each layout family has its module ([`scored`]: VLFeedback and HelpSteer-style rated rows;
-//! [`pairwise`]: rows with one explicit chosen/rejected pair); [`detect`] guesses a file's layout
-//! from its first records, `--format` forces it. A layout turns a JSON value into a [`Draft`]:
+//! [`pairwise`]: rows with one explicit chosen/rejected pair (RLAIF-V, RLHF-V, SPA-VL, SeVa);
+//! [`conversation`]: chat-turn layouts (TRL, POVID, LLaVA-RLHF); [`mmdpo`]: MM-DPO's DPO file,
+//! whose Python-literal fields [`pylit`] reads without executing anything; [`mapped`]: any row
+//! through `--field` declarations); [`detect`] guesses a file's layout from its first records,
+//! `--format` forces it. A layout turns a JSON value into a [`Draft`]:
 //! a record whose text and ratings are valid; its image is checked later (see [`crate::image`]).
 //! A record-level problem rejects the record; a problem with one response (non-numeric rating,
 //! empty text) rejects only that response.
 
 pub mod common;
+pub mod conversation;
 pub mod detect;
+pub mod mapped;
+pub mod mmdpo;
 pub mod pairwise;
+pub mod pylit;
 pub mod scored;
 
 pub use detect::detect;
 pub use scored::vlfeedback_fast;
 
 use crate::config::Format;
-use crate::record::{Reject, Response, Source};
+use crate::record::{RefLogps, Reject, Response, Source};
 use common::{record_reject, type_name};
 use serde_json::Value;
 
@@ -27,6 +34,8 @@ pub struct Draft {
     pub images: Vec<crate::row::ImageSrc>,
     pub responses: Vec<Response>,
     pub explicit_pairs: Vec<(usize, usize)>,
+    /// Shipped reference log-probs per explicit pair (same order as `explicit_pairs`).
+    pub pair_ref_logps: Vec<Option<RefLogps>>,
 }
 
 #[derive(Debug)]
@@ -43,6 +52,17 @@ pub struct Ctx<'a> {
     pub max_text_chars: usize,
     /// Ratings outside it reject their response (see [`crate::config::BuildConfig::rating_scale_for`]).
     pub rating_scale: Option<crate::config::RatingScale>,
+    /// `--field` declarations (the mapped layout).
+    pub fields: &'a [(String, String)],
+    /// `--image-template`.
+    pub image_template: Option<&'a str>,
+}
+
+impl<'a> Ctx<'a> {
+    /// A context with no field mapping and no image template.
+    pub fn plain(src: &'a Source, aspects: &'a [(String, f64)], max_text_chars: usize) -> Self {
+        Ctx { src, aspects, max_text_chars, rating_scale: None, fields: &[], image_template: None }
+    }
 }
 
 
@@ -55,6 +75,11 @@ pub fn parse(v: &Value, format: Format, ctx: &Ctx) -> Parsed {
         Format::Vlfeedback => scored::vlfeedback(o, ctx),
         Format::Rated => scored::rated(o, ctx),
         Format::Pairwise => pairwise::parse(o, ctx),
+        Format::Trl => conversation::trl(o, ctx),
+        Format::Povid => conversation::povid(o, ctx),
+        Format::LlavaRlhf => conversation::llava_rlhf(o, ctx),
+        Format::Mmdpo => mmdpo::parse(o, ctx),
+        Format::Mapped => mapped::parse(o, ctx),
         Format::Auto => record_reject(ctx, ("$".into(), "format could not be detected".into())),
     }
 }

@@ -1,48 +1,16 @@
 //! Pairwise layouts: one explicit (chosen, rejected) per row.
 //!
-//! `{image, question, chosen, rejected}` as RLAIF-V, SPA-VL and POVID-style exports publish it;
-//! SeVa's `reject`; RLHF-V's `text` object (or JSON string) holding question/chosen/rejected;
+//! `{image, question, chosen, rejected}` as RLAIF-V and SPA-VL publish it; SeVa's DPO file
+//! (`{chosen, reject, question, image_id}`); RLHF-V's `text` object (or JSON string) holding question/chosen/rejected;
 //! LLaVA-style `conversations` as the prompt and chosen/rejected as turns.
 
 use super::common::*;
 use super::{Ctx, Draft, Parsed};
-use crate::record::Response;
-use crate::text::clean_prompt;
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
 
-/// The last assistant turn of a LLaVA-style conversation, or a plain string.
-fn answer(v: &Value, field: &str) -> Result<String, FieldErr> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        Value::Array(turns) => turns
-            .iter()
-            .rev()
-            .find_map(|t| {
-                let t = t.as_object()?;
-                let role = t.get("from").or_else(|| t.get("role"))?.as_str()?;
-                let is_assistant = matches!(role, "gpt" | "assistant" | "model");
-                let text = t.get("value").or_else(|| t.get("content"))?.as_str()?;
-                is_assistant.then(|| text.to_string())
-            })
-            .ok_or_else(|| (field.to_string(), "conversation has no assistant turn".to_string())),
-        other => err(field, format!("expected a string or a conversation, got {}", type_name(other))),
-    }
-}
-
-/// The first human turn of LLaVA-style `conversations`.
+/// `conversations`' single human turn, as the prompt of LLaVA-style pairwise rows.
 fn conversation_prompt(v: &Value) -> Result<String, FieldErr> {
-    let Value::Array(turns) = v else {
-        return err("conversations", format!("expected a list of turns, got {}", type_name(v)));
-    };
-    turns
-        .iter()
-        .find_map(|t| {
-            let t = t.as_object()?;
-            let role = t.get("from").or_else(|| t.get("role"))?.as_str()?;
-            matches!(role, "human" | "user").then(|| t.get("value").or_else(|| t.get("content"))?.as_str().map(String::from))?
-        })
-        .ok_or_else(|| ("conversations".to_string(), "no human turn".to_string()))
+    user_prompt(v, "conversations")
 }
 
 pub fn parse(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
@@ -57,35 +25,24 @@ pub fn parse(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
             _ => None,
         };
         let fields = inner.as_ref().unwrap_or(o);
-        let prompt = match first(fields, &PROMPT_KEYS) {
-            Some((k, Value::String(s))) => (k.to_string(), s.clone()),
+        let (pk, prompt) = match first(fields, &PROMPT_KEYS) {
+            Some((k, Value::String(s))) => (k, s.clone()),
             Some((k, other)) => return err(k, format!("expected a string, got {}", type_name(other))),
             None => match o.get("conversations") {
-                Some(c) => ("conversations".to_string(), conversation_prompt(c)?),
+                Some(c) => ("conversations", conversation_prompt(c)?),
                 None => return err("question", "missing field (expected question, prompt or conversations)"),
             },
         };
-        let prompt_text = clean_prompt(&prompt.1);
-        check_text(&prompt.0, &prompt_text, ctx)?;
-        let images = image_field(o)?;
+        let images = image_of(o, ctx, None)?;
         let chosen_v = fields.get("chosen").ok_or_else(|| ("chosen".to_string(), "missing field".to_string()))?;
         let (rk, rejected_v) = first(fields, &["rejected", "reject"])
             .ok_or_else(|| ("rejected".to_string(), "missing field (expected rejected or reject)".to_string()))?;
         let chosen = answer(chosen_v, "chosen")?;
         let rejected = answer(rejected_v, rk)?;
-        check_text("chosen", &chosen, ctx)?;
-        check_text(rk, &rejected, ctx)?;
         let model = |k: &str| fields.get(k).and_then(Value::as_str).map(String::from);
-        let responses = vec![
-            Response { text: chosen, model: model("chosen_model"), scores: BTreeMap::new() },
-            Response { text: rejected, model: model("rejected_model"), scores: BTreeMap::new() },
-        ];
-        Ok(Draft { prompt: prompt_text, images, responses, explicit_pairs: vec![(0, 1)] })
+        pair_draft(ctx, (pk, &prompt), images, ("chosen", chosen), (rk, rejected), (model("chosen_model"), model("rejected_model")), None)
     })();
-    match res {
-        Ok(d) => Parsed { draft: Ok(d), response_rejects: vec![] },
-        Err(e) => record_reject(ctx, e),
-    }
+    finish(ctx, res)
 }
 
 #[cfg(test)]
@@ -96,7 +53,7 @@ mod tests {
     use serde_json::json;
 
     fn ctx<'a>(src: &'a Source, aspects: &'a [(String, f64)]) -> Ctx<'a> {
-        Ctx { src, aspects, max_text_chars: 1000, rating_scale: None }
+        Ctx::plain(src, aspects, 1000)
     }
 
     #[test]

@@ -67,14 +67,17 @@ fn optional_model(o: &Map<String, Value>, field: &str) -> Result<Option<String>,
     }
 }
 
+/// Where the raw VLFeedback release keeps a row's image when the row has no `img_path`.
+pub const VLFEEDBACK_IMAGE: &str = "merged_images/{id}.jpg";
+
 /// VLFeedback rows: `completions` with `annotations` per aspect.
 pub fn vlfeedback(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
-    scored(o, ctx, "completions", vlfeedback_response)
+    scored(o, ctx, "completions", vlfeedback_response, Some(VLFEEDBACK_IMAGE))
 }
 
 /// HelpSteer-style rated rows: `responses` with `scores`.
 pub fn rated(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
-    scored(o, ctx, "responses", rated_response)
+    scored(o, ctx, "responses", rated_response, None)
 }
 
 type ResponseParser = fn(&Map<String, Value>, &str, &Ctx) -> Result<Response, FieldErr>;
@@ -138,12 +141,12 @@ fn rows<'v>(v: &'v Value, key: &str) -> Result<Vec<Cow<'v, Map<String, Value>>>,
     }
 }
 
-fn scored(o: &Map<String, Value>, ctx: &Ctx, key: &'static str, parse_one: ResponseParser) -> Parsed {
+fn scored(o: &Map<String, Value>, ctx: &Ctx, key: &'static str, parse_one: ResponseParser, default_image: Option<&str>) -> Parsed {
     let head = (|| -> Result<(String, Vec<crate::row::ImageSrc>, Vec<Cow<Map<String, Value>>>), FieldErr> {
         let (pk, prompt) = string_field(o, &PROMPT_KEYS, "prompt")?;
         let prompt = clean_prompt(prompt);
         check_text(pk, &prompt, ctx)?;
-        let images = image_field(o)?;
+        let images = image_of(o, ctx, default_image)?;
         let list = o.get(key).ok_or_else(|| (key.to_string(), "missing field".to_string()))?;
         Ok((prompt, images, rows(list, key)?))
     })();
@@ -163,7 +166,7 @@ fn scored(o: &Map<String, Value>, ctx: &Ctx, key: &'static str, parse_one: Respo
         let why = if items.is_empty() { "no responses" } else { "no rankable response (all were rejected)" };
         Err(Reject::record(ctx.src, key, why))
     } else {
-        Ok(Draft { prompt, images, responses, explicit_pairs: vec![] })
+        Ok(Draft { prompt, images, responses, explicit_pairs: vec![], pair_ref_logps: vec![] })
     };
     Parsed { draft, response_rejects }
 }
@@ -292,7 +295,7 @@ struct FastRow<'a> {
 /// `Value` path then parses the record and reports each problem by field. Where it answers, it
 /// answers exactly what [`parse`] does (tested below).
 pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
-    if ctx.aspects.is_empty() {
+    if ctx.aspects.is_empty() || ctx.image_template.is_some() {
         return None; // absent vs null annotations differ then; leave it to the Value path
     }
     let row: FastRow = serde_json::from_str(text).ok()?;
@@ -324,7 +327,7 @@ pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
     if responses.is_empty() {
         return None;
     }
-    Some(Draft { prompt, images: vec![crate::row::ImageSrc::Path(image.into_owned())], responses, explicit_pairs: vec![] })
+    Some(Draft { prompt, images: vec![crate::row::ImageSrc::Path(image.into_owned())], responses, explicit_pairs: vec![], pair_ref_logps: vec![] })
 }
 
 #[cfg(test)]
@@ -336,7 +339,7 @@ mod tests {
     use serde_json::json;
 
     fn ctx<'a>(src: &'a Source, aspects: &'a [(String, f64)]) -> Ctx<'a> {
-        Ctx { src, aspects, max_text_chars: 1000, rating_scale: None }
+        Ctx::plain(src, aspects, 1000)
     }
     fn vlf_aspects() -> Vec<(String, f64)> {
         crate::config::VLFEEDBACK_ASPECTS.iter().map(|s| (s.to_string(), 1.0)).collect()

@@ -1,0 +1,137 @@
+//! Chat-turn layouts: the prompt and the answers are turns of a conversation.
+//!
+//! - TRL's vision format: `images` + `prompt` (the user turn), `chosen` and `rejected` (the
+//!   assistant turn) as lists of `{role, content}` messages; content is a string or a list of
+//!   `{type: text|image}` blocks.
+//! - POVID: `conversations` (human + chosen gpt turn) and `rejected_conversations` (the same
+//!   human turn + the rejected gpt turn); the last assistant turn of each is the answer.
+//! - LLaVA-RLHF human preference: `conversations` (the human turn), `output_1`, `output_2`
+//!   (`{from, value}` turns) and `preference` (1 or 2: which output the annotator preferred).
+
+use super::common::*;
+use super::{Ctx, Draft, Parsed};
+use serde_json::{Map, Value};
+
+fn need<'v>(o: &'v Map<String, Value>, k: &str) -> Result<&'v Value, FieldErr> {
+    o.get(k).filter(|v| !v.is_null()).ok_or_else(|| (k.to_string(), "missing field".to_string()))
+}
+
+/// Image placeholders in TRL messages must match the images given.
+fn image_blocks(v: &Value) -> usize {
+    let Value::Array(msgs) = v else { return 0 };
+    msgs.iter()
+        .filter_map(|m| m.get("content")?.as_array())
+        .flatten()
+        .filter(|b| b.get("type").and_then(Value::as_str) == Some("image"))
+        .count()
+}
+
+pub fn trl(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
+    let res = (|| -> Result<Draft, FieldErr> {
+        let prompt_v = need(o, "prompt")?;
+        let prompt = user_prompt(prompt_v, "prompt")?;
+        let images = image_of(o, ctx, None)?;
+        if let Some(Value::Array(imgs)) = o.get("images") {
+            let blocks = image_blocks(prompt_v);
+            if blocks > 0 && blocks != imgs.len() {
+                return err("prompt", format!("{blocks} image blocks in the prompt but {} images", imgs.len()));
+            }
+        }
+        let chosen = answer(need(o, "chosen")?, "chosen")?;
+        let rejected = answer(need(o, "rejected")?, "rejected")?;
+        pair_draft(ctx, ("prompt", &prompt), images, ("chosen", chosen), ("rejected", rejected), (None, None), None)
+    })();
+    finish(ctx, res)
+}
+
+pub fn povid(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
+    let res = (|| -> Result<Draft, FieldErr> {
+        let conv = need(o, "conversations")?;
+        let rconv = need(o, "rejected_conversations")?;
+        let prompt = user_prompt(conv, "conversations")?;
+        let rprompt = user_prompt(rconv, "rejected_conversations")?;
+        if clean(&prompt) != clean(&rprompt) {
+            return err("rejected_conversations", "its human turn differs from the one in conversations");
+        }
+        let images = image_of(o, ctx, None)?;
+        let chosen = answer(conv, "conversations")?;
+        let rejected = answer(rconv, "rejected_conversations")?;
+        pair_draft(ctx, ("conversations", &prompt), images, ("conversations", chosen), ("rejected_conversations", rejected), (None, None), None)
+    })();
+    finish(ctx, res)
+}
+
+fn clean(s: &str) -> String {
+    s.replace("<image>", " ").split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+pub fn llava_rlhf(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
+    let res = (|| -> Result<Draft, FieldErr> {
+        let prompt = user_prompt(need(o, "conversations")?, "conversations")?;
+        let images = image_of(o, ctx, None)?;
+        let out1 = answer(need(o, "output_1")?, "output_1")?;
+        let out2 = answer(need(o, "output_2")?, "output_2")?;
+        let pref = need(o, "preference")?;
+        let (chosen, rejected) = match pref.as_f64() {
+            Some(p) if p == 1.0 => (("output_1", out1), ("output_2", out2)),
+            Some(p) if p == 2.0 => (("output_2", out2), ("output_1", out1)),
+            _ => return err("preference", format!("expected 1 or 2, got {pref}")),
+        };
+        pair_draft(ctx, ("conversations", &prompt), images, chosen, rejected, (None, None), None)
+    })();
+    finish(ctx, res)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Format;
+    use crate::layout::{detect, parse, Ctx};
+    use crate::record::Source;
+    use crate::row::ImageSrc;
+    use serde_json::{json, Value};
+
+    fn p(s: &str) -> Vec<ImageSrc> {
+        vec![ImageSrc::Path(s.into())]
+    }
+
+    fn texts(v: &Value, f: Format) -> (String, Vec<ImageSrc>, String, String) {
+        let src = Source::line("f", 1);
+        let d = parse(v, f, &Ctx::plain(&src, &[], 1000)).draft.unwrap();
+        assert_eq!(d.explicit_pairs, vec![(0, 1)]);
+        (d.prompt, d.images, d.responses[0].text.clone(), d.responses[1].text.clone())
+    }
+
+    #[test]
+    fn trl_vision_messages() {
+        let v = json!({"images": ["a.jpg"],
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}],
+            "rejected": [{"role": "assistant", "content": "A dog."}]});
+        assert_eq!(detect(&v), Some(Format::Trl));
+        assert_eq!(texts(&v, Format::Trl), ("What is it?".into(), p("a.jpg"), "A cat.".into(), "A dog.".into()));
+        let two = json!({"images": ["a.jpg"],
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Q"}]}],
+            "chosen": [{"role": "assistant", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]});
+        let src = Source::line("f", 1);
+        let r = parse(&two, Format::Trl, &Ctx::plain(&src, &[], 1000)).draft.unwrap_err();
+        assert_eq!(r.field, "prompt");
+    }
+
+    #[test]
+    fn povid_and_llava_rlhf() {
+        let v = json!({"id": "1", "image": "COCO_1.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "Two cats."}],
+            "rejected_conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "Three dogs."}]});
+        assert_eq!(detect(&v), Some(Format::Povid));
+        assert_eq!(texts(&v, Format::Povid), ("Describe.".into(), p("COCO_1.jpg"), "Two cats.".into(), "Three dogs.".into()));
+        let mut l = json!({"id": "x", "image": "b.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat?"}],
+            "output_1": {"from": "llava", "value": "first"}, "output_2": {"from": "llava", "value": "second"}, "preference": 2});
+        assert_eq!(detect(&l), Some(Format::LlavaRlhf));
+        assert_eq!(texts(&l, Format::LlavaRlhf).2, "second");
+        l["preference"] = json!(1);
+        assert_eq!(texts(&l, Format::LlavaRlhf).2, "first");
+        l["preference"] = json!(3);
+        let src = Source::line("f", 1);
+        assert_eq!(parse(&l, Format::LlavaRlhf, &Ctx::plain(&src, &[], 1000)).draft.unwrap_err().field, "preference");
+    }
+}
