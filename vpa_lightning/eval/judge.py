@@ -8,6 +8,14 @@
   local servers that ignore the key still need one, e.g. ``EMPTY``), ``VPA_JUDGE_CACHE_DIR``.
   A missing value raises :class:`JudgeConfigError` naming the variables.
 * **Concurrency**: at most ``max_concurrency`` requests in flight (a thread pool).
+* **Bounds**: each attempt has a total deadline of ``timeout`` seconds (connect, headers and the
+  whole body: a reply dribbled slowly is cut at the deadline and retried), and a reply over
+  ``max_reply_bytes`` is an error for that request (never cached; its size is checked from
+  ``Content-Length`` before reading, and while reading).
+* **Redirects**: the ``Authorization`` header is never sent to another origin (scheme, host,
+  port). A ``307``/``308`` to the same origin is followed; a redirect to another origin is an
+  error unless ``cross_origin_redirects=True``, and then it is followed without the key; a
+  ``301``/``302``/``303`` is an error naming its target (a POST is not re-sent as a GET).
 * **Retries**: connection errors, timeouts, HTTP 429 and 5xx are retried up to ``max_retries``
   times with exponential backoff (``backoff_base * 2**attempt``, capped at ``backoff_max``) and
   jitter (the delay is drawn uniformly from its upper half); a ``Retry-After`` header (seconds)
@@ -17,7 +25,11 @@
   :func:`request_key` = sha256 of the canonical JSON of ``(model, messages, temperature,
   max_tokens)``; the endpoint URL is deliberately not part of the key (the same model behind
   another URL gives the same judgement). A row is committed as soon as its response arrives, so
-  a rerun never pays twice and an interrupted run keeps every finished judgement.
+  a rerun never pays twice and an interrupted run keeps every finished judgement. Before sending,
+  a request is *claimed* in the same file (table ``claims``, one transaction): another thread or
+  process that needs the same request waits for that judgement instead of paying for it again.
+  A claim expires ``timeout + 30`` s after its last renewal (each attempt and each backoff renews
+  it), so a crashed process holds nobody up for longer; a request that fails releases its claim.
 * **Error policy of** :meth:`JudgeClient.judge_many`: it either returns every reply, in order,
   or raises :class:`JudgeError`. On the first request that fails for good (retries exhausted,
   non-retryable 4xx, malformed reply) requests not yet started are cancelled (a bad key or URL
@@ -34,15 +46,18 @@ import http.client
 import json
 import os
 import random
+import socket
 import sqlite3
+import ssl
 import threading
 import time
-import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 __all__ = ["JudgeClient", "JudgeConfigError", "JudgeError", "Messages", "request_key"]
 
@@ -125,6 +140,20 @@ def _error_message(body: bytes) -> str:
     return text[:500]
 
 
+def _origin(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)``: what must match for a request to carry the API key."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+#: Redirects followed at most per attempt; bytes of an error body read for its message.
+_MAX_REDIRECTS = 5
+_MAX_ERROR_BODY = 64 << 10
+#: A claim outlives the request's deadline by this much (seconds) before others may take it over.
+_CLAIM_SLACK = 30.0
+
+
 def _retry_after(headers: Any) -> float | None:
     """``Retry-After`` in seconds (the delta-seconds form; an HTTP date is ignored)."""
     value = headers.get("Retry-After") if headers is not None else None
@@ -153,6 +182,8 @@ class JudgeClient:
         backoff_max: Upper bound of one retry delay (also caps ``Retry-After``).
         max_tokens: Default ``max_tokens`` of a request.
         temperature: Sampling temperature (0 = deterministic judging, as published protocols use).
+        max_reply_bytes: Largest reply body accepted (a larger one fails that request, uncached).
+        cross_origin_redirects: Follow a ``307``/``308`` to another origin (without the API key).
     """
 
     def __init__(
@@ -168,6 +199,8 @@ class JudgeClient:
         backoff_max: float = 60.0,
         max_tokens: int = 1024,
         temperature: float = 0.0,
+        max_reply_bytes: int = 8 << 20,
+        cross_origin_redirects: bool = False,
     ) -> None:
         self.base_url = _from_env("base_url", base_url).rstrip("/")
         self.model = _from_env("model", model)
@@ -181,6 +214,12 @@ class JudgeClient:
         self.backoff_max = backoff_max
         self.max_tokens = max_tokens
         self.temperature = temperature
+        if max_reply_bytes < 1:
+            raise ValueError(f"max_reply_bytes must be >= 1, got {max_reply_bytes}")
+        self.max_reply_bytes = max_reply_bytes
+        self.cross_origin_redirects = cross_origin_redirects
+        if urlsplit(self.base_url).scheme not in ("http", "https"):
+            raise JudgeConfigError(f"judge base_url must be an http(s) URL, got {self.base_url!r}")
         cache_dir = cache_dir or os.environ.get("VPA_JUDGE_CACHE_DIR") or Path.home() / ".cache" / "vpa" / "judge"
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -188,13 +227,14 @@ class JudgeClient:
         # One connection shared by the worker threads; the lock serialises its use (the
         # writes are tiny next to an HTTP round trip).
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.cache_path, timeout=60.0, check_same_thread=False)
+        # autocommit: every write below is one explicit BEGIN IMMEDIATE ... COMMIT
+        self._conn = sqlite3.connect(self.cache_path, timeout=60.0, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(
             "CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
             "request TEXT NOT NULL, response TEXT NOT NULL, created REAL NOT NULL)"
         )
-        self._conn.commit()
+        self._conn.execute("CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL)")
         self.requests_sent = 0
         self.cache_hits = 0
         self.retries = 0
@@ -217,13 +257,48 @@ class JudgeClient:
             row = self._conn.execute("SELECT response FROM judgements WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def _store(self, key: str, body: dict[str, Any], reply: str) -> None:
+    def _transaction(self, *statements: tuple[str, tuple]) -> list[Any]:
+        """Run statements in one write transaction (``BEGIN IMMEDIATE``); their first rows."""
         with self._lock:
-            self._conn.execute(
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = [self._conn.execute(sql, args).fetchone() for sql, args in statements]
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return rows
+
+    def _store(self, key: str, body: dict[str, Any], reply: str, owner: str | None = None) -> None:
+        self._transaction(
+            (
                 "INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?, ?)",
                 (key, self.model, json.dumps(body, ensure_ascii=False), reply, time.time()),
-            )
-            self._conn.commit()
+            ),
+            ("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner or "")),
+        )
+
+    def _claim(self, key: str, owner: str, extra: float = 0.0) -> bool:
+        """Claim (or renew the claim on) ``key`` for ``extra + timeout + 30`` s; ``False`` when it is
+        already judged or another live owner holds it."""
+        now = time.time()
+        expires = now + extra + self.timeout + _CLAIM_SLACK
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                done = self._conn.execute("SELECT 1 FROM judgements WHERE key = ?", (key,)).fetchone()
+                held = self._conn.execute("SELECT owner, expires FROM claims WHERE key = ?", (key,)).fetchone()
+                ok = done is None and (held is None or held[0] == owner or held[1] < now)
+                if ok:
+                    self._conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)", (key, owner, expires))
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        return ok
+
+    def _release(self, key: str, owner: str) -> None:
+        self._transaction(("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner)))
 
     def cached_count(self) -> int:
         """Number of judgements stored in the cache file (all models)."""
@@ -238,27 +313,111 @@ class JudgeClient:
     # ---------------------------------------------------------------- HTTP
     def _post(self, body: dict[str, Any]) -> str:
         """One attempt; the reply text, or :class:`_Retryable` / :class:`JudgeError`."""
-        request = urllib.request.Request(
-            f"{self.base_url}/chat/completions",
-            data=json.dumps(body).encode("utf-8"),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._api_key}"},
-            method="POST",
-        )
+        url = f"{self.base_url}/chat/completions"
+        data = json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self._api_key}"}
+        origin = _origin(url)
+        deadline = time.monotonic() + self.timeout  # one deadline for the attempt, redirects included
         self._count("requests_sent")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as err:  # before URLError: it is a subclass
-            detail = _error_message(err.read() or b"")
-            if err.code == 429 or err.code >= 500:
-                raise _Retryable(f"HTTP {err.code}: {detail}", err.code, _retry_after(err.headers)) from err
-            raise JudgeError(f"judge request rejected with HTTP {err.code}: {detail}", status=err.code) from err
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
-            raise _Retryable(f"connection error: {err!r}") from err
+        for _ in range(_MAX_REDIRECTS + 1):
+            status, reply_headers, raw = self._exchange(url, data, headers, deadline)
+            if status not in (301, 302, 303, 307, 308):
+                break
+            target = urljoin(url, reply_headers.get("Location") or "")
+            if status not in (307, 308) or urlsplit(target).scheme not in ("http", "https"):
+                raise JudgeError(
+                    f"judge endpoint {url} redirected (HTTP {status}) to {target!r}; not followed "
+                    "(set base_url to the endpoint itself)",
+                    status=status,
+                )
+            if _origin(target) != origin:
+                if not self.cross_origin_redirects:
+                    raise JudgeError(
+                        f"judge endpoint {url} redirected (HTTP {status}) to another origin {target!r}; not "
+                        "followed: the API key is never sent across origins (set base_url to the endpoint "
+                        "itself, or cross_origin_redirects=True to follow without the key)",
+                        status=status,
+                    )
+                headers = {k: v for k, v in headers.items() if k != "Authorization"}
+            url = target
+        else:
+            raise JudgeError(f"judge endpoint redirected more than {_MAX_REDIRECTS} times (last: {url})", status=status)
+        if status != 200:
+            detail = _error_message(raw)
+            if status == 429 or status >= 500:
+                raise _Retryable(f"HTTP {status}: {detail}", status, _retry_after(reply_headers))
+            raise JudgeError(f"judge request rejected with HTTP {status}: {detail}", status=status)
         try:
             return str(json.loads(raw)["choices"][0]["message"]["content"] or "")
         except (ValueError, KeyError, IndexError, TypeError) as err:
             raise JudgeError(f"malformed judge reply (no choices[0].message.content): {raw[:300]!r}") from err
+
+    def _exchange(self, url: str, data: bytes, headers: dict[str, str], deadline: float) -> tuple[int, Any, bytes]:
+        """POST ``data`` to ``url``; ``(status, headers, body)`` read within ``deadline`` (monotonic).
+
+        A timer shuts the socket down at the deadline, which ends any blocked connect, read or
+        dribbled body at once; a 200 body over ``max_reply_bytes`` raises :class:`JudgeError`."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Retryable(f"connection error: no reply within the total deadline of {self.timeout} s")
+        parts = urlsplit(url)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        https = parts.scheme == "https"
+        host, port = parts.hostname or "", parts.port or (443 if https else 80)
+        proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(parts.scheme)
+        conn: http.client.HTTPConnection
+        if proxy:  # honour HTTP(S)_PROXY as urllib did: a CONNECT tunnel for https, absolute-form for http
+            p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            if https:
+                conn = http.client.HTTPSConnection(p.hostname or "", p.port or 80, timeout=remaining, context=ssl.create_default_context())
+                conn.set_tunnel(host, port)
+            else:
+                conn = http.client.HTTPConnection(p.hostname or "", p.port or 80, timeout=remaining)
+                path = url
+        elif https:
+            conn = http.client.HTTPSConnection(host, port, timeout=remaining, context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=remaining)
+        expired = threading.Event()
+
+        def cut() -> None:
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(remaining, cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            conn.request("POST", path, body=data, headers=headers)
+            response = conn.getresponse()
+            limit = self.max_reply_bytes if response.status == 200 else _MAX_ERROR_BODY
+            length = response.getheader("Content-Length", "")
+            if response.status == 200 and length.isdigit() and int(length) > limit:
+                raise JudgeError(f"judge reply of {int(length)} bytes is over max_reply_bytes={limit} (not read, not cached)")
+            chunks, size = [], 0
+            while size <= limit:
+                chunk = response.read(min(1 << 16, limit + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            if size > limit and response.status == 200:
+                raise JudgeError(f"judge reply is over max_reply_bytes={limit} bytes (not cached)")
+            if expired.is_set():
+                raise _Retryable(f"connection error: reply not complete within the total deadline of {self.timeout} s")
+            return response.status, response.headers, b"".join(chunks)[:limit]
+        except (OSError, http.client.HTTPException) as err:  # socket errors, timeouts, TLS, bad HTTP
+            if expired.is_set():
+                raise _Retryable(f"connection error: reply not complete within the total deadline of {self.timeout} s") from err
+            raise _Retryable(f"connection error: {err!r}") from err
+        finally:
+            timer.cancel()
+            conn.close()
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -269,26 +428,39 @@ class JudgeClient:
     def _request(self, messages: Messages, max_tokens: int, cancel: threading.Event | None = None) -> str:
         body = {"model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": max_tokens}
         key = request_key(self.model, messages, self.temperature, max_tokens)
-        cached = self._cached(key)
-        if cached is not None:
-            self._count("cache_hits")
-            return cached
-        for attempt in range(self.max_retries + 1):
+        owner = f"{os.getpid()}-{uuid.uuid4().hex}"
+        while True:  # the cache, else a claim, else wait for whoever holds the claim
+            cached = self._cached(key)
+            if cached is not None:
+                self._count("cache_hits")
+                return cached
+            if self._claim(key, owner):
+                break
             if cancel is not None and cancel.is_set():
                 raise _Cancelled()
-            try:
-                reply = self._post(body)
-            except _Retryable as err:
-                if attempt == self.max_retries:
-                    raise JudgeError(
-                        f"judge request failed after {attempt + 1} attempts: {err}", status=err.status
-                    ) from err
-                self._count("retries")
-                time.sleep(self._delay(attempt, err.retry_after))
-                continue
-            self._store(key, body, reply)  # committed now: an interruption later keeps it
-            return reply
-        raise AssertionError("unreachable")
+            time.sleep(random.uniform(0.02, 0.1))
+        try:
+            for attempt in range(self.max_retries + 1):
+                if cancel is not None and cancel.is_set():
+                    raise _Cancelled()
+                self._claim(key, owner)  # renewed: a live request keeps its claim
+                try:
+                    reply = self._post(body)
+                except _Retryable as err:
+                    if attempt == self.max_retries:
+                        raise JudgeError(
+                            f"judge request failed after {attempt + 1} attempts: {err}", status=err.status
+                        ) from err
+                    self._count("retries")
+                    delay = self._delay(attempt, err.retry_after)
+                    self._claim(key, owner, extra=delay)
+                    time.sleep(delay)
+                    continue
+                self._store(key, body, reply, owner)  # committed with the claim's release: an interruption later keeps it
+                return reply
+            raise AssertionError("unreachable")
+        finally:
+            self._release(key, owner)  # after a failure another process may try; a no-op once stored
 
     # ---------------------------------------------------------------- API
     def judge(self, messages: Messages, max_tokens: int | None = None) -> str:
