@@ -598,7 +598,11 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
 
     if pairs.is_empty() {
         let why = if n < 2 && g.identical_pairs > 0 {
-            format!("chosen and rejected are identical after normalisation (identical {})", g.identical_pairs)
+            format!(
+                "chosen and rejected are the same response under --dedup {} (identical {})",
+                serde_json::to_value(cfg.dedup_mode()).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                g.identical_pairs
+            )
         } else if n < 2 {
             "fewer than two distinct rankable responses after deduplication".to_string()
         } else {

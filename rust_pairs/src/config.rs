@@ -498,4 +498,31 @@ mod tests {
         c.bt_prior = 0.0;
         assert!(c.validate().unwrap_err().to_string().contains("--bt-prior"));
     }
+
+    #[test]
+    fn recipes_fields_and_templates_are_checked() {
+        let base = BuildConfig { inputs: vec!["x".into()], out: "o".into(), ..Default::default() };
+        let c = BuildConfig { recipe: Some("mmdpo".into()), ..base.clone() }.effective().unwrap();
+        assert_eq!((c.strategy.as_str(), c.score, c.min_margin), ("best-vs-random", Some(Score::Sum), Some(2.0)));
+        assert_eq!(c.aspects.unwrap().len(), 3);
+        let own = BuildConfig { recipe: Some("mmdpo".into()), score: Some(Score::Mean), min_margin: Some(1.0), ..base.clone() };
+        let c = own.effective().unwrap();
+        assert_eq!((c.score, c.min_margin), (Some(Score::Mean), Some(1.0)));
+        let clash = BuildConfig { recipe: Some("seva".into()), strategy: "best-vs-rest".into(), ..base.clone() };
+        assert!(clash.effective().unwrap_err().to_string().contains("--recipe seva"));
+        let f = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
+        let mapped = BuildConfig { fields: f(&[("prompt", "q"), ("chosen", "a.good")]), ..base.clone() }.effective().unwrap();
+        assert_eq!(mapped.format, Format::Mapped);
+        assert!(mapped.validate().unwrap_err().to_string().contains("--field rejected=PATH"));
+        for bad in [f(&[("answer", "x")]), f(&[("prompt", "a..b")]), f(&[("prompt", "a"), ("prompt", "b")])] {
+            let c = BuildConfig { fields: bad, ..base.clone() }.effective().unwrap();
+            assert!(c.validate().unwrap_err().to_string().contains("--field"));
+        }
+        let forced = BuildConfig { fields: f(&[("prompt", "q")]), format: Format::Pairwise, ..base.clone() };
+        assert!(forced.effective().unwrap().validate().unwrap_err().to_string().contains("--format mapped"));
+        for (t, ok) in [("merged_images/{id}.jpg", true), ("a/{meta.id}-{{x}}.png", true), ("plain.jpg", false), ("{id", false), ("{}", false), ("a}b{id}", false)] {
+            let c = BuildConfig { image_template: Some(t.into()), ..base.clone() };
+            assert_eq!(c.validate().is_ok(), ok, "{t}");
+        }
+    }
 }

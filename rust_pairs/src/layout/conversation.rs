@@ -118,6 +118,21 @@ mod tests {
     }
 
     #[test]
+    fn trl_text_prompt_with_full_conversations() {
+        // UltraFeedback-binarised style: a plain prompt, chosen/rejected as whole conversations.
+        let v = json!({"prompt": "Name a colour.",
+            "chosen": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Teal."}],
+            "rejected": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Seven."}]});
+        assert_eq!(detect(&v), Some(Format::Trl));
+        assert_eq!(texts(&v, Format::Trl), ("Name a colour.".into(), vec![], "Teal.".into(), "Seven.".into()));
+        let multi = json!({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+            "chosen": [{"role": "assistant", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]});
+        let src = Source::line("f", 1);
+        let r = parse(&multi, Format::Trl, &Ctx::plain(&src, &[], 1000)).draft.unwrap_err();
+        assert!(r.reason.contains("multi-turn"), "{}", r.reason);
+    }
+
+    #[test]
     fn povid_and_llava_rlhf() {
         let v = json!({"id": "1", "image": "COCO_1.jpg",
             "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "Two cats."}],
