@@ -6,8 +6,9 @@ placeholder order; format 1 shards have one ``{key}.png|jpg``), a prompt,
 K >= 2 responses and the preference pairs among them (indices into the
 responses). The data module
 
-1. streams the shards with :class:`webdataset.WebDataset` (split by node and
-   by DataLoader worker, shard order shuffled per epoch for training),
+1. streams the shards with stock WebDataset stages (:class:`ExampleStream`:
+   for training the shard order is shuffled per epoch, then split by node and
+   by DataLoader worker),
 2. decodes each sample into a :class:`PreferenceExample` (image to an RGB
    PIL image, JSON checked), skipping malformed samples (see below),
 3. shuffles groups in a buffer (training only),
@@ -70,6 +71,20 @@ travels with the next batch in ``batch["skipped"]`` so the training module can
 log the total across workers. An unreadable shard (truncated tar, missing
 file) is skipped the same way from the failing point on. Nothing crashes the run.
 
+Exact resume
+------------
+Every pass is a pure function of (``seed``, epoch, rank, worker), the epoch
+being the trainer's counter (which checkpoints restore). The data module counts
+the training examples the steps consumed per rank and worker stream and saves
+them in the checkpoint (:meth:`PreferenceDataModule.state_dict`, with the shard
+sha256s, the stream settings and the RNG states); a resumed run replays the
+epoch's stream up to that point without training on it and restores the RNG
+state before its first step, so 2 steps + resume + 2 steps equals 4 straight
+steps bit for bit on CPU. A resume whose shards, seed, batch size, buffer,
+workers or world size changed logs ``resume is not exact: ...`` (with other
+workers or ranks the epoch restarts). Training workers start afresh each epoch
+(``persistent_workers`` only for validation), so they see the epoch.
+
 Text-only and multi-image samples
 ---------------------------------
 Shards may hold samples with no image (text-only preference rows) or with
@@ -83,6 +98,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -157,6 +173,8 @@ class PreferenceExample:
     scores: list[float] = field(default_factory=list)
     strength: list[float] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: ``("rank/worker", epoch, n)``: this is the n-th example of that stream's pass (training; for resume).
+    position: tuple[str, int, int] | None = None
 
 
 class SampleError(ValueError):
@@ -379,15 +397,14 @@ _MAX_SKIPS_WITHOUT_EXAMPLE = 10_000
 
 
 class _ShuffleStage:
-    """Buffered shuffle with a seed derived from (seed, epoch, worker); the epoch advances per pass."""
+    """Buffered shuffle seeded by (seed, epoch, rank, worker): one pass is reproducible from its epoch."""
 
-    def __init__(self, bufsize: int, seed: int) -> None:
-        self.bufsize, self.seed, self.epoch = bufsize, seed, 0
+    def __init__(self, bufsize: int, seed: int, epoch: int) -> None:
+        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
 
     def __call__(self, src: Iterator[Any]) -> Iterator[Any]:
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
-        self.epoch += 1
         buf: list[Any] = []
         for item in src:
             if len(buf) < self.bufsize:
@@ -398,6 +415,113 @@ class _ShuffleStage:
             yield item
         rng.shuffle(buf)
         yield from buf
+
+
+class ExampleStream(torch.utils.data.IterableDataset):
+    """The :class:`PreferenceExample` s of ``urls`` for one pass: a pure function of (seed, epoch, rank, worker).
+
+    Training: the shard order is shuffled by (seed, epoch) (the same on every rank and worker),
+    then split across ranks and DataLoader workers; decoded groups go through a buffer shuffle
+    seeded by (seed, epoch, rank, worker). With ``per_worker`` shards are drawn with replacement
+    (WebDataset ``ResampledShards``, seeded the same way) and each worker yields ``per_worker``
+    examples. ``epoch`` is set before each pass (by the trainer's epoch counter, which a checkpoint
+    restores). ``resume = {"epoch": e, "positions": {"rank/worker": n}}`` makes pass ``e`` drop
+    the first ``n`` examples of each stream: the pass is replayed (shards read and decoded, no model
+    work) up to where the checkpointed run stopped, so it continues with exactly the next example.
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        decode: _DecodeStage,
+        *,
+        seed: int = 0,
+        train: bool = False,
+        shuffle_buffer: int = 0,
+        per_worker: int | None = None,
+        workers: int = 1,
+    ) -> None:
+        super().__init__()
+        self.urls = list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else list(urls)
+        self.decode, self.seed, self.train, self.shuffle_buffer = decode, seed, train, shuffle_buffer
+        self.per_worker, self.workers = per_worker, workers
+        self.epoch = 0
+        self.resume: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        if self.per_worker is None:
+            raise TypeError("a pass over the shards has no length known in advance")
+        return self.per_worker * self.workers
+
+    def _pipeline(self) -> tuple[Iterator[PreferenceExample], str]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        if self.per_worker is not None:
+            shards = wds.ResampledShards(self.urls, seed=self.seed, deterministic=True, empty_check=False)
+            shards.epoch = self.epoch - 1  # it counts passes itself: start it at this one
+            stages: list[Any] = [shards]
+        else:
+            urls = list(self.urls)
+            if self.train:
+                random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
+            stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+        stages += [wds.tarfile_to_samples(handler=self.decode.skips.shard_error), self.decode]
+        if self.train and self.shuffle_buffer > 0:
+            stages.append(_ShuffleStage(self.shuffle_buffer, self.seed, self.epoch))
+        examples: Iterator[PreferenceExample] = iter(wds.DataPipeline(*stages))
+        if self.per_worker is not None:
+            examples = itertools.islice(examples, self.per_worker)
+        return examples, f"{rank}/{worker}"
+
+    def __iter__(self) -> Iterator[PreferenceExample]:
+        examples, where = self._pipeline()
+        resume = self.resume
+        skip = int(resume["positions"].get(where, 0)) if resume and resume.get("epoch") == self.epoch else 0
+        for n, example in enumerate(examples, 1):
+            if n > skip:
+                example.position = (where, self.epoch, n)
+                yield example
+
+
+def _rng_state() -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, Python) in types ``torch.load(weights_only=True)`` accepts."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader that sets its :class:`ExampleStream`'s epoch before each pass (``epoch_of()``,
+    the trainer's epoch counter; without a trainer, passes are counted)."""
+
+    epoch_of: Any = None
+    resume_of: Any = None
+    passes = 0
+
+    def __iter__(self):
+        epoch = self.epoch_of() if self.epoch_of is not None else None
+        self.dataset.epoch = self.passes if epoch is None else epoch
+        if self.resume_of is not None:
+            self.dataset.resume = self.resume_of()
+        self.passes += 1
+        return super().__iter__()
 
 
 def _response_sha(text: str) -> str:
@@ -435,6 +559,11 @@ class GroupCollator:
     def __call__(self, examples: Sequence[PreferenceExample]) -> dict[str, Any]:
         examples = list(examples)
         skipped = [k for e in examples for k in e.skipped]
+        reached: dict[tuple[str, int], int] = {}  # the furthest example of each stream in this batch
+        for e in examples:
+            if e.position is not None:
+                where, epoch, n = e.position
+                reached[(where, epoch)] = max(n, reached.get((where, epoch), 0))
         try:
             inputs = build_group_batch(self.processor, [e.group for e in examples], max_length=self.max_length)
         except Exception:  # noqa: BLE001 - a bad group must not stop training: find and drop it
@@ -486,6 +615,7 @@ class GroupCollator:
             "response_sha": response_sha,
             "max_length": self.max_length,
             "skipped": skipped,
+            "position": [(where, epoch, n) for (where, epoch), n in reached.items()],
         }
 
     def _mismatched(self, examples: Sequence[PreferenceExample]) -> Any:
@@ -773,11 +903,15 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.max_image_pixels = max_image_pixels
         self.verify_shards = verify_shards
         self._skips = _SkipLog()
-        self._shuffle = _ShuffleStage(shuffle_buffer, seed) if shuffle_buffer > 0 else None
         self._expected: dict[str, dict] = {}  # manifest entry of each shard a manifest named
         self.train_urls, self.val_urls, self.counts = resolve_shards(train_shards, val_shards, self._expected)
         self.test_urls = _test_urls(test_shards, self._expected) if test_shards is not None else self.val_urls
         self._checked: set[str] = set()
+        # resume state (see state_dict): the training examples the steps consumed so far, per stream
+        self._consumed: dict[str, int] = {}
+        self._consumed_epoch: int | None = None
+        self._resume: dict[str, Any] | None = None
+        self._pending_rng: dict[str, Any] | None = None
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -829,32 +963,24 @@ class PreferenceDataModule(pl.LightningDataModule):
             return max(int(getattr(self.trainer, "world_size", 1) or 1), 1)
         return 1
 
-    def dataset(self, urls: str | list[str], train: bool) -> wds.WebDataset:
-        """The WebDataset pipeline yielding :class:`PreferenceExample` s for ``urls``."""
-        n_urls = len(urls) if isinstance(urls, list) else 1
-        resampled = train and self.groups_per_epoch is not None
-        ds = wds.WebDataset(
-            urls,
-            handler=self._skips.shard_error,
-            resampled=resampled,
-            shardshuffle=False if resampled else (max(n_urls, 1) if train else False),
-            detshuffle=True,
-            seed=self.seed,
-            # a resampled shard stream is already drawn independently on each rank and worker
-            nodesplitter=None if resampled else wds.split_by_node,
-            workersplitter=None if resampled else wds.split_by_worker,
-            empty_check=False,
-        )
-        # resampled shards are drawn forever: a pass with nothing usable must fail, not spin
-        ds = ds.compose(_DecodeStage(self._skips, self.max_image_pixels, _MAX_SKIPS_WITHOUT_EXAMPLE if resampled else None))
-        if train and self._shuffle is not None:
-            ds = ds.compose(self._shuffle)
-        if resampled:
+    def dataset(self, urls: str | list[str], train: bool) -> ExampleStream:
+        """The stream of :class:`PreferenceExample` s for ``urls`` (see :class:`ExampleStream`)."""
+        per_worker = None
+        if train and self.groups_per_epoch is not None:
             workers = max(self.num_workers, 1)
             per_worker = math.ceil(self.groups_per_epoch / (self._world_size() * workers * self.batch_size))
             per_worker *= self.batch_size
-            ds = ds.with_epoch(per_worker).with_length(per_worker * workers, silent=True)
-        return ds
+        # resampled shards are drawn forever: a pass with nothing usable must fail, not spin
+        decode = _DecodeStage(self._skips, self.max_image_pixels, _MAX_SKIPS_WITHOUT_EXAMPLE if per_worker else None)
+        return ExampleStream(
+            urls,
+            decode,
+            seed=self.seed,
+            train=train,
+            shuffle_buffer=self.shuffle_buffer,
+            per_worker=per_worker,
+            workers=max(self.num_workers, 1),
+        )
 
     def _loader(self, urls: str | list[str] | None, train: bool, what: str) -> DataLoader:
         if urls is None:
@@ -867,13 +993,95 @@ class PreferenceDataModule(pl.LightningDataModule):
         collate = GroupCollator(
             self.processor, self.max_length, self._skips, unpaired=self.unpaired, mismatched_pairs=bool(self.mismatched_pairs)
         )
-        return DataLoader(
-            self.dataset(urls, train),
+        stream = self.dataset(urls, train)
+        kwargs: dict[str, Any] = dict(
             batch_size=self.batch_size,
             collate_fn=collate,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            # its own generator: starting a pass draws no number from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.seed),
         )
+        if not train:
+            return DataLoader(stream, persistent_workers=self.num_workers > 0, **kwargs)
+        # workers start afresh each pass, so they see the pass's epoch (and resume position)
+        loader = _TrainLoader(stream, **kwargs)
+        loader.epoch_of = self._trainer_epoch
+        loader.resume_of = lambda: self._resume
+        return loader
+
+    def _trainer_epoch(self) -> int | None:
+        return int(self.trainer.current_epoch) if self._trainer_attached() else None
+
+    # -- exact resume ------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training examples the steps consumed (the checkpointed position); after a
+        resume, restore the RNG state of the checkpointed run right before its next step."""
+        if self._trainer_attached() and self.trainer.training and isinstance(batch, dict):
+            if self._pending_rng is not None:
+                _set_rng_state(self._pending_rng)
+                self._pending_rng = None
+            for where, epoch, n in batch.get("position", ()):
+                if epoch != self._consumed_epoch:
+                    self._consumed, self._consumed_epoch = {}, epoch
+                self._consumed[where] = max(n, self._consumed.get(where, 0))
+        return batch
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a resume must find unchanged: shard contents (manifest sha256s) and the stream layout."""
+        shards: Any
+        try:
+            entries = _manifest_shards(self.train_shards, "train")
+        except (OSError, ValueError):
+            entries = None
+        if entries is not None:
+            shards = [[entry.get("path"), entry.get("sha256")] for _, entry in entries]
+        else:
+            shards = self.train_urls if isinstance(self.train_urls, list) else [self.train_urls]
+        return {
+            "shards": shards,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+            "groups_per_epoch": self.groups_per_epoch,
+            "num_workers": self.num_workers,
+            "world_size": self._world_size(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the training position (examples consumed per rank and worker
+        stream in the current epoch), the stream settings and shard hashes it depends on, and
+        the RNG states (torch, numpy, Python) at the save."""
+        consumed = dict(self._consumed)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, consumed)  # every rank saves through the same hook
+            consumed = {k: v for part in gathered for k, v in part.items()}
+        return {
+            "version": 1,
+            "epoch": self._consumed_epoch,
+            "positions": consumed,
+            "fingerprint": self._fingerprint(),
+            "rng": _rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where :meth:`state_dict` stopped; warn when that cannot be exact."""
+        if state.get("version") != 1:
+            log.warning("resume is not exact: the checkpoint has no data position (older vpa); the epoch restarts")
+            return
+        now, then = self._fingerprint(), state.get("fingerprint", {})
+        changed = sorted(k for k in now if now[k] != then.get(k))
+        if changed:
+            log.warning(
+                "resume is not exact: %s changed since the checkpoint (%s)",
+                ", ".join(changed),
+                "; ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed if k != "shards") or "shard contents differ",
+            )
+        layout_same = not {"num_workers", "world_size"} & set(changed)
+        if state.get("epoch") is not None and layout_same:
+            self._resume = {"epoch": int(state["epoch"]), "positions": dict(state.get("positions", {}))}
+            self._consumed, self._consumed_epoch = dict(self._resume["positions"]), self._resume["epoch"]
+        self._pending_rng = state.get("rng")
 
     def _what(self, split: str) -> str:
         if split == "test" and self.test_shards is not None:
