@@ -21,16 +21,20 @@ from vpa_lightning.models import (
     PreferenceGroup,
     build_group_batch,
     build_tiny_vlm,
+    family_of,
     group_logps,
     prompt_messages,
 )
 from vpa_lightning.models.logps import IGNORE_INDEX
 
 _HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+# three layouts in depth here (per-image pixel_values, flat patches + M-RoPE, per-row nested images);
+# every family is checked against its own chat template in test_families.py
 FAMILIES = [
     pytest.param(f, marks=pytest.mark.skipif(f == "qwen2_vl" and not _HAS_TORCHVISION, reason="needs torchvision"))
-    for f in TINY_FAMILIES
+    for f in ("llava", "qwen2_vl", "idefics3")
 ]
+assert set(FAMILIES[0].values) <= set(TINY_FAMILIES)
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:
@@ -62,10 +66,12 @@ def tiny(request):
 
 def reference_logps(model, processor, group: PreferenceGroup, response: str, max_length: int | None = None):
     """Summed log-prob and token count of one response with a plain full-logits forward of one sequence."""
-    text = processor.apply_chat_template(prompt_messages(group.prompt), add_generation_prompt=True, tokenize=False)
-    enc = dict(processor(text=[text], images=[[group.image]], return_tensors="pt"))
+    family = family_of(processor)
+    messages = prompt_messages(group.prompt)
+    text = family.prompt_text(processor, messages)
+    enc = dict(processor(text=[text], images=[[group.image]], return_tensors="pt", **family.processor_kwargs(processor, [text])))
     tok = processor.tokenizer
-    resp = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    resp = tok(family.response_text(processor, messages, text, response), add_special_tokens=False)["input_ids"]
     n_prompt = enc["input_ids"].shape[1]
     if max_length is not None:
         resp = resp[: max_length - n_prompt]

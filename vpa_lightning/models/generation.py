@@ -19,7 +19,7 @@ __all__ = ["chat_prompt", "encode_for_generation", "generate_answers", "greedy_g
 def chat_prompt(processor: Any, question: str) -> str:
     """The chat-template text of one user turn holding an image and ``question``."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return family_of(processor).prompt_text(processor, messages)  # the template, or PaliGemma's fixed format
 
 
 def encode_for_generation(processor: Any, images: Sequence[Any], questions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -29,8 +29,14 @@ def encode_for_generation(processor: Any, images: Sequence[Any], questions: Sequ
     tok.padding_side = "left"
     try:
         texts = [chat_prompt(processor, q) for q in questions]
-        imgs = family_of(processor).images_argument([[im] for im in images])
-        return dict(processor(images=imgs, text=texts, padding=True, return_tensors="pt"))
+        family = family_of(processor)
+        imgs = family.images_argument([[im] for im in images])
+        kwargs = family.processor_kwargs(processor, texts)  # no second BOS
+        return {
+            k: v
+            for k, v in processor(images=imgs, text=texts, padding=True, return_tensors="pt", **kwargs).items()
+            if k not in family.dropped_inputs
+        }
     finally:
         tok.padding_side = old_side
 

@@ -98,6 +98,11 @@ class GroupBatch:
         group_sizes: K of each group.
         prompt_lengths: ``[N]`` number of prompt tokens (image tokens included) of each row.
         truncated: ``[N]`` bool, whether the response of the row was truncated.
+        image_counts: ``[N]`` images of each row (``None``: one each).
+        pixel_rows: ``[N]`` rows of ``pixel_values`` each row owns, when ``pixel_values`` is laid out
+            per image or per crop/patch rather than one entry per row (``None``: one entry per row).
+        image_inputs: Names of the model inputs with one entry per image (``image_sizes``,
+            ``image_grid_thw``); every other non-token input has one entry per row.
     """
 
     model_inputs: dict[str, Any]
@@ -106,6 +111,9 @@ class GroupBatch:
     group_sizes: list[int]
     prompt_lengths: Tensor
     truncated: Tensor
+    image_counts: Tensor | None = None
+    pixel_rows: Tensor | None = None
+    image_inputs: tuple[str, ...] = ()
 
     def to(self, device: torch.device | str) -> GroupBatch:
         """Move all tensors to ``device`` (returns a new object)."""
@@ -120,25 +128,37 @@ class GroupBatch:
             group_sizes=list(self.group_sizes),
             prompt_lengths=self.prompt_lengths.to(device),
             truncated=self.truncated.to(device),
+            image_counts=move(self.image_counts),
+            pixel_rows=move(self.pixel_rows),
+            image_inputs=self.image_inputs,
         )
+
+
+def _ranges(counts: Tensor, rows: list[int]) -> Tensor:
+    """Indices of the entries owned by ``rows`` when row ``i`` owns ``counts[i]`` consecutive entries."""
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
+    sizes = counts.tolist()
+    return torch.tensor([j for r in rows for j in range(starts[r], starts[r] + sizes[r])], dtype=torch.long)
 
 
 def select_rows(batch: GroupBatch, rows: Tensor) -> GroupBatch:
     """The sub-batch of rows ``rows`` (e.g. the chosen responses, for mDPO's corrupted-image pass).
 
-    Per-row tensors (``[N, ...]``: token inputs, ``pixel_values`` of one image per row,
-    ``image_sizes``, ``image_grid_thw``, ``pixel_attention_mask``) are indexed; Qwen2-VL's flat
-    ``pixel_values`` are gathered by each row's patch range from ``image_grid_thw``.
+    Per-row tensors (``[N, ...]``: token inputs, Idefics3/Mllama ``pixel_values`` and their masks)
+    are indexed; ``pixel_values`` laid out per image or per crop/patch (LLaVA, InternVL's crops,
+    Qwen-VL's flat patches) are gathered by each row's range (``batch.pixel_rows``), and per-image
+    inputs (``image_sizes``, ``image_grid_thw``) by each row's images (``batch.image_counts``).
     """
     n = batch.labels.shape[0]
     rows = rows.to(batch.labels.device)
+    picked = rows.tolist()
+    counts = batch.image_counts if batch.image_counts is not None else torch.ones(n, dtype=torch.long)
     inputs: dict[str, Any] = {}
-    grid = batch.model_inputs.get("image_grid_thw")
     for key, value in batch.model_inputs.items():
-        if key == "pixel_values" and grid is not None:
-            counts = grid.prod(dim=-1)
-            starts = torch.cumsum(counts, 0) - counts
-            inputs[key] = torch.cat([value[int(starts[r]) : int(starts[r] + counts[r])] for r in rows.tolist()])
+        if key == "pixel_values" and batch.pixel_rows is not None:
+            inputs[key] = value[_ranges(batch.pixel_rows.cpu(), picked).to(value.device)]
+        elif key in batch.image_inputs:
+            inputs[key] = value[_ranges(counts.cpu(), picked).to(value.device)]
         elif isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
             inputs[key] = value[rows]
         else:
@@ -151,6 +171,9 @@ def select_rows(batch: GroupBatch, rows: Tensor) -> GroupBatch:
         group_sizes=torch.bincount(group_index, minlength=len(batch.group_sizes)).tolist(),
         prompt_lengths=batch.prompt_lengths[rows],
         truncated=batch.truncated[rows],
+        image_counts=None if batch.image_counts is None else batch.image_counts[rows],
+        pixel_rows=None if batch.pixel_rows is None else batch.pixel_rows[rows],
+        image_inputs=batch.image_inputs,
     )
 
 
@@ -211,6 +234,7 @@ def build_group_batch(
     max_length: int | None = None,
     response_suffix: str | None = None,
     response_fill: Mapping[str, int] | None = None,
+    score_trailing_newline: bool = False,
 ) -> GroupBatch:
     """Tokenise groups into one right-padded batch of ``sum(K)`` sequences.
 
@@ -220,13 +244,19 @@ def build_group_batch(
         max_length: Maximum sequence length (prompt + image tokens + response). The
             response is truncated to fit; a ``ValueError`` names the group whose prompt
             alone does not leave room for one response token.
-        response_suffix: Text appended to every response (tokenised as is, e.g. the
-            end-of-turn token). Defaults to the tokenizer's EOS token; ``""`` for none.
+        response_suffix: ``None`` (default): each response is what the family's chat template
+            writes for the assistant turn after the generation prompt, up to and including its
+            end-of-turn token (see :meth:`~vpa_lightning.models.families.Family.response_text`),
+            so prompt + response are the tokens of ``apply_chat_template([user, assistant],
+            tokenize=True)``. A string: the raw response followed by this text instead (``""``: none).
         response_fill: Value of each per-token processor output (those shaped like
             ``input_ids``, other than ``input_ids``/``attention_mask``) over the response
             tokens, over the family's own (:attr:`~vpa_lightning.models.families.Family.response_fill`,
             e.g. PaliGemma's ``token_type_ids`` 1 = causal suffix); default 0 (= text token for
             ``mm_token_type_ids`` and Gemma-3-style ``token_type_ids``).
+        score_trailing_newline: Also score what the template writes after the end-of-turn token
+            (a newline for most templates, e.g. ``<|im_end|>\\n``), as TRL does. Off by default:
+            generation stops at the end-of-turn token, so the newline is never produced.
 
     Returns:
         A :class:`GroupBatch`.
@@ -234,9 +264,10 @@ def build_group_batch(
     if not groups:
         raise ValueError("groups must not be empty")
     tokenizer = processor.tokenizer
-    if response_suffix is None:
-        response_suffix = tokenizer.eos_token or ""
-    suffix_ids = tokenizer(response_suffix, add_special_tokens=False)["input_ids"] if response_suffix else []
+    family = family_of(processor)
+    suffix_ids = None
+    if response_suffix is not None:
+        suffix_ids = tokenizer(response_suffix, add_special_tokens=False)["input_ids"] if response_suffix else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     prompts: list[str] = []
@@ -246,9 +277,16 @@ def build_group_batch(
     for g, group in enumerate(groups):
         if len(group.responses) < 1:
             raise ValueError(f"{_group_name(group, g)} has no responses")
-        text = processor.apply_chat_template(prompt_messages(group.prompt), add_generation_prompt=True, tokenize=False)
+        messages = prompt_messages(group.prompt)
+        text = family.prompt_text(processor, messages)
         for r, response in enumerate(group.responses):
-            ids = tokenizer(response, add_special_tokens=False)["input_ids"] + list(suffix_ids)
+            if suffix_ids is None:  # the template's own assistant turn, end-of-turn token included
+                ids = tokenizer(
+                    family.response_text(processor, messages, text, response, score_trailing_newline),
+                    add_special_tokens=False,
+                )["input_ids"]
+            else:
+                ids = tokenizer(response, add_special_tokens=False)["input_ids"] + list(suffix_ids)
             if not ids:
                 raise ValueError(f"{_group_name(group, g)}: response {r} is empty after tokenisation")
             prompts.append(text)
@@ -256,13 +294,22 @@ def build_group_batch(
             responses.append(ids)
             owners.append(g)
 
-    family = family_of(processor)
-    enc = processor(text=prompts, images=family.images_argument(images), return_tensors="pt", padding=True)
+    enc = processor(
+        text=prompts, images=family.images_argument(images), return_tensors="pt", padding=True,
+        **family.processor_kwargs(processor, prompts),
+    )
     enc = {k: v for k, v in enc.items() if k not in family.dropped_inputs}
     input_ids: Tensor = enc.pop("input_ids")
     attention_mask: Tensor = enc.pop("attention_mask")
     # per-token processor outputs (mm_token_type_ids, token_type_ids, ...) follow input_ids
-    per_token = {k: enc.pop(k) for k in list(enc) if isinstance(enc[k], Tensor) and enc[k].shape == input_ids.shape}
+    # per-token processor outputs follow input_ids: 2-D ones (mm_token_type_ids, token_type_ids, ...) get
+    # the family's fill over the response, ones with more dimensions (Mllama's cross_attention_mask
+    # [N, T, images, tiles]) repeat the last prompt token's value, as generation extends them
+    per_token = {
+        k: enc.pop(k)
+        for k in list(enc)
+        if isinstance(enc[k], Tensor) and enc[k].dim() >= 2 and enc[k].shape[:2] == input_ids.shape
+    }
     fill = {k: int({**family.response_fill, **(response_fill or {})}.get(k, 0)) for k in per_token}
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
@@ -281,9 +328,7 @@ def build_group_batch(
             )
         resp_ids = torch.tensor(resp[:room], dtype=ids.dtype)
         rows_ids.append(torch.cat([prompt_ids, resp_ids]))
-        rows_tok.append(
-            {k: torch.cat([v[i][keep], v.new_full((resp_ids.numel(),), fill[k])]) for k, v in per_token.items()}
-        )
+        rows_tok.append({k: _extend_per_token(v[i][keep], resp_ids.numel(), fill[k]) for k, v in per_token.items()})
         prompt_lengths.append(n_prompt)
         truncated.append(room < len(resp))
 
@@ -291,7 +336,7 @@ def build_group_batch(
     batch_ids = input_ids.new_full((n, t), pad_id)
     batch_mask = attention_mask.new_zeros((n, t))
     labels = input_ids.new_full((n, t), IGNORE_INDEX)
-    batch_tok = {k: v.new_zeros((n, t)) for k, v in per_token.items()}
+    batch_tok = {k: v.new_zeros((n, t, *v.shape[2:])) for k, v in per_token.items()}
     for i, row in enumerate(rows_ids):
         length = row.numel()
         batch_ids[i, :length] = row
@@ -301,6 +346,7 @@ def build_group_batch(
             values[i, :length] = rows_tok[i][k]
 
     model_inputs = {"input_ids": batch_ids, "attention_mask": batch_mask, **batch_tok, **enc}
+    image_counts = torch.tensor([len(row) for row in images], dtype=torch.long)
     return GroupBatch(
         model_inputs=model_inputs,
         labels=labels,
@@ -308,7 +354,19 @@ def build_group_batch(
         group_sizes=[len(g.responses) for g in groups],
         prompt_lengths=torch.tensor(prompt_lengths, dtype=torch.long),
         truncated=torch.tensor(truncated, dtype=torch.bool),
+        image_counts=image_counts,
+        pixel_rows=family.pixel_rows(processor, enc, input_ids, image_counts),
+        image_inputs=tuple(k for k in family.image_inputs if k in enc),
     )
+
+
+def _extend_per_token(prompt_values: Tensor, n_response: int, fill: int) -> Tensor:
+    """A per-token input over prompt + response: ``fill`` for 2-D inputs, else the last prompt token's value."""
+    if prompt_values.dim() == 1:
+        tail = prompt_values.new_full((n_response,), fill)
+    else:
+        tail = prompt_values[-1:].expand(n_response, *prompt_values.shape[1:])
+    return torch.cat([prompt_values, tail])
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
@@ -317,6 +375,15 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
 
 
 _IMAGE_KWARGS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
+
+
+def _picks(counts: Tensor, first: Tensor, owners: list[int]) -> list[int]:
+    """For every entry of every row (row ``r`` owns ``counts[r]``), its index among the entries of
+    the rows ``first`` (``first[g]`` is the first row of group ``g``; ``owners[r]`` is ``r``'s group)."""
+    unique_counts = counts[first]
+    starts = (torch.cumsum(unique_counts, 0) - unique_counts).tolist()
+    sizes = counts.tolist()
+    return [starts[g] + j for r, g in enumerate(owners) for j in range(sizes[r])]
 
 
 @contextmanager
@@ -351,6 +418,12 @@ def encode_images_once(model: nn.Module, batch: GroupBatch) -> Iterator[None]:
     except ValueError:  # an input that is not per row: leave the batch as it is
         yield
         return
+    owners = inverse.tolist()
+    counts = batch.image_counts if batch.image_counts is not None else torch.ones_like(index)
+    # every image (and every pixel_values row) of the batch -> the same one among the first rows'
+    image_picks = _picks(counts.cpu(), first.cpu(), owners)
+    pixel_picks = _picks(batch.pixel_rows.cpu(), first.cpu(), owners) if batch.pixel_rows is not None else None
+    n_unique_images = int(counts[first].sum())
     positional = [p.name for p in inspect.signature(original).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
 
     def once(*args: Any, **kwargs: Any) -> Any:
@@ -361,9 +434,17 @@ def encode_images_once(model: nn.Module, batch: GroupBatch) -> Iterator[None]:
                 call[name] = unique[name]
         out = original(**call)
         features = getattr(out, "pooler_output", None)
-        if not isinstance(features, (list, tuple)) or len(features) != groups.numel():
+        if isinstance(features, (list, tuple)) and len(features) == n_unique_images:
+            out.pooler_output = [features[i] for i in image_picks]  # one entry per image
+        elif pixel_picks is not None and isinstance(features, Tensor) and features.shape[0] == len(set(pixel_picks)):
+            out.pooler_output = features[torch.tensor(pixel_picks, device=features.device)]  # per crop (InternVL)
+        else:
             return original(*args, **kwargs)  # an unknown layout: encode every row
-        out.pooler_output = [features[g] for g in inverse.tolist()]
+        # per-layer lists of per-image features (Qwen3-VL's deepstack_features) follow the same images
+        for name, value in out.items():
+            if name != "pooler_output" and isinstance(value, (list, tuple)) and value:
+                if all(isinstance(v, (list, tuple)) and len(v) == n_unique_images for v in value):
+                    out[name] = [[layer[i] for i in image_picks] for layer in value]
         return out
 
     base.get_image_features = once  # instance attribute: shadows the method for this forward only
@@ -385,7 +466,7 @@ def _split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
         )
     config = getattr(inner, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    cap = getattr(text_config, "final_logit_softcapping", None)
+    cap = getattr(text_config, "final_logit_softcapping", None) if family_of(inner).final_logit_softcap else None
     return base, head, cap
 
 
@@ -531,6 +612,14 @@ def _expand_like(positions: Tensor, prefix_positions: Tensor) -> Tensor:
     return positions
 
 
+def _take_columns(values: Tensor, src: Tensor, valid: Tensor) -> Tensor:
+    """``values[i, src[i, j], ...]`` where ``valid[i, j]``, else 0 (per-token inputs of any rank)."""
+    extra = values.shape[2:]
+    index = src.view(*src.shape, *(1,) * len(extra)).expand(*src.shape, *extra)
+    taken = values.gather(1, index)
+    return taken * valid.view(*valid.shape, *(1,) * len(extra)).to(taken.dtype)
+
+
 def _prefix_shared_logps(
     model: nn.Module, batch: GroupBatch, token_logps: bool = False, sq_probs: bool = False
 ) -> GroupLogps:
@@ -562,7 +651,11 @@ def _prefix_shared_logps(
     same = ((ids == prompt_of_owner) | (cols[None, :] >= plen[:, None])).all(dim=1) & (plen == plen[first][owner])
     if not bool(same.all()):
         raise ValueError("share_prefix: the rows of a group do not share one prompt")
-    per_token = [k for k, v in inputs.items() if isinstance(v, Tensor) and v.shape == ids.shape and k != "attention_mask"]
+    per_token = [
+        k for k, v in inputs.items()
+        if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[:2] == ids.shape and k != "attention_mask"
+    ]  # includes Mllama's cross_attention_mask [N, T, images, tiles]: both passes need it
+    start = family_of(model).first_position  # PaliGemma counts positions from 1
 
     # 1. prefix pass: prompt of each group, left-padded so every prompt ends at column width - 1
     g_len = plen[first]
@@ -570,7 +663,7 @@ def _prefix_shared_logps(
     src = cols[None, :width] - shift[:, None]  # source column of each prefix column
     valid = src >= 0
     src = src.clamp(min=0)
-    prefix = {k: torch.where(valid, inputs[k][first].gather(1, src), 0) for k in per_token}
+    prefix = {k: _take_columns(inputs[k][first], src, valid) for k in per_token}
     prefix_mask = valid.to(mask.dtype)
     image_inputs = {k: v for k, v in select_rows(batch, first).model_inputs.items() if k not in per_token and k != "attention_mask"}
     rope_index = _rope_index(model) if "image_grid_thw" in image_inputs else None
@@ -581,8 +674,8 @@ def _prefix_shared_logps(
         )  # [3, G, width]
         next_position = position_ids.masked_fill(~valid[None], 0).amax(dim=(0, 2)) + 1  # [G]
     else:
-        position_ids = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
-        next_position = g_len
+        position_ids = (prefix_mask.cumsum(-1) - 1).clamp(min=0) + start
+        next_position = g_len + start
     out = model(
         **prefix, **image_inputs, attention_mask=prefix_mask, position_ids=position_ids,
         use_cache=True, logits_to_keep=1, return_dict=True,
@@ -597,7 +690,7 @@ def _prefix_shared_logps(
     r_cols = torch.arange(r_width, device=device)
     r_valid = r_cols[None, :] < n_resp[:, None]
     r_src = (plen[:, None] + r_cols[None, :]).clamp(max=t - 1)
-    resp = {k: torch.where(r_valid, inputs[k].gather(1, r_src), 0) for k in per_token}
+    resp = {k: _take_columns(inputs[k], r_src, r_valid) for k in per_token}
     resp_ids = resp["input_ids"]
     first_lp = -F.cross_entropy(first_logits[owner], resp_ids[:, 0], reduction="none")  # [N]
     sum_logps = first_lp

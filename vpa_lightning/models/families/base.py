@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["Family"]
+__all__ = ["Family", "assistant_message"]
+
+#: Stands for the response when rendering a chat template, to find what the template writes after it.
+_SENTINEL = "\ue000vpa-response\ue001"
+
+
+def assistant_message(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 class Family:
@@ -20,6 +27,15 @@ class Family:
             ``mm_token_type_ids`` and Gemma-3-style ``token_type_ids``).
         dropped_inputs: Processor outputs that are not model inputs (never passed to the model).
         nested_images: The processor takes one list of images per text, even for one image.
+        needs_chat_template: The prompt comes from the processor's chat template (a checkpoint
+            without one cannot be trained); ``False`` for families with a fixed prompt format.
+        first_position: Position id of a sequence's first token (PaliGemma counts from 1).
+        image_inputs: Model inputs with one entry per image (not per row).
+        pixel_values_per_row: ``pixel_values`` has one entry per row (``[N, images, ...]``, Idefics3,
+            Mllama) rather than one per image.
+        final_logit_softcap: The model's forward soft-caps the logits with the text config's
+            ``final_logit_softcapping`` (the ``hidden`` log-prob method re-applies it); Gemma 3's
+            ``ForConditionalGeneration`` does not, although its text config has one.
     """
 
     name: str = "generic"
@@ -28,12 +44,90 @@ class Family:
     response_fill: Mapping[str, int] = {}
     dropped_inputs: tuple[str, ...] = ()
     nested_images: bool = False
+    needs_chat_template: bool = True
+    first_position: int = 0
+    final_logit_softcap: bool = True
+    image_inputs: tuple[str, ...] = ("image_sizes", "image_grid_thw")
+    pixel_values_per_row: bool = False
 
+    # -- text ------------------------------------------------------------------------------
+    def prompt_text(self, processor: Any, messages: Sequence[dict[str, Any]]) -> str:
+        """The prompt as the model sees it before its answer: the chat template with the generation prompt."""
+        return processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+    def response_text(
+        self,
+        processor: Any,
+        messages: Sequence[dict[str, Any]],
+        prompt: str,
+        response: str,
+        score_trailing_newline: bool = False,
+    ) -> str:
+        """What the chat template writes after ``prompt`` for the assistant turn ``response``, up to and
+        including its end-of-turn token (and the whitespace after it with ``score_trailing_newline``).
+
+        It is the template's own text (its spacing, e.g. Idefics3's ``"Assistant: There"``, and its
+        end-of-turn token, e.g. Gemma 3's ``<end_of_turn>``), so prompt + response tokenise to what
+        ``apply_chat_template([..., assistant], tokenize=True)`` gives. A template that writes no special
+        token after the answer (LLaVA-1.5's) gets the tokenizer's EOS, which the model must learn to emit.
+        """
+        tokenizer = processor.tokenizer
+        render = processor.apply_chat_template
+        marked = render([*messages, assistant_message(_SENTINEL)], tokenize=False)
+        end = marked[marked.index(_SENTINEL) + len(_SENTINEL) :] if _SENTINEL in marked else ""
+        full = render([*messages, assistant_message(response)], tokenize=False)
+        if full.startswith(prompt) and full.endswith(end):
+            body = full[len(prompt) : len(full) - len(end)]
+        else:  # the generation prompt differs from the assistant turn's header (LLaVA-OneVision)
+            body = response
+        keep = end if score_trailing_newline else end.rstrip()
+        if not self._has_special_token(tokenizer, keep):
+            body, keep = body.rstrip() if not score_trailing_newline else body, keep + (tokenizer.eos_token or "")
+        return body + keep
+
+    @staticmethod
+    def _has_special_token(tokenizer: Any, text: str) -> bool:
+        if not text:
+            return False
+        special = {i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
+        return any(i in special for i in tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def processor_kwargs(self, processor: Any, prompts: Sequence[str]) -> dict[str, Any]:
+        """Extra processor arguments for these prompts: no second BOS when the template wrote one
+        (the rule of transformers' own ``apply_chat_template(tokenize=True)``)."""
+        bos = getattr(processor.tokenizer, "bos_token", None)
+        if bos and prompts and all(p.startswith(bos) for p in prompts):
+            return {"add_special_tokens": False}
+        return {}
+
+    # -- images ----------------------------------------------------------------------------
     def images_argument(self, images: list[list[Any]]) -> Any:
         """The ``images=`` argument of the processor for one list of images per text."""
         if self.nested_images or any(len(row) != 1 for row in images):
             return images
         return [row[0] for row in images]
+
+    def pixel_rows_per_image(self, processor: Any, inputs: Mapping[str, Any], input_ids: Any, image_counts: Any) -> Any:
+        """``[images]`` rows of ``pixel_values`` per image: one by default."""
+        import torch
+
+        return torch.ones(int(image_counts.sum()), dtype=torch.long)
+
+    def pixel_rows(self, processor: Any, inputs: Mapping[str, Any], input_ids: Any, image_counts: Any) -> Any:
+        """``[N]`` rows of ``pixel_values`` per row, or ``None`` when ``pixel_values`` is laid out per row."""
+        import torch
+
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is None or self.pixel_values_per_row:
+            return None
+        per_image = self.pixel_rows_per_image(processor, inputs, input_ids, image_counts)
+        if int(per_image.sum()) != pixel_values.shape[0]:
+            raise ValueError(
+                f"{self.name}: pixel_values has {pixel_values.shape[0]} rows, expected {int(per_image.sum())} "
+                f"for {int(image_counts.sum())} images"
+            )
+        owner = torch.repeat_interleave(torch.arange(len(image_counts)), image_counts)
+        return torch.zeros(len(image_counts), dtype=torch.long).index_add(0, owner, per_image)
 
     def __repr__(self) -> str:
         return f"<Family {self.name}>"

@@ -10,6 +10,7 @@ class Idefics3Family(Family):
     model_types = ("idefics3", "smolvlm")
     processor_classes = ("Idefics3Processor", "SmolVLMProcessor")
     nested_images = True
+    pixel_values_per_row = True
 
 
 FAMILY = Idefics3Family()

@@ -1,0 +1,219 @@
+"""Every supported VLM family, on a tiny model with its real chat-template structure (offline, CPU).
+
+Two properties per family:
+
+* **Sequence fidelity**: prompt + response of :func:`build_group_batch` are the tokens of the
+  family's own ``apply_chat_template([user(image, prompt), assistant(response)], tokenize=True)``
+  up to and including the end-of-turn token (one BOS, the template's spacing and end-of-turn token;
+  PaliGemma, which has no template: the processor's own ``suffix=`` training sequence).
+* **Log-probs**: the summed response log-probs of a batched forward (two groups, K = 2 and 3,
+  different image sizes) equal a plain per-sequence forward of those template tokens, in every
+  mode the trainer runs: vision tower once per group (default), prefix sharing, the ``hidden``
+  method, and under LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+Image = pytest.importorskip("PIL.Image")
+
+from vpa_lightning.models import PreferenceGroup, build_group_batch, build_tiny_vlm, family_of, group_logps
+from vpa_lightning.models.tiny import TINY_FAMILIES
+
+PROMPTS = ("What is in the image?", "Describe the picture.")
+RESPONSES = (("There is a cat.", "A dog on a red sofa."), ("Green grass.", "It is red", "Blue sky with ü"))
+#: LLaVA-OneVision's generation prompt ("assistant\n") differs from its template's assistant header
+#: ("assistant \n"): the trained prompt is the generation prompt, the response "text<|im_end|>".
+GENERATION_PROMPT_DIFFERS = {"llava_onevision"}
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def _groups() -> list[PreferenceGroup]:
+    # a 2:1 image (several crops / patches for InternVL and LLaVA-NeXT) and a square one
+    images = (_image(80, 40, 0), _image(40, 40, 1))
+    return [PreferenceGroup(images[i], PROMPTS[i], list(RESPONSES[i]), id=f"g{i}") for i in range(2)]
+
+
+_CACHE: dict[str, tuple] = {}
+
+
+def _tiny(family: str):
+    if family not in _CACHE:
+        _CACHE.clear()  # one family's model at a time
+        _REFERENCES.clear()
+        _CACHE[family] = build_tiny_vlm(family)
+    return _CACHE[family]
+
+
+def template_inputs(processor, image, prompt: str, response: str | None) -> dict:
+    """The family's own tokenisation of [user(image, prompt)] (+ assistant(response)), as tensors."""
+    if not family_of(processor).needs_chat_template:  # PaliGemma: the processor's prefix + suffix
+        kwargs = {} if response is None else {"suffix": [response]}
+        out = processor(text=[processor.image_token + prompt], images=[image], return_tensors="pt", **kwargs)
+        return {k: v for k, v in out.items() if k != "labels"}
+    conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+    if response is not None:
+        conversation.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+    out = processor.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=response is None
+    )
+    return dict(out)
+
+
+def reference_logps(model, processor, image, prompt: str, response: str) -> tuple[float, int]:
+    """Summed log-prob of the response tokens (through the end-of-turn token) with one plain forward
+    of the template's own sequence; the count of those tokens."""
+    family = family_of(processor)
+    n_prompt = template_inputs(processor, image, prompt, None)["input_ids"].shape[1]
+    inputs = template_inputs(processor, image, prompt, response)
+    ids = inputs["input_ids"][0]
+    if type(model).__name__.startswith("LlavaOnevision"):  # see GENERATION_PROMPT_DIFFERS
+        raise AssertionError("use the generation prompt for LLaVA-OneVision")
+    # the response ends at its end-of-turn token: drop what the template writes after it (whitespace)
+    end = ids.shape[0]
+    tok = processor.tokenizer
+    while end > n_prompt and tok.decode(ids[end - 1 : end]).strip() == "":
+        end -= 1
+    inputs = {k: (v[:, :end] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == ids.shape[0] else v) for k, v in inputs.items()}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    del family
+    with torch.no_grad():
+        logits = model(**inputs).logits[0].float()
+    logp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, inputs["input_ids"][0, 1:, None])[:, 0]
+    return logp[n_prompt - 1 :].sum().item(), end - n_prompt
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("trailing", [False, True])
+def test_sequence_is_the_chat_template(family, trailing) -> None:
+    _, processor = _tiny(family)
+    group = _groups()[0]
+    batch = build_group_batch(processor, [group], score_trailing_newline=trailing)
+    tok = processor.tokenizer
+    for row, response in enumerate(group.responses):
+        ours = batch.model_inputs["input_ids"][row][batch.model_inputs["attention_mask"][row].bool()].tolist()
+        n_prompt = int(batch.prompt_lengths[row])
+        prompt = template_inputs(processor, group.image, group.prompt, None)["input_ids"][0].tolist()
+        assert ours[:n_prompt] == prompt  # the generation prompt, one BOS
+        if tok.bos_token_id is not None:
+            assert ours.count(tok.bos_token_id) <= 1
+        if family in GENERATION_PROMPT_DIFFERS:
+            assert tok.decode(ours[n_prompt:]) == response + "<|im_end|>" + ("\n" if trailing else "")
+            continue
+        full = template_inputs(processor, group.image, group.prompt, response)["input_ids"][0].tolist()
+        assert ours == full[: len(ours)], (tok.convert_ids_to_tokens(ours[n_prompt:]), tok.convert_ids_to_tokens(full[n_prompt:]))
+        rest = tok.decode(full[len(ours) :])
+        assert rest == "" if trailing else rest.strip() == "", repr(rest)
+        # the response ends with the template's end-of-turn token (then, with `trailing`, its whitespace)
+        end = len(ours)
+        while tok.decode(ours[end - 1 : end]).strip() == "":
+            end -= 1
+        assert end == len(ours) or trailing
+        assert tok.convert_ids_to_tokens(ours[end - 1]) in tok.all_special_tokens
+
+
+def test_end_of_turn_tokens_are_the_templates() -> None:
+    """Gemma 3 ends turns with <end_of_turn> (not EOS); Idefics3/SmolVLM keep "Assistant: There"."""
+    for family, end in [("gemma3", "<end_of_turn>"), ("idefics3", "<end_of_utterance>"), ("mllama", "<|eot_id|>")]:
+        _, processor = _tiny(family)
+        batch = build_group_batch(processor, _groups()[:1])
+        n = int(batch.prompt_lengths[0])
+        length = int(batch.model_inputs["attention_mask"][0].sum())
+        text = processor.tokenizer.decode(batch.model_inputs["input_ids"][0, n:length])
+        assert text.endswith(end) and processor.tokenizer.eos_token not in text, (family, text)
+    _, processor = _tiny("smolvlm")
+    batch = build_group_batch(processor, _groups()[:1])
+    ids = batch.model_inputs["input_ids"][0]
+    text = processor.tokenizer.decode(ids[: int(batch.model_inputs["attention_mask"][0].sum())])
+    assert "Assistant: There is a cat.<end_of_utterance>" in text
+
+
+MODES = ["vision_once", "every_row", "prefix_sharing", "hidden", "lora", "lora_prefix_sharing"]
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    from vpa_lightning.models import default_lora_targets
+
+    torch.manual_seed(0)
+    # init_lora_weights=False: random B, so the adapters change the log-probs
+    return get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=default_lora_targets(model), init_lora_weights=False))
+
+
+_REFERENCES: dict[tuple[str, bool], list[tuple[float, int]]] = {}
+
+
+def _references(family: str, net, processor, lora: bool) -> list[tuple[float, int]]:
+    if (family, lora) not in _REFERENCES:
+        refs = []
+        for g in _groups():
+            for r in g.responses:
+                if family in GENERATION_PROMPT_DIFFERS:
+                    refs.append(_onevision_reference(net, processor, g, r))
+                else:
+                    refs.append(reference_logps(net, processor, g.image, g.prompt, r))
+        _REFERENCES[(family, lora)] = refs
+    return _REFERENCES[(family, lora)]
+
+
+# all modes of a family in a row: one tiny model (and its references) built at a time
+@pytest.mark.parametrize(("family", "mode"), [(f, m) for f in TINY_FAMILIES for m in MODES])
+def test_logps_equal_a_plain_forward_of_the_template_tokens(family, mode) -> None:
+    model, processor = _tiny(family)
+    groups = _groups()
+    net = _lora(model) if mode.startswith("lora") else model
+    try:
+        net.eval()
+        batch = build_group_batch(processor, groups)
+        with torch.no_grad():
+            out = group_logps(
+                net,
+                batch,
+                method="hidden" if mode == "hidden" else "forward",
+                share_prefix=mode.endswith("prefix_sharing"),
+                share_image=mode != "every_row",
+                chunk_size=3,
+            )
+        expected = _references(family, net, processor, lora=net is not model)
+        torch.testing.assert_close(out.sum_logps, torch.tensor([e[0] for e in expected]), rtol=1e-4, atol=1e-4)
+        assert out.n_tokens.tolist() == [e[1] for e in expected]
+    finally:
+        if net is not model:
+            net.unload()
+
+
+def _onevision_reference(model, processor, group, response):
+    prompt = template_inputs(processor, group.image, group.prompt, None)
+    resp = processor.tokenizer(response + "<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    n_prompt = prompt["input_ids"].shape[1]
+    inputs = dict(prompt)
+    inputs["input_ids"] = torch.cat([prompt["input_ids"], resp], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    with torch.no_grad():
+        logits = model(**inputs).logits[0].float()
+    logp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, inputs["input_ids"][0, 1:, None])[:, 0]
+    return logp[n_prompt - 1 :].sum().item(), resp.shape[1]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_generation_prompt_and_greedy_answers(family) -> None:
+    """Generation (report callback, `vpa seva`, `vpa eval`) encodes the prompt exactly as training does."""
+    from vpa_lightning.models.generation import encode_for_generation, generate_answers
+
+    model, processor = _tiny(family)
+    groups = _groups()
+    images, questions = [g.image for g in groups], [g.prompt for g in groups]
+    inputs = encode_for_generation(processor, images, questions)
+    for i, g in enumerate(groups):
+        row = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].tolist()
+        assert row == template_inputs(processor, g.image, g.prompt, None)["input_ids"][0].tolist()
+    answers = generate_answers(model, processor, images, questions, max_new_tokens=3, batch_size=2)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
