@@ -13,7 +13,7 @@ Both sides train the same thing: LoRA r=16, alpha=32, dropout 0 on every ``nn.Li
 language model (the regex of ``vpa_lightning.module.default_lora_targets``), the reference is the
 same network with the adapters disabled, DPO sigmoid loss with beta 0.1 on summed response
 log-probs, AdamW (lr 5e-6, no weight decay, cosine schedule without warm-up), gradient clipping at
-norm 1.0, float32, no gradient checkpointing, ``max_length`` 512, data collated on the fly in the
+norm 1.0, float32, gradient checkpointing with ``--gradient-checkpointing`` (both sides, non-reentrant), ``max_length`` 512, data collated on the fly in the
 training process (no DataLoader workers). Each side is used the way its users run it:
 
 * **vpa**: ``VisionDPOModule`` trained by a ``lightning.Trainer.fit`` over a ``DataLoader`` of
@@ -82,6 +82,17 @@ LORA_R, LORA_ALPHA = 16, 32
 MAX_GRAD_NORM = 1.0
 K_GROUP = 4  # responses per VLFeedback-like group
 
+#: The default (CPU) shape; ``--shape llava7b-2l`` is LLaVA-1.5-7B's widths with 2 text layers (GPU check).
+DEFAULT_SHAPE = {"vision_hidden": 128, "vision_layers": 2, "vision_heads": 4, "text_hidden": 256, "text_intermediate": 704,
+                 "text_layers": 4, "text_heads": 8, "text_kv_heads": 4, "vocab": 0}
+SHAPES = {
+    "small": DEFAULT_SHAPE,
+    # LLaVA-1.5-7B: CLIP ViT-L/14 (1024 wide, 16 heads; 336 px -> 576 image tokens), Vicuna-7B (4096 wide, 11008 MLP,
+    # 32 heads, 32,000 vocabulary); depth reduced to fit a time budget
+    "llava7b-2l": {"vision_hidden": 1024, "vision_layers": 2, "vision_heads": 16, "text_hidden": 4096,
+                   "text_intermediate": 11008, "text_layers": 2, "text_heads": 32, "text_kv_heads": 32, "vocab": 32000},
+}
+
 QUESTIONS = [
     "What is in the image? Describe the picture in detail.",
     "How many people are in this picture?",
@@ -93,7 +104,7 @@ QUESTIONS = [
 
 
 # -- model and data ------------------------------------------------------------------------------
-def build_model(out_dir: str, image_size: int, seed: int = 0) -> None:
+def build_model(out_dir: str, image_size: int, seed: int = 0, shape: dict[str, int] | None = None) -> None:
     """Build the LLaVA-shaped model + processor from configs and save both to ``out_dir``."""
     import torch
     from transformers import (
@@ -110,26 +121,27 @@ def build_model(out_dir: str, image_size: int, seed: int = 0) -> None:
         chat_template,
     )
 
+    shape = {**DEFAULT_SHAPE, **(shape or {})}
     patch = 14
     if image_size % patch:
         raise ValueError(f"--image-size must be a multiple of {patch}")
     tokenizer = build_tiny_tokenizer(["<image>"])
     vision = CLIPVisionConfig(
-        hidden_size=128,
-        intermediate_size=512,
+        hidden_size=shape["vision_hidden"],
+        intermediate_size=4 * shape["vision_hidden"],
         projection_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        num_hidden_layers=shape["vision_layers"],
+        num_attention_heads=shape["vision_heads"],
         image_size=image_size,
         patch_size=patch,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
+        vocab_size=max(len(tokenizer), shape["vocab"]),
+        hidden_size=shape["text_hidden"],
+        intermediate_size=shape["text_intermediate"],
+        num_hidden_layers=shape["text_layers"],
+        num_attention_heads=shape["text_heads"],
+        num_key_value_heads=shape["text_kv_heads"],
         max_position_embeddings=2048,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -264,8 +276,9 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
         lora_dropout=0.0,
         learning_rate=LR,
         warmup_ratio=0.0,
-        gradient_checkpointing=False,
-        prefix_sharing=spec.get("prefix_sharing", False),
+        gradient_checkpointing=spec["gradient_checkpointing"],
+        prefix_sharing=spec["mode"] == "prefix_sharing",
+        packed=spec["mode"] == "packed",
     )
     loader = DataLoader(
         examples,
@@ -293,7 +306,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = pl.Trainer(
         accelerator="gpu" if spec["device"] == "cuda" else "cpu",
         devices=1,
-        precision="32-true",
+        precision=spec.get("precision", "32-true"),
         max_steps=n_steps,
         max_epochs=1,
         gradient_clip_val=MAX_GRAD_NORM,
@@ -356,9 +369,10 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
         report_to="none",
         use_cpu=spec["device"] != "cuda",
-        bf16=False,
+        bf16=spec.get("precision") == "bf16-mixed",
         fp16=False,
-        activation_checkpointing=False,
+        activation_checkpointing=spec["gradient_checkpointing"],
+        activation_checkpointing_kwargs={"use_reentrant": False} if spec["gradient_checkpointing"] else None,
         per_device_train_batch_size=pairs_per_step,
         gradient_accumulation_steps=1,
         max_steps=n_steps,
@@ -429,7 +443,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 # -- driver --------------------------------------------------------------------------------------
 def _worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
-    result = (run_vpa if spec["side"] == "vpa" else run_trl)(spec)
+    result = (run_trl if spec["side"] == "trl" else run_vpa)(spec)
     Path(spec["out"]).write_text(json.dumps(result))
 
 
@@ -477,7 +491,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--settings", default="pairwise,groups")
     parser.add_argument("--prefix-sharing", action="store_true",
-                        help="vpa side with --model.prefix_sharing (image + prompt once per group)")
+                        help="shorthand for --vpa-modes prefix_sharing (image + prompt once per group, KV cache)")
+    parser.add_argument("--vpa-modes", default="plain",
+                        help="comma list of vpa group modes run side by side with TRL: plain, packed, prefix_sharing")
+    parser.add_argument("--shape", default="small", choices=sorted(SHAPES),
+                        help="model widths/depths: small (CPU default) or llava7b-2l (LLaVA-1.5-7B widths, 2 text layers)")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
+                        help="both sides: float32, or bf16 autocast (Lightning bf16-mixed / TRL bf16=True)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="gradient checkpointing on both sides (non-reentrant)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "both"],
                         help="auto = cpu, plus cuda when available")
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/trainer_vs_trl.json"))
@@ -501,10 +523,16 @@ def main(argv: list[str] | None = None) -> None:
     if "cuda" in devices and not torch.cuda.is_available():
         parser.error("CUDA is not available")
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    modes = ["prefix_sharing"] if args.prefix_sharing else [m.strip() for m in args.vpa_modes.split(",") if m.strip()]
+    if set(modes) - {"plain", "packed", "prefix_sharing"}:
+        parser.error(f"--vpa-modes: unknown {sorted(set(modes) - {'plain', 'packed', 'prefix_sharing'})}")
+    if args.gradient_checkpointing and "prefix_sharing" in modes:
+        parser.error("prefix_sharing runs on the KV cache and cannot use --gradient-checkpointing")
+    vpa_sides = [f"vpa:{m}" for m in modes]
 
     t_start = time.perf_counter()
     model_dir = tempfile.mkdtemp(prefix="vpa-vs-trl-model-")
-    build_model(model_dir, args.image_size)
+    build_model(model_dir, args.image_size, shape=SHAPES[args.shape])
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
@@ -512,17 +540,20 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     del model
     print(f"model: LLaVA (CLIP {args.image_size}px/14 = {(args.image_size // 14) ** 2} image tokens, "
-          f"Llama 256x4), {n_params / 1e6:.2f} M parameters; LoRA targets {lora_targets}")
+          f"shape {args.shape}), {n_params / 1e6:.2f} M parameters; LoRA targets {lora_targets}")
 
     results: dict[str, Any] = {}
     for device in devices:
         for setting in settings:
-            runs: dict[str, list[dict]] = {"vpa": [], "trl": []}
+            sides = [*vpa_sides, "trl"]
+            runs: dict[str, list[dict]] = {side: [] for side in sides}
             for rep in range(args.repeats):
-                order = ["vpa", "trl"] if rep % 2 == 0 else ["trl", "vpa"]
+                order = sides if rep % 2 == 0 else sides[::-1]
                 for side in order:
                     spec = {
                         "side": side,
+                        "mode": side.split(":", 1)[1] if side != "trl" else None,
+                        "gradient_checkpointing": args.gradient_checkpointing,
                         "setting": setting,
                         "device": device,
                         "model_dir": model_dir,
@@ -534,43 +565,40 @@ def main(argv: list[str] | None = None) -> None:
                         "image_size": args.image_size,
                         "max_length": args.max_length,
                         "data_seed": 1234,
-                        "prefix_sharing": args.prefix_sharing,
+                        "precision": args.precision,
                     }
                     r = _spawn(spec, args.timeout)
                     runs[side].append(r)
-                    print(f"[{device}/{setting}] {side:3s} run {rep + 1}: {r['pairs_per_s']:.3f} pairs/s, "
+                    print(f"[{device}/{setting}] {side:18s} run {rep + 1}: {r['pairs_per_s']:.3f} pairs/s, "
                           f"peak {r['peak_memory_mib']:.0f} MiB, step-0 loss {r['loss_step0']:.4f}, "
                           f"{r['sequences_per_forward']} sequences/forward", flush=True)
             best = {side: max(rs, key=lambda r: r["pairs_per_s"]) for side, rs in runs.items()}
+            trl = best["trl"]
             entry = {
-                "pairs_per_step": best["vpa"]["pairs_per_step"],
-                "vpa": {**best["vpa"], "all_pairs_per_s": [r["pairs_per_s"] for r in runs["vpa"]],
-                        "all_peak_memory_mib": [r["peak_memory_mib"] for r in runs["vpa"]]},
-                "trl": {**best["trl"], "all_pairs_per_s": [r["pairs_per_s"] for r in runs["trl"]],
-                        "all_peak_memory_mib": [r["peak_memory_mib"] for r in runs["trl"]]},
-                "throughput_ratio_vpa_over_trl": best["vpa"]["pairs_per_s"] / best["trl"]["pairs_per_s"],
-                "peak_memory_ratio_vpa_over_trl": best["vpa"]["peak_memory_mib"] / best["trl"]["peak_memory_mib"],
-                "target_throughput_ratio": 1.5 if setting == "pairwise" else 3.0,
+                "pairs_per_step": trl["pairs_per_step"],
+                "gradient_checkpointing": args.gradient_checkpointing,
+                **{side: {**best[side], "all_pairs_per_s": [r["pairs_per_s"] for r in runs[side]],
+                          "all_peak_memory_mib": [r["peak_memory_mib"] for r in runs[side]]} for side in sides},
+                "throughput_ratio_over_trl": {s: best[s]["pairs_per_s"] / trl["pairs_per_s"] for s in vpa_sides},
+                "peak_memory_ratio_over_trl": {s: best[s]["peak_memory_mib"] / trl["peak_memory_mib"] for s in vpa_sides},
+                "target_throughput_ratio": 1.5 if setting == "pairwise" else 5.0,
             }
-            entry["step0_loss_matches_ln2"] = all(
-                abs(best[s]["loss_step0"] - math.log(2)) < 1e-3 for s in ("vpa", "trl")
-            )
+            entry["step0_loss_matches_ln2"] = all(abs(best[s]["loss_step0"] - math.log(2)) < 1e-3 for s in sides)
             results[f"{device}/{setting}"] = entry
 
     mem_name = {"cpu": "peak RSS", "cuda": "peak CUDA alloc"}
     print()
-    header = (f"{'device/setting':18s} {'pairs/step':>10s} {'vpa pairs/s':>12s} {'TRL pairs/s':>12s} {'ratio':>6s} "
-              f"{'target':>6s} {'vpa MiB':>8s} {'TRL MiB':>8s} {'mem ratio':>9s} {'vpa seq':>7s} {'TRL seq':>7s} "
-              f"{'loss0 vpa/TRL':>14s}")
+    header = (f"{'device/setting':18s} {'side':18s} {'pairs/step':>10s} {'pairs/s':>9s} {'x TRL':>6s} {'MiB':>7s} "
+              f"{'mem/TRL':>7s} {'seq':>5s} {'loss0':>7s}")
     print(header)
     print("-" * len(header))
     for key, e in results.items():
-        v, t = e["vpa"], e["trl"]
-        print(f"{key:18s} {e['pairs_per_step']:>10d} {v['pairs_per_s']:>12.3f} {t['pairs_per_s']:>12.3f} "
-              f"{e['throughput_ratio_vpa_over_trl']:>5.2f}x {e['target_throughput_ratio']:>5.1f}x "
-              f"{v['peak_memory_mib']:>8.0f} {t['peak_memory_mib']:>8.0f} {e['peak_memory_ratio_vpa_over_trl']:>9.2f} "
-              f"{v['sequences_per_forward']:>7} {t['sequences_per_forward']:>7} "
-              f"{v['loss_step0']:.4f}/{t['loss_step0']:.4f}")
+        for side in [*vpa_sides, "trl"]:
+            v = e[side]
+            ratio = e["throughput_ratio_over_trl"].get(side, 1.0)
+            mem = e["peak_memory_ratio_over_trl"].get(side, 1.0)
+            print(f"{key:18s} {side:18s} {e['pairs_per_step']:>10d} {v['pairs_per_s']:>9.3f} {ratio:>5.2f}x "
+                  f"{v['peak_memory_mib']:>7.0f} {mem:>7.2f} {v['sequences_per_forward']!s:>5s} {v['loss_step0']:>7.4f}")
     print(f"(memory = {', '.join(mem_name[d] for d in devices)}; seq = sequences per forward pass, "
           f"2 forwards per step on both sides: reference no-grad + policy with grad; ln 2 = {math.log(2):.4f})")
 
@@ -588,12 +616,13 @@ def main(argv: list[str] | None = None) -> None:
             "family": "llava",
             "parameters": n_params,
             "image_tokens": (args.image_size // 14) ** 2,
-            "vision": "CLIP, hidden 128, 2 layers, patch 14",
-            "text": "Llama, hidden 256, intermediate 704, 4 layers, 8 heads / 4 KV heads",
+            "shape": args.shape,
+            **SHAPES[args.shape],
             "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "target_modules": lora_targets},
         },
         "training": {"beta": BETA, "loss": "sigmoid", "lr": LR, "optimizer": "AdamW", "max_grad_norm": MAX_GRAD_NORM,
-                     "dtype": "float32", "gradient_checkpointing": False, "logps": "summed"},
+                     "dtype": "float32" if args.precision == "32-true" else "bf16 autocast", "precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing, "logps": "summed",
+                     "vpa_modes": modes},
         "results": results,
         "wall_seconds": time.perf_counter() - t_start,
     }

@@ -125,6 +125,10 @@ def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = No
     image_inputs = {k: v for k, v in select_rows(batch, firsts).model_inputs.items()
                     if k not in per_token and k not in ("input_ids", "attention_mask")}
     rope_index = _rope_index(model) if "image_grid_thw" in image_inputs else None
+    if rope_index is not None and image_inputs["image_grid_thw"].shape[0] != len(order):
+        raise ValueError("packed groups: M-RoPE positions need exactly one image per group; use the plain path")
+    if "token_type_ids" in per_token:  # PaliGemma / Gemma-3: attention over image tokens depends on token types
+        raise ValueError("packed groups: models whose attention follows token_type_ids (PaliGemma, Gemma-3) need the plain path")
 
     pad_id = int(batch.labels[batch.labels != IGNORE_INDEX][0])  # a text token: never an image placeholder
     packed_ids = ids.new_full((n_rows, width), pad_id)
