@@ -91,3 +91,30 @@ def test_first_fit_packing_and_prompt_check() -> None:
     batch.group_sizes = [5]
     with pytest.raises(ValueError, match="do not share one prompt"):
         group_logps(model, batch, pack=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_packed_on_cuda_bf16(family, attn) -> None:
+    """On the GPU: packed log-probs in bf16 through SDPA's masked kernel and FlexAttention block masks."""
+    model, processor = build_tiny_vlm(family)
+    model = model.to("cuda", torch.bfloat16)
+    model.set_attn_implementation(attn)
+    batch = build_group_batch(processor, _groups()).to("cuda")
+    with torch.no_grad():
+        plain = group_logps(model, batch)
+        packed = group_logps(model, batch, pack=True, pack_tokens=10_000)
+    torch.testing.assert_close(packed.sum_logps, plain.sum_logps, rtol=2e-2, atol=0.5)
+    assert packed.n_tokens.tolist() == plain.n_tokens.tolist()
+
+
+@pytest.mark.parametrize("method", ["hidden", "forward"])
+def test_packed_token_logps_and_sq_probs(method) -> None:
+    model, processor = build_tiny_vlm("llava")
+    batch = build_group_batch(processor, _groups())
+    with torch.no_grad():
+        plain = group_logps(model, batch, method=method, token_logps=True, sq_probs=True)
+        packed = group_logps(model, batch, method=method, pack=True, token_logps=True, sq_probs=True)
+    torch.testing.assert_close(packed.token_logps, plain.token_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.log_sum_sq_probs, plain.log_sum_sq_probs, rtol=1e-5, atol=1e-4)

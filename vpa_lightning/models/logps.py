@@ -523,10 +523,8 @@ def group_logps(
     if pack:
         from vpa_lightning.models.packed import packed_logps
 
-        if token_logps or sq_probs:
-            raise ValueError("packed groups give summed log-probs only (no token_logps / sq_probs)")
-
-        return packed_logps(model, batch, method=method, chunk_size=chunk_size, max_tokens=pack_tokens)
+        return packed_logps(model, batch, method=method, chunk_size=chunk_size, max_tokens=pack_tokens,
+                            token_logps=token_logps, sq_probs=sq_probs)
     if share_prefix:
         if method != "forward":
             raise ValueError("share_prefix works with method='forward' only")

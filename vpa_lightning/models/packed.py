@@ -49,6 +49,7 @@ class PackedBatch:
             (a group's last prefix position appears once per response).
         targets: ``[M]`` the scored tokens.
         rows: ``[M]`` the batch row (response) of each scored token.
+        token_index: ``[M]`` index of each scored token within its response.
         tokens: real tokens in the packed rows (padding excluded).
     """
 
@@ -56,6 +57,7 @@ class PackedBatch:
     positions: Tensor
     targets: Tensor
     rows: Tensor
+    token_index: Tensor
     tokens: int
 
 
@@ -137,7 +139,7 @@ def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = No
     resp_id = torch.full((n_rows, width), -1, dtype=torch.long)  # response within the group (-1: prefix)
     pos_dims = 3 if rope_index is not None else 1
     positions = torch.zeros((pos_dims, n_rows, width), dtype=torch.long, device=device)
-    score_pos, score_tgt, score_row = [], [], []
+    score_pos, score_tgt, score_row, score_idx = [], [], [], []
     grid_at = 0
     for r, row in enumerate(layout):
         col = 0
@@ -175,6 +177,7 @@ def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = No
                 score_pos.append(torch.tensor([prefix_end] + list(range(r * width + col, r * width + col + n - 1))))
                 score_tgt.append(resp)
                 score_row.append(torch.full((n,), row_index))
+                score_idx.append(torch.arange(n))
                 col += n
     real = int((seg_id >= 0).sum())
     mask = _segment_mask(model, seg_id.to(device), resp_id.to(device), ids.dtype)
@@ -185,6 +188,7 @@ def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = No
         positions=torch.cat(score_pos).to(device),
         targets=torch.cat(score_tgt).to(device),
         rows=torch.cat(score_row).to(device),
+        token_index=torch.cat(score_idx).to(device),
         tokens=real,
     )
 
@@ -223,13 +227,22 @@ def _segment_mask(model: nn.Module, seg_id: Tensor, resp_id: Tensor, _dtype: tor
 
 
 def packed_logps(
-    model: nn.Module, batch: GroupBatch, method: str = "hidden", chunk_size: int = 256, max_tokens: int | None = None
+    model: nn.Module,
+    batch: GroupBatch,
+    method: str = "hidden",
+    chunk_size: int = 256,
+    max_tokens: int | None = None,
+    token_logps: bool = False,
+    sq_probs: bool = False,
 ) -> GroupLogps:
     """:func:`~vpa_lightning.models.logps.group_logps` over packed shared-prefix groups (one forward).
 
     ``method="hidden"`` (default) runs the decoder and scores through the chunked LM head;
     ``"forward"`` runs the model's forward with a boolean ``logits_to_keep`` over the scoring positions.
+    ``token_logps`` / ``sq_probs`` as in :func:`~vpa_lightning.models.logps.group_logps`.
     """
+    from vpa_lightning.models.logps import _log_sum_sq, _scatter_tokens
+
     packed = pack_groups(model, batch, max_tokens)
     n = batch.labels.shape[0]
     r, width = packed.model_inputs["input_ids"].shape
@@ -238,6 +251,14 @@ def packed_logps(
         hidden = base(**packed.model_inputs, use_cache=False, return_dict=True).last_hidden_state
         states = hidden.reshape(r * width, -1).index_select(0, packed.positions)
         flat = head_token_logps(head, states, packed.targets, chunk_size, cap)
+        sq = None
+        if sq_probs:  # no gradient: chunk by chunk, nothing kept
+            with torch.no_grad():
+                parts = []
+                for s in range(0, states.shape[0], chunk_size):
+                    chunk = head(states[s : s + chunk_size]).float()
+                    parts.append(_log_sum_sq(torch.tanh(chunk / cap) * cap if cap else chunk))
+                sq = torch.cat(parts) if parts else flat.new_zeros(0)
     elif method == "forward":
         keep = torch.zeros(r * width, dtype=torch.bool, device=packed.positions.device)
         keep[packed.positions] = True
@@ -246,8 +267,14 @@ def packed_logps(
         slot = torch.cumsum(keep.long(), 0) - 1
         logits = out.logits.float()[slot[packed.positions]]
         flat = torch.log_softmax(logits, dim=-1).gather(1, packed.targets[:, None])[:, 0]
+        sq = _log_sum_sq(logits) if sq_probs else None
     else:
         raise ValueError(f"method must be 'forward' or 'hidden', got {method!r}")
     sum_logps = torch.zeros(n, dtype=torch.float32, device=flat.device).index_add(0, packed.rows, flat.float())
     n_tokens = torch.bincount(packed.rows, minlength=n).to(batch.labels.device)
-    return GroupLogps(sum_logps=sum_logps, n_tokens=n_tokens, group_index=batch.group_index, group_sizes=list(batch.group_sizes))
+    out = GroupLogps(sum_logps=sum_logps, n_tokens=n_tokens, group_index=batch.group_index, group_sizes=list(batch.group_sizes))
+    if token_logps:
+        out.token_logps = _scatter_tokens(flat.float(), packed.rows, packed.token_index, n, int(n_tokens.max()) if n else 0)
+    if sq is not None:
+        out.log_sum_sq_probs = torch.zeros(n, dtype=torch.float32, device=flat.device).index_add(0, packed.rows, sq)
+    return out
