@@ -250,6 +250,10 @@ fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs
             Line::Rejected(earlier)
         }
     };
+    if draft.responses.len() > fc.cfg.max_responses {
+        let why = format!("{} responses, over the limit of {} per group (--max-responses)", draft.responses.len(), fc.cfg.max_responses);
+        return unowned_reject(response_rejects, Reject::record(&src, "responses", why));
+    }
     let field = |i: usize| if draft.images.len() == 1 { "image".to_string() } else { format!("images[{i}]") };
     let mut imgs = Vec::with_capacity(draft.images.len());
     for (i, im) in draft.images.iter().enumerate() {
@@ -474,6 +478,13 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
     counts.responses_collapsed += g.collapsed;
     counts.prompts_near_duplicate += g.near_dup_merged;
     counts.pairs_dropped_identical += g.identical_pairs;
+    // Pooled duplicates can exceed the per-record limit; ranking is quadratic in K, so it is a reject.
+    if n > cfg.max_responses {
+        return Ranked::Dropped(format!(
+            "group has {n} distinct responses after deduplication, over the limit of {} (--max-responses)",
+            cfg.max_responses
+        ));
+    }
     // A text-only group is split by its key (its normalised prompt).
     let val = match split_of(&g.images, &format!("text\0{}", g.key), cfg.val_fraction) {
         Ok(v) => v,

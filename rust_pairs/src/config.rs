@@ -209,6 +209,9 @@ pub struct BuildConfig {
     /// Strength of the Gaussian prior on Bradley-Terry log-strengths (L2 penalty alpha).
     pub bt_prior: f64,
     pub max_text_chars: usize,
+    /// Responses per record, and per group after duplicates are pooled; more are rejected
+    /// (ranking and all-pairs selection are quadratic in this).
+    pub max_responses: usize,
     pub max_record_bytes: usize,
     pub image_check: ImageCheck,
     /// Images with more pixels (width x height, read from the header before any decode) are
@@ -259,6 +262,7 @@ impl Default for BuildConfig {
             near_dup_threshold: None,
             bt_prior: 0.1,
             max_text_chars: 100_000,
+            max_responses: 256,
             max_record_bytes: 64 << 20,
             image_check: ImageCheck::Structure,
             max_image_pixels: 89_478_485,
@@ -425,6 +429,9 @@ impl BuildConfig {
         }
         if self.max_image_pixels == 0 {
             return bad("--max-image-pixels must be >= 1".into());
+        }
+        if !(2..=65_536).contains(&self.max_responses) {
+            return bad(format!("--max-responses must be in 2..=65536, got {}", self.max_responses));
         }
         if self.max_text_chars == 0 {
             return bad("--max-text-chars must be >= 1".into());

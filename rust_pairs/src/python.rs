@@ -90,6 +90,12 @@ fn bradley_terry(n_items: usize, comparisons: Vec<(usize, usize, f64)>, alpha: f
         if w >= n_items || l >= n_items {
             return Err(ConfigError::new_err(format!("comparison ({w}, {l}) names an item outside 0..{n_items}")));
         }
+        if w == l {
+            return Err(ConfigError::new_err(format!("comparison ({w}, {l}) compares an item with itself")));
+        }
+        if !(x.is_finite() && x >= 0.0) {
+            return Err(ConfigError::new_err(format!("comparison ({w}, {l}) has weight {x}; weights must be finite and >= 0")));
+        }
         c.win(w, l, x);
     }
     Ok(fit(&c, alpha))

@@ -124,12 +124,12 @@ impl Stats {
             }
         }
         let theta = fit(&c, prior);
+        let (all_wins, all_games) = c.totals();
         let mut rows: Vec<Value> = names
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let wins: f64 = (0..names.len()).map(|j| c.get(i, j)).sum();
-                let games: f64 = (0..names.len()).map(|j| c.get(i, j) + c.get(j, i)).sum();
+                let (wins, games) = (all_wins[i], all_games[i]);
                 json!({
                     "model": n,
                     "strength": theta[i],

@@ -217,3 +217,36 @@ def _sample_jsons(out: Path) -> list[bytes]:
         with tarfile.open(out / s["path"]) as tf:
             found += [tf.extractfile(x).read() for x in tf.getmembers() if x.name.endswith(".json")]
     return found
+
+
+# --- 2. ranking is bounded and linear in the comparisons present ------------------------------
+
+def many_responses(img: str, k: int, tag: str = "") -> dict:
+    return vlf_row(img, "Q?", [vlf_completion(f"m{i % 9}", f"answer {tag}{i}", (1 + i % 5, 1 + i * 7 % 5, 3)) for i in range(k)])
+
+
+def test_responses_per_group_are_bounded_with_a_reason(tmp_path):
+    make_image(tmp_path / "a.png")
+    make_image(tmp_path / "b.png", colour=(1, 2, 3))
+    rows = [many_responses("a.png", 300), many_responses("b.png", 200, "x"), many_responses("b.png", 200, "y")]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    m = build([data], tmp_path / "out", val_fraction=0)
+    rej = {r["line"]: r for r in rejects(tmp_path / "out") if r["kind"] == "record"}
+    assert "300 responses, over the limit of 256 per group (--max-responses)" in rej[1]["reason"]
+    # Two records of 200 pooled as duplicates: 400 distinct responses in one group.
+    assert "400 distinct responses after deduplication, over the limit of 256 (--max-responses)" in rej[2]["reason"]
+    assert rej[3]["reason"] == rej[2]["reason"] and m["counts"]["records_rejected"] == 3
+    m = build([data], tmp_path / "wide", val_fraction=0, max_responses=400, strategy="best-vs-worst")
+    assert m["counts"]["records_used"] == 2 and m["counts"]["records_deduplicated"] == 1
+
+
+def test_bradley_terry_memory_is_linear_in_the_comparisons(tmp_path):
+    # 2·10⁴ items and 3·10⁴ comparisons: the old dense fit allocated two 3.2 GB matrices.
+    code = (
+        "from vpa_lightning.data import bradley_terry; n = 20_000; "
+        "th = bradley_terry(n, [(i, i + 1, 1.0) for i in range(n - 1)] + [(i, i + 2, 1.0) for i in range(0, n - 2, 2)]); "
+        "assert len(th) == n and th[0] > th[-1]; print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) < 400_000, f"peak RSS {proc.stdout} KiB"

@@ -109,6 +109,7 @@ def build_options(
     near_dup: float | None = None,
     bt_prior: float = 0.1,
     max_text_chars: int = 100_000,
+    max_responses: int = 256,
     max_record_bytes: int = 64 << 20,
     image_check: Literal["structure", "decode", "header"] = "structure",
     max_image_pixels: int = 89_478_485,
@@ -146,6 +147,7 @@ def build_options(
         "near_dup_threshold": near_dup,
         "bt_prior": bt_prior,
         "max_text_chars": max_text_chars,
+        "max_responses": max_responses,
         "max_record_bytes": max_record_bytes,
         "image_check": image_check,
         "max_image_pixels": max_image_pixels,
@@ -195,6 +197,9 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, **options: Any) 
             least this (MinHash/LSH); ``None`` disables it.
         bt_prior: L2 prior on Bradley-Terry log-strengths (must be > 0).
         max_text_chars: Longer prompts or responses are rejected.
+        max_responses: Responses per record, and per group after duplicates are pooled (default
+            256); a record or group with more is rejected with the reason (ranking and all-pairs
+            are quadratic in it).
         image_check: ``structure`` (default: JPEG markers to end-of-image, PNG chunk CRCs, ...;
             catches truncated and corrupt files), ``decode`` (full pixel decode; slower) or
             ``header`` (dimensions only).
