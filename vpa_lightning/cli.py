@@ -69,6 +69,14 @@ def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
     from vpa_lightning.module import VisionDPOModule
 
     class VpaCLI(LightningCLI):
+        def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+            # --ckpt_path is loaded with weights_only=True unless the user passes --weights_only
+            # false: a checkpoint must not run code when unpickled, whatever torch's default is
+            kwargs = super()._prepare_subcommand_kwargs(subcommand)
+            if kwargs.get("weights_only") is None and "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+                kwargs["weights_only"] = True
+            return kwargs
+
         def instantiate_classes(self) -> None:
             # a value an __init__ rejects is a bad option, like an unknown flag (exit status 2)
             try:

@@ -66,8 +66,9 @@ def _load(cls: Any, path: Path, map_location: str) -> Any:
         with tempfile.TemporaryDirectory() as tmp:
             single = Path(tmp) / "consolidated.ckpt"
             convert_zero_checkpoint_to_fp32_state_dict(str(path), str(single))
-            return cls.load_from_checkpoint(str(single), map_location=map_location)
-    return cls.load_from_checkpoint(str(path), map_location=map_location)
+            return cls.load_from_checkpoint(str(single), map_location=map_location, weights_only=True)
+    # weights_only: a checkpoint is data; unpickling it must never run code, whatever torch's default
+    return cls.load_from_checkpoint(str(path), map_location=map_location, weights_only=True)
 
 
 def export(
