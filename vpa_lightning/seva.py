@@ -279,6 +279,7 @@ def generate_pairs(
         partition=(rank, world_size),
         val_fraction=val_fraction,
         seed=seed,
+        allow_empty=True,  # every pair identical is a result (counted below), not a failure
     )
     c = manifest["counts"]
     counts: dict[str, Any] = {

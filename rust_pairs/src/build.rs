@@ -16,7 +16,8 @@ use crate::config::{BuildConfig, Format, Score, VLFEEDBACK_ASPECTS, HELPSTEER_AS
 use crate::dedup::{group, Group};
 use crate::error::{Error, Result};
 use crate::image;
-use crate::manifest::{Counts, Manifest, FORMAT_VERSION};
+use crate::container::{self, Body, Input};
+use crate::manifest::{Counts, FileCounts, Manifest, FORMAT_VERSION};
 use crate::layout::{self, Ctx};
 use crate::outdir::OutDir;
 use crate::rank::{fit, sigmoid, Comparisons};
@@ -32,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -188,27 +189,16 @@ struct FileCtx<'a> {
     cfg: &'a BuildConfig,
 }
 
-fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
-    let src = Source::line(fc.label.clone(), line);
+fn validate_item(item: container::Item, fc: &FileCtx) -> Line {
+    let src = item.src;
     // A record rejected before its images are known belongs to the partition its (file, line) picks.
     let unowned_reject = |mut earlier: Vec<Reject>, r: Reject| {
-        if owner_of_line(&src, fc.cfg.partition.1) != fc.cfg.partition.0 {
+        if owner_of_line(&r_src(&r), fc.cfg.partition.1) != fc.cfg.partition.0 {
             Line::OtherPartition
         } else {
             earlier.push(r);
             Line::Rejected(earlier)
         }
-    };
-    if raw.iter().all(u8::is_ascii_whitespace) {
-        return Line::Blank;
-    }
-    if raw.len() > fc.cfg.max_record_bytes {
-        let why = format!("record is {} bytes, over the limit of {}", raw.len(), fc.cfg.max_record_bytes);
-        return unowned_reject(vec![], Reject::record(&src, "$", why));
-    }
-    let text = match std::str::from_utf8(raw) {
-        Ok(t) => t,
-        Err(e) => return unowned_reject(vec![], Reject::record(&src, "$", format!("invalid UTF-8: {e}"))),
     };
     let ctx = Ctx {
         src: &src,
@@ -218,25 +208,55 @@ fn validate_line(raw: &[u8], line: u64, fc: &FileCtx) -> Line {
         image_template: fc.cfg.image_template.as_deref(),
         rating_scale: fc.rating_scale,
     };
-    let fast = match fc.format {
-        Format::Vlfeedback => layout::vlfeedback_fast(text, &ctx),
-        _ => None,
-    };
-    let (draft, response_rejects) = match fast {
-        Some(d) => (d, vec![]),
-        None => {
-            let value: serde_json::Value = match serde_json::from_str(text) {
-                Ok(v) => v,
-                Err(e) => return unowned_reject(vec![], Reject::record(&src, "$", format!("malformed JSON: {e}"))),
-            };
-            let parsed = layout::parse(&value, fc.format, &ctx);
+    let (draft, response_rejects, mut blobs) = match item.body {
+        Body::Blank => return Line::Blank,
+        Body::TooLarge(n) => {
+            let why = format!("record is {n} bytes, over the limit of {} (--max-record-bytes)", fc.cfg.max_record_bytes);
+            return unowned_reject(vec![], Reject::record(&src, "$", why));
+        }
+        Body::Broken(why) => return unowned_reject(vec![], Reject::record(&src, "$", why)),
+        Body::Row(row) => {
+            let parsed = layout::parse(&row.value, fc.format, &ctx);
             match parsed.draft {
-                Ok(d) => (d, parsed.response_rejects),
+                Ok(d) => (d, parsed.response_rejects, row.blobs),
                 Err(r) => return unowned_reject(parsed.response_rejects, r),
             }
         }
+        Body::Text(raw) => {
+            if raw.len() > fc.cfg.max_record_bytes {
+                let why = format!("record is {} bytes, over the limit of {} (--max-record-bytes)", raw.len(), fc.cfg.max_record_bytes);
+                return unowned_reject(vec![], Reject::record(&src, "$", why));
+            }
+            let text = match std::str::from_utf8(&raw) {
+                Ok(t) => t,
+                Err(e) => return unowned_reject(vec![], Reject::record(&src, "$", format!("invalid UTF-8: {e}"))),
+            };
+            let fast = match fc.format {
+                Format::Vlfeedback => layout::vlfeedback_fast(text, &ctx),
+                _ => None,
+            };
+            match fast {
+                Some(d) => (d, vec![], vec![]),
+                None => {
+                    let value: serde_json::Value = match serde_json::from_str(text) {
+                        Ok(v) => v,
+                        Err(e) => return unowned_reject(vec![], Reject::record(&src, "$", format!("malformed JSON: {e}"))),
+                    };
+                    let parsed = layout::parse(&value, fc.format, &ctx);
+                    match parsed.draft {
+                        Ok(d) => (d, parsed.response_rejects, vec![]),
+                        Err(r) => return unowned_reject(parsed.response_rejects, r),
+                    }
+                }
+            }
+        }
     };
-    validate_draft(draft, response_rejects, &mut [], src, fc)
+    validate_draft(draft, response_rejects, &mut blobs, src, fc)
+}
+
+/// The position a reject names, as a [`Source`] (for the owner of a record rejected early).
+fn r_src(r: &Reject) -> Source {
+    Source { file: r.file.clone(), line: r.line, index: r.index, row_group: r.row_group, row: r.row }
 }
 
 /// Read, own and check a parsed record's images; `blobs` are its row's embedded bytes (taken).
@@ -297,48 +317,34 @@ fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs
     Line::Kept(Box::new(record), response_rejects, imgs.into_iter().map(|i| i.bytes).collect())
 }
 
-/// Detect a file's format from its first record that parses and says which format it is.
-fn detect_format(path: &Path) -> Result<Option<Format>> {
-    let f = File::open(path).map_err(|e| Error::input(path, e))?;
-    for line in BufReader::new(f).split(b'\n') {
-        let line = line.map_err(|e| Error::input(path, e))?;
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) {
-            if let Some(fmt) = layout::detect(&v) {
-                return Ok(Some(fmt));
+/// Records a layout is detected from at most, and the largest one parsed for it: a file's layout
+/// is that of its first record (of these) that says, so a huge first line is not parsed twice.
+const DETECT_RECORDS: usize = 10_000;
+const DETECT_MAX_BYTES: usize = 4 << 20;
+
+/// Detect an input's layout from its first records that parse and say which layout they are.
+fn detect_layout(input: &Input, cfg: &BuildConfig) -> Result<Option<Format>> {
+    let mut reader = container::open(input, cfg.max_record_bytes.min(DETECT_MAX_BYTES))?;
+    let mut seen = 0;
+    while seen < DETECT_RECORDS {
+        let chunk = reader.next_chunk(64)?;
+        if chunk.is_empty() {
+            break;
+        }
+        for item in chunk {
+            seen += 1;
+            let found = match &item.body {
+                Body::Text(t) => serde_json::from_slice::<serde_json::Value>(t).ok().and_then(|v| layout::detect(&v)),
+                Body::Row(r) => layout::detect(&r.value),
+                Body::Broken(_) => return Ok(None),
+                _ => None,
+            };
+            if found.is_some() {
+                return Ok(found);
             }
         }
     }
     Ok(None)
-}
-
-/// Lines of a file with 1-based numbers, in chunks, without holding the file in memory.
-struct Chunks<R: BufRead> {
-    reader: R,
-    line: u64,
-    path: PathBuf,
-}
-
-impl<R: BufRead> Chunks<R> {
-    fn next_chunk(&mut self, bytes_read: &mut u64) -> Result<Vec<(u64, Vec<u8>)>> {
-        let mut out = Vec::with_capacity(CHUNK_LINES);
-        while out.len() < CHUNK_LINES {
-            let mut buf = Vec::new();
-            let n = self.reader.read_until(b'\n', &mut buf).map_err(|e| Error::input(&self.path, e))?;
-            if n == 0 {
-                break;
-            }
-            *bytes_read += n as u64;
-            self.line += 1;
-            if buf.last() == Some(&b'\n') {
-                buf.pop();
-                if buf.last() == Some(&b'\r') {
-                    buf.pop();
-                }
-            }
-            out.push((self.line, buf));
-        }
-        Ok(out)
-    }
 }
 
 /// Spill buckets: in memory when everything fits one bucket, else one file per bucket of
@@ -470,7 +476,7 @@ impl Weights {
 /// Outcome of ranking one group.
 enum Ranked {
     Sample(Finished),
-    Dropped(String),
+    Dropped(&'static str, String),
 }
 
 fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, stats: &mut Stats) -> Ranked {
@@ -488,7 +494,7 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
     // A text-only group is split by its key (its normalised prompt).
     let val = match split_of(&g.images, &format!("text\0{}", g.key), cfg.val_fraction) {
         Ok(v) => v,
-        Err(why) => return Ranked::Dropped(why),
+        Err(why) => return Ranked::Dropped("images", why),
     };
     let mut comp = Comparisons::new(n);
     let score = cfg.score_mode();
@@ -563,7 +569,7 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
     if let Some(cycle) = preference_cycle(n, &g.explicit_pairs) {
         counts.groups_contradictory += 1;
         let shown: Vec<String> = cycle.iter().map(|&i| format!("{:?}", excerpt(&g.responses[i].text))).collect();
-        return Ranked::Dropped(format!("pairwise annotations contradict each other: {} (a cycle of preferences)", shown.join(" > ")));
+        return Ranked::Dropped("responses", format!("pairwise annotations contradict each other: {} (a cycle of preferences)", shown.join(" > ")));
     }
     let view = GroupView { mean: &mean, theta: &theta, random, choosable: &choosable };
     let mut pairs = if n >= 2 { (strategy.select)(&view, &params, &mut dropped) } else { vec![] };
@@ -622,7 +628,7 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
                 cfg.strategy, dropped.ties, dropped.margin, dropped.probability, g.identical_pairs, dropped.excluded
             )
         };
-        return Ranked::Dropped(why);
+        return Ranked::Dropped("responses", why);
     }
 
     // Responses ranked by strength (stable on ties); pair indices follow.
@@ -741,31 +747,6 @@ fn excerpt(s: &str) -> String {
     if t.len() < s.len() { format!("{t}…") } else { t }
 }
 
-/// Input files given as files or as directories of `*.jsonl`.
-fn expand_inputs(inputs: &[String]) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for i in inputs {
-        let p = PathBuf::from(i);
-        let meta = std::fs::metadata(&p).map_err(|e| Error::input(&p, e))?;
-        if meta.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&p)
-                .map_err(|e| Error::input(&p, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.extension().is_some_and(|x| x == "jsonl"))
-                .collect();
-            files.sort();
-            if files.is_empty() {
-                return Err(Error::input(&p, std::io::Error::other("directory holds no *.jsonl file")));
-            }
-            out.extend(files);
-        } else {
-            File::open(&p).map_err(|e| Error::input(&p, e))?;
-            out.push(p);
-        }
-    }
-    Ok(out)
-}
-
 fn config_json(cfg: &BuildConfig) -> serde_json::Value {
     let mut v = serde_json::to_value(cfg).expect("config serialises");
     let o = v.as_object_mut().unwrap();
@@ -791,7 +772,7 @@ pub fn build(cfg: &BuildConfig) -> Result<Manifest> {
 }
 
 fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
-    let files = expand_inputs(&cfg.inputs)?;
+    let files = container::expand(&cfg.inputs, cfg.image_root.as_deref().map(Path::new))?;
     let out = PathBuf::from(&cfg.out);
     let suffix = cfg.partition_suffix();
     // Lock --out, prove what it may touch, and invalidate the previous manifest (see outdir).
@@ -801,10 +782,12 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
         std::fs::remove_dir_all(&spill_dir).map_err(|e| Error::output(&spill_dir, e))?;
     }
     std::fs::create_dir_all(&spill_dir).map_err(|e| Error::output(&spill_dir, e))?;
-    let total_bytes: u64 = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+    let total_bytes: u64 = files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum();
     let nb = total_bytes.div_ceil(cfg.spill_bucket_bytes).clamp(1, MAX_BUCKETS);
 
     let mut counts = Counts::default();
+    // Per input file: records in / used / deduplicated / rejected (attributed by each record's source).
+    let mut per_file: BTreeMap<String, FileCounts> = BTreeMap::new();
     let mut rejects = Vec::<u8>::new();
     let write_rejects = |rs: &[Reject], buf: &mut Vec<u8>| {
         for r in rs {
@@ -836,31 +819,37 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
     let mut blob = BufWriter::with_capacity(4 << 20, File::create(&blob_path).map_err(|e| Error::output(&blob_path, e))?);
     let mut blob_len = 0u64;
     let pb = progress(cfg, total_bytes, "validate");
-    for path in &files {
-        let label = path.to_string_lossy().to_string();
+    for input in &files {
         let format = match cfg.format {
-            Format::Auto => detect_format(path)?,
+            Format::Auto => detect_layout(input, cfg)?,
             f => Some(f),
         };
-        let image_root = match &cfg.image_root {
-            Some(r) => PathBuf::from(r),
-            None => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        let image_root = match (&input.image_root, &cfg.image_root) {
+            (Some(r), _) => r.clone(),
+            (None, Some(r)) => PathBuf::from(r),
+            (None, None) => input.path.parent().map(Path::to_path_buf).unwrap_or_default(),
         };
         let fc = FileCtx {
-            label: label.clone(),
+            label: input.label.clone(),
             format: format.unwrap_or(Format::Auto),
             aspects: cfg.aspects_for(format.unwrap_or(Format::Auto)),
             rating_scale: cfg.rating_scale_for(format.unwrap_or(Format::Auto)),
             image_root,
             cfg,
         };
-        let f = File::open(path).map_err(|e| Error::input(path, e))?;
-        let mut chunks = Chunks { reader: BufReader::with_capacity(1 << 20, f), line: 0, path: path.clone() };
+        per_file.insert(
+            input.label.clone(),
+            FileCounts { file: input.label.clone(), container: input.kind.name().into(), layout: format.map(|f| f.name().to_string()), ..Default::default() },
+        );
+        let mut chunks = container::open(input, cfg.max_record_bytes)?;
+        let mut last_bytes = 0u64;
         // Pipeline: chunk k is accounted for (blob, spill, rejects) while chunk k+1 is validated.
         let mut pending: Option<(Vec<Line>, u64)> = None;
         loop {
-            let mut read = 0;
-            let chunk = chunks.next_chunk(&mut read)?;
+            let chunk = chunks.next_chunk(CHUNK_LINES)?;
+            let at_end = chunk.is_empty();
+            let read = chunks.bytes_read() - last_bytes;
+            last_bytes = chunks.bytes_read();
             let (accounted, validated) = rayon::join(
                 || -> Result<()> {
                     let Some((results, read)) = pending.take() else { return Ok(()) };
@@ -872,11 +861,15 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
                             Line::Rejected(rs) => {
                                 counts.records_in += 1;
                                 counts.records_rejected += 1;
+                                let fcnt = per_file.get_mut(&fc.label).expect("file registered");
+                                fcnt.records_in += 1;
+                                fcnt.records_rejected += 1;
                                 counts.responses_rejected += rs.iter().filter(|r| r.kind == crate::record::RejectKind::Response).count() as u64;
                                 write_rejects(&rs, &mut rejects);
                             }
                             Line::Kept(mut rec, rs, images) => {
                                 counts.records_in += 1;
+                                per_file.get_mut(&fc.label).expect("file registered").records_in += 1;
                                 counts.responses_rejected += rs.len() as u64;
                                 write_rejects(&rs, &mut rejects);
                                 for (im, bytes) in rec.images.iter_mut().zip(&images) {
@@ -897,10 +890,10 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
                 },
                 // Validation reads one image file per record: run it on the wider I/O pool so
                 // that many reads are in flight (small-file reads are latency-bound).
-                || io_pool.install(|| chunk.par_iter().map(|(line, raw)| validate_line(raw, *line, &fc)).collect::<Vec<Line>>()),
+                || io_pool.install(|| chunk.into_par_iter().map(|item| validate_item(item, &fc)).collect::<Vec<Line>>()),
             );
             accounted?;
-            if chunk.is_empty() {
+            if at_end {
                 break;
             }
             pending = Some((validated, read));
@@ -923,9 +916,11 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
     let pb = progress(cfg, nbuckets as u64, "rank");
     for b in 0..nbuckets {
         let groups = group(spill.take(b)?, cfg.near_dup_threshold, cfg.dedup_mode());
-        let results: Vec<(Vec<Finished>, Vec<Reject>, Counts, Stats)> = groups
+        type FileDelta<'a> = BTreeMap<&'a str, [u64; 3]>; // used, deduplicated, rejected
+        let results: Vec<(Vec<Finished>, Vec<Reject>, Counts, Stats, FileDelta)> = groups
             .par_chunks(256)
             .map(|chunk| {
+                let mut fd = FileDelta::new();
                 let mut c = Counts::default();
                 let mut s = Stats::default();
                 let mut fin = Vec::new();
@@ -935,6 +930,9 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
                         Ranked::Sample(f) => {
                             c.records_used += 1;
                             c.records_deduplicated += g.sources.len() as u64 - 1;
+                            for (k, src) in g.sources.iter().enumerate() {
+                                fd.entry(src.file.as_str()).or_default()[if k == 0 { 0 } else { 1 }] += 1;
+                            }
                             c.groups += 1;
                             c.pairs += f.pairs;
                             if f.val {
@@ -946,22 +944,34 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
                             }
                             fin.push(f);
                         }
-                        Ranked::Dropped(why) => {
+                        Ranked::Dropped(field, why) => {
                             c.records_rejected += g.sources.len() as u64;
-                            rej.extend(g.sources.iter().map(|s| Reject::record(s, "responses", why.clone())));
+                            for src in &g.sources {
+                                fd.entry(src.file.as_str()).or_default()[2] += 1;
+                            }
+                            rej.extend(g.sources.iter().map(|s| Reject::record(s, field, why.clone())));
                         }
                     }
                 }
-                (fin, rej, c, s)
+                (fin, rej, c, s, fd)
             })
             .collect();
-        groups.into_par_iter().for_each(drop); // freeing ~10 allocations a response is worth two threads
-        for (fin, rej, c, s) in results {
+        for (_, _, _, _, fd) in &results {
+            for (file, [used, dedup, rejected]) in fd {
+                if let Some(f) = per_file.get_mut(*file) {
+                    f.records_used += used;
+                    f.records_deduplicated += dedup;
+                    f.records_rejected += rejected;
+                }
+            }
+        }
+        for (fin, rej, c, s, _) in results {
             counts.add(&c);
             stats.merge(&s);
             write_rejects(&rej, &mut rejects);
             samples.put_many(fin.into_iter().map(|f| (range_bucket(f.order, nbuckets as u64), f)).collect())?;
         }
+        groups.into_par_iter().for_each(drop); // freeing ~10 allocations a response is worth two threads
         rejects_file.write_all(&rejects).map_err(|e| Error::output(&rejects_tmp, e))?;
         rejects.clear();
         pb.inc(1);
@@ -1060,6 +1070,7 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
         rejects: rejects_path.file_name().unwrap().to_string_lossy().to_string(),
         report: report_name,
         merged_from: vec![],
+        files: per_file.into_values().collect(),
     };
     // The manifest goes last: its presence means the build completed.
     write_atomic(&out.join(&manifest_name), manifest.to_json().as_bytes())?;

@@ -12,6 +12,7 @@ pub mod image;
 pub mod layout;
 pub mod record;
 pub mod row;
+pub mod container;
 pub mod text;
 pub mod dedup;
 pub mod rank;

@@ -63,6 +63,35 @@ impl Counts {
 }
 
 /// 2: a sample holds 0..N images as `{key}.{i}.{ext}` listed in its JSON `images` (1: one `{key}.{ext}`).
+/// What one input file gave: its container and layout, and its records in / used (written as a
+/// sample) / deduplicated (merged into another record's sample) / rejected.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCounts {
+    pub file: String,
+    pub container: String,
+    /// The layout detected (or forced with `--format`); `None` when none could be detected.
+    pub layout: Option<String>,
+    pub records_in: u64,
+    pub records_used: u64,
+    pub records_deduplicated: u64,
+    pub records_rejected: u64,
+}
+
+/// Per-file counts of several manifests (partitions of one build) summed by file.
+pub fn sum_files<'a>(parts: impl IntoIterator<Item = &'a [FileCounts]>) -> Vec<FileCounts> {
+    let mut by: std::collections::BTreeMap<String, FileCounts> = std::collections::BTreeMap::new();
+    for files in parts {
+        for f in files {
+            let e = by.entry(f.file.clone()).or_insert_with(|| FileCounts { records_in: 0, records_used: 0, records_deduplicated: 0, records_rejected: 0, ..f.clone() });
+            e.records_in += f.records_in;
+            e.records_used += f.records_used;
+            e.records_deduplicated += f.records_deduplicated;
+            e.records_rejected += f.records_rejected;
+        }
+    }
+    by.into_values().collect()
+}
+
 pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +108,9 @@ pub struct Manifest {
     pub report: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub merged_from: Vec<String>,
+    /// Per input file (sorted by file): container, layout, records in / used / deduplicated / rejected.
+    #[serde(default)]
+    pub files: Vec<FileCounts>,
 }
 
 impl Manifest {

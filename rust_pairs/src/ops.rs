@@ -2,7 +2,7 @@
 //! (join partition builds into one manifest, rejects file and report).
 
 use crate::error::{Error, Result};
-use crate::manifest::{manifests_in, relative_to, Counts, Manifest, FORMAT_VERSION};
+use crate::manifest::{manifests_in, relative_to, sum_files, Counts, Manifest, FORMAT_VERSION};
 use crate::report::Stats;
 use crate::shard::{file_sha256, write_atomic};
 use serde_json::{json, Value};
@@ -217,6 +217,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Manifest> {
         rejects: "rejects.jsonl".into(),
         report: "report.json".into(),
         merged_from,
+        files: sum_files(parts.iter().map(|(_, m)| m.files.as_slice())),
     };
     write_atomic(&out.join("manifest.json"), manifest.to_json().as_bytes())?;
     Ok(manifest)

@@ -51,7 +51,7 @@ def test_rated_rows_with_declared_aspects(tmp_path):
     write_jsonl(tmp_path / "rated.jsonl", [row])
     # Means over the five HelpSteer aspects: good 3.2, mid 2.6, bad 1.4. With the MM-DPO default
     # margin of 2 nothing qualifies (the record is rejected with the reason); with 1.5 good > bad.
-    m = build([tmp_path / "rated.jsonl"], tmp_path / "out0", strategy="best-vs-rest", val_fraction=0)
+    m = build([tmp_path / "rated.jsonl"], tmp_path / "out0", strategy="best-vs-rest", val_fraction=0, allow_empty=True)
     assert m["counts"]["records_rejected"] == 1 and "below margin 2" in rejects(tmp_path / "out0")[0]["reason"]
     m = build([tmp_path / "rated.jsonl"], tmp_path / "out", strategy="best-vs-rest", min_margin=1.5, val_fraction=0)
     (s,) = read_samples(tmp_path / "out").values()
@@ -99,7 +99,7 @@ def test_forced_format_and_absolute_image_paths(tmp_path):
     m = build([tmp_path / "data" / "in.jsonl"], tmp_path / "out", format="pairwise", val_fraction=0)
     assert m["counts"]["groups"] == 1
     # Forcing the wrong format rejects with the missing field named.
-    m = build([tmp_path / "data" / "in.jsonl"], tmp_path / "out2", format="vlfeedback", val_fraction=0)
+    m = build([tmp_path / "data" / "in.jsonl"], tmp_path / "out2", format="vlfeedback", val_fraction=0, allow_empty=True)
     (r,) = rejects(tmp_path / "out2")
     assert m["counts"]["records_rejected"] == 1 and (r["field"], r["reason"]) == ("completions", "missing field")
 

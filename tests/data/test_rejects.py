@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vpa_lightning.data import ConfigError, InputFileError, build
+from vpa_lightning.data import ConfigError, EmptyBuildError, InputFileError, build
 
 from .conftest import make_image, read_samples, rejects, vlf_completion, vlf_row
 
@@ -91,11 +91,14 @@ def test_fatal_errors_are_typed_and_name_the_flag(tmp_path):
         build([tmp_path / "x.jsonl"], tmp_path / "out", bt_prior=0)
 
 
-def test_empty_input_gives_empty_valid_build(tmp_path):
+def test_empty_input_fails_loudly_but_writes_its_accounting(tmp_path):
     (tmp_path / "x.jsonl").write_text("\n\n")
-    m = build([tmp_path / "x.jsonl"], tmp_path / "out")
+    with pytest.raises(EmptyBuildError, match=r"(?s)no input record.*x.jsonl \(jsonl, layout not detected\): 0 records in") as e:
+        build([tmp_path / "x.jsonl"], tmp_path / "out")
+    m = e.value.manifest
     assert m["shards"] == [] and m["counts"]["records_in"] == 0 and m["counts"]["blank_lines"] == 2
     assert (tmp_path / "out" / "manifest.json").exists()
+    assert build([tmp_path / "x.jsonl"], tmp_path / "out", allow_empty=True)["counts"]["records_in"] == 0
 
 
 def test_garbage_and_mutated_input_never_panics(tmp_path):

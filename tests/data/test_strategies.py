@@ -21,7 +21,7 @@ def pairs_of(out):
 
 def run(tmp_path, hand_worked, **kw):
     out = tmp_path / "out"
-    m = build([hand_worked], out, val_fraction=0.0, **kw)
+    m = build([hand_worked], out, val_fraction=0.0, allow_empty=True, **kw)
     return m, out
 
 

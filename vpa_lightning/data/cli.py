@@ -54,12 +54,20 @@ def summary(manifest: dict[str, Any], seconds: float | None = None) -> str:
             rows.append(("records/s", f"{c['records_in'] / seconds:,.0f}"))
     balanced = c["records_in"] == c["records_used"] + c["records_deduplicated"] + c["records_rejected"]
     rows.append(("in = used + dedup + rejected", "yes" if balanced else "NO"))
-    return _table(rows, "vpa-shard summary")
+    text = _table(rows, "vpa-shard summary")
+    files = manifest.get("files", [])
+    if files:
+        per_file = [(f["file"], f"{f['container']:<10} {f['layout'] or '?':<10} in {f['records_in']:>9,}  used {f['records_used']:>9,}  "
+                                f"dedup {f['records_deduplicated']:>8,}  rejected {f['records_rejected']:>8,}") for f in files]
+        text += "\n" + _table(per_file, "per file: container, layout, records")
+    return text
 
 
 def _add_build_args(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
     if inputs:
-        p.add_argument("inputs", nargs="+", metavar="INPUT", help="input files or directories of them (layout detected per file)")
+        p.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help="files or directories: JSON lines, JSON arrays, Parquet (or a Hugging Face dataset folder), "
+                            "InternVL/MMPR meta.json; recognised by content")
         p.add_argument("--out", required=True, help="output directory")
         p.add_argument("--image-root", default=None, help="directory relative image paths start from (default: each input's directory)")
         p.add_argument("--format", default="auto", choices=shards.formats(),
@@ -120,7 +128,11 @@ def _run_build(inputs: list[str], out: str, image_root: str | None, fmt: str, a:
     t0 = time.perf_counter()
     layout = dict(fields=getattr(a, "field", None), image_template=getattr(a, "image_template", None),
                   ref_logp_model=getattr(a, "ref_logp_model", None))
-    manifest = shards.build(inputs, out, image_root=image_root, format=fmt, **layout, **_build_kwargs(a))
+    try:
+        manifest = shards.build(inputs, out, image_root=image_root, format=fmt, **layout, **_build_kwargs(a))
+    except shards.EmptyBuildError as e:
+        print(summary(e.manifest, time.perf_counter() - t0))
+        raise
     dt = time.perf_counter() - t0
     print(summary(manifest, dt))
     report = manifest["report"]

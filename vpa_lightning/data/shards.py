@@ -23,6 +23,7 @@ Format = Literal["auto", "vlfeedback", "rated", "pairwise", "trl", "mmdpo", "pov
 
 __all__ = [
     "ConfigError",
+    "EmptyBuildError",
     "InputFileError",
     "ManifestError",
     "OutputError",
@@ -39,6 +40,42 @@ __all__ = [
     "parse_partition",
     "strategies",
 ]
+
+
+class EmptyBuildError(RustPairsError):
+    """A build used no record: every input record was rejected (or there was none). The outputs
+    (``rejects.jsonl``, the manifest with its per-file counts) are written; the message names
+    each file with its counts. :attr:`manifest` holds the manifest."""
+
+    def __init__(self, message: str, manifest: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.manifest = manifest
+
+
+def file_counts_lines(manifest: Mapping[str, Any]) -> list[str]:
+    """One line per input file: container, layout, records in / used / deduplicated / rejected."""
+    return [
+        f"{f['file']} ({f['container']}, layout {f['layout'] or 'not detected'}): {f['records_in']} records in, "
+        f"{f['records_used']} used, {f['records_deduplicated']} deduplicated, {f['records_rejected']} rejected"
+        for f in manifest.get("files", [])
+    ]
+
+
+def _check_not_empty(manifest: dict[str, Any], out: PathLike) -> None:
+    c = manifest["counts"]
+    # A partition that owns nothing while the others got records is fine; a build that read
+    # nothing, or used nothing of what it owns, is not.
+    partition_elsewhere = manifest["partition"][1] > 1 and c.get("records_other_partitions", 0) > 0
+    if c["records_used"] > 0 or (partition_elsewhere and c["records_in"] == 0):
+        return
+    lines = file_counts_lines(manifest) or ["(no input file)"]
+    why = "no input record" if c["records_in"] == 0 else f"all {c['records_in']} records were rejected"
+    raise EmptyBuildError(
+        f"the build used no record ({why}); expected records of a supported layout "
+        f"(see `vpa-shard build --help`) with readable images. Per file:\n  " + "\n  ".join(lines)
+        + f"\nReasons, with file and line: {Path(out) / manifest['rejects']}",
+        manifest,
+    )
 
 
 def parse_partition(spec: str | tuple[int, int]) -> tuple[int, int]:
@@ -166,12 +203,16 @@ def build_options(
     }
 
 
-def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, **options: Any) -> dict[str, Any]:
+def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, *, allow_empty: bool = False, **options: Any) -> dict[str, Any]:
     """Validate, deduplicate, rank and shard preference annotations.
 
     Args:
-        inputs: Input files (or directories of them); the layout is detected per file unless
-            ``format`` is set (see :func:`formats` and the README's list of layouts).
+        inputs: Files or directories. Containers are recognised by content: JSON lines, a JSON
+            array (streamed), Parquet (a file, or a Hugging Face dataset folder), an
+            InternVL/MMPR ``meta.json``; a directory gives every ``*.jsonl``/``*.json``/``*.parquet``
+            under it. The layout (VLFeedback rows, HelpSteer-style rated rows, pairwise rows, ...)
+            is detected per file unless ``format`` is set. A file that is none of these raises
+            :class:`InputFileError` naming it.
         out: Output directory for ``train-*.tar``, ``val-*.tar``, ``manifest.json``,
             ``rejects.jsonl`` and ``report.json``.
         image_root: Directory that relative image paths are relative to (default: each input
@@ -224,6 +265,8 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, **options: Any) 
             ``mmdpo-self``, ``seva``; it sets strategy, aspects, score, margin and dedup.
         exclude_chosen_models: Responses of these models may be rejected but never chosen.
         ref_logp_model: The model that shipped reference log-probs came from (recorded per pair).
+        allow_empty: Return normally when the build used no record (by default that raises
+            :class:`EmptyBuildError`, after writing the outputs).
 
     Returns:
         The manifest (also written to ``out/manifest.json``, or ``manifest-pIofN.json`` for a
@@ -232,7 +275,10 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, **options: Any) 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     opts = build_options(inputs, out, **options)
-    return json.loads(_rp.build(json.dumps(opts)))
+    manifest = json.loads(_rp.build(json.dumps(opts)))
+    if not allow_empty:
+        _check_not_empty(manifest, out)
+    return manifest
 
 
 def inspect(directory: PathLike, *, verify_hashes: bool = True) -> dict[str, Any]:
