@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# One prepared GPU check (issue 15): everything it measures goes to ONE JSON.
+#
+#   bash benchmarks/gpu_check.sh [--cpu] [JSON]
+#
+# On the GPU machine (one NVIDIA H200; Python 3.12, torch, transformers, lightning there; no network, no Rust),
+# run from the repository root with the wheels of benchmarks/gpu_wheels.sh carried in .whl/:
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=570)
+# JSON defaults to $OUT/gpu_check.json ($OUT: the folder that comes back), else /tmp/vpa-gpu-check/gpu_check.json.
+# Steps (each with its own time limit, a failing step is recorded and the next one runs):
+#   1. install the carried wheels into /tmp/site (skipped when .whl/ is absent) and put the project's compiled
+#      extension next to the sources;
+#   2. the CUDA tests: bf16, FSDP, DeepSpeed ZeRO-2/3 on one GPU, packed groups on CUDA (SDPA and FlexAttention),
+#      LoRA and full fine-tuning (pytest -m "not slow" over the CUDA-marked files; junit XML parsed into the JSON);
+#   3. trainer vs TRL at a LLaVA-1.5-7B-shaped stack with 2 text layers: 576 image tokens, bf16 autocast,
+#      gradient checkpointing on both sides, vpa plain and packed;
+#   4. Kornia augmentation on CUDA vs torchvision on CPU (batch 64, 336 px);
+#   5. SeVa pair generation throughput.
+# --cpu: the same steps at a tiny shape on CPU (the smoke test of this script, tests/test_gpu_check.py).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+CPU=0
+JSON=""
+for arg in "$@"; do
+  case "$arg" in
+    --cpu) CPU=1 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) JSON="$arg" ;;
+  esac
+done
+WORK="$(mktemp -d /tmp/vpa-gpu-check.XXXXXX)"
+if [ -z "$JSON" ]; then JSON="${OUT:-/tmp/vpa-gpu-check}/gpu_check.json"; fi
+mkdir -p "$(dirname "$JSON")"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+STEPS="$WORK/steps.jsonl"
+: > "$STEPS"
+
+step() {  # step NAME TIMEOUT_S RESULT_FILE -- command...
+  local name="$1" limit="$2" result="$3"; shift 4
+  local t0 rc
+  t0=$(date +%s.%N)
+  echo "== $name (limit ${limit}s)"
+  timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+  rc=$?
+  tail -n 15 "$WORK/$name.log"
+  "$PY" - "$name" "$rc" "$t0" "$result" "$WORK/$name.log" >> "$STEPS" <<'PYEOF'
+import json, sys, time
+name, rc, t0, result, log = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+entry = {"step": name, "exit_code": rc, "timed_out": rc in (124, 137), "seconds": round(time.time() - t0, 1)}
+try:
+    entry["result"] = json.load(open(result)) if result != "-" else None
+except (OSError, ValueError) as exc:
+    entry["result"] = None
+    entry["result_error"] = str(exc)
+if rc != 0:
+    entry["log_tail"] = open(log, errors="replace").read()[-3000:]
+print(json.dumps(entry))
+PYEOF
+}
+
+# 1. wheels
+WHEELS="${VPA_WHEELS:-$ROOT/.whl}"
+if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  step install 60 - -- bash -c "
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site '$WHEELS'/*.whl &&
+    cp /tmp/site/vpa_lightning/*.so '$ROOT/vpa_lightning/'"
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "== install: no wheels in $WHEELS, using the installed packages"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# environment
+"$PY" - > "$WORK/env.json" <<'PYEOF'
+import json, platform, importlib.metadata as md
+import torch
+out = {"python": platform.python_version(), "cuda": torch.cuda.is_available(),
+       "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()}
+for name in ("torch", "transformers", "lightning", "peft", "trl", "deepspeed", "kornia", "webdataset", "jsonargparse", "vpa"):
+    try:
+        out[name] = md.version(name)
+    except md.PackageNotFoundError:
+        out[name] = None
+print(json.dumps(out))
+PYEOF
+
+if [ "$CPU" = 1 ]; then
+  # tiny shapes: the script's plumbing, end to end, in well under a minute on CPU
+  L="${VPA_CHECK_CPU_LIMIT:-300}"  # per step; generous: CI machines are shared
+  step tests "$L" "$WORK/tests.xml" -- "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/tests.xml" \
+    tests/models/test_packed.py -k "segment_mask or first_fit"
+  step trainer_vs_trl "$L" "$WORK/trl.json" -- "$PY" benchmarks/trainer_vs_trl.py --device cpu --settings pairwise \
+    --vpa-modes packed --gradient-checkpointing --steps 1 --warmup 1 --repeats 1 --pairs-per-step 2 --image-size 28 \
+    --max-length 128 --json "$WORK/trl.json"
+  step augment "$L" "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 4 --size 56 --warmup 0 \
+    --repeats 1 --json "$WORK/augment.json"
+  step seva_generation "$L" "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava --prompts 4 \
+    --batch-size 4 --max-new-tokens 4 --size 56 --device cpu --workdir "$WORK/seva" --json "$WORK/seva.json"
+else
+  step tests 210 "$WORK/tests.xml" -- "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/tests.xml" -rs \
+    tests/trainer/test_strategies.py tests/models/test_packed.py tests/trainer/test_packed_module.py
+  step trainer_vs_trl 170 "$WORK/trl.json" -- "$PY" benchmarks/trainer_vs_trl.py --device cuda --shape llava7b-2l \
+    --image-size 336 --precision bf16-mixed --gradient-checkpointing --vpa-modes plain,packed \
+    --settings pairwise,groups --steps 4 --warmup 1 --repeats 1 --json "$WORK/trl.json"
+  step augment 40 "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 64 --size 336 \
+    --warmup 2 --repeats 5 --json "$WORK/augment.json"
+  step seva_generation 45 "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava?image_size=336 \
+    --dtype bfloat16 --prompts 256 --batch-size 64 --max-new-tokens 32 --size 336 --workdir "$WORK/seva" \
+    --json "$WORK/seva.json"
+fi
+
+# one JSON: environment + every step (junit XML of the tests summarised)
+"$PY" - "$WORK/env.json" "$STEPS" "$JSON" "$CPU" "$WORK/tests.xml" <<'PYEOF'
+import json, sys
+import xml.etree.ElementTree as ET
+env, steps, out, cpu = json.load(open(sys.argv[1])), [json.loads(l) for l in open(sys.argv[2])], sys.argv[3], sys.argv[4] == "1"
+for s in steps:
+    if s["step"] == "tests":
+        s.pop("result_error", None)
+        try:
+            root = ET.parse(sys.argv[5]).getroot()
+        except Exception as exc:
+            s["result"] = {"error": f"no junit XML: {exc}"}
+            continue
+        cases = []
+        for case in root.iter("testcase"):
+            status = "passed"
+            for child in case:
+                if child.tag in ("failure", "error", "skipped"):
+                    status = child.tag if child.tag != "skipped" else "skipped: " + (child.get("message") or "")[:200]
+            cases.append({"test": f"{case.get('classname')}::{case.get('name')}", "status": status, "seconds": float(case.get("time", 0))})
+        s["result"] = {"passed": sum(c["status"] == "passed" for c in cases),
+                       "failed": sum(c["status"] in ("failure", "error") for c in cases),
+                       "skipped": sum(c["status"].startswith("skipped") for c in cases), "cases": cases}
+report = {"mode": "cpu-smoke" if cpu else "gpu", "environment": env, "steps": steps,
+          "ok": all(s["exit_code"] == 0 for s in steps)}
+json.dump(report, open(out, "w"), indent=2)
+print(f"wrote {out}: " + ", ".join(f"{s['step']} rc={s['exit_code']} {s['seconds']}s" for s in steps))
+sys.exit(0 if report["ok"] else 1)
+PYEOF
+rc=$?
+rm -rf "$WORK"
+exit $rc

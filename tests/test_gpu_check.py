@@ -1,0 +1,38 @@
+"""benchmarks/gpu_check.sh --cpu: the GPU check's plumbing (steps, time limits, one JSON) runs end to end on CPU,
+so the first GPU run is not the first run. The wheel install is skipped (no wheels dir); gpu_wheels.sh is checked
+for syntax only (it downloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("trl")
+pytest.importorskip("kornia")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    out = tmp_path / "check.json"
+    env = {**os.environ, "VPA_WHEELS": str(tmp_path / "no-wheels"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--cpu", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["mode"] == "cpu-smoke" and report["ok"] and report["environment"]["cuda"] is False
+    steps = {s["step"]: s for s in report["steps"]}
+    assert list(steps) == ["tests", "trainer_vs_trl", "augment", "seva_generation"]
+    assert steps["tests"]["result"]["passed"] >= 2 and steps["tests"]["result"]["failed"] == 0
+    trl = steps["trainer_vs_trl"]["result"]["results"]["cpu/pairwise"]
+    assert trl["gradient_checkpointing"] and trl["vpa:packed"]["pairs_per_s"] > 0 and trl["trl"]["pairs_per_s"] > 0
+    assert steps["augment"]["result"] and steps["seva_generation"]["result"]
+
+
+def test_gpu_wheels_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks/gpu_wheels.sh")], check=True)
