@@ -486,7 +486,7 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
     counts.pairs_dropped_identical += g.identical_pairs;
     // Pooled duplicates can exceed the per-record limit; ranking is quadratic in K, so it is a reject.
     if n > cfg.max_responses {
-        return Ranked::Dropped(format!(
+        return Ranked::Dropped("responses", format!(
             "group has {n} distinct responses after deduplication, over the limit of {} (--max-responses)",
             cfg.max_responses
         ));
