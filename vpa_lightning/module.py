@@ -86,7 +86,11 @@ class VisionDPOModule(pl.LightningModule):
         loss: The preference loss (``class_path`` in YAML), e.g.
             ``vpa_lightning.losses.DPOLoss`` (default, beta 0.1), ``IPOLoss``, ``HingeLoss``,
             ``RobustDPOLoss``, ``RPOLoss``, ``MDPOLoss`` (adds a pass of the chosen responses on a
-            corrupted image, see ``image_corruption``).
+            corrupted image, see ``image_corruption``), ``SimPOLoss`` / ``ORPOLoss`` (reference-free:
+            no reference pass, cache or copy), ``BCOPairLoss``, ``APOZeroLoss``, ``APODownLoss``,
+            ``EXOLoss``, ``NCALoss``, ``SPPOHardLoss``, ``KTOLoss`` (see ``--data.unpaired``),
+            ``PlackettLuceLoss`` / ``LiPOLambdaLoss`` (listwise over each group), ``CombinedLoss``
+            (weighted sum, e.g. MPO). The module computes what the loss declares it needs.
         lora: Train LoRA adapters (base weights frozen; the reference is the
             same network with adapters disabled) instead of all weights.
         lora_r: LoRA rank.

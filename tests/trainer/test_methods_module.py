@@ -181,3 +181,24 @@ def test_bco_shift_is_saved_and_restored(demo_shards, tmp_path):
     assert [type(p).__name__ for p in restored.loss_fn.losses] == ["DPOLoss", "BCOPairLoss", "SFTLoss"]
     assert restored.loss_fn.losses[1].delta == pytest.approx(bco.delta)
     assert int(restored.loss_fn.losses[1].running_steps) == 2
+
+
+def test_unpaired_labels_by_threshold_and_by_pairs():
+    from vpa_lightning.data.datamodule import PreferenceExample, parse_unpaired, unpaired_labels
+    from vpa_lightning.models.logps import PreferenceGroup
+
+    nan = float("nan")
+    example = PreferenceExample(
+        key="k",
+        group=PreferenceGroup(image=None, prompt="q", responses=["a", "b", "c", "d"]),
+        pairs=[(0, 1), (0, 2), (1, 2)],  # 0 always chosen, 2 always rejected, 1 both, 3 in no pair
+        probability=[nan] * 3,
+        margin=[nan] * 3,
+        scores=[5.0, 3.5, 1.0, nan],
+    )
+    assert unpaired_labels(example, parse_unpaired("threshold:3.5")) == [1, 1, 0, -1]
+    assert unpaired_labels(example, parse_unpaired("pairs")) == [1, -1, 0, -1]
+    assert parse_unpaired(None) is None
+    for bad in ("threshold", "threshold:nan", "scores:3", "pair"):
+        with pytest.raises(ValueError, match="--data.unpaired"):
+            parse_unpaired(bad)
