@@ -189,11 +189,6 @@ class VisionDPOModule(pl.LightningModule):
             )
         if packed and prefix_sharing:
             raise ValueError("--model.packed and --model.prefix_sharing are two ways to share the prefix: pick one")
-        if packed and self.loss_fn.required_inputs() & {"token_logps", "log_sum_sq_probs"}:
-            raise ValueError(
-                "--model.packed gives summed log-probs only: LD-DPO (ld_alpha) and WPO (pair_weighting wpo) "
-                "need the plain path or --model.prefix_sharing"
-            )
         if pack_tokens is not None and pack_tokens < 1:
             raise ValueError(f"--model.pack_tokens must be >= 1, got {pack_tokens}")
         self.prefix_sharing = prefix_sharing

@@ -92,18 +92,19 @@ def test_ipo_gets_length_averaged_logps(batch):
     ids=lambda x: repr(x).split("(")[0] + ("-ld" if getattr(x, "ld_alpha", None) else "") + ("-wpo" if getattr(x, "pair_weighting", "") == "wpo" else ""),
 )
 def test_prefix_sharing_gives_the_same_loss(batch, loss):
-    """Per-token log-probs (LD-DPO), log sum p^2 (WPO) and the group losses agree between the plain and the
-    prefix-shared forward."""
+    """Per-token log-probs (LD-DPO), log sum p^2 (WPO) and the group losses agree between the plain,
+    the prefix-shared and the packed forward."""
     outs, grads = [], []
-    for share in (False, True):
-        module = VisionDPOModule("tiny:llava", loss=loss, prefix_sharing=share, lora_dropout=0.0)
+    for mode in ({}, {"prefix_sharing": True}, {"packed": True}):
+        module = VisionDPOModule("tiny:llava", loss=loss, lora_dropout=0.0, **mode)
         _perturb_lora(module)
         out = module.compute_loss(batch)
         out["loss"].backward()
         outs.append(out)
         grads.append(torch.cat([p.grad.flatten() for n, p in module.model.named_parameters() if "lora_" in n]))
-    torch.testing.assert_close(outs[1]["loss"].detach(), outs[0]["loss"].detach(), rtol=1e-4, atol=1e-5)
-    assert float(torch.linalg.vector_norm(grads[1] - grads[0]) / torch.linalg.vector_norm(grads[0])) < 1e-3
+    for out, grad in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(out["loss"].detach(), outs[0]["loss"].detach(), rtol=1e-4, atol=1e-5)
+        assert float(torch.linalg.vector_norm(grad - grads[0]) / torch.linalg.vector_norm(grads[0])) < 1e-3
 
 
 def test_token_logps_sum_to_sequence_logps(batch):
