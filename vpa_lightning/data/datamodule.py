@@ -61,15 +61,24 @@ data module then takes ``trainer.lightning_module.processor`` (what
 
 Malformed samples
 -----------------
-A sample whose image cannot be decoded, whose JSON is invalid or misses
-fields, whose pair indices are out of range, or whose tokenisation fails (e.g.
-the prompt alone exceeds ``max_length``) is skipped: a warning naming its key
+A sample whose image cannot be decoded or has more than ``max_image_pixels``
+pixels (checked on the header), whose JSON is invalid, too deeply nested or
+misses fields, whose pair indices are not integers in range, whose decoding
+raises anything else, or whose tokenisation fails (e.g. the prompt alone
+exceeds ``max_length``) is skipped: a warning naming its key, shard and reason
 is logged (logger ``vpa_lightning.data.datamodule``), it is counted in
 :attr:`PreferenceDataModule.skipped` (``{reason: count}``, per process: with
 ``num_workers > 0`` each worker process keeps its own count) and its key
 travels with the next batch in ``batch["skipped"]`` so the training module can
-log the total across workers. An unreadable shard (truncated tar, missing
-file) is skipped the same way from the failing point on. Nothing crashes the run.
+log the total across workers. A shard that turns unreadable while it is read
+(truncated tar) is skipped the same way from the failing point on. No sample
+crashes the run.
+
+Before the first read (:func:`check_shards`) every local shard must exist as a
+regular file, not all may be empty, and shards named by a manifest must have
+its sizes (``verify_shards``); a training epoch (or fit) that yields no usable
+batch fails in the training module. So a run on data that gives nothing fails,
+naming the path and the reason, instead of succeeding with 0 steps.
 
 Exact resume
 ------------
