@@ -138,6 +138,16 @@ def test_shard_removed_after_the_build_fails_naming_it(demo_shards, tiny_llava, 
         dm.train_dataloader()
 
 
+def test_shard_vanishing_during_the_run_is_logged_with_its_path(demo_shards, tiny_llava, tmp_path, caplog):
+    _, processor = tiny_llava
+    gone = tmp_path / "gone.tar"
+    dm = PreferenceDataModule(str(demo_shards / "train-000000.tar"), processor=processor)
+    with caplog.at_level(logging.WARNING, logger="vpa_lightning.data.datamodule"):
+        assert list(dm.dataset([str(gone)], train=False)) == []  # past the check: deleted after it
+    assert dm.skipped == {"shard": 1}
+    assert any(str(gone) in r.getMessage() and "FileNotFoundError" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("kind", ["zero_bytes", "empty_archive"])
 def test_only_empty_shards_fail(tiny_llava, tmp_path, kind):
     _, processor = tiny_llava
@@ -190,6 +200,24 @@ def test_fit_on_all_bad_shard_fails_loudly(demo_shards, tmp_path, limits):
     path = _shard(tmp_path / "allbad.tar", [(k, b"{not json", e, i) for k, _, e, i in samples])
     with hard_timeout(240), pytest.raises(NothingTrainedError, match=r"0 training steps.*allbad\.tar.*malformed_sample"):
         _fit(tmp_path, str(path), *limits)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_vpa_fit_on_all_bad_shard_exits_1_naming_it(demo_shards, tmp_path):
+    import subprocess
+
+    from tests.conftest import console_script
+
+    samples = _samples(demo_shards)[:4]
+    path = _shard(tmp_path / "allbad.tar", [(k, b"{not json", e, i) for k, _, e, i in samples])
+    proc = subprocess.run(
+        [console_script("vpa"), "fit", "--model.model_name_or_path", "tiny:llava", "--data.train_shards", str(path),
+         "--trainer.max_steps", "4", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+         "--trainer.enable_progress_bar", "false"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "0 training steps" in proc.stderr and str(path) in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
 
 

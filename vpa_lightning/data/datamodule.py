@@ -349,7 +349,9 @@ class _SkipLog:
 
     def shard_error(self, exn: Exception) -> bool:
         """WebDataset exception handler: log, count and continue with the next shard."""
-        self.skip(f"shard data ({exn!r})", "shard", repr(exn))
+        # WebDataset appends the shard URL to exn.args; OSError's repr would hide it
+        detail = f"{type(exn).__name__}: {', '.join(str(a) for a in exn.args)}"
+        self.skip(f"shard data ({detail})", "shard", detail)
         return True
 
     def take(self) -> list[str]:
