@@ -128,6 +128,152 @@ def test_forced_format_and_detection(tmp_path):
              "rejected_conversations": [q, {"from": "gpt", "value": "no"}]}]
     f = write_jsonl(tmp_path / "povid.jsonl", rows)
     assert one(build_and_read(tmp_path / "o1", f, "--format", "povid"))["pairs"] == [("yes", "no")]
-    # Forced to another layout: the record is rejected with the field it lacks named.
-    vpa_shard("build", str(f), "--out", str(tmp_path / "o2"), "--format", "llava-rlhf", "--no-plots")
+    # Forced to another layout: the record is rejected with the field it lacks named, and a build
+    # that used nothing fails.
+    proc = vpa_shard("build", str(f), "--out", str(tmp_path / "o2"), "--format", "llava-rlhf", "--no-plots")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
     assert rejects(tmp_path / "o2")[0]["field"] == "output_1"
+
+
+
+def test_seva_dpo_file(tmp_path):
+    """SeVa step 3 (make_pair_*.py): ``json.dump`` of ``{chosen, reject, question, image_id}``; the
+    image is ``image_id`` under the image folder."""
+    img = make_image(tmp_path / "ocr_vqa" / "images" / "71.jpg", fmt="JPEG")
+    rows = [{"chosen": "The title is Cooking Light.", "reject": "The title is Cooking.",
+             "question": "What is the title of this book?\nAnswer the question using a single word or phrase.",
+             "image_id": "71.jpg"}]
+    f = write_json(tmp_path / "merged_answer_file_8k_diffusion_step500.json", rows)
+    s = one(build_and_read(tmp_path / "out", f, "--image-root", tmp_path / "ocr_vqa" / "images"))
+    assert s["pairs"] == [("The title is Cooking Light.", "The title is Cooking.")]
+    assert s["images"] == [img.read_bytes()]
+    assert s["json"]["prompt"] == rows[0]["question"]
+
+
+def test_mmdpo_dpo_file_with_python_literal_turns_and_ref_logps(tmp_path):
+    """MM-DPO (``encode_multimodal_preference_sample``): ``question``/``chosen``/``rejected`` as
+    ``{"from", "value"}`` turns or their Python ``str()`` (after a CSV round trip), image file
+    name, and the reference log-probs the notebooks computed."""
+    make_image(tmp_path / "coco" / "a.jpg", fmt="JPEG")
+    b = make_image(tmp_path / "coco" / "b.jpg", colour=(0, 90, 0), fmt="JPEG")
+    rows = [
+        {"question": {"from": "human", "value": "<image>\nWhat is on the plate?"},
+         "chosen": {"from": "gpt", "value": "Two slices of pizza."}, "rejected": {"from": "gpt", "value": "A cake."},
+         "image": "a.jpg", "ref_win_logp": -12.5, "ref_rej_logp": -30.25, "ref_win_avg_logp": -1.25,
+         "ref_rej_avg_logp": -3.0, "ref_win_per_token_logp": [-1.0, -1.5], "ref_rej_per_token_logp": [-3.0]},
+        {"question": "{'from': 'human', 'value': \"<image>\\nWhat's the colour?\"}",
+         "chosen": "{'from': 'gpt', 'value': 'Green, like \"grass\".'}", "rejected": "{'from': 'gpt', 'value': 'Red.'}",
+         "image": "b.jpg"},
+        # The HelpSteer part has no image (text-only, MM-DPO's language-skill data).
+        {"question": {"from": "human", "value": "Name a prime."}, "chosen": {"from": "gpt", "value": "7"},
+         "rejected": {"from": "gpt", "value": "8"}, "ref_win_logp": -2.0, "ref_rej_logp": -9.0},
+    ]
+    f = write_json(tmp_path / "dpo_logp.json", rows)
+    samples = build_and_read(tmp_path / "out", f, "--image-root", tmp_path / "coco", "--ref-logp-model", "llava-v1.5-13b")
+    by_prompt = {s["json"]["prompt"]: s for s in samples}
+    assert by_prompt["What is on the plate?"]["pairs"] == [("Two slices of pizza.", "A cake.")]
+    g = by_prompt["What's the colour?"]
+    assert g["pairs"] == [('Green, like "grass".', "Red.")]
+    assert g["images"] == [b.read_bytes()]
+    assert "ref_logps" not in g["json"]["pairs"][0]
+    t = by_prompt["Name a prime."]
+    assert (t["pairs"], t["images"]) == ([("7", "8")], [])
+    assert t["json"]["pairs"][0]["ref_logps"]["chosen"] == -2.0
+    lp = by_prompt["What is on the plate?"]["json"]["pairs"][0]["ref_logps"]
+    assert lp == {"chosen": -12.5, "rejected": -30.25, "chosen_avg": -1.25, "rejected_avg": -3.0,
+                  "fields": "ref_win_logp, ref_rej_logp", "model": "llava-v1.5-13b",
+                  "source": {"file": str(f), "line": 1, "index": 0}}
+
+
+def test_mmdpo_never_executes_a_data_file(tmp_path):
+    marker = tmp_path / "pwned"
+    make_image(tmp_path / "a.jpg", fmt="JPEG")
+    rows = [{"question": f"{{'from': 'human', 'value': __import__('os').system('touch {marker}')}}",
+             "chosen": "{'from': 'gpt', 'value': 'x'}", "rejected": "{'from': 'gpt', 'value': 'y'}", "image": "a.jpg"},
+            {"question": "{'from': 'human', 'value': 'Q'}", "chosen": "{'from': 'gpt', 'value': 'x'}",
+             "rejected": "{'from': 'gpt', 'value': 'y'}", "image": "a.jpg"}]
+    f = write_json(tmp_path / "dpo.json", rows)
+    assert len(build_and_read(tmp_path / "out", f)) == 1
+    assert not marker.exists()
+    (r,) = rejects(tmp_path / "out")
+    assert r["field"] == "question" and "Python literal" in r["reason"] and r["index"] == 0
+
+
+def test_povid(tmp_path):
+    """POVID_preference_data_for_VLLMs: ``conversations`` ends with the chosen answer,
+    ``rejected_conversations`` with the rejected one."""
+    img = make_image(tmp_path / "COCO_train2014_000000000009.jpg", fmt="JPEG")
+    q = {"from": "human", "value": "<image>\nDescribe the image in detail."}
+    rows = [{"id": "9", "image": img.name,
+             "conversations": [q, {"from": "gpt", "value": "Bowls of fruit and bread on a tray."}],
+             "rejected_conversations": [q, {"from": "gpt", "value": "Bowls of fruit, a fork and a dog on a tray."}]}]
+    s = one(build_and_read(tmp_path / "out", write_json(tmp_path / "POVID_preference_data_for_VLLMs.json", rows)))
+    assert s["pairs"] == [("Bowls of fruit and bread on a tray.", "Bowls of fruit, a fork and a dog on a tray.")]
+    assert s["json"]["prompt"] == "Describe the image in detail."
+    assert s["images"] == [img.read_bytes()]
+
+
+def test_llava_rlhf_human_preference(tmp_path):
+    """LLaVA-Human-Preference-10K: ``preference`` 1 or 2 says which of ``output_1``/``output_2`` won."""
+    a = make_image(tmp_path / "a.jpg", fmt="JPEG")
+    b = make_image(tmp_path / "b.jpg", colour=(9, 9, 200), fmt="JPEG")
+    conv = lambda q: [{"from": "human", "value": f"<image>\n{q}"}]  # noqa: E731
+    rows = [
+        {"id": "1", "image": "a.jpg", "conversations": conv("Is there a cat?"), "output_1": {"from": "llava", "value": "Yes, on the sofa."},
+         "output_2": {"from": "llava", "value": "No."}, "preference": 1, "hallucination": 0, "flip": 0},
+        {"id": "2", "image": "b.jpg", "conversations": conv("What colour is it?"), "output_1": {"from": "llava", "value": "Red."},
+         "output_2": {"from": "llava", "value": "Blue."}, "preference": 2, "hallucination": 1, "flip": 0},
+    ]
+    samples = build_and_read(tmp_path / "out", write_json(tmp_path / "llava_7b_v1_preference.json", rows))
+    by_prompt = {s["json"]["prompt"]: s for s in samples}
+    assert by_prompt["Is there a cat?"]["pairs"] == [("Yes, on the sofa.", "No.")]
+    assert by_prompt["What colour is it?"]["pairs"] == [("Blue.", "Red.")]
+    assert by_prompt["What colour is it?"]["images"] == [b.read_bytes()]
+    assert by_prompt["Is there a cat?"]["images"] == [a.read_bytes()]
+
+def image_struct_table(columns: dict, path: Path) -> Path:
+    """A Parquet file as ``datasets`` writes an ``Image()`` column: a struct ``{bytes, path}``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_rlaif_v_parquet_with_embedded_images(tmp_path):
+    """RLAIF-V-Dataset as on the hub: ``image`` struct with the JPEG bytes embedded."""
+    import pyarrow as pa
+
+    jpg = make_image(tmp_path / "src" / "a.jpg", fmt="JPEG").read_bytes()
+    img_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    f = image_struct_table({
+        "ds_name": ["RLAIF-V"], "image": pa.array([{"bytes": jpg, "path": "a.jpg"}], type=img_t),
+        "question": ["Who is in the picture?"], "chosen": ["A chef."], "rejected": ["A chef and a dog."],
+        "origin_dataset": ["OK-VQA"], "origin_split": ['{"model": "x"}'], "idx": [7], "image_path": ["a.jpg"],
+    }, tmp_path / "RLAIF-V-Dataset" / "RLAIF-V-Dataset_000.parquet")
+    s = one(build_and_read(tmp_path / "out", f))
+    assert s["pairs"] == [("A chef.", "A chef and a dog.")]
+    assert s["images"] == [jpg]
+
+
+def test_trl_parquet_with_image_lists_and_content_blocks(tmp_path):
+    """HuggingFaceH4/rlaif-v_formatted: ``images`` a list of image structs; message content blocks
+    with ``text`` null on image blocks."""
+    import pyarrow as pa
+
+    png = make_image(tmp_path / "src" / "i.png").read_bytes()
+    img_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    block = pa.struct([("text", pa.string()), ("type", pa.string())])
+    msg_t = pa.list_(pa.struct([("content", pa.list_(block)), ("role", pa.string())]))
+    msg = lambda role, text: [{"role": role, "content": [{"text": text, "type": "text"}]}]  # noqa: E731
+    f = image_struct_table({
+        "images": pa.array([[{"bytes": png, "path": None}]], type=pa.list_(img_t)),
+        "prompt": pa.array([[{"role": "user", "content": [{"text": None, "type": "image"}, {"text": "What is it?", "type": "text"}]}]], type=msg_t),
+        "chosen": pa.array([msg("assistant", "A square.")], type=msg_t),
+        "rejected": pa.array([msg("assistant", "A circle.")], type=msg_t),
+    }, tmp_path / "rlaif-v_formatted" / "data" / "train-00000-of-00001.parquet")
+    s = one(build_and_read(tmp_path / "out", f))
+    assert s["pairs"] == [("A square.", "A circle.")]
+    assert s["images"] == [png]
+    assert s["json"]["prompt"] == "What is it?"
