@@ -234,6 +234,14 @@ def test_resampled_all_bad_shard_fails_instead_of_spinning(demo_shards, tiny_lla
 
 
 # ------------------------------------------------------------------ 4. image bombs
+def _data_core_default_pixel_limit() -> int:
+    from vpa_lightning.data import build_options
+
+    options = build_options(["x.jsonl"], "out")
+    del options["max_image_pixels"]  # what the Rust core fills in itself
+    return json.loads(rust_pairs.check_config(json.dumps(options)))["max_image_pixels"]
+
+
 def test_image_over_the_pixel_limit_is_skipped_from_its_header(demo_shards, tiny_llava, tmp_path, caplog):
     _, processor = tiny_llava
     samples = _samples(demo_shards)
@@ -244,7 +252,7 @@ def test_image_over_the_pixel_limit_is_skipped_from_its_header(demo_shards, tiny
     key, meta, ext, _ = samples[0]
     path = _shard(tmp_path / "bomb.tar", [(key, meta, ext, bomb), *samples[1:]])  # Pillow reads the PNG whatever the name
     dm = PreferenceDataModule(str(path), processor=processor, shuffle_buffer=0)
-    assert dm.max_image_pixels == Image.MAX_IMAGE_PIXELS  # the same default limit as Pillow's
+    assert dm.max_image_pixels == Image.MAX_IMAGE_PIXELS == _data_core_default_pixel_limit()  # one limit
     import resource
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
