@@ -293,9 +293,11 @@ def build(inputs: list[str], out: str, seed: int = 0, val_fraction: float = 0.05
             with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
                 for _, key, _, sample, ipath in chunk[k:k + max_samples]:
                     img = Path(ipath).read_bytes()
-                    js = json.dumps(sample, ensure_ascii=False, separators=(",", ":")).encode()
                     ext = "jpg" if img[:2] == JPEG_MAGIC else "png"
-                    for mname, data in ((f"{key}.{ext}", img), (f"{key}.json", js)):
+                    # Shard format 2: the images listed in the JSON, members {key}.{i}.{ext}.
+                    sample["images"] = [{"member": f"0.{ext}", "sha256": sample["image_sha256"]}]
+                    js = json.dumps(sample, ensure_ascii=False, separators=(",", ":")).encode()
+                    for mname, data in ((f"{key}.0.{ext}", img), (f"{key}.json", js)):
                         ti = tarfile.TarInfo(mname)
                         ti.size, ti.mtime, ti.mode = len(data), MTIME, 0o644
                         tf.addfile(ti, io.BytesIO(data))

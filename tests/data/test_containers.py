@@ -220,6 +220,9 @@ def test_exit_codes_of_the_console_script(tmp_path):
     assert "per file" in p.stdout and "good.jsonl" in p.stdout and "bad.jsonl" in p.stdout
     files = {Path(f["file"]).name: f for f in json.loads((tmp_path / "o3" / "manifest.json").read_text())["files"]}
     assert (files["good.jsonl"]["records_used"], files["bad.jsonl"]["records_rejected"]) == (2, 2)
+    # Every record over --max-record-bytes: rejected unread, so nothing is used.
+    p = vpa_shard("build", str(tmp_path / "good.jsonl"), "--out", str(tmp_path / "o6"), "--no-plots", "--max-record-bytes", "20")
+    assert p.returncode == 1 and all("--max-record-bytes" in r["reason"] for r in rejects(tmp_path / "o6"))
     # A missing input, a broken Parquet file.
     p = vpa_shard("build", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "o4"))
     assert p.returncode == 1 and "nope.parquet" in p.stderr

@@ -101,6 +101,8 @@ def _add_build_args(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
     p.add_argument("--near-dup", type=float, default=None, metavar="JACCARD", help="merge near-duplicate prompts on the same image at this MinHash Jaccard (off by default)")
     p.add_argument("--bt-prior", type=float, default=0.1, help="L2 prior on Bradley-Terry log-strengths (default 0.1)")
     p.add_argument("--max-text-chars", type=int, default=100_000, help="reject longer prompts or responses (default 100000)")
+    p.add_argument("--max-record-bytes", type=int, default=64 << 20,
+                   help="reject a record (line, array element, Parquet row's images) larger than this, unread (default 64 MiB)")
     p.add_argument("--max-responses", type=int, default=256, help="reject a record, or a group of pooled duplicates, with more responses (default 256)")
     p.add_argument("--image-check", default="structure", choices=["structure", "decode", "header"],
                    help="structure (default: container checks that catch truncated/corrupt files), decode (full pixel decode) or header")
@@ -118,7 +120,7 @@ def _build_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         strategy=a.strategy, min_margin=a.min_margin, min_probability=a.min_probability, aspects=a.aspects, rating_range=a.rating_range,
         val_fraction=a.val_fraction, seed=a.seed, max_samples_per_shard=a.max_samples_per_shard,
         max_shard_bytes=a.max_shard_bytes, partition=a.partition, near_dup=a.near_dup, bt_prior=a.bt_prior,
-        max_text_chars=a.max_text_chars, max_responses=a.max_responses, image_check=a.image_check, max_image_pixels=a.max_image_pixels, threads=a.threads, io_threads=a.io_threads, fsync=a.fsync,
+        max_text_chars=a.max_text_chars, max_record_bytes=a.max_record_bytes, max_responses=a.max_responses, image_check=a.image_check, max_image_pixels=a.max_image_pixels, threads=a.threads, io_threads=a.io_threads, fsync=a.fsync,
         progress=not a.no_progress and sys.stderr.isatty(),
         recipe=a.recipe, score=a.score, dedup=a.dedup, exclude_chosen_models=a.exclude_chosen_model,
     )
