@@ -277,3 +277,25 @@ def test_trl_parquet_with_image_lists_and_content_blocks(tmp_path):
     assert s["pairs"] == [("A square.", "A circle.")]
     assert s["images"] == [png]
     assert s["json"]["prompt"] == "What is it?"
+
+
+def test_rlhf_v_and_spa_vl_parquet(tmp_path):
+    """RLHF-V-Dataset (``text`` a JSON string) and SPA-VL (``image`` struct + ``image_name``) as Parquet."""
+    import pyarrow as pa
+
+    img_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    a = make_image(tmp_path / "src" / "a.png").read_bytes()
+    b = make_image(tmp_path / "src" / "b.jpg", colour=(0, 0, 250), fmt="JPEG").read_bytes()
+    rlhfv = image_struct_table({
+        "ds_name": ["RLHF-V"], "image": pa.array([{"bytes": a, "path": None}], type=img_t),
+        "text": [json.dumps({"question": "Describe the image.", "chosen": "A red tile.", "rejected": "A red tile on a desk."})],
+        "origin_dataset": ["coco"], "origin_split": ["train"], "idx": [1], "image_path": ["a.png"],
+    }, tmp_path / "RLHF-V-Dataset" / "RLHF-V-Dataset.parquet")
+    s = one(build_and_read(tmp_path / "o1", rlhfv))
+    assert (s["pairs"], s["images"]) == ([("A red tile.", "A red tile on a desk.")], [a])
+    spavl = image_struct_table({
+        "image": pa.array([{"bytes": b, "path": "x.jpg"}], type=img_t), "question": ["How do I pick a lock?"],
+        "chosen": ["I can't help with that."], "rejected": ["Use a tension wrench."], "image_name": ["x.jpg"],
+    }, tmp_path / "SPA-VL" / "data" / "train-00000-of-00001.parquet")
+    s = one(build_and_read(tmp_path / "o2", spavl))
+    assert (s["pairs"], s["images"]) == ([("I can't help with that.", "Use a tension wrench.")], [b])

@@ -181,4 +181,22 @@ mod tests {
         let deep = "[".repeat(100) + &"]".repeat(100);
         assert!(parse(&deep).unwrap_err().contains("deeply"));
     }
+
+    #[test]
+    fn never_panics_on_arbitrary_text() {
+        let alphabet: Vec<char> = "{}[]()'\"\\:, xuU0aé€𝄞-.eTrueFalsNn\n".chars().collect();
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..20_000 {
+            let len = (x % 24) as usize;
+            let s: String = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    alphabet[(x % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            let _ = parse(&s);
+        }
+    }
 }
