@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # Tests run on a 2-core machine; keep thread pools small and deterministic.
@@ -14,3 +15,21 @@ def console_script(name: str) -> str:
     found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     assert found, f"console script {name!r} not installed: pip install -e '.[train,test]'"
     return found
+
+
+@contextlib.contextmanager
+def hard_timeout(seconds: int):
+    """Fail with ``TimeoutError`` instead of hanging the suite when the block runs longer than
+    ``seconds`` (SIGALRM: main thread, Unix)."""
+    import signal
+
+    def _raise(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -5,7 +5,6 @@ even with several processes sharing the cache."""
 from __future__ import annotations
 
 import json
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -22,23 +20,10 @@ import pytest
 
 from vpa_lightning.eval.judge import JudgeClient, JudgeError, request_key
 
+from tests.conftest import hard_timeout
 from .test_judge import StubJudge, chats
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@contextmanager
-def hard_timeout(seconds: int):
-    def _raise(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 class RawServer:

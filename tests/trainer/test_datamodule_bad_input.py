@@ -10,9 +10,7 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,23 +21,8 @@ from vpa_lightning.data import ManifestError, build
 from vpa_lightning.data.datamodule import IMAGE_EXTENSIONS
 from vpa_lightning.errors import BadShardsError, MissingShardsError, NothingTrainedError
 
+from tests.conftest import hard_timeout
 from .conftest import read_tar, write_tar
-
-
-@contextmanager
-def hard_timeout(seconds: int):
-    """Fail (instead of hanging the suite) when the block runs longer than ``seconds``."""
-
-    def _raise(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _samples(demo_shards: Path) -> list[tuple[str, dict, str, bytes]]:
