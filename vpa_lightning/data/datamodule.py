@@ -132,8 +132,8 @@ from torch.utils.data import DataLoader
 
 from vpa_lightning import rust_pairs as _rp
 from vpa_lightning.data.shards import ManifestError, load_manifest
-from vpa_lightning.errors import BadShardsError, MissingShardsError
-from vpa_lightning.models.logps import PreferenceGroup, build_group_batch
+from vpa_lightning.errors import BadShardsError, MissingShardsError, TooManySkippedError, UsageError
+from vpa_lightning.models.logps import PreferenceGroup, build_group_batch, prompt_messages
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -344,7 +344,7 @@ class _SkipLog:
 
     def skip(self, what: str, reason: str, detail: str) -> None:
         self.counts[reason] += 1
-        self.pending.append(what)
+        self.pending.append(f"{what}: {detail}"[:300])
         log.warning("skipping %s: %s", what, detail)
 
     def shard_error(self, exn: Exception) -> bool:
@@ -524,6 +524,7 @@ class _TrainLoader(DataLoader):
 
     epoch_of: Any = None
     resume_of: Any = None
+    max_skip_fraction: float | None = None
     passes = 0
 
     def __iter__(self):
@@ -532,7 +533,40 @@ class _TrainLoader(DataLoader):
         if self.resume_of is not None:
             self.dataset.resume = self.resume_of()
         self.passes += 1
-        return super().__iter__()
+        batches = super().__iter__()
+        if epoch is None or self.max_skip_fraction is None or self.max_skip_fraction >= 1:
+            return batches  # no trainer: plain iteration never fails on skips
+        return _watch_skips(batches, self.max_skip_fraction, epoch)
+
+
+#: Samples seen in an epoch before the skip share is checked batch by batch (it is always checked at the end).
+_SKIP_CHECK_AFTER = 64
+
+
+def _watch_skips(batches: Iterator[dict[str, Any]], max_fraction: float, epoch: int) -> Iterator[dict[str, Any]]:
+    """Pass the batches through; raise :class:`TooManySkippedError` when more than ``max_fraction``
+    of the epoch's samples so far were skipped (the batches carry the skipped samples' reasons,
+    from every worker)."""
+    used = skipped = 0
+    reasons: list[str] = []
+
+    def check() -> None:
+        total = used + skipped
+        if skipped and skipped > max_fraction * total:
+            raise TooManySkippedError(
+                f"{skipped} of {total} training samples ({skipped / total:.1%}) were skipped in epoch {epoch}, more than "
+                f"--data.max_skip_fraction {max_fraction:g}; first reasons: " + "; ".join(reasons)
+                + ". Fix the data (a warning names each sample) or raise --data.max_skip_fraction (1 never fails)."
+            )
+
+    for batch in batches:
+        used += len(batch.get("keys", ()))
+        skipped += len(batch.get("skipped", ()))
+        reasons += batch.get("skipped", [])[: max(5 - len(reasons), 0)]
+        if used + skipped >= _SKIP_CHECK_AFTER:
+            check()
+        yield batch
+    check()
 
 
 def _response_sha(text: str) -> str:
@@ -852,7 +886,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             same number of batches (``groups_per_epoch`` rounded up to a multiple of
             ``world_size x max(num_workers, 1) x batch_size``), so no rank waits for
             another at the end of an epoch, and the loader has a length (for the LR schedule).
-            The resampled shard order is not reproducible (WebDataset seeds it from time and pid).
+            The resampled shard draws are seeded by (seed, epoch, rank, worker), so runs repeat.
         processor: The model's processor; ``None`` takes
             ``trainer.lightning_module.processor`` in :meth:`setup`.
         unpaired: Label each response desirable / undesirable for unpaired losses (KTO):
@@ -868,6 +902,13 @@ class PreferenceDataModule(pl.LightningDataModule):
             ``size`` (default: each file exists with the manifest's byte size), ``hash`` (also its
             sha256; reads every shard once) or ``none``. A mismatch fails with the path and the
             reason. Every local shard must exist and be a regular file, and not all may be empty.
+        chat_template: A Jinja chat template file for the processor (and its tokenizer), used for
+            every prompt of the run (training, the report's generations, the export); for a
+            checkpoint without one, or to override it. ``None``: the checkpoint's. A processor with
+            no template fails at start-up, naming this option.
+        max_skip_fraction: Largest share of training samples that may be skipped (malformed,
+            untokenisable, ...) per epoch: above it the fit fails with the first reasons (checked
+            as batches arrive once 64 samples were seen, and at the end of each epoch). ``1`` never fails.
     """
 
     def __init__(
@@ -886,8 +927,14 @@ class PreferenceDataModule(pl.LightningDataModule):
         mismatched_pairs: bool | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         verify_shards: Literal["size", "hash", "none"] = "size",
+        chat_template: str | None = None,
+        max_skip_fraction: float = 0.05,
     ) -> None:
         super().__init__()
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise UsageError(f"--data.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        if chat_template is not None and not Path(chat_template).is_file():
+            raise UsageError(f"--data.chat_template: no such file: {chat_template}")
         self.unpaired = parse_unpaired(unpaired)
         self.mismatched_pairs = mismatched_pairs
         if batch_size < 1:
@@ -913,6 +960,8 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.processor = processor
         self.max_image_pixels = max_image_pixels
         self.verify_shards = verify_shards
+        self.chat_template = chat_template
+        self.max_skip_fraction = max_skip_fraction
         self._skips = _SkipLog()
         self._expected: dict[str, dict] = {}  # manifest entry of each shard a manifest named
         self.train_urls, self.val_urls, self.counts = resolve_shards(train_shards, val_shards, self._expected)
@@ -961,6 +1010,32 @@ class PreferenceDataModule(pl.LightningDataModule):
                     "LightningModule that has a `processor` attribute (e.g. VisionDPOModule)"
                 )
             self.processor = processor
+        self._check_chat_template(module)
+
+    def _check_chat_template(self, module: Any) -> None:
+        """Install ``chat_template`` and render one prompt with the processor's template, so a
+        model without one fails here, at start-up, instead of skipping every sample."""
+        if self.chat_template is not None and not getattr(self, "_template_installed", False):
+            text = Path(self.chat_template).read_text(encoding="utf-8")
+            self.processor.chat_template = text
+            if getattr(self.processor, "tokenizer", None) is not None:
+                self.processor.tokenizer.chat_template = text
+            self._template_installed = True
+        try:
+            self.processor.apply_chat_template(prompt_messages("?"), add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - no template, or a broken one: both stop the run here
+            model = getattr(module, "model_name_or_path", None)
+            where = f"--data.chat_template {self.chat_template}" if self.chat_template else f"the processor of {model or 'the model'}"
+            fix = (
+                "fix the template file"
+                if self.chat_template
+                else "pass one with --data.chat_template PATH (a Jinja file, e.g. the chat_template of the "
+                "family's instruct checkpoint) or use a checkpoint that ships one"
+            )
+            raise UsageError(
+                f"{where} cannot render a prompt ({type(exc).__name__}: {exc}); without a chat template "
+                f"every sample would be skipped: {fix}"
+            ) from exc
 
     def _trainer_attached(self) -> bool:
         try:
@@ -1018,6 +1093,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         loader = _TrainLoader(stream, **kwargs)
         loader.epoch_of = self._trainer_epoch
         loader.resume_of = lambda: self._resume
+        loader.max_skip_fraction = self.max_skip_fraction
         return loader
 
     def _trainer_epoch(self) -> int | None:
