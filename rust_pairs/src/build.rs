@@ -36,6 +36,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Lines validated in parallel at a time; with their image bytes in flight, this bounds memory.
@@ -187,6 +188,8 @@ struct FileCtx<'a> {
     rating_scale: Option<crate::config::RatingScale>,
     image_root: PathBuf,
     cfg: &'a BuildConfig,
+    /// Set on Ctrl-C: records not yet checked are skipped (their chunk is discarded).
+    cancel: &'a AtomicBool,
 }
 
 fn validate_item(item: container::Item, fc: &FileCtx) -> Line {
@@ -261,6 +264,9 @@ fn r_src(r: &Reject) -> Source {
 
 /// Read, own and check a parsed record's images; `blobs` are its row's embedded bytes (taken).
 fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs: &mut [Vec<u8>], src: Source, fc: &FileCtx) -> Line {
+    if fc.cancel.load(Ordering::Relaxed) {
+        return Line::Blank; // interrupted: the chunk is discarded, so skip the image work
+    }
     let (part, parts) = fc.cfg.partition;
     let unowned_reject = |mut earlier: Vec<Reject>, r: Reject| {
         if owner_of_line(&src, parts) != part {
@@ -758,9 +764,16 @@ fn config_json(cfg: &BuildConfig) -> serde_json::Value {
 
 /// Run a build; returns its manifest (also written to the output directory).
 pub fn build(cfg: &BuildConfig) -> Result<Manifest> {
+    build_cancellable(cfg, &AtomicBool::new(false))
+}
+
+/// [`build`], stopped with [`Error::Interrupted`] soon after `cancel` is set (the Python layer
+/// sets it on Ctrl-C). An interrupted build removes the shards, partial files and scratch it
+/// can prove are its own and leaves no manifest.
+pub fn build_cancellable(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     let cfg = &cfg.effective()?;
     cfg.validate()?;
-    let run = || build_inner(cfg);
+    let run = || build_inner(cfg, cancel);
     match cfg.threads {
         Some(t) => rayon::ThreadPoolBuilder::new()
             .num_threads(t)
@@ -771,12 +784,20 @@ pub fn build(cfg: &BuildConfig) -> Result<Manifest> {
     }
 }
 
-fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
+fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     let files = container::expand(&cfg.inputs, cfg.image_root.as_deref().map(Path::new))?;
     let out = PathBuf::from(&cfg.out);
     let suffix = cfg.partition_suffix();
     // Lock --out, prove what it may touch, and invalidate the previous manifest (see outdir).
     let outdir = Arc::new(OutDir::claim(&out, &suffix)?);
+    // Checked between chunks, buckets and batches: an interrupt stops the build within a chunk's work.
+    let stop = || -> Result<()> {
+        if cancel.load(Ordering::Relaxed) {
+            outdir.discard()?;
+            return Err(Error::Interrupted);
+        }
+        Ok(())
+    };
     let spill_dir = out.join(OutDir::spill_name(&suffix));
     if spill_dir.exists() {
         std::fs::remove_dir_all(&spill_dir).map_err(|e| Error::output(&spill_dir, e))?;
@@ -836,6 +857,7 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
             rating_scale: cfg.rating_scale_for(format.unwrap_or(Format::Auto)),
             image_root,
             cfg,
+            cancel,
         };
         per_file.insert(
             input.label.clone(),
@@ -893,6 +915,7 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
                 || io_pool.install(|| chunk.into_par_iter().map(|item| validate_item(item, &fc)).collect::<Vec<Line>>()),
             );
             accounted?;
+            stop()?;
             if at_end {
                 break;
             }
@@ -915,6 +938,7 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
     let mut samples: Spill<Finished> = Spill::new(&spill_dir, "samples", nbuckets)?;
     let pb = progress(cfg, nbuckets as u64, "rank");
     for b in 0..nbuckets {
+        stop()?;
         let groups = group(spill.take(b)?, cfg.near_dup_threshold, cfg.dedup_mode());
         type FileDelta<'a> = BTreeMap<&'a str, [u64; 3]>; // used, deduplicated, rejected
         let results: Vec<(Vec<Finished>, Vec<Reject>, Counts, Stats, FileDelta)> = groups
@@ -926,6 +950,9 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
                 let mut fin = Vec::new();
                 let mut rej = Vec::new();
                 for g in chunk {
+                    if cancel.load(Ordering::Relaxed) {
+                        break; // the bucket's results are discarded by the check after it
+                    }
                     match rank_group(g, cfg, &w, &mut c, &mut s) {
                         Ranked::Sample(f) => {
                             c.records_used += 1;
@@ -1020,6 +1047,7 @@ fn build_inner(cfg: &BuildConfig) -> Result<Manifest> {
         let mut pending: Option<(&[Finished], Vec<Result<Vec<u8>>>)> = None;
         let mut batches = items.chunks(512);
         loop {
+            stop()?;
             let next = batches.next();
             let (appended, encoded) = rayon::join(
                 || -> Result<()> {

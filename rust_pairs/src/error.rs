@@ -20,6 +20,9 @@ pub enum Error {
     /// The output directory is locked by another build, or holds files a build must not touch.
     #[error("{0}")]
     OutDir(String),
+    /// The build was interrupted (Ctrl-C); it left no manifest and no shard of its own.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

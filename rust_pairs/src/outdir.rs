@@ -211,6 +211,18 @@ impl OutDir {
         Ok(())
     }
 
+    /// An interrupted build: remove every file the journal owns (shards of this build and of
+    /// the earlier one, whose manifest is already gone) and the scratch folder; keep the journal
+    /// so the directory is still recognised as a build.
+    pub fn discard(&self) -> Result<()> {
+        self.remove_stale(&[])?;
+        let spill = self.dir.join(Self::spill_name(&self.suffix));
+        if spill.is_dir() {
+            std::fs::remove_dir_all(&spill).map_err(|e| Error::output(&spill, e))?;
+        }
+        Ok(())
+    }
+
     /// The build completed and its manifest is written: the journal is no longer needed.
     pub fn finish(self) -> Result<()> {
         let p = self.dir.join(self.journal_name());

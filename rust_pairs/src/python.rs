@@ -9,6 +9,10 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::Duration;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -25,18 +29,21 @@ fn to_py(e: Error) -> PyErr {
         Error::Config(_) => ConfigError::new_err(msg),
         Error::Input { .. } => InputFileError::new_err(msg),
         Error::Output { .. } | Error::OutDir(_) => OutputError::new_err(msg),
+        Error::Interrupted => pyo3::exceptions::PyKeyboardInterrupt::new_err(msg),
         Error::Manifest(_) => ManifestError::new_err(msg),
     }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> PyErr {
+    let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+    RustPairsError::new_err(format!("internal error (please report): {what}"))
 }
 
 /// Run `f` without the GIL; map errors, and turn a panic into `RustPairsError`.
 fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
     py.detach(|| match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r.map_err(to_py),
-        Err(p) => {
-            let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-            Err(RustPairsError::new_err(format!("internal error (please report): {what}")))
-        }
+        Err(p) => Err(panic_message(p)),
     })
 }
 
@@ -48,7 +55,41 @@ fn config_from_json(config_json: &str) -> Result<BuildConfig, Error> {
 #[pyfunction]
 fn build(py: Python<'_>, config_json: &str) -> PyResult<String> {
     let cfg = config_from_json(config_json).map_err(to_py)?;
-    run(py, move || crate::build::build(&cfg).map(|m| m.to_json()))
+    // The build runs on its own thread while this one, briefly holding the GIL every 50 ms,
+    // runs Python's signal handlers: Ctrl-C sets the build's cancel flag, the build stops within
+    // a chunk's work and cleans up, and KeyboardInterrupt is raised here.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let rx = std::sync::Mutex::new(rx); // a Receiver is not Sync; detach needs a Send closure
+    let flag = cancel.clone();
+    let worker = std::thread::Builder::new()
+        .name("rust_pairs-build".into())
+        .spawn(move || {
+            let r = catch_unwind(AssertUnwindSafe(|| crate::build::build_cancellable(&cfg, &flag).map(|m| m.to_json())));
+            let _ = tx.send(r);
+        })
+        .map_err(|e| RustPairsError::new_err(format!("cannot start the build thread: {e}")))?;
+    let mut interrupt: Option<PyErr> = None;
+    let result = loop {
+        match py.detach(|| rx.lock().unwrap().recv_timeout(Duration::from_millis(50))) {
+            Ok(r) => break r,
+            Err(RecvTimeoutError::Timeout) => {
+                if interrupt.is_none() {
+                    if let Err(e) = py.check_signals() {
+                        cancel.store(true, Ordering::Relaxed);
+                        interrupt = Some(e);
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break Err(Box::new("the build thread ended without a result") as Box<dyn std::any::Any + Send>),
+        }
+    };
+    let _ = worker.join();
+    match (result, interrupt) {
+        (Ok(Err(Error::Interrupted)), Some(e)) => Err(e),
+        (Ok(r), _) => r.map_err(to_py),
+        (Err(p), _) => Err(panic_message(p)),
+    }
 }
 
 /// Check the options without building; returns the normalised options as JSON.

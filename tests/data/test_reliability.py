@@ -250,3 +250,43 @@ def test_bradley_terry_memory_is_linear_in_the_comparisons(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(proc.stdout.split()[-1]) < 400_000, f"peak RSS {proc.stdout} KiB"
+
+
+# --- 9. Ctrl-C ----------------------------------------------------------------------------------
+
+def test_ctrl_c_stops_a_build_at_once_and_leaves_no_shard(tmp_path):
+    import signal
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    # Slow enough: every record decodes the same 600x600 noise PNG (--image-check decode).
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (600, 600, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    data = write_jsonl(tmp_path / "in.jsonl", [good_pair("big.png", f"Question {i}?") for i in range(20000)])
+    out = tmp_path / "out"
+    exe = [VPA_SHARD] if os.path.exists(VPA_SHARD) else [sys.executable, "-m", "vpa_lightning.data.cli"]
+    proc = subprocess.Popen([*exe, "build", str(data), "--out", str(out), "--image-check", "decode", "--max-samples-per-shard", "1", "--io-threads", "2",
+                             "--no-plots", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / ".vpa-shard.journal").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the build did not start"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the input was not slow enough to interrupt"
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert rc == 130, proc.stderr.read()
+    assert elapsed < 5, f"took {elapsed:.1f} s to stop"  # debug build, loaded CI: generous; ~0.1-1 s measured
+    assert "interrupted" in proc.stderr.read()
+    left = sorted(p.name for p in out.iterdir())
+    assert not [n for n in left if n.endswith((".tar", ".partial")) or n.startswith(("manifest", ".spill"))], left
+    # The folder is still recognised as a build: a new one goes ahead.
+    small = write_jsonl(tmp_path / "small.jsonl", [good_pair("big.png")])
+    assert build([small], out, val_fraction=0)["counts"]["records_used"] == 1

@@ -252,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (shards.RustPairsError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no manifest was written (rerun the command to build)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
