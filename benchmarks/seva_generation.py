@@ -5,7 +5,7 @@
 
 Makes ``--prompts`` synthetic 336x336 images + questions in ``--workdir``, then
 
-1. end to end: :func:`vpa_lightning.seva.generate_pairs` (two greedy generations per prompt, the
+1. end to end: :func:`vpa_lightning.seva.generate.generate_pairs` (two greedy generations per prompt, the
    augmentation, the Rust shard build), reported as prompts/s and pairs written/s;
 2. the stage split of the same loop on one pass: processor encode, chosen generation,
    augmentation (``corrupt_pixel_values``), rejected generation.
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     from PIL import Image
 
     from vpa_lightning.module import load_vlm
-    from vpa_lightning.seva import generate_pairs
+    from vpa_lightning.seva.generate import generate_pairs
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     prompts = make_prompts(args.workdir, args.prompts, args.size, seed=0)

@@ -33,7 +33,7 @@ __all__ = ["TOOLS", "cli_main", "console_main", "main"]
 #: Each function takes the remaining arguments as a list (``None`` = ``sys.argv``).
 TOOLS: dict[str, tuple[str, str]] = {
     "demo": ("vpa_lightning.demo", "main"),
-    "seva": ("vpa_lightning.seva_cli", "main"),
+    "seva": ("vpa_lightning.seva.cli", "main"),
     "eval": ("vpa_lightning.eval.cli", "main"),
     "report": ("vpa_lightning.eval.report", "main"),
     "export": ("vpa_lightning.export", "main"),

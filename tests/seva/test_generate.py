@@ -12,11 +12,8 @@ import torch
 
 from vpa_lightning.augment.pixels import corrupt_pixel_values
 from vpa_lightning.models.generation import encode_for_generation
-from vpa_lightning.seva import (
-    generate_pairs,
-    main,
-    read_prompts,
-)
+from vpa_lightning.seva.cli import generate_main as main
+from vpa_lightning.seva.generate import generate_pairs, read_prompts
 
 N_IMAGES = 6
 

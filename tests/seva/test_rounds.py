@@ -89,14 +89,14 @@ def test_two_rounds_then_resume(prompts, tmp_path, monkeypatch):
     assert not torch.allclose(w[name], p0) and not torch.allclose(p0, p1)
 
     # a rerun resumes after the finished rounds: nothing is generated or trained again
-    import vpa_lightning.seva as seva
+    from vpa_lightning.seva import generate
 
-    monkeypatch.setattr(seva, "generate_pairs", lambda *a, **k: pytest.fail("finished round regenerated"))
+    monkeypatch.setattr(generate, "generate_pairs", lambda *a, **k: pytest.fail("finished round regenerated"))
     assert main(["seva", "rounds", "--config", str(rounds_yaml)]) == summaries
 
 
 def test_rounds_flag_checks(prompts, tmp_path):
-    from vpa_lightning.seva_cli import rounds
+    from vpa_lightning.seva.rounds import rounds
 
     prompts_file, image_root = prompts
     fit = _fit_config(tmp_path / "fit.yaml")
@@ -109,7 +109,7 @@ def test_rounds_flag_checks(prompts, tmp_path):
 
 
 def test_round_with_no_pairs_stops_with_a_reason(prompts, tmp_path):
-    from vpa_lightning.seva_cli import rounds
+    from vpa_lightning.seva.rounds import rounds
 
     prompts_file, image_root = prompts
     fit = _fit_config(tmp_path / "fit.yaml")

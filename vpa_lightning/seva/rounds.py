@@ -1,24 +1,9 @@
-"""``vpa seva generate|rounds``: SeVa pair generation and generate -> DPO -> regenerate rounds from YAML.
+"""Iterated SeVa: generate pairs with the policy, DPO-train it, export, regenerate with the new policy.
 
-::
-
-    vpa seva generate --config configs/seva_llava15_7b_generate.yaml
-    vpa seva rounds --config configs/seva_rounds_llava15_7b.yaml
-    vpa seva generate --help          # every option, documented from the docstrings below
-
-``generate`` answers the prompts on original and augmented images and writes the pairs into
-shards (see :mod:`vpa_lightning.seva`). ``rounds`` repeats, per round ``r``:
-
-1. generate pairs with the current policy into ``OUT/round{r}/pairs`` (shards in ``rank0/``);
-2. DPO-train on them with ``vpa fit --config FIT_CONFIG`` (model, shards, run dir, seed and
-   reference cache overridden per round) into ``OUT/round{r}/train``;
-3. export the result (``OUT/round{r}/model/adapter`` and ``/merged``); the merged model is the
-   next round's policy - and, under LoRA, its reference (the adapters start fresh each round).
-
-Each round's data, run and model live in their own ``round{r}/`` folder, with ``round.json``
-(inputs, counts, final metrics) written last: a rerun skips the rounds that have one, so an
-interrupted schedule resumes at the first unfinished round. Rounds run in one process; for
-multi-GPU rounds run ``generate`` under torchrun and ``vpa fit`` per round yourself.
+Per round ``r`` (each in ``OUT/round{r}/``): pairs from :func:`vpa_lightning.seva.generate.generate_pairs`
+into ``pairs/``, ``vpa fit`` on them into ``train/``, the export into ``model/`` (the merged model is
+the next round's policy), and ``round.json`` written last, so a rerun resumes at the first
+unfinished round. The command line is ``vpa seva rounds`` (:mod:`vpa_lightning.seva.cli`).
 """
 
 from __future__ import annotations
@@ -28,64 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["generate", "main", "rounds"]
+from vpa_lightning.seva.generate import Augmentation
 
-Augmentation = str | dict[str, Any] | list[Any]
-
-
-def generate(
-    model: str,
-    prompts_file: str,
-    image_root: str,
-    out_dir: str,
-    augmentation: Augmentation = "diffusion_noise",
-    max_new_tokens: int = 32,
-    batch_size: int = 8,
-    seed: int = 0,
-    rank: int | None = None,
-    world_size: int | None = None,
-    val_fraction: float = 0.0,
-    dtype: str | None = None,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """Generate SeVa pairs (answer on the original image = chosen, on the augmented one = rejected) into shards.
-
-    Args:
-        model: Policy: a local transformers VLM folder, a cached hub id, or ``tiny:llava`` /
-            ``tiny:qwen2_vl`` / ``tiny:idefics3``.
-        prompts_file: LLaVA-665k-style JSON list, or JSONL rows ``{"image", "question"}``.
-        image_root: Directory that relative image paths are relative to.
-        out_dir: Output: ``pairs-rank{r}.jsonl``, ``seva-rank{r}.json`` (counts) and shards in ``rank{r}/``.
-        augmentation: Rejected-side corruption: a name (``diffusion_noise``, ``moco_v2``, ...),
-            a mapping ``{name: diffusion_noise, step: 800}``, or a list of those (composed).
-        max_new_tokens: Greedy decoding length.
-        batch_size: Prompts per ``generate`` call.
-        seed: Seed of the augmentation and of the shard shuffle.
-        rank: This process's rank (default: ``$RANK`` or 0).
-        world_size: Number of generating processes (default: ``$WORLD_SIZE`` or 1).
-        val_fraction: Share of images held out in ``val-*`` shards.
-        dtype: Weight dtype (``bfloat16`` on GPUs); ``None`` = float32.
-        device: ``cuda``, ``cuda:1``, ``cpu``...; default: ``cuda:$LOCAL_RANK`` when CUDA is available, else CPU.
-    """
-    from vpa_lightning.seva import generate_pairs
-
-    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
-    return generate_pairs(
-        model,
-        prompts_file,
-        image_root,
-        out_dir,
-        augmentation=augmentation,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        val_fraction=val_fraction,
-        dtype=dtype,
-        device=device,
-    )
+__all__ = ["rounds"]
 
 
 def _round_fit_args(fit_config: str, model: str, shards: Path, round_dir: Path, seed: int, fit_args: list[str]) -> list[str]:
@@ -143,7 +73,7 @@ def rounds(
     from vpa_lightning._io import write_text_atomic
     from vpa_lightning.cli import cli_main
     from vpa_lightning.export import export
-    from vpa_lightning.seva import generate_pairs
+    from vpa_lightning.seva import generate  # looked up per call (tests replace generate_pairs)
 
     if num_rounds < 1:
         raise ValueError(f"--num_rounds must be >= 1, got {num_rounds}")
@@ -164,7 +94,7 @@ def rounds(
             policy = summary["model_out"]
             continue
         pairs_dir = round_dir / "pairs"
-        counts = generate_pairs(
+        counts = generate.generate_pairs(
             policy,
             files[r % len(files)],
             image_root,
@@ -199,13 +129,3 @@ def rounds(
         summaries.append(summary)
         policy = summary["model_out"]
     return summaries
-
-
-def main(argv: list[str] | None = None) -> Any:
-    """``vpa seva generate|rounds [--config FILE] [options]``."""
-    from jsonargparse import auto_cli
-
-    result = auto_cli([generate, rounds], args=argv, as_positional=False, prog="vpa seva")
-    brief = result if isinstance(result, list) else {k: v for k, v in result.items() if k != "rejected_reasons"}
-    print(json.dumps(brief, indent=2, default=str))
-    return result

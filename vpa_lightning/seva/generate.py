@@ -52,7 +52,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +62,11 @@ from vpa_lightning._io import write_text_atomic
 from vpa_lightning.augment.pixels import corrupt_pixel_values
 from vpa_lightning.models.generation import encode_for_generation, greedy_generate
 
-__all__ = ["generate_pairs", "main", "read_prompts"]
+__all__ = ["Augmentation", "generate_pairs", "read_prompts"]
 
 PathLike = str | os.PathLike[str]
+#: A rejected-side corruption: a name, ``{name: ..., option: ...}``, or a list of those (composed).
+Augmentation = str | dict[str, Any] | list[Any]
 
 
 # --------------------------------------------------------------------------- prompts
@@ -302,16 +303,3 @@ def generate_pairs(
     }
     write_text_atomic(out / f"seva-rank{rank}.json", json.dumps(counts, indent=2) + "\n")
     return counts
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``python -m vpa_lightning.seva ...`` = ``vpa seva generate ...`` (see :mod:`vpa_lightning.seva_cli`)."""
-    import sys
-
-    from vpa_lightning.seva_cli import main as seva_main
-
-    return seva_main(["generate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()
