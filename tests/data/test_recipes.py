@@ -78,6 +78,23 @@ def test_mmdpo_excluding_the_gold_answer(tmp_path):
     assert all(p == [("a", "d")] for p in picks)
 
 
+def test_mmdpo_on_helpsteer_as_released(tmp_path):
+    """nvidia/HelpSteer rows (one response per row, no image), grouped by prompt as the MM-DPO
+    notebook's ``df.groupby(['prompt'])`` does. Sums: r1 12, r2 10, r3 9; r4 alone (no pair)."""
+    row = lambda p, r, h, c, co: {"prompt": p, "response": r, "helpfulness": h, "correctness": c, "coherence": co,  # noqa: E731
+                                  "complexity": 2, "verbosity": 2}
+    rows = [row("Explain DNS.", "r1", 4, 4, 4), row("Explain DNS.", "r2", 3, 4, 3), row("Explain DNS.", "r3", 3, 3, 3),
+            row("Say hi.", "r4", 4, 4, 4)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    m = build([tmp_path / "train.jsonl"], tmp_path / "out", recipe="mmdpo", val_fraction=0)
+    (s,) = read_samples(tmp_path / "out").values()
+    assert s["images"] == [] and s["json"]["prompt"] == "Explain DNS."
+    assert pairs_by_text(s["json"]) in ([("r1", "r2")], [("r1", "r3")])
+    c = m["counts"]
+    assert (c["records_in"], c["records_used"], c["records_deduplicated"], c["records_rejected"]) == (4, 1, 2, 1)
+    assert "fewer than two" in rejects(tmp_path / "out")[0]["reason"]
+
+
 def test_mmdpo_self_sampled_max_against_min(tmp_path):
     make_image(tmp_path / "a.png")
     rows = [rated("Spread?", "a.png", [("x", "s", (4, 3, 3)), ("y", "s", (3, 3, 3)), ("z", "s", (2, 2, 3))]),  # 10, 9, 7

@@ -32,6 +32,8 @@ pub fn detect(v: &Value) -> Option<Format> {
         Some(Format::Vlfeedback)
     } else if has("responses") {
         Some(Format::Rated)
+    } else if has("response") && (has("prompt") || has("question")) && !has("chosen") && !has("rejected") {
+        Some(Format::Rated) // one rated response per row (HelpSteer as released)
     } else if has("output_1") && has("output_2") && has("preference") {
         Some(Format::LlavaRlhf)
     } else if has("rejected_conversations") {

@@ -77,7 +77,25 @@ pub fn vlfeedback(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
 
 /// HelpSteer-style rated rows: `responses` with `scores`.
 pub fn rated(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
+    if !o.contains_key("responses") && o.contains_key("response") {
+        return one_response_row(o, ctx);
+    }
     scored(o, ctx, "responses", rated_response, None)
+}
+
+/// HelpSteer as released (nvidia/HelpSteer): one rated response per row, `{prompt, response,
+/// helpfulness, correctness, ...}`. Rows with the same prompt (and images) merge into one group
+/// in dedup, as MM-DPO's notebooks `groupby` the prompt.
+fn one_response_row(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
+    let res = (|| -> Result<Draft, FieldErr> {
+        let (pk, prompt) = string_field(o, &PROMPT_KEYS, "prompt")?;
+        let prompt = clean_prompt(prompt);
+        check_text(pk, &prompt, ctx)?;
+        let images = image_of(o, ctx, None)?;
+        let r = rated_response(o, "$", ctx).map_err(|(f, why)| (f.trim_start_matches("$.").to_string(), why))?;
+        Ok(Draft { prompt, images, responses: vec![r], explicit_pairs: vec![], pair_ref_logps: vec![] })
+    })();
+    finish(ctx, res)
 }
 
 type ResponseParser = fn(&Map<String, Value>, &str, &Ctx) -> Result<Response, FieldErr>;
