@@ -63,10 +63,10 @@ def file_counts_lines(manifest: Mapping[str, Any]) -> list[str]:
 
 def _check_not_empty(manifest: dict[str, Any], out: PathLike) -> None:
     c = manifest["counts"]
-    # A partition that owns nothing while the others got records is fine; a build that read
-    # nothing, or used nothing of what it owns, is not.
+    # A partition whose share happens to be empty or all rejected cannot judge the whole build
+    # while other partitions got records; a build that read nothing, or used nothing, fails.
     partition_elsewhere = manifest["partition"][1] > 1 and c.get("records_other_partitions", 0) > 0
-    if c["records_used"] > 0 or (partition_elsewhere and c["records_in"] == 0):
+    if c["records_used"] > 0 or partition_elsewhere:
         return
     lines = file_counts_lines(manifest) or ["(no input file)"]
     why = "no input record" if c["records_in"] == 0 else f"all {c['records_in']} records were rejected"
