@@ -229,6 +229,10 @@ pub fn user_prompt(v: &Value, field: &str) -> Result<String, FieldErr> {
         Value::String(s) => Ok(s.clone()),
         Value::Object(_) => turn(v).map(|(_, x)| x).ok_or_else(|| (field.to_string(), "expected a turn {from, value} or {role, content} with text".to_string())),
         Value::Array(turns) => {
+            // A system turn would be lost in a one-prompt sample: say so rather than drop it.
+            if turns.iter().filter_map(turn).any(|(r, _)| r == "system") {
+                return err(field, "a system turn: the sample holds one user prompt, a system prompt would be lost");
+            }
             let users: Vec<String> = turns.iter().filter_map(turn).filter(|(r, _)| is_user(r)).map(|(_, x)| x).collect();
             match users.len() {
                 0 => err(field, "no human/user turn"),

@@ -130,6 +130,10 @@ mod tests {
         let src = Source::line("f", 1);
         let r = parse(&multi, Format::Trl, &Ctx::plain(&src, &[], 1000)).draft.unwrap_err();
         assert!(r.reason.contains("multi-turn"), "{}", r.reason);
+        let system = json!({"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "c"}],
+            "chosen": [{"role": "assistant", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]});
+        let r = parse(&system, Format::Trl, &Ctx::plain(&src, &[], 1000)).draft.unwrap_err();
+        assert!(r.field == "prompt" && r.reason.contains("system"), "{}", r.reason);
     }
 
     #[test]
