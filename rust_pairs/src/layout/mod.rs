@@ -20,7 +20,7 @@ pub mod pylit;
 pub mod scored;
 
 pub use detect::detect;
-pub use scored::vlfeedback_fast;
+pub use scored::{fast_path_agrees, vlfeedback_fast};
 
 use crate::config::Format;
 use crate::record::{RefLogps, Reject, Response, Source};

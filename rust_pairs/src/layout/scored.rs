@@ -312,6 +312,50 @@ struct FastRow<'a> {
 /// other key spellings, the column form, duplicate keys, any invalid text or rating — and the
 /// `Value` path then parses the record and reports each problem by field. Where it answers, it
 /// answers exactly what [`parse`] does (tested below).
+/// Any JSON value, read as strictly as `serde_json::Value` reads it (every string's escapes
+/// decoded, so a lone `\uDC00` surrogate fails; every number parsed, so `1e999` fails) but kept
+/// nowhere. `IgnoredAny`, which the typed path uses for fields it skips, checks neither.
+struct Strict;
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Strict;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Strict, E> {
+                Ok(Strict)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Strict, E> {
+                Ok(Strict)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Strict, E> {
+                Ok(Strict)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Strict, E> {
+                Ok(Strict)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Strict, E> {
+                Ok(Strict)
+            }
+            fn visit_unit<E>(self) -> Result<Strict, E> {
+                Ok(Strict)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Strict, A::Error> {
+                while a.next_element::<Strict>()?.is_some() {}
+                Ok(Strict)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Strict, A::Error> {
+                while a.next_entry::<Strict, Strict>()?.is_some() {}
+                Ok(Strict)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
     if ctx.aspects.is_empty() || ctx.image_template.is_some() {
         return None; // absent vs null annotations differ then; leave it to the Value path
@@ -345,7 +389,26 @@ pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
     if responses.is_empty() {
         return None;
     }
+    // The skipped fields must be valid JSON by the Value path's rules too, or the two paths
+    // would disagree on a record (issue 13: lone surrogates in rationales).
+    serde_json::from_str::<Strict>(text).ok()?;
     Some(Draft { prompt, images: vec![crate::row::ImageSrc::Path(image.into_owned())], responses, explicit_pairs: vec![], pair_ref_logps: vec![] })
+}
+
+/// Whether the fast path and the `Value` path agree on `text`: where the fast path answers, the
+/// `Value` path parses the same draft with no rejects. The property the agreement test and the
+/// fuzz target (`rust_pairs/fuzz`) check.
+pub fn fast_path_agrees(text: &str, ctx: &Ctx) -> Result<(), String> {
+    let Some(fast) = vlfeedback_fast(text, ctx) else { return Ok(()) };
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("fast path accepted what the Value path rejects: {e}"))?;
+    let slow = super::parse(&value, crate::config::Format::Vlfeedback, ctx);
+    if !slow.response_rejects.is_empty() {
+        return Err(format!("fast path accepted responses the Value path rejects: {:?}", slow.response_rejects));
+    }
+    match slow.draft {
+        Ok(d) if d == fast => Ok(()),
+        other => Err(format!("paths differ: fast {fast:?}, Value {other:?}")),
+    }
 }
 
 #[cfg(test)]
@@ -467,5 +530,74 @@ mod tests {
             assert_eq!(vlfeedback_fast(t, &c), None, "{t}");
         }
         assert_eq!(vlfeedback_fast(ok[1], &ctx(&src, &[])), None);
+    }
+
+    #[test]
+    fn fast_path_rejects_what_the_value_path_rejects_in_skipped_fields() {
+        let src = Source::line("f".to_string(), 1);
+        let a = vlf_aspects();
+        let c = ctx(&src, &a);
+        let row = |rationale: &str, extra: &str| {
+            format!(
+                r#"{{"id": "1", "prompt": "Q", "img_path": "x.png", "models": ["m"]{extra}, "completions": [{{"model": "m", "response": "A",
+                "annotations": {{"Helpfulness": {{"Rating": 4, "Rationale": "{rationale}"}}, "Visual Faithfulness": 3, "Ethical Considerations": 5}}}}]}}"#
+            )
+        };
+        assert!(vlfeedback_fast(&row("fine \\u00e9 \\ud83d\\ude00", ""), &c).is_some());
+        for bad in [row("lone \\udc00 surrogate", ""), row("lone \\ud800", ""), row("r", r#", "x": 1e999"#), row("r", r#", "x": [1, -1e400]"#)] {
+            assert!(serde_json::from_str::<Value>(&bad).is_err(), "{bad}");
+            assert_eq!(vlfeedback_fast(&bad, &c), None, "{bad}");
+        }
+    }
+
+    /// Seeded mutations of valid rows (byte edits, spliced escapes, numbers, keys): on every one
+    /// the two paths agree. The fuzz target checks the same property without a seed.
+    #[test]
+    fn fast_and_value_paths_agree_on_mutated_records() {
+        let src = Source::line("f".to_string(), 1);
+        let a = vlf_aspects();
+        let c = ctx(&src, &a);
+        let base = r#"{"id": "7", "prompt": "<image>\nWhat is it?", "img_path": "a.png", "models": ["m1", "m2"], "completions": [
+            {"model": "m1", "response": "A cat \"here\".", "annotations": {"Helpfulness": {"Rating": "4", "Rationale": "ok \u00e9"},
+             "Visual Faithfulness": {"Rating": 5, "Rationale": "r"}, "Ethical Considerations": {"Rating": 3}}},
+            {"model": "m2", "response": "A dog.", "annotations": {"Helpfulness": {"Rating": 2, "Rationale": "no"},
+             "Visual Faithfulness": {"Rating": "1", "Rationale": ""}, "Ethical Considerations": {"Rating": 5, "Rationale": "fine"}}}]}"#;
+        let pieces: [&str; 16] = [
+            "\\udc00", "\\ud800", "\\ud83d\\ude00", "\\u0000", "1e999", "-0", "1e2", "\"", "\\", ",", "}", "]", "null",
+            r#""Rating": 9"#, r#""x": {"y": [1, 2.5e308]}"#, "\u{e9}",
+        ];
+        let mut x: u64 = 0x9E3779B97F4A7C15;
+        let mut next = |m: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % m as u64) as usize
+        };
+        let mut answered = 0;
+        for _ in 0..20_000 {
+            let mut t: Vec<u8> = base.as_bytes().to_vec();
+            for _ in 0..1 + next(3) {
+                let at = next(t.len());
+                match next(4) {
+                    0 => {
+                        let alphabet = b" \"\\{}[]:,0123456789eE.-+abcdefu";
+                        t[at] = alphabet[next(alphabet.len())];
+                    }
+                    1 => {
+                        t.remove(at);
+                    }
+                    _ => {
+                        let p = pieces[next(pieces.len())];
+                        t.splice(at..at, p.bytes());
+                    }
+                }
+            }
+            let Ok(text) = std::str::from_utf8(&t) else { continue };
+            if let Err(e) = fast_path_agrees(text, &c) {
+                panic!("{e}\non: {text}");
+            }
+            answered += vlfeedback_fast(text, &c).is_some() as usize;
+        }
+        assert!(answered > 1000, "the mutations should leave many rows valid ({answered})");
     }
 }
