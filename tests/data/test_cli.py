@@ -55,3 +55,23 @@ def test_demo_console_script(tmp_path):
     assert c["groups"] > 30 and c["pairs"] >= 6 * (c["groups"] - 1)
     lb = json.loads((tmp_path / "d" / "shards" / "report.json").read_text())["leaderboard"]
     assert [r["model"] for r in lb] == ["careful-vlm", "terse-vlm", "guessing-vlm", "dreaming-vlm"]
+
+
+def test_vpa_shard_console_script_exit_statuses(tmp_path):
+    """The installed ``vpa-shard`` script: 0 on success, 2 for a bad flag or option, 1 for a failed run."""
+    from tests.conftest import console_script
+
+    script = console_script("vpa-shard")
+
+    def run(*args):
+        return subprocess.run([script, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+    ok = run("demo", tmp_path / "d", "--num-images", "6", "--no-plots")
+    assert ok.returncode == 0, ok.stderr
+    assert run("inspect", tmp_path / "d" / "shards").returncode == 0
+    bad_flag = run("build", tmp_path / "d" / "data" / "annotations.jsonl", "--out", tmp_path / "o", "--no-such-flag")
+    assert bad_flag.returncode == 2 and "--no-such-flag" in bad_flag.stderr
+    bad_value = run("build", tmp_path / "d" / "data" / "annotations.jsonl", "--out", tmp_path / "o", "--partition", "two")
+    assert bad_value.returncode == 2 and "--partition" in bad_value.stderr
+    failed = run("inspect", tmp_path / "nothing-here")
+    assert failed.returncode == 1 and "nothing-here" in failed.stdout + failed.stderr
