@@ -127,7 +127,10 @@ class VisionDPOModule(pl.LightningModule):
             that lets each response see the prefix and itself only, several groups per row; one
             forward, no KV cache, so it works with gradient checkpointing, FSDP and DeepSpeed. Same
             log-probs and gradients as the plain path up to float rounding. Needs an attention
-            implementation that takes a mask (``sdpa``, ``eager``; ``flex_attention`` on CUDA).
+            implementation that takes a mask (``sdpa``, ``eager``; ``flex_attention`` on CUDA); batches or
+            models it cannot pack (PaliGemma/Gemma-3 token-type attention, several images per group under
+            M-RoPE, flash-attention-2, rows without a shared prompt) run the plain path, with one warning.
+            Ignored with ``prefix_sharing``. ``false``: the plain path (one padded row per response).
         pack_tokens: With ``packed``: token budget of a packed row (``None``: the longest group).
         image_corruption: How losses that need a corrupted image (mDPO) corrupt it: any
             :func:`~vpa_lightning.augment.build_augmentation` spec (``diffusion_noise``,
@@ -187,12 +190,10 @@ class VisionDPOModule(pl.LightningModule):
                 "--model.prefix_sharing needs --model.logps_method forward and no --model.gradient_checkpointing "
                 "(it runs the responses on the prompt's KV cache)"
             )
-        if packed and prefix_sharing:
-            raise ValueError("--model.packed and --model.prefix_sharing are two ways to share the prefix: pick one")
         if pack_tokens is not None and pack_tokens < 1:
             raise ValueError(f"--model.pack_tokens must be >= 1, got {pack_tokens}")
         self.prefix_sharing = prefix_sharing
-        self.packed = packed
+        self.packed = packed and not prefix_sharing  # two ways to share the prefix: prefix_sharing asked for explicitly
         self.pack_tokens = pack_tokens
         self.model_name_or_path = model_name_or_path
         self.use_lora = lora
@@ -237,7 +238,7 @@ class VisionDPOModule(pl.LightningModule):
     @property
     def logps_options(self) -> dict[str, Any]:
         """Keyword arguments of every :func:`~vpa_lightning.models.logps.group_logps` call of the module."""
-        return {"method": self.logps_method, "share_prefix": self.prefix_sharing, "pack": self.packed,
+        return {"method": self.logps_method, "share_prefix": self.prefix_sharing, "pack": "auto" if self.packed else False,
                 "pack_tokens": self.pack_tokens}
 
     def forward_tokens(self, batch: dict[str, Any]) -> int:

@@ -41,8 +41,7 @@ def test_packed_with_checkpointing_gives_the_plain_loss(batch, lora):
 
 
 def test_packed_flags_and_forward_tokens(batch):
-    with pytest.raises(ValueError, match="--model.packed and --model.prefix_sharing"):
-        VisionDPOModule("tiny:llava", packed=True, prefix_sharing=True)
+    assert not VisionDPOModule("tiny:llava", packed=True, prefix_sharing=True).packed  # the explicit one wins
     with pytest.raises(ValueError, match="--model.pack_tokens"):
         VisionDPOModule("tiny:llava", packed=True, pack_tokens=0)
     plain = VisionDPOModule("tiny:llava", packed=False)
@@ -52,3 +51,20 @@ def test_packed_flags_and_forward_tokens(batch):
     from vpa_lightning.models.packed import pack_groups
 
     assert packed.forward_tokens(batch) == pack_groups(packed.model, inputs).tokens < plain.forward_tokens(batch)
+
+
+def test_packed_falls_back_to_plain_for_rows_without_a_shared_prompt(batch):
+    """pack="auto" (the module's): a batch it cannot pack runs the plain path, with one warning; pack=True raises."""
+    from vpa_lightning.models.logps import GroupBatch, group_logps
+    from vpa_lightning.models.packed import PackingUnsupported
+
+    module = VisionDPOModule("tiny:llava", packed=True)
+    inputs = batch["inputs"]
+    one_group = GroupBatch(inputs.model_inputs, inputs.labels, torch.zeros_like(inputs.group_index), [inputs.labels.shape[0]],
+                           inputs.prompt_lengths, inputs.truncated)
+    with pytest.raises(PackingUnsupported):
+        group_logps(module.model, one_group, pack=True)
+    with torch.no_grad(), pytest.warns(UserWarning, match="using the plain path"):
+        fallback = group_logps(module.model, one_group, **module.logps_options)
+        plain = group_logps(module.model, one_group)
+    torch.testing.assert_close(fallback.sum_logps, plain.sum_logps)

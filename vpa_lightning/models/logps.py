@@ -477,7 +477,7 @@ def group_logps(
     chunk_size: int = 256,
     share_prefix: bool = False,
     share_image: bool = True,
-    pack: bool = False,
+    pack: bool | str = False,
     pack_tokens: int | None = None,
     token_logps: bool = False,
     sq_probs: bool = False,
@@ -510,7 +510,8 @@ def group_logps(
             shared KV cache (see :func:`_prefix_shared_logps`); ``"forward"`` method only.
         share_image: Run the vision tower once per group, not once per row (see
             :func:`encode_images_once`); same results, K times less vision work.
-        pack: Packed shared-prefix groups (see :mod:`~vpa_lightning.models.packed`): each group's
+        pack: ``True`` or ``"auto"`` (``"auto"``: fall back to the plain path, with one warning, for a
+            batch or model it cannot pack, e.g. PaliGemma, rows without a shared prompt). Packed shared-prefix groups (see :mod:`~vpa_lightning.models.packed`): each group's
             image + prompt once, its responses after it under a segment mask, several groups per row;
             one forward, so gradient checkpointing works. Either method.
         pack_tokens: Token budget of a packed row (``None``: the longest group's length).
@@ -521,10 +522,15 @@ def group_logps(
         :class:`GroupLogps` with ``sum_logps`` (float32) and ``n_tokens``.
     """
     if pack:
-        from vpa_lightning.models.packed import packed_logps
+        from vpa_lightning.models.packed import PackingUnsupported, packed_logps
 
-        return packed_logps(model, batch, method=method, chunk_size=chunk_size, max_tokens=pack_tokens,
-                            token_logps=token_logps, sq_probs=sq_probs)
+        try:
+            return packed_logps(model, batch, method=method, chunk_size=chunk_size, max_tokens=pack_tokens,
+                                token_logps=token_logps, sq_probs=sq_probs)
+        except PackingUnsupported as exc:  # raised before any forward: nothing to undo
+            if pack != "auto":
+                raise
+            _warn_once(f"packed groups not possible here ({exc}); using the plain path")
     if share_prefix:
         if method != "forward":
             raise ValueError("share_prefix works with method='forward' only")
@@ -581,6 +587,17 @@ def group_logps(
     if sq is not None:
         out.log_sum_sq_probs = torch.zeros(n, dtype=torch.float32, device=flat.device).index_add(0, rows, sq)
     return out
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
 
 
 def _log_sum_sq(logits: Tensor) -> Tensor:

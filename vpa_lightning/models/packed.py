@@ -34,7 +34,11 @@ from torch import Tensor, nn
 from vpa_lightning.models.chunked_head import head_token_logps
 from vpa_lightning.models.logps import IGNORE_INDEX, GroupBatch, GroupLogps, _rope_index, _split_model, _unwrap_peft, select_rows
 
-__all__ = ["PackedBatch", "pack_groups", "packed_logps"]
+__all__ = ["PackedBatch", "PackingUnsupported", "pack_groups", "packed_logps"]
+
+
+class PackingUnsupported(ValueError):
+    """A batch or model that packed groups cannot run (the plain path can): ``pack="auto"`` falls back on it."""
 
 
 @dataclass
@@ -81,9 +85,13 @@ def _segments(batch: GroupBatch) -> list[dict[str, Any]]:
         rows = list(range(first, first + k))
         p = plen[first]
         if any(plen[r] != p for r in rows) or any(not torch.equal(ids[r, :p], ids[first, :p]) for r in rows[1:]):
-            raise ValueError(f"packed groups: the rows of group {g} do not share one prompt")
+            raise PackingUnsupported(f"packed groups: the rows of group {g} do not share one prompt")
         if int(batch.group_index[first]) != g or any(int(batch.group_index[r]) != g for r in rows):
-            raise ValueError("packed groups: rows must be ordered by group (build_group_batch order)")
+            raise PackingUnsupported("packed groups: rows must be ordered by group (build_group_batch order)")
+        if k > 1 and "pixel_values" in batch.model_inputs:  # e.g. mDPO's corrupted rows: one image per row
+            pixels = [select_rows(batch, torch.tensor([r])).model_inputs["pixel_values"] for r in rows]
+            if any(not torch.equal(p, pixels[0]) for p in pixels[1:]):
+                raise PackingUnsupported(f"packed groups: the rows of group {g} carry different images")
         out.append({"first": first, "rows": rows, "prefix": p, "resp": [n_resp[r] for r in rows],
                     "length": p + sum(n_resp[r] for r in rows)})
     return out
@@ -128,9 +136,9 @@ def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = No
                     if k not in per_token and k not in ("input_ids", "attention_mask")}
     rope_index = _rope_index(model) if "image_grid_thw" in image_inputs else None
     if rope_index is not None and image_inputs["image_grid_thw"].shape[0] != len(order):
-        raise ValueError("packed groups: M-RoPE positions need exactly one image per group; use the plain path")
+        raise PackingUnsupported("packed groups: M-RoPE positions need exactly one image per group; use the plain path")
     if "token_type_ids" in per_token:  # PaliGemma / Gemma-3: attention over image tokens depends on token types
-        raise ValueError("packed groups: models whose attention follows token_type_ids (PaliGemma, Gemma-3) need the plain path")
+        raise PackingUnsupported("packed groups: models whose attention follows token_type_ids (PaliGemma, Gemma-3) need the plain path")
 
     pad_id = int(batch.labels[batch.labels != IGNORE_INDEX][0])  # a text token: never an image placeholder
     packed_ids = ids.new_full((n_rows, width), pad_id)
@@ -220,7 +228,7 @@ def _segment_mask(model: nn.Module, seg_id: Tensor, resp_id: Tensor, _dtype: tor
     if impl == "eager":
         dtype = next(_unwrap_peft(model).parameters()).dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    raise ValueError(
+    raise PackingUnsupported(
         f"packed groups need an attention implementation that takes an arbitrary mask ('sdpa', 'eager' or "
         f"'flex_attention'); this model uses {impl!r}"
     )
