@@ -201,7 +201,7 @@ class PreferenceReport(Callback):
             rejected = {j for _, j in example.pairs}
             best = sorted(c for c, _ in example.pairs if c not in rejected)
             if best:
-                rows.append((example.key, example.group.image, example.group.prompt, example.group.responses[best[0]]))
+                rows.append((example.key, example.group.all_images, example.group.prompt, example.group.responses[best[0]]))
             if self.max_batches is not None and len(rows) >= self.max_batches * datamodule.batch_size:
                 break
         answers = (

@@ -53,12 +53,15 @@ def _tiny(family: str):
 
 
 def template_inputs(processor, image, prompt: str, response: str | None) -> dict:
-    """The family's own tokenisation of [user(image, prompt)] (+ assistant(response)), as tensors."""
+    """The family's own tokenisation of [user(image(s), prompt)] (+ assistant(response)), as tensors.
+    ``image`` is one image or a list of 0..N images."""
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
     if not family_of(processor).needs_chat_template:  # PaliGemma: the processor's prefix + suffix
         kwargs = {} if response is None else {"suffix": [response]}
-        out = processor(text=[processor.image_token + prompt], images=[image], return_tensors="pt", **kwargs)
+        out = processor(text=[processor.image_token * len(images) + prompt], images=[images], return_tensors="pt", **kwargs)
         return {k: v for k, v in out.items() if k != "labels"}
-    conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+    parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": prompt}]
+    conversation = [{"role": "user", "content": parts}]
     if response is not None:
         conversation.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
     out = processor.apply_chat_template(
@@ -191,7 +194,7 @@ def test_logps_equal_a_plain_forward_of_the_template_tokens(family, mode) -> Non
 
 
 def _onevision_reference(model, processor, group, response):
-    prompt = template_inputs(processor, group.image, group.prompt, None)
+    prompt = template_inputs(processor, group.all_images, group.prompt, None)
     resp = processor.tokenizer(response + "<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
     n_prompt = prompt["input_ids"].shape[1]
     inputs = dict(prompt)
@@ -217,3 +220,65 @@ def test_generation_prompt_and_greedy_answers(family) -> None:
         assert row == template_inputs(processor, g.image, g.prompt, None)["input_ids"][0].tolist()
     answers = generate_answers(model, processor, images, questions, max_new_tokens=3, batch_size=2)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def _mixed_groups() -> list[PreferenceGroup]:
+    """A text-only group, a two-image group and a one-image group, in one batch."""
+    a, b = _image(80, 40, 2), _image(40, 40, 3)
+    return [
+        PreferenceGroup(None, "Say hello.", ["Hello there.", "No."], id="text", images=[]),
+        PreferenceGroup(None, "Which one is brighter?", ["The first.", "The second one."], id="two", images=[a, b]),
+        PreferenceGroup(b, "What is in the image?", ["A cat.", "A dog."], id="one"),
+    ]
+
+
+@pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f != "paligemma"])
+def test_text_only_and_multi_image_groups(family) -> None:
+    """Text-only and multi-image groups, mixed in one batch, score as a plain forward of their own
+    template tokens, with the vision tower once per group, for every row, and with prefix sharing."""
+    model, processor = _tiny(family)
+    groups = _mixed_groups()
+    if family == "mllama":  # no mixed batches (see families/mllama.py): image groups together
+        with pytest.raises(ValueError, match="cannot batch text-only"):
+            build_group_batch(processor, groups)
+        groups = groups[1:]
+    batch = build_group_batch(processor, groups)
+    assert batch.image_counts.tolist() == [0, 0, 2, 2, 1, 1][6 - 2 * len(groups) :]
+    expected = []
+    for g in groups:
+        for r in g.responses:
+            if family in GENERATION_PROMPT_DIFFERS:
+                expected.append(_onevision_reference(model, processor, g, r))
+            else:
+                expected.append(reference_logps(model, processor, g.all_images, g.prompt, r))
+    for kwargs in ({}, {"share_image": False}, {"share_prefix": True}):
+        with torch.no_grad():
+            out = group_logps(model, batch, **kwargs)
+        torch.testing.assert_close(out.sum_logps, torch.tensor([e[0] for e in expected]), rtol=1e-4, atol=1e-4, msg=str(kwargs))
+    # a text-only row carries no image: the same log-probs with no pixel inputs at all
+    groups = _mixed_groups()
+    alone = build_group_batch(processor, groups[:1])
+    assert "pixel_values" not in alone.model_inputs
+    with torch.no_grad():
+        text_only = torch.tensor([reference_logps(model, processor, [], groups[0].prompt, r)[0] for r in groups[0].responses]) \
+            if family not in GENERATION_PROMPT_DIFFERS else out.sum_logps[:2]
+        torch.testing.assert_close(group_logps(model, alone).sum_logps, text_only, rtol=1e-4, atol=1e-4)
+
+
+def test_paligemma_refuses_text_only_groups_clearly() -> None:
+    _, processor = _tiny("paligemma")
+    with pytest.raises(ValueError, match="PaliGemma takes at least one image"):
+        build_group_batch(processor, _mixed_groups()[:1])
+
+
+def test_generation_with_text_only_and_multi_image_questions() -> None:
+    from vpa_lightning.models.generation import encode_for_generation, generate_answers
+
+    model, processor = _tiny("qwen2_5_vl")
+    groups = _mixed_groups()
+    images = [g.all_images for g in groups]
+    inputs = encode_for_generation(processor, images, [g.prompt for g in groups])
+    for i, g in enumerate(groups):
+        row = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].tolist()
+        assert row == template_inputs(processor, g.all_images, g.prompt, None)["input_ids"][0].tolist()
+    assert len(generate_answers(model, processor, images, [g.prompt for g in groups], max_new_tokens=2)) == 3

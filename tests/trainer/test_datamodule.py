@@ -176,7 +176,7 @@ def test_test_shards_directory_gives_all_shards(demo_shards, manifest, tiny_llav
     assert sum(len(b["keys"]) for b in dm.test_dataloader()) == manifest["counts"]["groups"]
 
 
-def test_text_only_and_multi_image_samples_are_skipped_with_their_reason(tiny_llava, tmp_path, caplog):
+def test_text_only_and_multi_image_samples_train(tiny_llava, tmp_path, caplog):
     import json
 
     import webdataset as wds
@@ -202,10 +202,36 @@ def test_text_only_and_multi_image_samples_are_skipped_with_their_reason(tiny_ll
     multi = next(e for e in decoded if len(e.images) == 2)
     assert [im.getpixel((0, 0)) for im in multi.images] == [(0, 250, 0), (0, 0, 250)]
     assert multi.group.image is None
-    dm = PreferenceDataModule(str(out), batch_size=2, processor=processor, shuffle_buffer=0)
-    with caplog.at_level(logging.WARNING, logger="vpa_lightning.data.datamodule"):
-        batches = list(dm.train_dataloader())
-    assert [k for b in batches for k in b["keys"]] == [e.key for e in decoded if len(e.images) == 1]
-    assert dm.skipped == {"text_only_sample": 1, "multi_image_sample": 1}
-    assert any("text_only_sample: 0 images" in r.getMessage() for r in caplog.records)
-    assert any("multi_image_sample: 2 images" in r.getMessage() for r in caplog.records)
+    dm = PreferenceDataModule(str(out), batch_size=3, processor=processor, shuffle_buffer=0)
+    batches = list(dm.train_dataloader())
+    assert dm.skipped == {}
+    (batch,) = batches  # the three kinds in one batch
+    assert batch["keys"] == [e.key for e in decoded]
+    inputs = batch["inputs"]
+    by_key = {e.key: len(e.images) for e in decoded}
+    counts = [by_key[batch["keys"][g]] for g in inputs.group_index.tolist()]
+    assert inputs.image_counts.tolist() == counts
+    assert inputs.model_inputs["pixel_values"].shape[0] == sum(counts)  # LLaVA: one entry per image
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    per_row = (inputs.model_inputs["input_ids"] == image_token).sum(1) // 4  # 4 tokens per tiny-llava image
+    assert per_row.tolist() == counts
+
+
+def test_collator_keeps_the_groups_a_family_can_batch_together():
+    """Mllama cannot batch text-only with image groups: the batch keeps the image groups and the
+    text-only one is skipped with a counted reason (never a crash)."""
+    from vpa_lightning.data.datamodule import GroupCollator, PreferenceExample
+    from vpa_lightning.models import PreferenceGroup, build_tiny_vlm
+
+    _, processor = build_tiny_vlm("mllama")
+    image = Image.new("RGB", (30, 20), (200, 10, 10))
+    groups = [
+        PreferenceGroup(image, "Colour?", ["Red.", "Blue."], id="a"),
+        PreferenceGroup(None, "Say hi.", ["Hi!", "No."], id="t", images=[]),
+        PreferenceGroup(image, "Shape?", ["Round.", "Square."], id="b"),
+    ]
+    examples = [PreferenceExample(key=g.id, group=g, pairs=[(0, 1)], probability=[1.0], margin=[1.0]) for g in groups]
+    collator = GroupCollator(processor)
+    batch = collator(examples)
+    assert batch["keys"] == ["a", "b"] and batch["chosen"].tolist() == [0, 2]
+    assert collator.skips.counts == {"tokenisation": 1} and batch["skipped"] == ["sample 't'"]

@@ -96,10 +96,15 @@ workers or ranks the epoch restarts). Training workers start afresh each epoch
 
 Text-only and multi-image samples
 ---------------------------------
-Shards may hold samples with no image (text-only preference rows) or with
-several. They are decoded (:attr:`PreferenceExample.images` holds every image)
-but the trainer takes one image per group for now, so they are skipped with
-the counted, logged reasons ``text_only_sample`` and ``multi_image_sample``.
+Shards may hold samples with no image (text-only preference rows, e.g. to keep
+language skills, as MM-DPO mixes in) or with several. Both train:
+:attr:`PreferenceExample.images` (also ``group.images``) holds every image in
+placeholder order; a text-only prompt is tokenised without image parts and its
+rows carry no pixel inputs, a multi-image prompt gets one image part per image
+before its text, and a batch may mix them (see
+:func:`~vpa_lightning.models.logps.build_group_batch`). A family whose
+processor cannot take a sample (PaliGemma without an image) skips it with the
+reason ``tokenisation``.
 """
 
 from __future__ import annotations
@@ -133,6 +138,7 @@ from torch.utils.data import DataLoader
 from vpa_lightning import rust_pairs as _rp
 from vpa_lightning.data.shards import ManifestError, load_manifest
 from vpa_lightning.errors import BadShardsError, MissingShardsError, TooManySkippedError, UsageError
+from vpa_lightning.models.families import family_of
 from vpa_lightning.models.logps import PreferenceGroup, build_group_batch, prompt_messages
 
 __all__ = [
@@ -248,7 +254,7 @@ def decode_sample(sample: dict[str, Any], max_image_pixels: int | None = DEFAULT
         probability.append(_float(p.get("probability")))
         margin.append(_float(p.get("margin")))
     images = [_decode_image(sample[m], m, max_image_pixels) for m in _image_members(sample, meta)]
-    group = PreferenceGroup(image=images[0] if len(images) == 1 else None, prompt=prompt, responses=texts, id=key)
+    group = PreferenceGroup(image=images[0] if len(images) == 1 else None, prompt=prompt, responses=texts, id=key, images=images)
     return PreferenceExample(
         key=key, group=group, pairs=pairs, probability=probability, margin=margin, images=images,
         scores=scores, strength=strength,
@@ -391,12 +397,6 @@ class _DecodeStage:
                         f"{bad} samples in a row were malformed and none was usable (last: {what}: {detail}); "
                         "see the warnings for each"
                     ) from exc
-                continue
-            if len(example.images) != 1:
-                # Until the trainer consumes them: counted and logged, never a crash.
-                n = len(example.images)
-                reason = "text_only_sample" if n == 0 else "multi_image_sample"
-                self.skips.skip(what, reason, f"{reason}: {n} images, the trainer takes one image per group")
                 continue
             good += 1
             example.skipped = self.skips.take()
@@ -594,9 +594,11 @@ class GroupCollator:
         skips: _SkipLog | None = None,
         unpaired: tuple[str, float] | None = None,
         mismatched_pairs: bool = False,
+        score_trailing_newline: bool = False,
     ) -> None:
         self.processor = processor
         self.max_length = max_length
+        self.score_trailing_newline = score_trailing_newline
         self.skips = skips if skips is not None else _SkipLog()
         self.unpaired = unpaired
         self.mismatched_pairs = mismatched_pairs
@@ -610,23 +612,19 @@ class GroupCollator:
                 where, epoch, n = e.position
                 reached[(where, epoch)] = max(n, reached.get((where, epoch), 0))
         try:
-            inputs = build_group_batch(self.processor, [e.group for e in examples], max_length=self.max_length)
+            inputs = self._build([e.group for e in examples])
         except Exception:  # noqa: BLE001 - a bad group must not stop training: find and drop it
             kept = []
             for e in examples:
                 try:
-                    build_group_batch(self.processor, [e.group], max_length=self.max_length)
+                    self._build([e.group])
                 except Exception as exc:  # noqa: BLE001
                     self.skips.skip(f"sample {e.key!r}", "tokenisation", f"{type(exc).__name__}: {exc}")
                 else:
                     kept.append(e)
-            examples = kept
+            examples = self._compatible(kept)
             skipped += self.skips.take()
-            inputs = (
-                build_group_batch(self.processor, [e.group for e in examples], max_length=self.max_length)
-                if examples
-                else None
-            )
+            inputs = self._build([e.group for e in examples]) if examples else None
         chosen, rejected, pair_group, probability, margin, response_index, response_sha = [], [], [], [], [], [], []
         offset = 0
         for g, e in enumerate(examples):
@@ -663,6 +661,29 @@ class GroupCollator:
             "position": [(where, epoch, n) for (where, epoch), n in reached.items()],
         }
 
+    def _compatible(self, examples: list[PreferenceExample]) -> list[PreferenceExample]:
+        """The examples that tokenise together: all of them, else greedily in order (a family may
+        refuse some mixes, e.g. Mllama text-only with image groups); the others are skipped."""
+        try:
+            self._build([e.group for e in examples])
+            return examples
+        except Exception:  # noqa: BLE001
+            pass
+        kept: list[PreferenceExample] = []
+        for e in examples:
+            try:
+                self._build([k.group for k in [*kept, e]])
+            except Exception as exc:  # noqa: BLE001
+                self.skips.skip(f"sample {e.key!r}", "tokenisation", f"cannot share a batch: {type(exc).__name__}: {exc}")
+            else:
+                kept.append(e)
+        return kept
+
+    def _build(self, groups: Sequence[Any]) -> Any:
+        return build_group_batch(
+            self.processor, groups, max_length=self.max_length, score_trailing_newline=self.score_trailing_newline
+        )
+
     def _mismatched(self, examples: Sequence[PreferenceExample]) -> Any:
         """Each group's image + prompt with the previous group's responses (TRL's KTO ``KL`` pairs)."""
         if len(examples) < 2:
@@ -672,7 +693,7 @@ class GroupCollator:
             for g, e in enumerate(examples)
         ]
         try:
-            return build_group_batch(self.processor, groups, max_length=self.max_length)
+            return self._build(groups)
         except Exception as exc:  # noqa: BLE001 - no reference point this step is better than no step
             log.warning("mismatched pairs for KTO's reference point failed (%s: %s); z0 = 0 this batch", type(exc).__name__, exc)
             return None
@@ -909,6 +930,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         max_skip_fraction: Largest share of training samples that may be skipped (malformed,
             untokenisable, ...) per epoch: above it the fit fails with the first reasons (checked
             as batches arrive once 64 samples were seen, and at the end of each epoch). ``1`` never fails.
+        score_trailing_newline: Also score what the chat template writes after a response's
+            end-of-turn token (``<|im_end|>`` then ``"\\n"``), as TRL does. Off by default: a response
+            is scored up to and including its end-of-turn token, where generation stops.
     """
 
     def __init__(
@@ -929,6 +953,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         verify_shards: Literal["size", "hash", "none"] = "size",
         chat_template: str | None = None,
         max_skip_fraction: float = 0.05,
+        score_trailing_newline: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= max_skip_fraction <= 1.0:
@@ -962,6 +987,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.verify_shards = verify_shards
         self.chat_template = chat_template
         self.max_skip_fraction = max_skip_fraction
+        self.score_trailing_newline = score_trailing_newline
         self._skips = _SkipLog()
         self._expected: dict[str, dict] = {}  # manifest entry of each shard a manifest named
         self.train_urls, self.val_urls, self.counts = resolve_shards(train_shards, val_shards, self._expected)
@@ -977,7 +1003,7 @@ class PreferenceDataModule(pl.LightningDataModule):
     @property
     def skipped(self) -> dict[str, int]:
         """Samples skipped so far in this process, by reason (``malformed_sample``, ``tokenisation``,
-        ``shard``, ``text_only_sample``, ``multi_image_sample``)."""
+        ``shard``)."""
         return dict(self._skips.counts)
 
     @property
@@ -1022,7 +1048,8 @@ class PreferenceDataModule(pl.LightningDataModule):
                 self.processor.tokenizer.chat_template = text
             self._template_installed = True
         try:
-            self.processor.apply_chat_template(prompt_messages("?"), add_generation_prompt=True, tokenize=False)
+            # through the family: PaliGemma has a fixed prompt format and needs no template
+            family_of(self.processor).prompt_text(self.processor, prompt_messages("?"))
         except Exception as exc:  # noqa: BLE001 - no template, or a broken one: both stop the run here
             model = getattr(module, "model_name_or_path", None)
             where = f"--data.chat_template {self.chat_template}" if self.chat_template else f"the processor of {model or 'the model'}"
@@ -1077,7 +1104,8 @@ class PreferenceDataModule(pl.LightningDataModule):
         if self.processor is None:
             self.setup()
         collate = GroupCollator(
-            self.processor, self.max_length, self._skips, unpaired=self.unpaired, mismatched_pairs=bool(self.mismatched_pairs)
+            self.processor, self.max_length, self._skips, unpaired=self.unpaired, mismatched_pairs=bool(self.mismatched_pairs),
+            score_trailing_newline=self.score_trailing_newline,
         )
         stream = self.dataset(urls, train)
         kwargs: dict[str, Any] = dict(

@@ -16,27 +16,31 @@ from vpa_lightning.models.families import family_of
 __all__ = ["chat_prompt", "encode_for_generation", "generate_answers", "greedy_generate"]
 
 
-def chat_prompt(processor: Any, question: str) -> str:
-    """The chat-template text of one user turn holding an image and ``question``."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def chat_prompt(processor: Any, question: str, n_images: int = 1) -> str:
+    """The chat-template text of one user turn holding ``n_images`` images and ``question``."""
+    messages = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": question}]}]
     return family_of(processor).prompt_text(processor, messages)  # the template, or PaliGemma's fixed format
 
 
+def _image_list(image: Any) -> list[Any]:
+    """One item of ``images``: an image, a list of images (several, or ``[]`` / ``None`` for none)."""
+    if image is None:
+        return []
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
 def encode_for_generation(processor: Any, images: Sequence[Any], questions: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Left-padded processor inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...) of a batch."""
+    """Left-padded processor inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...) of a batch.
+
+    ``images[i]`` is the image of ``questions[i]``, or a list of its images (``[]`` for a text-only question).
+    """
     tok = getattr(processor, "tokenizer", processor)
     old_side = tok.padding_side
     tok.padding_side = "left"
     try:
-        texts = [chat_prompt(processor, q) for q in questions]
-        family = family_of(processor)
-        imgs = family.images_argument([[im] for im in images])
-        kwargs = family.processor_kwargs(processor, texts)  # no second BOS
-        return {
-            k: v
-            for k, v in processor(images=imgs, text=texts, padding=True, return_tensors="pt", **kwargs).items()
-            if k not in family.dropped_inputs
-        }
+        rows = [_image_list(im) for im in images]
+        texts = [chat_prompt(processor, q, len(r)) for q, r in zip(questions, rows)]
+        return family_of(processor).encode(processor, texts, rows)  # nesting per family, no second BOS
     finally:
         tok.padding_side = old_side
 
@@ -66,7 +70,7 @@ def generate_answers(
     max_new_tokens: int = 32,
     batch_size: int = 8,
 ) -> list[str]:
-    """Greedy answers to ``questions[i]`` about ``images[i]`` (PIL images), ``batch_size`` at a time."""
+    """Greedy answers to ``questions[i]`` about ``images[i]`` (a PIL image, or a list of 0..N), ``batch_size`` at a time."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     if batch_size < 1 or max_new_tokens < 1:

@@ -72,18 +72,29 @@ class PreferenceGroup:
     """One image + prompt with K candidate responses.
 
     Attributes:
-        image: The image (anything the processor's image processor accepts, e.g. a PIL image).
+        image: The image (anything the processor's image processor accepts, e.g. a PIL image);
+            ``None`` with ``images`` given.
         prompt: The user text; or a full chat as a list of messages (``{"role", "content"}``)
-            whose content parts include exactly one ``{"type": "image"}``.
+            whose content parts hold one ``{"type": "image"}`` per image.
         responses: The K >= 1 response texts (for a preference pair, by convention
             ``[chosen, rejected]``).
         id: Optional identifier used in error messages.
+        images: Several images (in placeholder order) or none (a text-only group, ``[]``); when
+            set it replaces ``image``. A text prompt then gets one image part per image before its text.
     """
 
     image: Any
     prompt: str | list[dict[str, Any]]
     responses: Sequence[str]
     id: str | None = None
+    images: Sequence[Any] | None = None
+
+    @property
+    def all_images(self) -> list[Any]:
+        """The group's images in placeholder order: ``images`` when given (0..N), else ``[image]``."""
+        if self.images is not None:
+            return list(self.images)
+        return [] if self.image is None else [self.image]
 
 
 @dataclass
@@ -217,10 +228,11 @@ class GroupLogps:
         return values.view(len(self.group_sizes), self.group_sizes[0])
 
 
-def prompt_messages(prompt: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Chat messages for a prompt: a plain string becomes one user turn ``[image, text]``."""
+def prompt_messages(prompt: str | list[dict[str, Any]], n_images: int = 1) -> list[dict[str, Any]]:
+    """Chat messages for a prompt: a plain string becomes one user turn ``[image] * n_images + [text]``
+    (no image part for a text-only prompt)."""
     if isinstance(prompt, str):
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
     return list(prompt)
 
 
@@ -277,7 +289,8 @@ def build_group_batch(
     for g, group in enumerate(groups):
         if len(group.responses) < 1:
             raise ValueError(f"{_group_name(group, g)} has no responses")
-        messages = prompt_messages(group.prompt)
+        group_images = group.all_images
+        messages = prompt_messages(group.prompt, len(group_images))
         text = family.prompt_text(processor, messages)
         for r, response in enumerate(group.responses):
             if suffix_ids is None:  # the template's own assistant turn, end-of-turn token included
@@ -290,15 +303,11 @@ def build_group_batch(
             if not ids:
                 raise ValueError(f"{_group_name(group, g)}: response {r} is empty after tokenisation")
             prompts.append(text)
-            images.append([group.image])
+            images.append(group_images)
             responses.append(ids)
             owners.append(g)
 
-    enc = processor(
-        text=prompts, images=family.images_argument(images), return_tensors="pt", padding=True,
-        **family.processor_kwargs(processor, prompts),
-    )
-    enc = {k: v for k, v in enc.items() if k not in family.dropped_inputs}
+    enc = family.encode(processor, prompts, images)
     input_ids: Tensor = enc.pop("input_ids")
     attention_mask: Tensor = enc.pop("attention_mask")
     # per-token processor outputs (mm_token_type_ids, token_type_ids, ...) follow input_ids
@@ -374,7 +383,7 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-_IMAGE_KWARGS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
+_IMAGE_KWARGS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "batch_num_images")
 
 
 def _picks(counts: Tensor, first: Tensor, owners: list[int]) -> list[int]:

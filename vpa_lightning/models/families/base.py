@@ -100,6 +100,18 @@ class Family:
             return {"add_special_tokens": False}
         return {}
 
+    def encode(self, processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]]) -> dict[str, Any]:
+        """Processor outputs (``return_tensors="pt"``, padded) of ``prompts[i]`` with ``images[i]``
+        (0..N images per prompt; a batch may mix text-only, one- and several-image prompts), less
+        :attr:`dropped_inputs`."""
+        rows = [list(r) for r in images]
+        kwargs = self.processor_kwargs(processor, prompts)
+        out = processor(
+            text=list(prompts), images=self.images_argument(rows) if any(rows) else None,
+            return_tensors="pt", padding=True, **kwargs,
+        )
+        return {k: v for k, v in out.items() if k not in self.dropped_inputs}
+
     # -- images ----------------------------------------------------------------------------
     def images_argument(self, images: list[list[Any]]) -> Any:
         """The ``images=`` argument of the processor for one list of images per text."""

@@ -33,6 +33,8 @@ class PaliGemmaFamily(Family):
                     images += 1
                 elif part.get("type") == "text":
                     texts.append(part["text"])
+        if not images:
+            raise ValueError("PaliGemma takes at least one image per prompt (its processor refuses text-only input)")
         return processor.image_token * images + " ".join(texts)
 
     def response_text(self, processor: Any, messages, prompt: str, response: str, score_trailing_newline: bool = False) -> str:
