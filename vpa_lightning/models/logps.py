@@ -1,17 +1,18 @@
-"""Sequence log-probs of K responses per (image, prompt) group, in one forward pass.
+"""Sequence log-probs of K responses per (image(s), prompt) group, in one forward pass.
 
-A *group* is one image and one prompt with K >= 1 candidate responses (K = 2
-for a chosen/rejected pair, K > 2 for ranked lists; K = 1 is allowed, e.g. for
-mDPO's corrupted-image pass over the chosen response). For every response we
-build one sequence
+A *group* is one prompt with its images (0..N: text-only and multi-image groups too) and K >= 1
+candidate responses (K = 2 for a chosen/rejected pair, K > 2 for ranked lists; K = 1 is allowed,
+e.g. for mDPO's corrupted-image pass over the chosen response). For every response we build one
+sequence
 
-    chat_template(prompt with image, add_generation_prompt=True) + response + suffix
+    chat_template(prompt with images, add_generation_prompt=True) + response turn
 
-where the templated prompt goes through the processor (which expands the image
-placeholder into the family's image tokens and produces the pixel tensors)
-and the response is tokenised separately with the processor's tokenizer (no
-special tokens) followed by ``suffix`` (by default the tokenizer's EOS, i.e.
-the end-of-turn token for chat models). Tokenising prompt and response apart
+where the templated prompt goes through the processor (which expands each image placeholder into
+the family's image tokens and produces the pixel tensors) and the response turn is what the
+template writes for the assistant message after the generation prompt, up to and including its
+end-of-turn token (see :meth:`vpa_lightning.models.families.Family.response_text`), tokenised
+separately (no special tokens added). Together they are the tokens of the family's own
+``apply_chat_template([user, assistant], tokenize=True)``; tokenising prompt and response apart
 makes the response boundary exact, as in TRL.
 
 All sequences of the batch (sum of K over groups) are right-padded into one
@@ -23,10 +24,12 @@ LM head to those rows only; full-vocabulary logits are never built for image,
 prompt or padding positions.
 
 Every processor output (``pixel_values``, ``image_grid_thw``, ``image_sizes``,
-``pixel_attention_mask``, ``mm_token_type_ids``, ...) is passed to the model;
-per-token outputs (those shaped like ``input_ids``) are extended over the
-response with 0 (text token; see ``response_fill`` for prefix-LM models such as
-PaliGemma) and padded with 0. The image inputs are built for every sequence
+``pixel_attention_mask``, ``mm_token_type_ids``, ...) but the family's
+``dropped_inputs`` (PaliGemma's ``labels``) is passed to the model; per-token
+outputs (``[N, T, ...]``) are extended over the response, 2-D ones with 0 (text
+token; the family's ``response_fill`` for PaliGemma's ``token_type_ids``: 1,
+the causal suffix), others with the last prompt token's value (Mllama's
+``cross_attention_mask``), and padded with 0. The image inputs are built for every sequence
 (the image of a group is repeated K times), which keeps batching
 family-agnostic, but the vision tower runs **once per group**: during the
 forward, the model's ``get_image_features`` is given the first row of each
