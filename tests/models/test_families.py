@@ -255,6 +255,13 @@ def test_text_only_and_multi_image_groups(family) -> None:
         with torch.no_grad():
             out = group_logps(model, batch, **kwargs)
         torch.testing.assert_close(out.sum_logps, torch.tensor([e[0] for e in expected]), rtol=1e-4, atol=1e-4, msg=str(kwargs))
+    # the same groups in another order (image groups first): rows map to their own group's images
+    order = [1, 2, 0] if len(groups) == 3 else [1, 0]
+    shuffled = build_group_batch(processor, [groups[i] for i in order])
+    with torch.no_grad():
+        again = group_logps(model, shuffled).sum_logps
+    per_group = list(torch.split(torch.tensor([e[0] for e in expected]), [len(g.responses) for g in groups]))
+    torch.testing.assert_close(again, torch.cat([per_group[i] for i in order]), rtol=1e-4, atol=1e-4)
     # a text-only row carries no image: the same log-probs with no pixel inputs at all
     groups = _mixed_groups()
     alone = build_group_batch(processor, groups[:1])

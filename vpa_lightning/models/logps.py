@@ -436,6 +436,7 @@ def encode_images_once(model: nn.Module, batch: GroupBatch) -> Iterator[None]:
     image_picks = _picks(counts.cpu(), first.cpu(), owners)
     pixel_picks = _picks(batch.pixel_rows.cpu(), first.cpu(), owners) if batch.pixel_rows is not None else None
     n_unique_images = int(counts[first].sum())
+    per_row = family_of(model).pixel_values_per_row
     positional = [p.name for p in inspect.signature(original).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
 
     def once(*args: Any, **kwargs: Any) -> Any:
@@ -446,6 +447,11 @@ def encode_images_once(model: nn.Module, batch: GroupBatch) -> Iterator[None]:
                 call[name] = unique[name]
         out = original(**call)
         features = getattr(out, "pooler_output", None)
+        if per_row:  # one entry per row with all its images (Idefics3 / SmolVLM)
+            if not isinstance(features, (list, tuple)) or len(features) != groups.numel():
+                return original(*args, **kwargs)
+            out.pooler_output = [features[g] for g in owners]
+            return out
         if isinstance(features, (list, tuple)) and len(features) == n_unique_images:
             out.pooler_output = [features[i] for i in image_picks]  # one entry per image
         elif pixel_picks is not None and isinstance(features, Tensor) and features.shape[0] == len(set(pixel_picks)):

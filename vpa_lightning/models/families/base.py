@@ -32,7 +32,7 @@ class Family:
         first_position: Position id of a sequence's first token (PaliGemma counts from 1).
         image_inputs: Model inputs with one entry per image (not per row).
         pixel_values_per_row: ``pixel_values`` has one entry per row (``[N, images, ...]``, Idefics3,
-            Mllama) rather than one per image.
+            Mllama) rather than one per image, and so do the image features (``pooler_output``).
         final_logit_softcap: The model's forward soft-caps the logits with the text config's
             ``final_logit_softcapping`` (the ``hidden`` log-prob method re-applies it); Gemma 3's
             ``ForConditionalGeneration`` does not, although its text config has one.
