@@ -1,9 +1,8 @@
 """Loss x family matrix: every loss trains 2 steps through the `vpa fit` CLI on a tiny model of each family.
 
 Each (loss, family) cell is one in-process ``cli_main`` fit (the CLI builds module, data module and trainer
-from the same arguments as ``vpa fit``). Prefix sharing alternates over the cells, so every loss trains with
-it on and off and every family sees both modes (the two paths' equality per family is tested in
-``tests/models`` and ``test_methods_module.py``). The log-prob passes are counted: a reference-free loss
+from the same arguments as ``vpa fit``), once with prefix sharing off and once on (the two paths' equality
+per family is tested in ``tests/models`` and ``test_methods_module.py``). The log-prob passes are counted: a reference-free loss
 makes exactly one (the policy's) per step, a reference loss two, KTO four (policy and reference on the batch
 and on its mismatched rows), mDPO four (the corrupted-image pair). One cell runs through the `vpa` console
 script from its config files.
@@ -51,7 +50,7 @@ LOSSES = [
     ("mpo", "CombinedLoss", None, 2, ["--config", str(ROOT / "configs" / "loss_mpo.yaml")]),
     ("simpo_sft", "CombinedLoss", None, 1, []),
 ]
-CELLS = [(loss, family, (i + j) % 2 == 1) for i, loss in enumerate(LOSSES) for j, family in enumerate(FAMILIES)]
+CELLS = [(loss, family, share) for loss in LOSSES for family in FAMILIES for share in (False, True)]
 
 
 def _loss_args(name: str, cls: str, init: list[str] | None) -> list[str]:
