@@ -58,7 +58,8 @@ impl ImageSrc {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+/// The JSON type of a value, for reject reasons (layouts use it too).
+pub fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "boolean",
@@ -79,17 +80,17 @@ fn one(v: &Value) -> Result<ImageSrc, String> {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) if s.trim().is_empty() => None,
                 Some(Value::String(s)) => Some(s.clone()),
-                Some(other) => return Err(format!("image struct: \"path\" must be a string, got {}", kind(other))),
+                Some(other) => return Err(format!("image struct: \"path\" must be a string, got {}", type_name(other))),
             };
             match o.get("bytes") {
                 None | Some(Value::Null) => name.map(ImageSrc::Path).ok_or_else(|| "image struct has neither bytes nor a path".to_string()),
                 Some(b) => match blob_index(b) {
                     Some(index) => Ok(ImageSrc::Embedded { index, name }),
-                    None => Err(format!("image struct: \"bytes\" must be binary (a Parquet binary column), got {}", kind(b))),
+                    None => Err(format!("image struct: \"bytes\" must be binary (a Parquet binary column), got {}", type_name(b))),
                 },
             }
         }
-        other => Err(format!("expected an image path or a {{bytes, path}} struct, got {}", kind(other))),
+        other => Err(format!("expected an image path or a {{bytes, path}} struct, got {}", type_name(other))),
     }
 }
 

@@ -11,16 +11,7 @@ pub const PROMPT_KEYS: [&str; 4] = ["prompt", "question", "instruction", "query"
 /// `image_id` is SeVa's (a file name under `--image-root`).
 pub const IMAGE_KEYS: [&str; 5] = ["img_path", "image", "image_path", "images", "image_id"];
 
-pub fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
-}
+pub use crate::row::type_name;
 
 pub type FieldErr = (String, String);
 
