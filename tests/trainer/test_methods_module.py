@@ -24,6 +24,8 @@ from vpa_lightning.losses import (
 )
 from vpa_lightning.models import group_logps
 
+from .test_module import _perturb_lora
+
 
 @pytest.fixture(scope="module")
 def batch(demo_shards, tiny_llava):
@@ -32,12 +34,6 @@ def batch(demo_shards, tiny_llava):
     return next(iter(dm.val_dataloader()))
 
 
-def _perturb_lora(module: VisionDPOModule, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
 def count_forwards(module: VisionDPOModule) -> list[int]:

@@ -377,15 +377,7 @@ def _build_idefics3(tokenizer, image_size: int = 56, vision_hidden: int = 32, te
     )
 
     patch, scale = 14, 2
-    vision = Idefics3VisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch,
-        initializer_range=_INIT_RANGE,
-    )
+    vision = Idefics3VisionConfig(**_vision_kwargs(image_size, vision_hidden, patch), initializer_range=_INIT_RANGE)
     text = LlamaConfig(**_llama_text_kwargs(tokenizer, text_hidden))
     config = Idefics3Config(
         vision_config=vision,
@@ -498,10 +490,9 @@ REAL_TEMPLATES: dict[str, str] = {
 }
 
 
-def _siglip(image_size: int, vision_hidden: int, patch: int = 14):
-    from transformers import SiglipVisionConfig
-
-    return SiglipVisionConfig(
+def _vision_kwargs(image_size: int, vision_hidden: int, patch: int = 14) -> dict:
+    """The two-layer, two-head SigLIP-style tower that the SigLIP-based families share."""
+    return dict(
         hidden_size=vision_hidden,
         intermediate_size=2 * vision_hidden,
         num_hidden_layers=2,
@@ -509,6 +500,12 @@ def _siglip(image_size: int, vision_hidden: int, patch: int = 14):
         image_size=image_size,
         patch_size=patch,
     )
+
+
+def _siglip(image_size: int, vision_hidden: int, patch: int = 14):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(**_vision_kwargs(image_size, vision_hidden, patch))
 
 
 def _build_smolvlm(tokenizer, image_size: int = 56, vision_hidden: int = 32, text_hidden: int = 32):
@@ -522,15 +519,7 @@ def _build_smolvlm(tokenizer, image_size: int = 56, vision_hidden: int = 32, tex
     from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
     patch, scale = 14, 2
-    vision = SmolVLMVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch,
-        initializer_range=_INIT_RANGE,
-    )
+    vision = SmolVLMVisionConfig(**_vision_kwargs(image_size, vision_hidden, patch), initializer_range=_INIT_RANGE)
     config = SmolVLMConfig(
         vision_config=vision,
         text_config=LlamaConfig(**_llama_text_kwargs(tokenizer, text_hidden)),
