@@ -26,7 +26,7 @@ use crate::row::ImageSrc;
 use crate::report::Stats;
 use crate::select::{self, Dropped, GroupView, Params};
 use crate::shard::{encode_member, write_atomic, ShardWriter};
-use crate::text::prompt_key;
+use crate::text::{prompt_key, with_spaces_at};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -134,11 +134,13 @@ struct RefLogpsOut<'a> {
     model: Option<&'a str>,
 }
 
-/// One image of a sample: its tar member (after `{key}.`) and sha256, in placeholder order.
+/// One image of a sample: its tar member (after `{key}.`), sha256, and where it sits in the
+/// prompt (`offset`: chars of the stored prompt before it), in placeholder order.
 #[derive(Serialize)]
 struct ImageOut<'a> {
     member: String,
     sha256: &'a str,
+    offset: usize,
 }
 
 #[derive(Serialize)]
@@ -295,7 +297,8 @@ fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs
             Err(reason) => return unowned_reject(response_rejects, Reject::record(&src, field(i), reason)),
         }
     }
-    let prompt_norm = prompt_key(&draft.prompt, fc.cfg.dedup_mode());
+    // Keyed as the prompt was written (a placeholder counts as a space), wherever its images sit.
+    let prompt_norm = prompt_key(&with_spaces_at(&draft.prompt, &draft.image_at), fc.cfg.dedup_mode());
     let key = image_key(imgs.iter().map(|i| i.sha256.as_str()));
     if owner_of_image(&anchor(&key, &prompt_norm), parts) != part {
         return Line::OtherPartition;
@@ -313,6 +316,7 @@ fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs
     let record = Record {
         prompt_norm,
         prompt: draft.prompt,
+        image_at: draft.image_at,
         images,
         image_key: key,
         responses: draft.responses,
@@ -671,7 +675,12 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
         key: &g.key,
         prompt: &g.prompt,
         image_sha256: g.images.first().map(|i| i.sha256.as_str()),
-        images: g.images.iter().enumerate().map(|(i, im)| ImageOut { member: image_member(i, &im.ext), sha256: &im.sha256 }).collect(),
+        images: g
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, im)| ImageOut { member: image_member(i, &im.ext), sha256: &im.sha256, offset: g.image_at.get(i).copied().unwrap_or(0) })
+            .collect(),
         responses: order
             .iter()
             .map(|&i| ResponseOut { text: &g.responses[i].text, model: g.responses[i].model.as_deref(), scores: &all_scores[i], strength: theta[i] })

@@ -20,6 +20,9 @@ pub struct Group {
     pub prompt: String,
     /// The images of the group's first record (all its records have the same image list).
     pub images: Vec<ImageRef>,
+    /// Where they sit in `prompt`: the first record's, with its prompt (a merged record that
+    /// placed them elsewhere in an otherwise equal prompt merges all the same).
+    pub image_at: Vec<usize>,
     /// See [`crate::record::image_key`]; `""` for a text-only group.
     pub image_key: String,
     pub responses: Vec<Response>,
@@ -98,6 +101,7 @@ fn merge(key: String, recs: Vec<Record>, mode: Dedup) -> Group {
         key,
         prompt: first.prompt.clone(),
         images: first.images.clone(),
+        image_at: first.image_at.clone(),
         image_key: first.image_key.clone(),
         responses: vec![],
         explicit_pairs: vec![],
@@ -239,6 +243,7 @@ mod tests {
             prompt: prompt.into(),
             prompt_norm: normalize(prompt),
             images: vec![ImageRef { path: format!("/{img}.png"), sha256: img.into(), ext: "png".into(), offset: 0, len: 0 }],
+            image_at: vec![0],
             image_key: img.into(),
             responses: texts
                 .iter()

@@ -63,8 +63,12 @@ pub struct RefLogps {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     pub source: Source,
-    /// Prompt as written, with `<image>` placeholders removed.
+    /// Prompt as written, with `<image>` placeholders removed (see [`crate::text::place_images`]).
     pub prompt: String,
+    /// Where each image sits in `prompt` (char offsets, one per image; 0 when the prompt had no
+    /// placeholder).
+    #[serde(default)]
+    pub image_at: Vec<usize>,
     /// Normalised prompt (dedup identity).
     pub prompt_norm: String,
     /// The record's images in placeholder order (0..N; none for a text-only record).

@@ -3,11 +3,54 @@
 use crate::config::Dedup;
 use unicode_normalization::UnicodeNormalization;
 
-/// Remove `<image>` placeholders (LLaVA-style prompts) and trim; this is the prompt that is stored.
-pub fn clean_prompt(s: &str) -> String {
-    let mut out = s.replace("<image>", " ");
-    // Collapse only what the placeholder removal left at the edges; inner formatting is kept.
-    out = out.trim().to_string();
+/// The `<image>` placeholder of LLaVA-style prompts (and of TRL image blocks, see
+/// [`crate::layout::common::content_text`]).
+pub const IMAGE_MARKER: &str = "<image>";
+
+/// The prompt that is stored and where its images sit: every `<image>` placeholder removed (no
+/// substitute: the trainer puts the image back at that point), the result trimmed, and the
+/// offset of each placeholder in the trimmed prompt, in Unicode scalar values (characters, so
+/// Python's `prompt[:offset]` is the text before the image). Placeholders in the whitespace at
+/// either end land at 0 / at the end.
+pub fn place_images(s: &str) -> (String, Vec<usize>) {
+    if !s.contains(IMAGE_MARKER) {
+        return (s.trim().to_string(), vec![]);
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut at = Vec::new(); // char offsets into `out` (before trimming)
+    let mut chars = 0usize;
+    for (i, piece) in s.split(IMAGE_MARKER).enumerate() {
+        if i > 0 {
+            at.push(chars);
+        }
+        out.push_str(piece);
+        chars += piece.chars().count();
+    }
+    let lead = out.chars().take_while(|c| c.is_whitespace()).count();
+    let trimmed = out.trim().to_string();
+    let len = trimmed.chars().count();
+    (trimmed, at.into_iter().map(|o| o.saturating_sub(lead).min(len)).collect())
+}
+
+/// The prompt as [`collapse`] and [`normalize`] saw it before placeholders had positions: the
+/// stored prompt with a space at each image offset. Its key equals that of the prompt as written
+/// (a placeholder counts as a space), so dedup keys do not depend on where images sit.
+pub fn with_spaces_at(prompt: &str, offsets: &[usize]) -> String {
+    if offsets.is_empty() {
+        return prompt.to_string();
+    }
+    let mut out = String::with_capacity(prompt.len() + offsets.len());
+    let mut next = offsets.iter().peekable();
+    for (i, c) in prompt.chars().enumerate() {
+        while next.peek().is_some_and(|&&o| o == i) {
+            out.push(' ');
+            next.next();
+        }
+        out.push(c);
+    }
+    for _ in next {
+        out.push(' ');
+    }
     out
 }
 
@@ -76,7 +119,26 @@ mod tests {
         // NFKC folds full-width letters.
         assert_eq!(normalize("ＡＢＣ"), "abc");
         assert_eq!(normalize(""), "");
-        assert_eq!(clean_prompt("<image>\nWhat colour?"), "What colour?");
+    }
+
+    #[test]
+    fn images_are_placed_at_char_offsets() {
+        assert_eq!(place_images("<image>\nWhat colour?"), ("What colour?".into(), vec![0]));
+        assert_eq!(place_images("  What colour? "), ("What colour?".into(), vec![]));
+        // Middle placeholders keep the text around them as written; offsets count chars, not bytes.
+        let (p, at) = place_images("Compare <image> with <image>: which is older?");
+        assert_eq!((p.as_str(), at.clone()), ("Compare  with : which is older?", vec![8, 14]));
+        let (p, at) = place_images("Ünïcode <image>é<image>");
+        assert_eq!((p.as_str(), at.clone()), ("Ünïcode é", vec![8, 9]));
+        let chars: Vec<char> = p.chars().collect();
+        assert_eq!(chars[..8].iter().collect::<String>(), "Ünïcode ");
+        assert_eq!(place_images(" <image>\n<image>\nQ <image> "), ("Q".into(), vec![0, 0, 1]));
+        // The dedup key is that of the prompt as written.
+        for raw in ["Compare <image> with <image>: which?", "is<image>this", "<image>\nQ", "Q\n<image>", "<image>Q<image>"] {
+            let (p, at) = place_images(raw);
+            assert_eq!(collapse(&with_spaces_at(&p, &at)), collapse(raw), "{raw:?}");
+            assert_eq!(normalize(&with_spaces_at(&p, &at)), normalize(raw), "{raw:?}");
+        }
     }
 
     #[test]

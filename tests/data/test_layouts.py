@@ -121,6 +121,58 @@ def test_text_only_and_multi_image_rows(tmp_path):
     assert by_prompt["Which is bluer?"]["images"] == [a.read_bytes(), b.read_bytes()]
 
 
+def _interleaved(sample: dict) -> list:
+    """The prompt cut at its images' offsets: text and image parts in order, as the trainer builds them."""
+    prompt, parts, at = sample["json"]["prompt"], [], 0
+    for image, entry in zip(sample["images"], sample["json"]["images"]):
+        parts += [prompt[at : entry["offset"]], image]
+        at = entry["offset"]
+    return [p for p in [*parts, prompt[at:]] if p != ""]
+
+
+def test_image_offsets_say_where_each_image_sits(tmp_path):
+    """Each image entry's ``offset`` (chars of the stored prompt before it) keeps where the
+    ``<image>`` placeholder or TRL image block stood: interleaved TRL blocks, a placeholder in
+    the middle of a JSONL prompt, none at all (LLaVA's convention: images first), and a count that
+    does not match the images (rejected, naming the field)."""
+    a = make_image(tmp_path / "a.png").read_bytes()
+    b = make_image(tmp_path / "b.png", colour=(0, 0, 255)).read_bytes()
+    answer = {"chosen": [{"role": "assistant", "content": "The first."}], "rejected": [{"role": "assistant", "content": "The second."}]}
+    trl = [{"images": ["a.png", "b.png"], **answer, "prompt": [{"role": "user", "content": [
+        {"type": "text", "text": "Compare "}, {"type": "image"}, {"type": "text", "text": " with "}, {"type": "image"},
+        {"type": "text", "text": ": which is older?"}]}]}]
+    s = one(build_and_read(tmp_path / "o1", write_jsonl(tmp_path / "trl.jsonl", trl)))
+    assert s["json"]["prompt"] == "Compare  with : which is older?"
+    assert [i["offset"] for i in s["json"]["images"]] == [8, 14]
+    assert _interleaved(s) == ["Compare ", a, " with ", b, ": which is older?"]
+
+    rows = [{"images": ["a.png", "b.png"], "question": "Is the cat in <image> also in <image>?", "chosen": "Yes.", "rejected": "No."},
+            {"image": "b.png", "question": "Wie heißt das?\n<image>", "chosen": "Blau.", "rejected": "Rot."},
+            {"image": "a.png", "question": "What colour is it?", "chosen": "Red.", "rejected": "Blue."},
+            {"image": "a.png", "question": "<image> and <image>?", "chosen": "x", "rejected": "y"}]
+    out = tmp_path / "o2"
+    by_prompt = {s["json"]["prompt"]: s for s in build_and_read(out, write_jsonl(tmp_path / "rows.jsonl", rows))}
+    assert _interleaved(by_prompt["Is the cat in  also in ?"]) == ["Is the cat in ", a, " also in ", b, "?"]
+    assert by_prompt["Wie heißt das?"]["json"]["images"][0]["offset"] == len("Wie heißt das?")  # chars, not bytes
+    assert _interleaved(by_prompt["Wie heißt das?"]) == ["Wie heißt das?", b]
+    assert by_prompt["What colour is it?"]["json"]["images"][0]["offset"] == 0
+    assert _interleaved(by_prompt["What colour is it?"]) == [a, "What colour is it?"]
+    (bad,) = rejects(out)
+    assert (bad["line"], bad["field"]) == (4, "question")
+    assert "2 <image> placeholders in the prompt but 1 image" in bad["reason"]
+
+
+def test_merged_records_keep_the_first_records_image_offsets(tmp_path):
+    """The dedup key ignores where images sit (placeholders removed), so records that differ only
+    in that merge; the group keeps the first record's prompt and offsets."""
+    make_image(tmp_path / "a.png")
+    rows = [{"image": "a.png", "question": "What is it?\n<image>", "chosen": "A red block.", "rejected": "A ball."},
+            {"image": "a.png", "question": "<image>\nWhat is it?", "chosen": "A red block.", "rejected": "A cup."}]
+    s = one(build_and_read(tmp_path / "out", write_jsonl(tmp_path / "rows.jsonl", rows)))
+    assert len(s["json"]["source"]) == 2
+    assert (s["json"]["prompt"], s["json"]["images"][0]["offset"]) == ("What is it?", len("What is it?"))
+
+
 def test_forced_format_and_detection(tmp_path):
     make_image(tmp_path / "a.jpg", fmt="JPEG")
     q = {"from": "human", "value": "<image>\nQ"}

@@ -3,7 +3,7 @@
 use super::{Ctx, Draft, Parsed};
 use crate::record::{Reject, RefLogps, Response};
 use crate::row::{image_refs, ImageSrc};
-use crate::text::clean_prompt;
+use crate::text::{place_images, IMAGE_MARKER};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
@@ -49,6 +49,28 @@ pub fn image_field(o: &Map<String, Value>) -> Result<Vec<ImageSrc>, FieldErr> {
     match first(o, &IMAGE_KEYS) {
         None => Ok(vec![]),
         Some((k, v)) => image_refs(v).map_err(|reason| (k.to_string(), reason)),
+    }
+}
+
+/// The stored prompt of `raw` (field `field`) and the char offset of each of its `n_images`
+/// images in it (see [`place_images`]). Placeholders name the images in order; a prompt without
+/// any places every image before its text (offset 0, LLaVA's convention: its training code puts
+/// `<image>\n` first when the prompt has none). A prompt with placeholders must have one per
+/// image: a different count is rejected (as transformers' processors refuse a mismatch between
+/// image tokens and images), never guessed.
+pub fn place(field: &str, raw: &str, n_images: usize) -> Result<(String, Vec<usize>), FieldErr> {
+    let (prompt, at) = place_images(raw);
+    match at.len() {
+        0 => Ok((prompt, vec![0; n_images])),
+        k if k == n_images => Ok((prompt, at)),
+        k => err(
+            field,
+            format!(
+                "{k} {IMAGE_MARKER} placeholder{} in the prompt but {n_images} image{}: each placeholder names one image",
+                if k == 1 { "" } else { "s" },
+                if n_images == 1 { "" } else { "s" }
+            ),
+        ),
     }
 }
 
@@ -157,34 +179,50 @@ pub fn image_of(o: &Map<String, Value>, ctx: &Ctx, default_template: Option<&str
 }
 
 /// Text of a message's content: a string, or the text blocks of a list of
-/// `{type: text|image, ...}` blocks (TRL, OpenAI-style) joined by newlines.
-pub fn content_text(v: &Value) -> Option<String> {
+/// `{type: text|image, ...}` blocks (TRL, OpenAI-style), consecutive text blocks joined by
+/// newlines. With `images`, each image block becomes an `<image>` placeholder where it stands (no
+/// separator: the blocks render back to back), so [`place`] records its position; without, image
+/// blocks are skipped (answers).
+pub fn content_text(v: &Value, images: bool) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
         Value::Array(blocks) => {
-            let mut parts = Vec::new();
+            let mut out = String::new();
+            let mut after_text = false;
+            let text = |out: &mut String, t: &str, after_text: &mut bool| {
+                if *after_text {
+                    out.push('\n');
+                }
+                out.push_str(t);
+                *after_text = true;
+            };
             for b in blocks {
                 match b {
-                    Value::String(s) => parts.push(s.as_str()),
+                    Value::String(s) => text(&mut out, s, &mut after_text),
                     Value::Object(m) => match m.get("type").and_then(Value::as_str) {
-                        Some("text") => parts.push(m.get("text").and_then(Value::as_str)?),
-                        Some(_) => {} // image / video placeholders: the images travel separately
-                        None => parts.push(m.get("text").and_then(Value::as_str)?),
+                        Some("text") => text(&mut out, m.get("text").and_then(Value::as_str)?, &mut after_text),
+                        Some("image") if images => {
+                            out.push_str(IMAGE_MARKER);
+                            after_text = false;
+                        }
+                        Some(_) => {} // video placeholders, or images of an answer
+                        None => text(&mut out, m.get("text").and_then(Value::as_str)?, &mut after_text),
                     },
                     _ => return None,
                 }
             }
-            Some(parts.join("\n"))
+            Some(out)
         }
         _ => None,
     }
 }
 
 /// `(role, text)` of one turn: LLaVA's `{from, value}` or chat `{role, content}`.
-pub fn turn(v: &Value) -> Option<(&str, String)> {
+/// With `images`, image blocks become `<image>` placeholders (see [`content_text`]).
+pub fn turn(v: &Value, images: bool) -> Option<(&str, String)> {
     let t = v.as_object()?;
     let role = t.get("from").or_else(|| t.get("role"))?.as_str()?;
-    let text = content_text(t.get("value").or_else(|| t.get("content"))?)?;
+    let text = content_text(t.get("value").or_else(|| t.get("content"))?, images)?;
     Some((role, text))
 }
 
@@ -200,14 +238,14 @@ pub fn is_user(role: &str) -> bool {
 pub fn answer(v: &Value, field: &str) -> Result<String, FieldErr> {
     match v {
         Value::String(s) => Ok(s.clone()),
-        Value::Object(_) => match turn(v) {
+        Value::Object(_) => match turn(v, false) {
             Some((_, text)) => Ok(text),
             None => err(field, "expected a turn {from, value} or {role, content} with text"),
         },
         Value::Array(turns) => turns
             .iter()
             .rev()
-            .find_map(|t| turn(t).filter(|(r, _)| is_assistant(r)).map(|(_, x)| x))
+            .find_map(|t| turn(t, false).filter(|(r, _)| is_assistant(r)).map(|(_, x)| x))
             .ok_or_else(|| (field.to_string(), "conversation has no assistant turn".to_string())),
         other => err(field, format!("expected a string or a conversation, got {}", type_name(other))),
     }
@@ -218,13 +256,13 @@ pub fn answer(v: &Value, field: &str) -> Result<String, FieldErr> {
 pub fn user_prompt(v: &Value, field: &str) -> Result<String, FieldErr> {
     match v {
         Value::String(s) => Ok(s.clone()),
-        Value::Object(_) => turn(v).map(|(_, x)| x).ok_or_else(|| (field.to_string(), "expected a turn {from, value} or {role, content} with text".to_string())),
+        Value::Object(_) => turn(v, true).map(|(_, x)| x).ok_or_else(|| (field.to_string(), "expected a turn {from, value} or {role, content} with text".to_string())),
         Value::Array(turns) => {
             // A system turn would be lost in a one-prompt sample: say so rather than drop it.
-            if turns.iter().filter_map(turn).any(|(r, _)| r == "system") {
+            if turns.iter().filter_map(|t| turn(t, true)).any(|(r, _)| r == "system") {
                 return err(field, "a system turn: the sample holds one user prompt, a system prompt would be lost");
             }
-            let users: Vec<String> = turns.iter().filter_map(turn).filter(|(r, _)| is_user(r)).map(|(_, x)| x).collect();
+            let users: Vec<String> = turns.iter().filter_map(|t| turn(t, true)).filter(|(r, _)| is_user(r)).map(|(_, x)| x).collect();
             match users.len() {
                 0 => err(field, "no human/user turn"),
                 1 => Ok(users.into_iter().next().unwrap()),
@@ -245,7 +283,7 @@ pub fn pair_draft(
     models: (Option<String>, Option<String>),
     ref_logps: Option<RefLogps>,
 ) -> Result<Draft, FieldErr> {
-    let prompt = clean_prompt(prompt);
+    let (prompt, image_at) = place(pk, prompt, images.len())?;
     check_text(pk, &prompt, ctx)?;
     check_text(ck, &chosen, ctx)?;
     check_text(rk, &rejected, ctx)?;
@@ -253,12 +291,28 @@ pub fn pair_draft(
         Response { text: chosen, model: models.0, scores: BTreeMap::new() },
         Response { text: rejected, model: models.1, scores: BTreeMap::new() },
     ];
-    Ok(Draft { prompt, images, responses, explicit_pairs: vec![(0, 1)], pair_ref_logps: vec![ref_logps] })
+    Ok(Draft { prompt, images, image_at, responses, explicit_pairs: vec![(0, 1)], pair_ref_logps: vec![ref_logps] })
 }
 
 pub fn finish(ctx: &Ctx, res: Result<Draft, FieldErr>) -> Parsed {
     match res {
         Ok(d) => Parsed { draft: Ok(d), response_rejects: vec![] },
         Err(e) => record_reject(ctx, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::place;
+
+    #[test]
+    fn placeholders_name_one_image_each() {
+        assert_eq!(place("q", "<image>\nWhat?", 1), Ok(("What?".into(), vec![0])));
+        assert_eq!(place("q", "What?", 2), Ok(("What?".into(), vec![0, 0])));
+        assert_eq!(place("q", "What?", 0), Ok(("What?".into(), vec![])));
+        let (field, why) = place("question", "<image> and <image>?", 1).unwrap_err();
+        assert_eq!(field, "question");
+        assert!(why.contains("2 <image> placeholders in the prompt but 1 image"), "{why}");
+        assert!(place("q", "<image> What?", 0).unwrap_err().1.contains("but 0 images"));
     }
 }

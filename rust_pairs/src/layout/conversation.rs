@@ -16,27 +16,12 @@ fn need<'v>(o: &'v Map<String, Value>, k: &str) -> Result<&'v Value, FieldErr> {
     o.get(k).filter(|v| !v.is_null()).ok_or_else(|| (k.to_string(), "missing field".to_string()))
 }
 
-/// Image placeholders in TRL messages must match the images given.
-fn image_blocks(v: &Value) -> usize {
-    let Value::Array(msgs) = v else { return 0 };
-    msgs.iter()
-        .filter_map(|m| m.get("content")?.as_array())
-        .flatten()
-        .filter(|b| b.get("type").and_then(Value::as_str) == Some("image"))
-        .count()
-}
-
 pub fn trl(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
     let res = (|| -> Result<Draft, FieldErr> {
         let prompt_v = need(o, "prompt")?;
         let prompt = user_prompt(prompt_v, "prompt")?;
+        // Image blocks became `<image>` placeholders where they stand: `place` checks their count.
         let images = image_of(o, ctx, None)?;
-        if let Some(Value::Array(imgs)) = o.get("images") {
-            let blocks = image_blocks(prompt_v);
-            if blocks > 0 && blocks != imgs.len() {
-                return err("prompt", format!("{blocks} image blocks in the prompt but {} images", imgs.len()));
-            }
-        }
         let chosen = answer(need(o, "chosen")?, "chosen")?;
         let rejected = answer(need(o, "rejected")?, "rejected")?;
         pair_draft(ctx, ("prompt", &prompt), images, ("chosen", chosen), ("rejected", rejected), (None, None), None)
@@ -115,6 +100,26 @@ mod tests {
         let src = Source::line("f", 1);
         let r = parse(&two, Format::Trl, &Ctx::plain(&src, &[], 1000)).draft.unwrap_err();
         assert_eq!(r.field, "prompt");
+    }
+
+    #[test]
+    fn trl_image_blocks_are_placed_where_they_stand() {
+        let src = Source::line("f", 1);
+        let v = json!({"images": ["a.jpg", "b.jpg"],
+            "prompt": [{"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"},
+                {"type": "text", "text": " with "}, {"type": "image"}, {"type": "text", "text": ": which is older?"}]}],
+            "chosen": [{"role": "assistant", "content": "The first."}], "rejected": [{"role": "assistant", "content": "The second."}]});
+        let d = parse(&v, Format::Trl, &Ctx::plain(&src, &[], 1000)).draft.unwrap();
+        assert_eq!((d.prompt.as_str(), d.image_at.clone()), ("Compare  with : which is older?", vec![8, 14]));
+        // Consecutive text blocks still join with a newline; a prompt without image blocks puts images first.
+        let v = json!({"images": ["a.jpg"], "prompt": [{"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]}],
+            "chosen": [{"role": "assistant", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]});
+        let d = parse(&v, Format::Trl, &Ctx::plain(&src, &[], 1000)).draft.unwrap();
+        assert_eq!((d.prompt.as_str(), d.image_at.clone()), ("A\nB", vec![0]));
+        // Image blocks in an answer are not text.
+        let v = json!({"images": ["a.jpg"], "prompt": "Q", "chosen": [{"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
+            "rejected": [{"role": "assistant", "content": "y"}]});
+        assert_eq!(texts(&v, Format::Trl).2, "x");
     }
 
     #[test]

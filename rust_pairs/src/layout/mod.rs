@@ -32,6 +32,8 @@ pub struct Draft {
     pub prompt: String,
     /// 0..N images in placeholder order (none: a text-only record); see [`crate::row::image_refs`].
     pub images: Vec<crate::row::ImageSrc>,
+    /// Where each image sits in `prompt`: a char offset per image (see [`common::place`]).
+    pub image_at: Vec<usize>,
     pub responses: Vec<Response>,
     pub explicit_pairs: Vec<(usize, usize)>,
     /// Shipped reference log-probs per explicit pair (same order as `explicit_pairs`).

@@ -8,7 +8,6 @@ use super::common::*;
 use super::{Ctx, Draft, Parsed};
 use crate::config::MAX_ABS_RATING;
 use crate::record::{Reject, Response};
-use crate::text::clean_prompt;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -89,11 +88,11 @@ pub fn rated(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
 fn one_response_row(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
     let res = (|| -> Result<Draft, FieldErr> {
         let (pk, prompt) = string_field(o, &PROMPT_KEYS, "prompt")?;
-        let prompt = clean_prompt(prompt);
-        check_text(pk, &prompt, ctx)?;
         let images = image_of(o, ctx, None)?;
+        let (prompt, image_at) = place(pk, prompt, images.len())?;
+        check_text(pk, &prompt, ctx)?;
         let r = rated_response(o, "$", ctx).map_err(|(f, why)| (f.trim_start_matches("$.").to_string(), why))?;
-        Ok(Draft { prompt, images, responses: vec![r], explicit_pairs: vec![], pair_ref_logps: vec![] })
+        Ok(Draft { prompt, images, image_at, responses: vec![r], explicit_pairs: vec![], pair_ref_logps: vec![] })
     })();
     finish(ctx, res)
 }
@@ -160,15 +159,16 @@ fn rows<'v>(v: &'v Value, key: &str) -> Result<Vec<Cow<'v, Map<String, Value>>>,
 }
 
 fn scored(o: &Map<String, Value>, ctx: &Ctx, key: &'static str, parse_one: ResponseParser, default_image: Option<&str>) -> Parsed {
-    let head = (|| -> Result<(String, Vec<crate::row::ImageSrc>, Vec<Cow<Map<String, Value>>>), FieldErr> {
+    type Head<'a> = (String, Vec<crate::row::ImageSrc>, Vec<usize>, Vec<Cow<'a, Map<String, Value>>>);
+    let head = (|| -> Result<Head, FieldErr> {
         let (pk, prompt) = string_field(o, &PROMPT_KEYS, "prompt")?;
-        let prompt = clean_prompt(prompt);
-        check_text(pk, &prompt, ctx)?;
         let images = image_of(o, ctx, default_image)?;
+        let (prompt, image_at) = place(pk, prompt, images.len())?;
+        check_text(pk, &prompt, ctx)?;
         let list = o.get(key).ok_or_else(|| (key.to_string(), "missing field".to_string()))?;
-        Ok((prompt, images, rows(list, key)?))
+        Ok((prompt, images, image_at, rows(list, key)?))
     })();
-    let (prompt, images, items) = match head {
+    let (prompt, images, image_at, items) = match head {
         Ok(h) => h,
         Err(e) => return record_reject(ctx, e),
     };
@@ -184,7 +184,7 @@ fn scored(o: &Map<String, Value>, ctx: &Ctx, key: &'static str, parse_one: Respo
         let why = if items.is_empty() { "no responses" } else { "no rankable response (all were rejected)" };
         Err(Reject::record(ctx.src, key, why))
     } else {
-        Ok(Draft { prompt, images, responses, explicit_pairs: vec![], pair_ref_logps: vec![] })
+        Ok(Draft { prompt, images, image_at, responses, explicit_pairs: vec![], pair_ref_logps: vec![] })
     };
     Parsed { draft, response_rejects }
 }
@@ -361,7 +361,7 @@ pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
         return None; // absent vs null annotations differ then; leave it to the Value path
     }
     let row: FastRow = serde_json::from_str(text).ok()?;
-    let prompt = clean_prompt(&row.prompt?.0);
+    let (prompt, image_at) = place("prompt", &row.prompt?.0, 1).ok()?;
     check_text("prompt", &prompt, ctx).ok()?;
     let image = row.img_path?.0;
     if image.trim().is_empty() {
@@ -392,7 +392,7 @@ pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
     // The skipped fields must be valid JSON by the Value path's rules too, or the two paths
     // would disagree on a record (issue 13: lone surrogates in rationales).
     serde_json::from_str::<Strict>(text).ok()?;
-    Some(Draft { prompt, images: vec![crate::row::ImageSrc::Path(image.into_owned())], responses, explicit_pairs: vec![], pair_ref_logps: vec![] })
+    Some(Draft { prompt, images: vec![crate::row::ImageSrc::Path(image.into_owned())], image_at, responses, explicit_pairs: vec![], pair_ref_logps: vec![] })
 }
 
 /// Whether the fast path and the `Value` path agree on `text`: where the fast path answers, the
