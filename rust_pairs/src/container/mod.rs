@@ -17,6 +17,7 @@
 pub mod json_array;
 pub mod jsonl;
 pub mod mmpr;
+#[cfg(feature = "parquet")]
 pub mod parquet;
 
 use crate::error::{Error, Result};
@@ -132,7 +133,13 @@ pub fn open(input: &Input, max_record_bytes: usize) -> Result<Box<dyn Reader>> {
     match input.kind {
         Kind::Jsonl => Ok(Box::new(jsonl::JsonLines::open(&input.path, &input.label, max_record_bytes)?)),
         Kind::JsonArray => Ok(Box::new(json_array::JsonArray::open(&input.path, &input.label, max_record_bytes)?)),
+        #[cfg(feature = "parquet")]
         Kind::Parquet => Ok(Box::new(parquet::ParquetRows::open(&input.path, &input.label, max_record_bytes)?)),
+        #[cfg(not(feature = "parquet"))]
+        Kind::Parquet => Err(Error::Input {
+            path: input.path.clone(),
+            source: std::io::Error::other("a Parquet file, but this build of rust_pairs has no `parquet` feature"),
+        }),
         Kind::MmprMeta => Err(Error::Input {
             path: input.path.clone(),
             source: std::io::Error::other("an MMPR meta file is expanded into its annotation files, not read itself"),
