@@ -289,3 +289,48 @@ def test_generation_with_text_only_and_multi_image_questions() -> None:
         row = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].tolist()
         assert row == template_inputs(processor, g.all_images, g.prompt, None)["input_ids"][0].tolist()
     assert len(generate_answers(model, processor, images, [g.prompt for g in groups], max_new_tokens=2)) == 3
+
+
+INTERLEAVED = "Compare  with : which is older?"  # "Compare <image> with <image>: which is older?" as stored
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma"])
+def test_images_sit_where_the_prompt_had_them(family) -> None:
+    """A prompt with image offsets is the user turn [text, image, text, image, text]: its tokens are
+    the template's own for that interleaved turn (PaliGemma's fixed format: images first, then the
+    text as written), and its log-probs a plain forward of them; offsets 0 keep images-first tokens."""
+    model, processor = _tiny(family)
+    a, b = _image(40, 40, 4), _image(40, 40, 5)
+    group = PreferenceGroup(None, INTERLEAVED, ["The first.", "The second."], id="mixed", images=[a, b], image_offsets=[8, 14])
+    batch = build_group_batch(processor, [group])
+    if family == "paligemma":
+        parts = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": INTERLEAVED}]
+    else:
+        parts = [{"type": "text", "text": "Compare "}, {"type": "image", "image": a}, {"type": "text", "text": " with "},
+                 {"type": "image", "image": b}, {"type": "text", "text": ": which is older?"}]
+    for row, response in enumerate(group.responses):
+        ours = batch.model_inputs["input_ids"][row][batch.model_inputs["attention_mask"][row].bool()].tolist()
+        if family == "paligemma":
+            full = template_inputs(processor, [a, b], INTERLEAVED, response)["input_ids"][0].tolist()
+        else:
+            conversation = [{"role": "user", "content": parts}, {"role": "assistant", "content": [{"type": "text", "text": response}]}]
+            full = processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")["input_ids"][0].tolist()
+        assert ours == full[: len(ours)] and processor.tokenizer.decode(full[len(ours):]).strip() == ""
+    if family != "paligemma":  # the images really moved: not the images-first sequence
+        first = build_group_batch(processor, [PreferenceGroup(None, INTERLEAVED, group.responses, images=[a, b])])
+        assert first.model_inputs["input_ids"][0].tolist() != batch.model_inputs["input_ids"][0].tolist()
+        with torch.no_grad():
+            n_prompt = int(batch.prompt_lengths[0])
+            conversation = [{"role": "user", "content": parts}, {"role": "assistant", "content": [{"type": "text", "text": group.responses[0]}]}]
+            inputs = dict(processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt"))
+            end = int(batch.model_inputs["attention_mask"][0].sum())
+            inputs = {k: (v[:, :end] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in inputs.items()}
+            logits = model(**inputs).logits[0].float()
+            logp = torch.log_softmax(logits[:-1], -1).gather(-1, inputs["input_ids"][0, 1:, None])[:, 0]
+            torch.testing.assert_close(group_logps(model, batch).sum_logps[0], logp[n_prompt - 1 :].sum(), rtol=1e-4, atol=1e-4)
+    # offsets of 0 are the images-first turn, token for token
+    zero = build_group_batch(processor, [PreferenceGroup(None, INTERLEAVED, group.responses, images=[a, b], image_offsets=[0, 0])])
+    plain = build_group_batch(processor, [PreferenceGroup(None, INTERLEAVED, group.responses, images=[a, b])])
+    assert zero.model_inputs["input_ids"].tolist() == plain.model_inputs["input_ids"].tolist()
+    with pytest.raises(ValueError, match="do not place 2 image"):
+        build_group_batch(processor, [PreferenceGroup(None, INTERLEAVED, group.responses, images=[a, b], image_offsets=[14, 8])])

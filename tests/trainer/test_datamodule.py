@@ -217,6 +217,40 @@ def test_text_only_and_multi_image_samples_train(tiny_llava, tmp_path, caplog):
     assert per_row.tolist() == counts
 
 
+def test_images_train_where_the_prompt_placed_them(tiny_llava, tmp_path):
+    """Built shards carry each image's offset; the batch's user turn is the prompt cut there, so a
+    row's tokens are the template's for [text, image, text, image, text] (a prompt without a
+    placeholder: images first, as before)."""
+    import json
+
+    from vpa_lightning.data import build
+
+    _, processor = tiny_llava
+    for i, colour in enumerate([(250, 0, 0), (0, 250, 0)]):
+        Image.new("RGB", (24, 20), colour).save(tmp_path / f"{i}.png")
+    rows = [{"images": ["0.png", "1.png"], "question": "Compare <image> with <image>: which is older?", "chosen": "The first.", "rejected": "The second."},
+            {"image": "0.png", "question": "What colour?", "chosen": "Red.", "rejected": "Blue."}]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    build([tmp_path / "rows.jsonl"], tmp_path / "shards", val_fraction=0)
+    dm = PreferenceDataModule(str(tmp_path / "shards"), batch_size=2, processor=processor, shuffle_buffer=0)
+    (batch,) = list(dm.train_dataloader())
+    inputs = batch["inputs"]
+    for row in range(len(inputs.group_index)):
+        ours = inputs.model_inputs["input_ids"][row][inputs.model_inputs["attention_mask"][row].bool()].tolist()
+        two = int(inputs.image_counts[row]) == 2
+        response = ["The first.", "The second."] if two else ["Red.", "Blue."]
+        if two:
+            user = [{"type": "text", "text": "Compare "}, {"type": "image"}, {"type": "text", "text": " with "}, {"type": "image"},
+                    {"type": "text", "text": ": which is older?"}]
+        else:
+            user = [{"type": "image"}, {"type": "text", "text": "What colour?"}]
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": user}, {"role": "assistant", "content": [{"type": "text", "text": response[row % 2]}]}], tokenize=False)
+        images = [Image.new("RGB", (24, 20), (250, 0, 0))] * sum(p["type"] == "image" for p in user)
+        full = processor(text=[text], images=[images], return_tensors="pt")["input_ids"][0].tolist()
+        assert ours == full[: len(ours)], processor.tokenizer.convert_ids_to_tokens(ours)
+
+
 def test_collator_keeps_the_groups_a_family_can_batch_together():
     """Mllama cannot batch text-only with image groups: the batch keeps the image groups and the
     text-only one is skipped with a counted reason (never a crash)."""

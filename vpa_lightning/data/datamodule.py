@@ -100,8 +100,10 @@ Shards may hold samples with no image (text-only preference rows, e.g. to keep
 language skills, as MM-DPO mixes in) or with several. Both train:
 :attr:`PreferenceExample.images` (also ``group.images``) holds every image in
 placeholder order; a text-only prompt is tokenised without image parts and its
-rows carry no pixel inputs, a multi-image prompt gets one image part per image
-before its text, and a batch may mix them (see
+rows carry no pixel inputs, and a prompt with images is cut at each image's
+``offset`` (from the shard JSON) with an image part in each cut, so the chat
+template puts every image where the prompt had it (no offsets, as in format 1
+shards: every image before the text); a batch may mix them (see
 :func:`~vpa_lightning.models.logps.build_group_batch`). A family whose
 processor cannot take a sample (PaliGemma without an image) skips it with the
 reason ``tokenisation``.
@@ -253,26 +255,32 @@ def decode_sample(sample: dict[str, Any], max_image_pixels: int | None = DEFAULT
         pairs.append((c, j))
         probability.append(_float(p.get("probability")))
         margin.append(_float(p.get("margin")))
-    images = [_decode_image(sample[m], m, max_image_pixels) for m in _image_members(sample, meta)]
-    group = PreferenceGroup(image=images[0] if len(images) == 1 else None, prompt=prompt, responses=texts, id=key, images=images)
+    members, offsets = _image_members(sample, meta, prompt)
+    images = [_decode_image(sample[m], m, max_image_pixels) for m in members]
+    group = PreferenceGroup(
+        image=images[0] if len(images) == 1 else None, prompt=prompt, responses=texts, id=key, images=images,
+        image_offsets=offsets,
+    )
     return PreferenceExample(
         key=key, group=group, pairs=pairs, probability=probability, margin=margin, images=images,
         scores=scores, strength=strength,
     )
 
 
-def _image_members(sample: dict[str, Any], meta: dict[str, Any]) -> list[str]:
-    """The sample's image fields in placeholder order: the JSON's ``images`` (format 2), or the
-    one ``png``/``jpg``/... member of a format 1 sample."""
+def _image_members(sample: dict[str, Any], meta: dict[str, Any], prompt: str = "") -> tuple[list[str], list[int] | None]:
+    """The sample's image fields in placeholder order and where each sits in ``prompt``: the
+    JSON's ``images`` with their ``offset`` (format 2), or the one ``png``/``jpg``/... member of a
+    format 1 sample. Offsets are ``None`` (every image before the text) when the JSON has none
+    (format 1, and format 2 shards built before offsets were written)."""
     listed = meta.get("images")
     if listed is None:
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
             raise SampleError(f"no image member (.{'/.'.join(IMAGE_EXTENSIONS)})")
-        return [ext]
+        return [ext], None
     if not isinstance(listed, list):
         raise SampleError("'images' is not a list")
-    members = []
+    members, offsets = [], []
     for i, entry in enumerate(listed):
         member = entry.get("member") if isinstance(entry, dict) else None
         if not isinstance(member, str) or member not in sample:
@@ -280,7 +288,12 @@ def _image_members(sample: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         if member.rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS:
             raise SampleError(f"image {i} ({member!r}) is not one of the image types .{'/.'.join(IMAGE_EXTENSIONS)}")
         members.append(member)
-    return members
+        offsets.append(entry.get("offset"))
+    if all(o is None for o in offsets):
+        return members, None
+    if not (all(type(o) is int for o in offsets) and all(0 <= a <= b for a, b in zip([0, *offsets], [*offsets, len(prompt)]))):
+        raise SampleError(f"image offsets {offsets} do not place the images in a prompt of {len(prompt)} characters")
+    return members, offsets
 
 
 def _decode_image(data: bytes, member: str, max_image_pixels: int | None) -> Image.Image:

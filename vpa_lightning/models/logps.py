@@ -83,7 +83,11 @@ class PreferenceGroup:
             ``[chosen, rejected]``).
         id: Optional identifier used in error messages.
         images: Several images (in placeholder order) or none (a text-only group, ``[]``); when
-            set it replaces ``image``. A text prompt then gets one image part per image before its text.
+            set it replaces ``image``.
+        image_offsets: Where each image sits in a text ``prompt``: the number of characters of the
+            prompt before it (the shards' per-image ``offset``), non-decreasing. The user turn is then
+            the prompt cut at those points with an image part in each cut (see :func:`prompt_messages`).
+            ``None`` (default): every image part before the text.
     """
 
     image: Any
@@ -91,6 +95,7 @@ class PreferenceGroup:
     responses: Sequence[str]
     id: str | None = None
     images: Sequence[Any] | None = None
+    image_offsets: Sequence[int] | None = None
 
     @property
     def all_images(self) -> list[Any]:
@@ -231,12 +236,35 @@ class GroupLogps:
         return values.view(len(self.group_sizes), self.group_sizes[0])
 
 
-def prompt_messages(prompt: str | list[dict[str, Any]], n_images: int = 1) -> list[dict[str, Any]]:
+def prompt_messages(
+    prompt: str | list[dict[str, Any]], n_images: int = 1, offsets: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
     """Chat messages for a prompt: a plain string becomes one user turn ``[image] * n_images + [text]``
-    (no image part for a text-only prompt)."""
-    if isinstance(prompt, str):
+    (no image part for a text-only prompt), or with ``offsets`` (characters of the prompt before
+    each image, non-decreasing) the prompt cut at those points with an image part in each cut:
+    ``"Compare  with : which?"`` at ``[8, 14]`` gives ``[text "Compare ", image, text " with ",
+    image, text ": which?"]`` (no empty text parts), so the chat template puts each image where the
+    prompt had it. A message list is used as it is."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if offsets is None:
         return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
-    return list(prompt)
+    offsets = [int(o) for o in offsets]
+    if len(offsets) != n_images or any(b < a for a, b in zip(offsets, offsets[1:])) or any(not 0 <= o <= len(prompt) for o in offsets):
+        raise ValueError(
+            f"image offsets {offsets} do not place {n_images} image(s) in a prompt of {len(prompt)} characters "
+            "(one non-decreasing offset in [0, len(prompt)] per image)"
+        )
+    content: list[dict[str, Any]] = []
+    start = 0
+    for at in offsets:
+        if at > start:
+            content.append({"type": "text", "text": prompt[start:at]})
+        content.append({"type": "image"})
+        start = at
+    if start < len(prompt) or not content:
+        content.append({"type": "text", "text": prompt[start:]})
+    return [{"role": "user", "content": content}]
 
 
 def _group_name(group: PreferenceGroup, index: int) -> str:
@@ -293,7 +321,7 @@ def build_group_batch(
         if len(group.responses) < 1:
             raise ValueError(f"{_group_name(group, g)} has no responses")
         group_images = group.all_images
-        messages = prompt_messages(group.prompt, len(group_images))
+        messages = prompt_messages(group.prompt, len(group_images), group.image_offsets)
         text = family.prompt_text(processor, messages)
         for r, response in enumerate(group.responses):
             if suffix_ids is None:  # the template's own assistant turn, end-of-turn token included

@@ -28,11 +28,13 @@ class PaliGemmaFamily(Family):
         images, texts = 0, []
         for message in messages:
             content = message["content"]
+            parts = []  # a message's text parts render back to back (a prompt cut at its images' places)
             for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
                 if part.get("type") == "image":
                     images += 1
                 elif part.get("type") == "text":
-                    texts.append(part["text"])
+                    parts.append(part["text"])
+            texts.append("".join(parts))
         if not images:
             raise ValueError("PaliGemma takes at least one image per prompt (its processor refuses text-only input)")
         return processor.image_token * images + " ".join(texts)
