@@ -794,7 +794,7 @@ pub fn build_cancellable(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manif
 }
 
 fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
-    let files = container::expand(&cfg.inputs, cfg.image_root.as_deref().map(Path::new))?;
+    let (files, skipped) = container::expand(&cfg.inputs, cfg.image_root.as_deref().map(Path::new))?;
     let out = PathBuf::from(&cfg.out);
     let suffix = cfg.partition_suffix();
     // Lock --out, prove what it may touch, and invalidate the previous manifest (see outdir).
@@ -818,6 +818,9 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     let mut counts = Counts::default();
     // Per input file: records in / used / deduplicated / rejected (attributed by each record's source).
     let mut per_file: BTreeMap<String, FileCounts> = BTreeMap::new();
+    for s in skipped {
+        per_file.insert(s.file.clone(), FileCounts { file: s.file, container: "none".into(), skipped: Some(s.reason), ..Default::default() });
+    }
     let mut rejects = Vec::<u8>::new();
     let write_rejects = |rs: &[Reject], buf: &mut Vec<u8>| {
         for r in rs {

@@ -69,20 +69,7 @@ pub fn read(path: &Path) -> Result<ImageFile, String> {
         .open(path)
         .map_err(|e| format!("image {} is missing or unreadable: {e}", path.display()))?;
     let meta = f.metadata().map_err(|e| format!("image {} is unreadable: {e}", path.display()))?;
-    if !meta.is_file() {
-        let kind = meta.file_type();
-        use std::os::unix::fs::FileTypeExt;
-        let what = if kind.is_dir() {
-            "a directory"
-        } else if kind.is_fifo() {
-            "a FIFO"
-        } else if kind.is_socket() {
-            "a socket"
-        } else if kind.is_char_device() || kind.is_block_device() {
-            "a device"
-        } else {
-            "special"
-        };
+    if let Some(what) = crate::regular::special_kind(meta.file_type()) {
         return Err(format!("image {} is not a regular file ({what}); only regular files are read", path.display()));
     }
     if meta.len() > MAX_IMAGE_BYTES {

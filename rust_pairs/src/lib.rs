@@ -9,6 +9,7 @@
 pub mod config;
 pub mod error;
 pub mod image;
+pub mod regular;
 pub mod layout;
 pub mod record;
 pub mod row;

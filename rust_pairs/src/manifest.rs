@@ -75,6 +75,9 @@ pub struct FileCounts {
     pub records_used: u64,
     pub records_deduplicated: u64,
     pub records_rejected: u64,
+    /// Why the file was not read at all (a FIFO, socket or device found in a directory input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 /// Per-file counts of several manifests (partitions of one build) summed by file.

@@ -130,6 +130,34 @@ def test_an_image_path_that_is_a_fifo_is_rejected_without_blocking(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["counts"]["records_used"] == 1
 
 
+def test_an_input_that_is_a_fifo_fails_or_is_skipped_without_blocking(tmp_path):
+    # Hard timeouts throughout: the regression blocks in open() forever and must fail here, not hang CI.
+    make_image(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    out = tmp_path / "out"
+    # Named on the command line: the build stops (exit 1) naming the file and what was expected.
+    proc = shard_cli("build", str(tmp_path / "pipe.jsonl"), "--out", str(out), timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{tmp_path / 'pipe.jsonl'}: not a regular file (a FIFO); expected a data file" in proc.stderr
+    # Found in a directory input: reported per file, unopened, while the other files build.
+    d = tmp_path / "dataset"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", [good_pair(str(tmp_path / "ok.png"))])
+    os.mkfifo(d / "b.jsonl")
+    proc = shard_cli("build", str(d), "--out", str(out), "--val-fraction", "0", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{d / 'b.jsonl'}" in proc.stdout and "not read: not a regular file (a FIFO)" in proc.stdout
+    files = {f["file"]: f for f in json.loads((out / "manifest.json").read_text())["files"]}
+    assert files[str(d / "a.jsonl")]["records_used"] == 1
+    assert "not a regular file (a FIFO)" in files[str(d / "b.jsonl")]["skipped"]
+    # Named by an MMPR meta.json: like a file on the command line.
+    (d / "b.jsonl").unlink()
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"src": {"root": ".", "annotation": "pipe.jsonl"}}))
+    proc = shard_cli("build", str(meta), "--out", str(tmp_path / "out2"), timeout=60)
+    assert proc.returncode == 1 and "pipe.jsonl: not a regular file (a FIFO)" in proc.stderr, proc.stderr
+
+
 # --- 4. image bombs ---------------------------------------------------------------------------
 
 def png_claiming(path: Path, w: int, h: int) -> Path:

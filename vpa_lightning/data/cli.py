@@ -57,8 +57,9 @@ def summary(manifest: dict[str, Any], seconds: float | None = None) -> str:
     text = _table(rows, "vpa-shard summary")
     files = manifest.get("files", [])
     if files:
-        per_file = [(f["file"], f"{f['container']:<10} {f['layout'] or '?':<10} in {f['records_in']:>9,}  used {f['records_used']:>9,}  "
-                                f"dedup {f['records_deduplicated']:>8,}  rejected {f['records_rejected']:>8,}") for f in files]
+        per_file = [(f["file"], f["skipped"] if f.get("skipped") else
+                     f"{f['container']:<10} {f['layout'] or '?':<10} in {f['records_in']:>9,}  used {f['records_used']:>9,}  "
+                     f"dedup {f['records_deduplicated']:>8,}  rejected {f['records_rejected']:>8,}") for f in files]
         text += "\n" + _table(per_file, "per file: container, layout, records")
     return text
 

@@ -55,6 +55,7 @@ class EmptyBuildError(RustPairsError):
 def file_counts_lines(manifest: Mapping[str, Any]) -> list[str]:
     """One line per input file: container, layout, records in / used / deduplicated / rejected."""
     return [
+        f"{f['file']}: {f['skipped']}" if f.get("skipped") else
         f"{f['file']} ({f['container']}, layout {f['layout'] or 'not detected'}): {f['records_in']} records in, "
         f"{f['records_used']} used, {f['records_deduplicated']} deduplicated, {f['records_rejected']} rejected"
         for f in manifest.get("files", [])

@@ -18,7 +18,7 @@ pub struct JsonLines<R> {
 
 impl JsonLines<BufReader<File>> {
     pub fn open(path: &Path, label: &str, limit: usize) -> Result<Self> {
-        let f = File::open(path).map_err(|e| Error::input(path, e))?;
+        let (f, _) = super::open_regular(path)?;
         JsonLines::new(BufReader::with_capacity(1 << 20, f), path, label, limit)
     }
 }

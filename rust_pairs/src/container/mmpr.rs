@@ -34,9 +34,17 @@ pub fn looks_like_meta(path: &Path, head: &[u8], len: u64) -> Result<bool> {
     if len > MAX_META_BYTES || !head.windows(12).any(|w| w == b"\"annotation\"") {
         return Ok(false);
     }
-    let data = std::fs::read(path).map_err(|e| Error::input(path, e))?;
+    let data = read_regular(path)?;
     let data = data.strip_prefix(super::BOM).unwrap_or(&data);
     Ok(serde_json::from_slice::<Value>(data).is_ok_and(|v| is_meta(&v)))
+}
+
+/// A whole (small) meta file, opened as a regular file only.
+fn read_regular(path: &Path) -> Result<Vec<u8>> {
+    let (mut f, meta) = super::open_regular(path)?;
+    let mut data = Vec::with_capacity(meta.len().min(MAX_META_BYTES) as usize);
+    std::io::Read::read_to_end(&mut f, &mut data).map_err(|e| Error::input(path, e))?;
+    Ok(data)
 }
 
 fn bad(path: &Path, why: String) -> Error {
@@ -45,7 +53,7 @@ fn bad(path: &Path, why: String) -> Error {
 
 /// The annotation files of a meta file, each with its image root.
 pub fn expand(meta_path: &Path, image_root: Option<&Path>) -> Result<Vec<Input>> {
-    let data = std::fs::read(meta_path).map_err(|e| Error::input(meta_path, e))?;
+    let data = read_regular(meta_path)?;
     let data = data.strip_prefix(super::BOM).unwrap_or(&data);
     let v: Value = serde_json::from_slice(data).map_err(|e| bad(meta_path, format!("malformed meta.json: {e}")))?;
     let Some(sources) = v.as_object().filter(|_| is_meta(&v)) else {
@@ -66,7 +74,7 @@ pub fn expand(meta_path: &Path, image_root: Option<&Path>) -> Result<Vec<Input>>
             dir.clone()
         } else {
             dir.ancestors()
-                .find(|b| b.join(ann_path).is_file())
+                .find(|b| b.join(ann_path).exists()) // a FIFO is found here and refused by `sniff`
                 .map(Path::to_path_buf)
                 .ok_or_else(|| bad(meta_path, format!("source {name:?}: annotation {ann} not found from {} or any folder above", dir.display())))?
         };

@@ -97,12 +97,7 @@ pub struct Input {
 /// Recognise a file's container from its first bytes (and, for a JSON object, whether it is an
 /// MMPR meta file). `Err` names the file and what was expected.
 pub fn sniff(path: &Path) -> Result<Kind> {
-    // stat before open: opening a FIFO would block.
-    let meta = std::fs::metadata(path).map_err(|e| Error::input(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::input(path, std::io::Error::other("not a regular file (expected a data file or a directory)")));
-    }
-    let mut f = std::fs::File::open(path).map_err(|e| Error::input(path, e))?;
+    let (mut f, meta) = open_regular(path)?;
     let mut head = Vec::with_capacity(SNIFF_BYTES);
     (&mut f).take(SNIFF_BYTES as u64).read_to_end(&mut head).map_err(|e| Error::input(path, e))?;
     if head.starts_with(b"PAR1") {
@@ -126,6 +121,14 @@ pub fn sniff(path: &Path) -> Result<Kind> {
             })
         }
     }
+}
+
+/// What an input must be, ending the error for one that is not a regular file.
+pub const EXPECTED: &str = "expected a data file (JSON lines, a JSON array, Parquet or an InternVL/MMPR meta.json) or a directory";
+
+/// Open an input file if it is a regular file (a FIFO is never waited on: see [`crate::regular`]).
+pub fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata)> {
+    crate::regular::open(path, EXPECTED).map_err(|e| Error::input(path, e))
 }
 
 /// Open a reader over one input.
@@ -155,7 +158,9 @@ fn is_candidate(p: &Path) -> bool {
 }
 
 /// Every candidate file under `dir`, recursively, sorted; hidden entries (`.cache/`, `.git/`) skipped.
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// A candidate that is not a regular file (a FIFO named `x.jsonl`) goes to `skipped` with the
+/// reason, unopened.
+fn walk(dir: &Path, out: &mut Vec<PathBuf>, skipped: &mut Vec<Skipped>) -> Result<()> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::input(dir, e))?
         .filter_map(|e| e.ok())
@@ -166,26 +171,42 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for p in entries {
         let meta = std::fs::metadata(&p).map_err(|e| Error::input(&p, e))?;
         if meta.is_dir() {
-            walk(&p, out)?;
-        } else if meta.is_file() && is_candidate(&p) {
-            out.push(p);
+            walk(&p, out, skipped)?;
+        } else if is_candidate(&p) {
+            match crate::regular::special_kind(meta.file_type()) {
+                None => out.push(p),
+                Some(what) => skipped.push(Skipped {
+                    file: p.to_string_lossy().to_string(),
+                    reason: format!("not read: {}", crate::regular::not_regular(what, EXPECTED)),
+                }),
+            }
         }
     }
     Ok(())
 }
 
+/// A file found in a directory input that was not read, and why (a FIFO, a socket, a device).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skipped {
+    pub file: String,
+    pub reason: String,
+}
+
 /// The inputs given on the command line as files to read: a directory gives every JSONL, JSON
 /// and Parquet file under it (recursively, sorted); an MMPR meta file gives its annotation files
-/// (which are then not read a second time as plain files of a directory).
-pub fn expand(inputs: &[String], image_root: Option<&Path>) -> Result<Vec<Input>> {
+/// (which are then not read a second time as plain files of a directory). A file named on the
+/// command line (or by a meta file) that is not a regular file stops the build; one found in a
+/// directory is skipped and reported (the second list).
+pub fn expand(inputs: &[String], image_root: Option<&Path>) -> Result<(Vec<Input>, Vec<Skipped>)> {
     let mut files: Vec<(PathBuf, Kind)> = Vec::new();
+    let mut skipped = Vec::new();
     for i in inputs {
         let p = PathBuf::from(i);
         let meta = std::fs::metadata(&p).map_err(|e| Error::input(&p, e))?;
         if meta.is_dir() {
             let mut found = Vec::new();
-            walk(&p, &mut found)?;
-            if found.is_empty() {
+            walk(&p, &mut found, &mut skipped)?;
+            if found.is_empty() && skipped.is_empty() {
                 return Err(Error::input(&p, std::io::Error::other("directory holds no *.jsonl, *.json or *.parquet file")));
             }
             for f in found {
@@ -217,7 +238,7 @@ pub fn expand(inputs: &[String], image_root: Option<&Path>) -> Result<Vec<Input>
         }
         out.push(Input { label: path.to_string_lossy().to_string(), path, kind, image_root: None });
     }
-    Ok(out)
+    Ok((out, skipped))
 }
 
 /// Shared by the text readers: a buffered reader that counts lines and bytes and skips a BOM.

@@ -43,7 +43,7 @@ fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
 
 impl ParquetRows {
     pub fn open(path: &Path, label: &str, limit: usize) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::input(path, e))?;
+        let (file, _) = super::open_regular(path)?;
         let meta = ArrowReaderMetadata::load(&file, Default::default()).map_err(|e| perr(path, e))?;
         Ok(ParquetRows {
             file,
