@@ -6,7 +6,8 @@ Per batch (see :mod:`vpa_lightning.data.datamodule` for its layout) the module
    policy over all ``N`` responses of all groups,
 2. gets the reference log-probs of the same ``N`` responses: from the on-disk
    cache (``reference_cache_dir``) when every response is there, otherwise with
-   one no-grad forward of the reference model (and stores them),
+   one no-grad forward of the reference model (and stores them); with
+   ``ref_logps_from_data`` the values the dataset shipped, with no forward at all,
 3. gathers the chosen/rejected log-probs of every pair of the batch (a group
    with K responses contributes all its shard pairs) and applies the loss;
    the training loss is the mean over pairs.
@@ -18,7 +19,8 @@ modules with ``freeze_vision=False``) are saved; the frozen base is rebuilt from
 Reference model: with LoRA it is the same network with the adapters disabled
 (``PeftModel.disable_adapter()``), no second copy in memory; with full
 fine-tuning it is a frozen deep copy made before training (kept outside the
-module's ``state_dict``, so checkpoints do not carry it).
+module's ``state_dict``, so checkpoints do not carry it; none for a
+reference-free loss or ``ref_logps_from_data``).
 
 Metrics (torchmetrics ``MeanMetric`` over pairs), logged per step for
 training and per epoch for validation/test, under exactly
@@ -34,6 +36,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from pathlib import PurePath
 from typing import Any
 
 import lightning.pytorch as pl
@@ -108,6 +111,19 @@ class VisionDPOModule(pl.LightningModule):
         reference_cache_dir: Directory of an on-disk cache of reference log-probs
             (keyed by sample key + response index); computed once, reused across
             epochs and runs. ``None`` = recompute every time.
+        ref_logps_from_data: Use the reference log-probs the dataset shipped (kept per pair in the
+            shards, e.g. MM-DPO's ``ref_win_logp``/``ref_rej_logp``) instead of running the reference
+            model: no reference forward, and with full fine-tuning no reference copy is made. Every
+            response of every batch must carry one (a sample without them is an error naming this
+            flag and the sample, never a silent fall-back), and the model the shards record for
+            them (``vpa-shard build --ref-logp-model``) must be ``ref_logps_model``. The summed
+            values are used; a length-averaging loss divides them by this tokenisation's token
+            count. Losses that need per-token, corrupted-image or KL reference log-probs (mDPO,
+            KTO, ...) cannot use them.
+        ref_logps_model: The model name the shipped log-probs must come from (compared with the
+            shards' recorded ``model``, exactly or by its last path component). ``None``: the
+            reference model, ``model_name_or_path``. Set it to accept log-probs of another model
+            by name, or of shards that record none.
         learning_rate: Peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to biases and norms, i.e. 1-D parameters).
         warmup_ratio: Fraction of the total optimizer steps with linear warm-up; then cosine decay to 0.
@@ -151,6 +167,8 @@ class VisionDPOModule(pl.LightningModule):
         freeze_vision: bool = True,
         average_logps: bool | None = None,
         reference_cache_dir: str | None = None,
+        ref_logps_from_data: bool = False,
+        ref_logps_model: str | None = None,
         learning_rate: float = 5e-6,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.1,
@@ -179,6 +197,20 @@ class VisionDPOModule(pl.LightningModule):
         unknown = (set(self.loss_fn.extra_inputs) - _EXTRA_INPUTS) | (set(self.loss_fn.required_inputs()) - _NEEDS)
         if unknown:
             raise ValueError(f"--model.loss: {type(self.loss_fn).__name__} needs inputs the module cannot compute: {sorted(unknown)}")
+        if ref_logps_from_data:
+            name, needs = type(self.loss_fn).__name__, self.loss_fn.required_inputs()
+            if self.loss_fn.reference_free:
+                raise ValueError(f"--model.ref_logps_from_data: {name} is reference-free, it uses no reference log-probs")
+            lacking = (
+                "per-token reference log-probs" if "ref_token_logps" in needs
+                else "KL reference log-probs (mismatched pairs)" if "kl_logps" in needs
+                else "reference log-probs of corrupted images" if self.loss_fn.extra_inputs
+                else None
+            )
+            if lacking:
+                raise ValueError(f"--model.ref_logps_from_data: {name} needs {lacking}, which datasets do not ship")
+        self.ref_logps_from_data = ref_logps_from_data
+        self.ref_logps_model = ref_logps_model
         self.image_corruption = MDPO_CORRUPTION if image_corruption is None else image_corruption
         self._corruption: list[nn.Module] = []  # built on first use; a list keeps it out of state_dict
         if not 0.0 <= warmup_ratio < 1.0:
@@ -218,7 +250,9 @@ class VisionDPOModule(pl.LightningModule):
                     model.get_submodule(name).requires_grad_(False)
             self.model = model
             # a list: not a submodule, not in state_dict; a reference-free loss needs no copy at all
-            self._reference = [] if self.loss_fn.reference_free else [copy.deepcopy(model).eval().requires_grad_(False)]
+            # (nor do shipped reference log-probs: every batch must carry them)
+            no_copy = self.loss_fn.reference_free or ref_logps_from_data
+            self._reference = [] if no_copy else [copy.deepcopy(model).eval().requires_grad_(False)]
         self.model.train()
         # LoRA checkpoints keep the trainable weights only (see on_save_checkpoint); the frozen base
         # comes from model_name_or_path when the module is rebuilt, so loading is non-strict.
@@ -288,6 +322,36 @@ class VisionDPOModule(pl.LightningModule):
     def _logps(self, model: nn.Module, inputs: GroupBatch, **kwargs: bool) -> GroupLogps:
         return group_logps(model, inputs, **self.logps_options, **kwargs)
 
+    def shipped_reference(self, batch: dict[str, Any]) -> Tensor:
+        """``[N]`` reference log-probs (summed) of every row as the shards shipped them
+        (``ref_logps_from_data``), after checking that every row has one and that they come from
+        ``ref_logps_model``."""
+        values = batch.get("data_ref_logps")
+        inputs: GroupBatch = batch["inputs"]
+        if values is None:
+            raise ValueError("--model.ref_logps_from_data: the batch carries no shipped reference log-probs (data_ref_logps)")
+        missing = torch.isnan(values).nonzero().flatten().tolist()
+        if missing:
+            row = missing[0]
+            key = batch["keys"][int(inputs.group_index[row])]
+            raise ValueError(
+                f"--model.ref_logps_from_data: sample {key!r} response {int(batch['response_index'][row])} has no shipped "
+                f"reference log-prob ({len(missing)} of {len(values)} rows of this batch lack one); build shards from data "
+                "that ships them (e.g. MM-DPO's ref_win_logp/ref_rej_logp) or turn the flag off"
+            )
+        expected = self.ref_logps_model or self.model_name_or_path
+        for row, recorded in enumerate(batch["data_ref_model"]):
+            if recorded is None and self.ref_logps_model is not None:
+                continue  # the user vouches for shards that record no model
+            if recorded is None or not _same_model(recorded, expected):
+                key = batch["keys"][int(inputs.group_index[row])]
+                raise ValueError(
+                    f"--model.ref_logps_from_data: sample {key!r} ships reference log-probs of model {recorded!r}, but the "
+                    f"reference model is {expected!r}; set --model.ref_logps_model {recorded or 'NAME'} to use them anyway"
+                    + ("" if recorded else " (rebuild with vpa-shard build --ref-logp-model NAME to record it)")
+                )
+        return values.to(self.device)
+
     def _reference_sums(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         inputs: GroupBatch = batch["inputs"]
         cache = self._cache(batch.get("max_length"))
@@ -335,7 +399,9 @@ class VisionDPOModule(pl.LightningModule):
         kl_inputs: GroupBatch | None = batch.get("kl_inputs") if "kl_logps" in needs else None
         # reference first (no grad, cached or adapters off), so no mode switch happens while the graph is alive
         ref_sums = ref_tokens = kl_ref = None
-        if not loss_fn.reference_free:
+        if self.ref_logps_from_data:  # checked in __init__: a loss that needs only the summed values
+            ref_sums = self.shipped_reference(batch)
+        elif not loss_fn.reference_free:
             if "ref_token_logps" in needs:  # per-token values are not cached
                 ref = self.reference_logps(inputs, token_logps=True)
                 ref_sums, ref_tokens = ref.sum_logps, ref.token_logps
@@ -570,6 +636,12 @@ def _loss_from_spec(spec: dict[str, Any]) -> PreferenceLoss:
     if not isinstance(loss, PreferenceLoss):
         raise TypeError(f"{spec['class_path']} is not a PreferenceLoss")
     return loss
+
+
+def _same_model(recorded: str, expected: str) -> bool:
+    """Whether a recorded model name is ``expected``: equal, or equal last path components
+    (``llava-v1.5-13b`` is ``/models/llava-v1.5-13b/``)."""
+    return recorded == expected or PurePath(recorded.rstrip("/")).name == PurePath(expected.rstrip("/")).name
 
 
 def _key(name: str) -> str:

@@ -39,6 +39,11 @@ A batch is a ``dict``:
 ``response_score`` / ``response_strength``
     ``[N]`` float: each response's mean score (over its rated aspects) and its Bradley-Terry
     strength from the shard (``nan`` when absent); the listwise losses rank by them.
+``data_ref_logps`` / ``data_ref_model``
+    ``[N]`` float and ``list[str | None]``: each row's reference log-prob (summed) as the dataset
+    shipped it (the pair JSON's ``ref_logps``, e.g. MM-DPO's ``ref_win_logp``/``ref_rej_logp``)
+    and the model recorded for it (``nan`` / ``None`` where no shipped pair covers the row); used
+    by ``--model.ref_logps_from_data``.
 ``response_label``
     ``[N]`` long, only with ``unpaired``: 1 desirable, 0 undesirable, -1 unused (KTO).
 ``kl_inputs``
@@ -178,6 +183,9 @@ class PreferenceExample:
         margin: Score margin of each pair (``nan`` when absent).
         scores: Mean score of each response over its rated aspects (``nan`` when unrated).
         strength: Bradley-Terry strength of each response (``nan`` when absent).
+        ref_logps: Per pair, the reference log-probs the dataset shipped (the JSON's
+            ``ref_logps``: ``{"chosen", "rejected", "model", ...}``, summed, chosen/rejected as the
+            pair's), or ``None``.
         skipped: Keys of samples skipped before this one (for logging across workers).
     """
 
@@ -189,6 +197,7 @@ class PreferenceExample:
     images: list[Any] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     strength: list[float] = field(default_factory=list)
+    ref_logps: list[dict[str, Any] | None] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     #: ``("rank/worker", epoch, n)``: this is the n-th example of that stream's pass (training; for resume).
     position: tuple[str, int, int] | None = None
@@ -244,7 +253,7 @@ def decode_sample(sample: dict[str, Any], max_image_pixels: int | None = DEFAULT
     pairs_raw = meta.get("pairs")
     if not isinstance(pairs_raw, list) or not pairs_raw:
         raise SampleError("no 'pairs'")
-    pairs, probability, margin = [], [], []
+    pairs, probability, margin, ref_logps = [], [], [], []
     for p in pairs_raw:
         try:
             c, j = _index(p["chosen"]), _index(p["rejected"])
@@ -255,6 +264,7 @@ def decode_sample(sample: dict[str, Any], max_image_pixels: int | None = DEFAULT
         pairs.append((c, j))
         probability.append(_float(p.get("probability")))
         margin.append(_float(p.get("margin")))
+        ref_logps.append(_shipped_ref_logps(p.get("ref_logps")))
     members, offsets = _image_members(sample, meta, prompt)
     images = [_decode_image(sample[m], m, max_image_pixels) for m in members]
     group = PreferenceGroup(
@@ -263,8 +273,24 @@ def decode_sample(sample: dict[str, Any], max_image_pixels: int | None = DEFAULT
     )
     return PreferenceExample(
         key=key, group=group, pairs=pairs, probability=probability, margin=margin, images=images,
-        scores=scores, strength=strength,
+        scores=scores, strength=strength, ref_logps=ref_logps,
     )
+
+
+def _shipped_ref_logps(value: Any) -> dict[str, Any] | None:
+    """A pair's shipped reference log-probs (``{"chosen", "rejected", "model"}``), checked: finite
+    numbers, ``model`` a string or absent."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SampleError(f"'ref_logps' is not an object: {value!r}")
+    out = {k: _float(value.get(k)) for k in ("chosen", "rejected")}
+    if not all(math.isfinite(v) and v <= 0 for v in out.values()):
+        raise SampleError(f"'ref_logps' needs finite log-probs <= 0 for chosen and rejected, got {value!r}")
+    model = value.get("model")
+    if model is not None and not isinstance(model, str):
+        raise SampleError(f"'ref_logps.model' is not a string: {model!r}")
+    return {**out, "model": model}
 
 
 def _image_members(sample: dict[str, Any], meta: dict[str, Any], prompt: str = "") -> tuple[list[str], list[int] | None]:
@@ -586,6 +612,26 @@ def _response_sha(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
+def _rows_shipped_ref(examples: Sequence[PreferenceExample]) -> tuple[torch.Tensor, list[str | None]]:
+    """``([N] float, [N] model)``: each row's shipped reference log-prob (summed) and the model it
+    came from, taken from the pairs that name the row (as chosen or rejected; the first such pair
+    when several do); ``nan`` / ``None`` for a row no shipped pair covers."""
+    values: list[float] = []
+    models: list[str | None] = []
+    for e in examples:
+        row = [math.nan] * len(e.group.responses)
+        model: list[str | None] = [None] * len(e.group.responses)
+        for (c, j), lp in zip(e.pairs, e.ref_logps or []):
+            if lp is None:
+                continue
+            for r, v in ((c, lp["chosen"]), (j, lp["rejected"])):
+                if math.isnan(row[r]):
+                    row[r], model[r] = v, lp["model"]
+        values += row
+        models += model
+    return torch.tensor(values, dtype=torch.float32), models
+
+
 class GroupCollator:
     """Collate :class:`PreferenceExample` s into a batch dict (see the module docstring).
 
@@ -650,6 +696,7 @@ class GroupCollator:
             response_index.extend(range(len(e.group.responses)))
             response_sha.extend(_response_sha(t) for t in e.group.responses)
             offset += len(e.group.responses)
+        data_ref, data_ref_model = _rows_shipped_ref(examples)
         extra: dict[str, Any] = {}
         if self.unpaired is not None:
             labels = [x for e in examples for x in unpaired_labels(e, self.unpaired)]
@@ -669,6 +716,8 @@ class GroupCollator:
             "keys": [e.key for e in examples],
             "response_index": torch.tensor(response_index, dtype=torch.long),
             "response_sha": response_sha,
+            "data_ref_logps": data_ref,
+            "data_ref_model": data_ref_model,
             "max_length": self.max_length,
             "skipped": skipped,
             "position": [(where, epoch, n) for (where, epoch), n in reached.items()],
