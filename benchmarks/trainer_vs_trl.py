@@ -527,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     if set(modes) - {"plain", "packed", "prefix_sharing"}:
         parser.error(f"--vpa-modes: unknown {sorted(set(modes) - {'plain', 'packed', 'prefix_sharing'})}")
     if args.gradient_checkpointing and "prefix_sharing" in modes:
-        parser.error("prefix_sharing runs on the KV cache and cannot use --gradient-checkpointing")
+        print("note: vpa:prefix_sharing runs on the KV cache, which gradient checkpointing cannot recompute: "
+              "it runs without checkpointing (the other sides with)")
     vpa_sides = [f"vpa:{m}" for m in modes]
 
     t_start = time.perf_counter()
@@ -553,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
                     spec = {
                         "side": side,
                         "mode": side.split(":", 1)[1] if side != "trl" else None,
-                        "gradient_checkpointing": args.gradient_checkpointing,
+                        "gradient_checkpointing": args.gradient_checkpointing and side != "vpa:prefix_sharing",
                         "setting": setting,
                         "device": device,
                         "model_dir": model_dir,

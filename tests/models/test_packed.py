@@ -1,5 +1,6 @@
-"""Packed shared-prefix groups: same log-probs and gradients as the plain path (LLaVA, Qwen2-VL with M-RoPE,
-Idefics3; with truncation, gradient checkpointing, several groups per row), and the segment mask itself."""
+"""Packed shared-prefix groups: same log-probs and gradients as the plain path (every tiny family, with
+truncation, gradient checkpointing, several groups per row, text-only and multi-image groups, bidirectional
+image/prefix attention, sliding windows), a bit-reproducible backward, and the segment mask itself."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ pytest.importorskip("transformers")
 
 from vpa_lightning.models import build_group_batch, build_tiny_vlm, group_logps  # noqa: E402
 from vpa_lightning.models.packed import _allowed, _pack, pack_groups  # noqa: E402
+from vpa_lightning.models.tiny import TINY_FAMILIES  # noqa: E402
 
+from .test_families import _mixed_groups  # noqa: E402
 from .test_logps import FAMILIES, _groups  # noqa: E402
 
 
 def _grads(model, batch, **kwargs):
     model.zero_grad()
     out = group_logps(model, batch, **kwargs)
-    (out.sum_logps * torch.arange(1, 6)).sum().backward()
+    (out.sum_logps * torch.arange(1, out.sum_logps.numel() + 1)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     return out, grads
@@ -46,6 +49,93 @@ def test_packed_equals_plain_with_gradient_checkpointing(family, truncate) -> No
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     packed = _grads(model, batch, pack=True)
     _assert_same(plain, packed)
+
+
+#: (family, sliding window forced small so that it cuts into the sequences: Gemma 3 slides on every other
+#: layer (a dict of masks), Mistral on every layer; None: the family's own config)
+EVERY_FAMILY = [(f, {"gemma3": 9, "llava_next": 11}.get(f)) for f in TINY_FAMILIES]
+
+
+@pytest.mark.parametrize(("family", "window"), EVERY_FAMILY)
+def test_every_family_packs_with_the_plain_logps_and_gradients(family, window) -> None:
+    """Every tiny family: a text-only, a two-image and a one-image group (PaliGemma: image groups; Mllama: no
+    text-only group in one batch), responses truncated, several groups per row, gradient checkpointing on:
+    the packed path runs (no fallback) and gives the plain path's log-probs and gradients. Covers M-RoPE
+    positions with 0..2 images per group, Mllama's per-token cross-attention mask, Gemma 3's bidirectional
+    image blocks and PaliGemma's bidirectional prefix (from token_type_ids), PaliGemma's 1-based positions."""
+    model, processor = build_tiny_vlm(family)
+    if window is not None:
+        model.config.get_text_config().sliding_window = window
+    groups = _mixed_groups()
+    if family in ("mllama", "paligemma"):
+        groups = groups[1:]
+    full = build_group_batch(processor, groups)
+    batch = build_group_batch(processor, groups, max_length=int(full.prompt_lengths.max()) + 2)
+    assert bool(batch.truncated.any()) and not bool(batch.truncated.all())
+    plain = _grads(model, batch)
+    packed_in = pack_groups(model, batch, max_tokens=10_000)
+    if family != "mllama":  # Mllama: one group per row (a row cross-attends to its own images)
+        assert packed_in.model_inputs["input_ids"].shape[0] == 1
+    if window is not None:
+        assert max(batch.prompt_lengths.tolist()) > window  # the window cuts into the prompt
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    _assert_same(plain, _grads(model, batch, pack=True, pack_tokens=10_000))
+
+
+def test_bidirectional_blocks_matter() -> None:
+    """Without PaliGemma's bidirectional prefix the packed log-probs differ (the rule is not vacuous); the
+    block ids: PaliGemma's whole prefix of each segment, Gemma 3's each run of image tokens."""
+    from vpa_lightning.models.families import family_of
+    from vpa_lightning.models.packed import _block_ids
+
+    model, processor = build_tiny_vlm("paligemma")
+    batch = build_group_batch(processor, _groups())
+    family = family_of(model)
+    with torch.no_grad():
+        plain = group_logps(model, batch).sum_logps
+        try:
+            family.bidirectional_blocks = None
+            causal_only = group_logps(model, batch, pack=True).sum_logps
+        finally:
+            del family.bidirectional_blocks
+        assert (causal_only - plain).abs().max() > 1e-2
+        torch.testing.assert_close(group_logps(model, batch, pack=True).sum_logps, plain, rtol=1e-5, atol=1e-4)
+    seg = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, -1]])
+    types = torch.tensor([[0, 1, 1, 0, 1, 0, 1, 1, 1, 0]])
+    assert _block_ids(seg, types, "prefix").tolist() == [[0, -1, -1, 0, -1, 1, -1, -1, -1, -1]]
+    assert _block_ids(seg, types, "image").tolist() == [[-1, 1, 1, -1, 2, -1, 3, 3, 3, -1]]
+
+
+def _repeated_index_gathers(tensor) -> list[str]:
+    """Autograd nodes of ``tensor``'s graph that index with repeated integer indices (``x[idx]``)."""
+    found, seen, stack = [], set(), [tensor.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "IndexBackward0":
+            for index in fn._saved_indices:
+                if index is not None and not index.dtype == torch.bool and index.unique().numel() < index.numel():
+                    found.append(f"{type(fn).__name__} over {tuple(fn._saved_self_sym_sizes)}")
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+@pytest.mark.parametrize("method", ["forward", "hidden"])
+def test_packed_backward_is_bit_reproducible(method) -> None:
+    """A prefix end scores K responses: gathering its logits K times by indexing (``logits[idx]``) has a
+    backward (``index_put_`` with accumulate) that adds with parallel float atomics on CPU once the tensor
+    has 32k elements, so gradients, and a resumed run, differed in the last bits from run to run. The
+    packed path gathers with ``index_select`` (its backward, ``index_add_``, adds in index order)."""
+    model, processor = build_tiny_vlm("llava")
+    batch = build_group_batch(processor, _groups())
+    out = group_logps(model, batch, pack=True, pack_tokens=10_000, method=method)
+    assert _repeated_index_gathers(out.sum_logps) == []
+    first = _grads(model, batch, pack=True, pack_tokens=10_000, method=method)[1]
+    again = _grads(model, batch, pack=True, pack_tokens=10_000, method=method)[1]
+    assert all(torch.equal(first[k], again[k]) for k in first)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -483,7 +483,7 @@ def encode_images_once(model: nn.Module, batch: GroupBatch) -> Iterator[None]:
         if isinstance(features, (list, tuple)) and len(features) == n_unique_images:
             out.pooler_output = [features[i] for i in image_picks]  # one entry per image
         elif pixel_picks is not None and isinstance(features, Tensor) and features.shape[0] == len(set(pixel_picks)):
-            out.pooler_output = features[torch.tensor(pixel_picks, device=features.device)]  # per crop (InternVL)
+            out.pooler_output = features.index_select(0, torch.tensor(pixel_picks, device=features.device))  # per crop (InternVL)
         else:
             return original(*args, **kwargs)  # an unknown layout: encode every row
         # per-layer lists of per-image features (Qwen3-VL's deepstack_features) follow the same images
@@ -557,7 +557,7 @@ def group_logps(
         share_image: Run the vision tower once per group, not once per row (see
             :func:`encode_images_once`); same results, K times less vision work.
         pack: ``True`` or ``"auto"`` (``"auto"``: fall back to the plain path, with one warning, for a
-            batch or model it cannot pack, e.g. PaliGemma, rows without a shared prompt). Packed shared-prefix groups (see :mod:`~vpa_lightning.models.packed`): each group's
+            batch or model it cannot pack, e.g. flash-attention-2, rows without a shared prompt). Packed shared-prefix groups (see :mod:`~vpa_lightning.models.packed`): each group's
             image + prompt once, its responses after it under a segment mask, several groups per row;
             one forward, so gradient checkpointing works. Either method.
         pack_tokens: Token budget of a packed row (``None``: the longest group's length).
@@ -753,7 +753,8 @@ def _prefix_shared_logps(
     r_src = (plen[:, None] + r_cols[None, :]).clamp(max=t - 1)
     resp = {k: _take_columns(inputs[k], r_src, r_valid) for k in per_token}
     resp_ids = resp["input_ids"]
-    first_lp = -F.cross_entropy(first_logits[owner], resp_ids[:, 0], reduction="none")  # [N]
+    # index_select: indexing with repeated rows has a backward with parallel float atomics on CPU (not reproducible)
+    first_lp = -F.cross_entropy(first_logits.index_select(0, owner), resp_ids[:, 0], reduction="none")  # [N]
     sum_logps = first_lp
     sq = _log_sum_sq(first_logits)[owner] if sq_probs else None
     tokens = _scatter_tokens(first_lp, torch.arange(n, device=device), torch.zeros(n, dtype=torch.long, device=device), n, r_width) if token_logps else None

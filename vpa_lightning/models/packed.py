@@ -11,16 +11,26 @@ response tokens are scored at their own positions, through the chunked LM head
 
 Unlike prefix sharing over a KV cache (``share_prefix``), this is one ordinary forward: it works
 with gradient checkpointing and under FSDP / DeepSpeed, and its log-probs and gradients equal the
-plain path's up to float rounding (tested for LLaVA, Qwen2-VL, Idefics3, with truncation).
+plain path's up to float rounding (tested for every tiny family, with truncation).
 
 Attention: ``sdpa`` and ``eager`` take an explicit ``[rows, 1, L, L]`` mask, which transformers (>= 5)
 passes through as is (boolean for SDPA, additive for eager); ``flex_attention`` gets a FlexAttention
 ``BlockMask`` built from the same segment ids (CUDA; not exercised by the CPU tests). Flash-attention-2
-takes no arbitrary mask: use ``sdpa`` or ``flex_attention`` with packing.
+takes no arbitrary mask: use ``sdpa`` or ``flex_attention`` with packing. Since the model's own mask
+rules are bypassed, the mask rebuilds them per segment: bidirectional blocks from ``token_type_ids``
+(:attr:`Family.bidirectional_blocks <vpa_lightning.models.families.Family>`: Gemma 3's image runs,
+PaliGemma's prefix) and a sliding window (Mistral: on every layer; Gemma 3: on some layers, as a
+``{"full_attention", "sliding_attention"}`` dict) measured in positions, when a segment is longer than it.
 
-Positions: text positions count from 0 per segment; M-RoPE models (Qwen2-VL family) get their 3-D
-prefix positions from the model's own ``get_rope_index`` (one call per group's prefix), responses
-continue from the largest prefix position + 1, as the plain forward does.
+Positions: text positions count from the family's first position per segment (PaliGemma: 1); M-RoPE
+models (Qwen2-VL family) get their 3-D prefix positions from the model's own ``get_rope_index`` (one
+call for every group's prefix, 0..N images each), responses continue from the largest prefix
+position + 1, as the plain forward does. Mllama's text cross-attends to its row's images, so its
+groups take one row each (the prefix is still shared by the group's responses).
+
+Reproducibility: a prefix end scores every response of its group, so its logits (or hidden state) are
+gathered with ``index_select``, never by indexing with repeated indices, whose backward adds with
+parallel float atomics on CPU (results, and an exactly resumed run, would differ in the last bits).
 """
 
 from __future__ import annotations
@@ -72,28 +82,32 @@ def _attn_implementation(model: nn.Module) -> str:
 
 
 def _segments(batch: GroupBatch) -> list[dict[str, Any]]:
-    """Per group: first row, prefix length, and each row's response token ids (as built, truncation included)."""
+    """Per group with rows: first row, prefix length, and each row's response length (as built, truncation
+    included). Groups without rows (a sub-batch, e.g. mDPO's chosen rows) are left out."""
     ids, labels = batch.model_inputs["input_ids"], batch.labels
-    sizes = batch.group_sizes
-    starts = [0]
-    for k in sizes[:-1]:
-        starts.append(starts[-1] + k)
     plen = batch.prompt_lengths.tolist()
     n_resp = (labels != IGNORE_INDEX).sum(dim=1).tolist()
+    owner = batch.group_index.tolist()
     out = []
-    for g, (first, k) in enumerate(zip(starts, sizes)):
+    first = 0
+    for g, k in enumerate(batch.group_sizes):
+        if k == 0:
+            continue
         rows = list(range(first, first + k))
-        p = plen[first]
-        if any(plen[r] != p for r in rows) or any(not torch.equal(ids[r, :p], ids[first, :p]) for r in rows[1:]):
-            raise PackingUnsupported(f"packed groups: the rows of group {g} do not share one prompt")
-        if int(batch.group_index[first]) != g or any(int(batch.group_index[r]) != g for r in rows):
+        first += k
+        if any(owner[r] != g for r in rows):
             raise PackingUnsupported("packed groups: rows must be ordered by group (build_group_batch order)")
+        p = plen[rows[0]]
+        if any(plen[r] != p for r in rows) or any(not torch.equal(ids[r, :p], ids[rows[0], :p]) for r in rows[1:]):
+            raise PackingUnsupported(f"packed groups: the rows of group {g} do not share one prompt")
         if k > 1 and "pixel_values" in batch.model_inputs:  # e.g. mDPO's corrupted rows: one image per row
             pixels = [select_rows(batch, torch.tensor([r])).model_inputs["pixel_values"] for r in rows]
-            if any(not torch.equal(p, pixels[0]) for p in pixels[1:]):
+            if any(not torch.equal(x, pixels[0]) for x in pixels[1:]):
                 raise PackingUnsupported(f"packed groups: the rows of group {g} carry different images")
-        out.append({"first": first, "rows": rows, "prefix": p, "resp": [n_resp[r] for r in rows],
+        out.append({"first": rows[0], "rows": rows, "prefix": p, "resp": [n_resp[r] for r in rows],
                     "length": p + sum(n_resp[r] for r in rows)})
+    if first != len(owner):
+        raise PackingUnsupported("packed groups: rows must be ordered by group (build_group_batch order)")
     return out
 
 
@@ -113,6 +127,21 @@ def _pack(lengths: list[int], budget: int) -> list[list[int]]:
     return [sorted(r) for r in rows]
 
 
+def _sliding_window(model: nn.Module) -> tuple[int | None, bool]:
+    """``(window, every_layer)`` of the decoder's sliding-window attention (``(None, True)``: none)."""
+    config = _unwrap_peft(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if window is None or getattr(text, "use_sliding_window", True) is False:
+        return None, True
+    if types is not None:
+        if "sliding_attention" not in types:
+            return None, True
+        return int(window), all(t == "sliding_attention" for t in types)
+    return int(window), True  # Mistral: every layer slides
+
+
 def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = None) -> PackedBatch:
     """Pack ``batch``'s groups into shared-prefix segments (see the module doc).
 
@@ -122,33 +151,55 @@ def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = No
         max_tokens: Token budget of a packed row; ``None`` = the longest segment (each row at most as
             long as the longest group; shorter groups share rows).
     """
+    from vpa_lightning.models.families import family_of
+
     inputs = batch.model_inputs
     ids = inputs["input_ids"]
     device = ids.device
     segs = _segments(batch)
+    per_token = [k for k, v in inputs.items() if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[:2] == ids.shape
+                 and k not in ("input_ids", "attention_mask")]  # Mllama's cross_attention_mask [N, T, images, tiles] too
     budget = max(max(s["length"] for s in segs), int(max_tokens or 0))
-    layout = _pack([s["length"] for s in segs], budget)
+    if "cross_attention_mask" in per_token:  # Mllama: a row's text cross-attends to that row's images only
+        layout = [[g] for g in range(len(segs))]
+    else:
+        layout = _pack([s["length"] for s in segs], budget)
     order = [g for row in layout for g in row]  # groups in row-major order: the image features' order
     n_rows, width = len(layout), max(sum(segs[g]["length"] for g in row) for row in layout)
-    per_token = [k for k, v in inputs.items() if isinstance(v, Tensor) and v.shape == ids.shape and k not in ("input_ids", "attention_mask")]
     firsts = torch.tensor([segs[g]["first"] for g in order], device=device)
     image_inputs = {k: v for k, v in select_rows(batch, firsts).model_inputs.items()
                     if k not in per_token and k not in ("input_ids", "attention_mask")}
-    rope_index = _rope_index(model) if "image_grid_thw" in image_inputs else None
-    if rope_index is not None and image_inputs["image_grid_thw"].shape[0] != len(order):
-        raise PackingUnsupported("packed groups: M-RoPE positions need exactly one image per group; use the plain path")
-    if "token_type_ids" in per_token:  # PaliGemma / Gemma-3: attention over image tokens depends on token types
-        raise PackingUnsupported("packed groups: models whose attention follows token_type_ids (PaliGemma, Gemma-3) need the plain path")
+    family = family_of(model)
+    blocks = family.bidirectional_blocks
+    if blocks is not None and "token_type_ids" not in per_token:
+        raise PackingUnsupported(f"packed groups: {family.name} needs token_type_ids for its bidirectional attention")
+
+    # M-RoPE (Qwen2-VL family): every group's prefix positions from the model's own rope index, in one call
+    rope_index = _rope_index(model) if "image_grid_thw" in inputs or "mm_token_type_ids" in inputs else None
+    rope_pos = None
+    if rope_index is not None:
+        natural = torch.tensor([s["first"] for s in segs], device=device)
+        p_max = max(s["prefix"] for s in segs)
+        cols = torch.arange(p_max, device=device)
+        valid = cols[None, :] < torch.tensor([s["prefix"] for s in segs], device=device)[:, None]
+        prefix_ids = ids[natural, :p_max].masked_fill(~valid, int(ids[natural[0], 0]))
+        grids = select_rows(batch, natural).model_inputs.get("image_grid_thw")
+        mm = inputs.get("mm_token_type_ids")
+        rope_pos, _ = rope_index(
+            prefix_ids, mm_token_type_ids=None if mm is None else mm[natural, :p_max] * valid,
+            image_grid_thw=grids if grids is not None and grids.shape[0] else None, attention_mask=valid.long(),
+        )  # [3, G, p_max]
+        rope_next = (rope_pos.masked_fill(~valid[None], 0).amax(dim=(0, 2)) + 1).tolist()
+    start = family.first_position  # PaliGemma counts positions from 1
 
     pad_id = int(batch.labels[batch.labels != IGNORE_INDEX][0])  # a text token: never an image placeholder
     packed_ids = ids.new_full((n_rows, width), pad_id)
-    packed_tok = {k: inputs[k].new_zeros((n_rows, width)) for k in per_token}
-    seg_id = torch.full((n_rows, width), -1, dtype=torch.long)  # group of each position (-1: padding)
-    resp_id = torch.full((n_rows, width), -1, dtype=torch.long)  # response within the group (-1: prefix)
-    pos_dims = 3 if rope_index is not None else 1
+    packed_tok = {k: inputs[k].new_zeros((n_rows, width, *inputs[k].shape[2:])) for k in per_token}
+    seg_id = torch.full((n_rows, width), -1, dtype=torch.long, device=device)  # group of each position (-1: padding)
+    resp_id = torch.full((n_rows, width), -1, dtype=torch.long, device=device)  # response within the group (-1: prefix)
+    pos_dims = 3 if rope_pos is not None else 1
     positions = torch.zeros((pos_dims, n_rows, width), dtype=torch.long, device=device)
     score_pos, score_tgt, score_row, score_idx = [], [], [], []
-    grid_at = 0
     for r, row in enumerate(layout):
         col = 0
         for g in row:
@@ -158,19 +209,12 @@ def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = No
             for k in per_token:
                 packed_tok[k][r, col : col + p] = inputs[k][first, :p]
             seg_id[r, col : col + p] = g
-            if rope_index is not None:
-                grid = image_inputs["image_grid_thw"][grid_at : grid_at + 1]
-                pos, _ = rope_index(
-                    ids[first : first + 1, :p], mm_token_type_ids=inputs["mm_token_type_ids"][first : first + 1, :p]
-                    if "mm_token_type_ids" in inputs else None, image_grid_thw=grid,
-                    attention_mask=torch.ones((1, p), dtype=torch.long, device=device),
-                )
-                positions[:, r, col : col + p] = pos[:, 0]
-                nxt = int(pos.max()) + 1
+            if rope_pos is not None:
+                positions[:, r, col : col + p] = rope_pos[:, g, :p]
+                nxt = int(rope_next[g])
             else:
-                positions[0, r, col : col + p] = torch.arange(p, device=device)
-                nxt = p
-            grid_at += 1
+                positions[0, r, col : col + p] = torch.arange(start, start + p, device=device)
+                nxt = start + p
             prefix_end = r * width + col + p - 1
             col += p
             for j, (row_index, n) in enumerate(zip(s["rows"], s["resp"])):
@@ -182,15 +226,21 @@ def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = No
                 resp_id[r, col : col + n] = j
                 positions[:, r, col : col + n] = torch.arange(nxt, nxt + n, device=device)
                 # token 0 is predicted at the prefix end, token i at the position of token i - 1
-                score_pos.append(torch.tensor([prefix_end] + list(range(r * width + col, r * width + col + n - 1))))
+                score_pos.append(torch.cat([torch.tensor([prefix_end]), torch.arange(r * width + col, r * width + col + n - 1)]))
                 score_tgt.append(resp)
                 score_row.append(torch.full((n,), row_index))
                 score_idx.append(torch.arange(n))
                 col += n
     real = int((seg_id >= 0).sum())
-    mask = _segment_mask(model, seg_id.to(device), resp_id.to(device), ids.dtype)
+    block = None
+    if blocks is not None:
+        block = _block_ids(seg_id, packed_tok["token_type_ids"], blocks)
+    window, every_layer = _sliding_window(model)
+    if window is not None and max(s["prefix"] + max(s["resp"]) for s in segs) <= window:
+        window = None  # no segment is longer than the window: it masks nothing
+    mask = _segment_mask(model, seg_id, resp_id, block, positions[0], window, every_layer)
     model_inputs = {"input_ids": packed_ids, "attention_mask": mask, **packed_tok, **image_inputs,
-                    "position_ids": positions if rope_index is not None else positions[0]}
+                    "position_ids": positions if rope_pos is not None else positions[0]}
     return PackedBatch(
         model_inputs=model_inputs,
         positions=torch.cat(score_pos).to(device),
@@ -201,28 +251,56 @@ def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = No
     )
 
 
-def _allowed(seg_id: Tensor, resp_id: Tensor) -> Tensor:
-    """``[R, L, L]`` bool: query i may attend key j (same group, j <= i, j in the prefix or in i's response)."""
+def _block_ids(seg_id: Tensor, token_types: Tensor, rule: str) -> Tensor:
+    """``[R, L]`` id of the bidirectional block of each position (-1: none), never across segments."""
+    if rule == "prefix":  # PaliGemma: the whole image + prompt prefix (token type 0) of a segment
+        return torch.where((token_types == 0) & (seg_id >= 0), seg_id, -1)
+    if rule == "image":  # Gemma 3: each run of image tokens (token type 1)
+        is_image = (token_types == 1) & (seg_id >= 0)
+        starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+        return torch.where(is_image, torch.cumsum(starts.long(), dim=1), -1)
+    raise ValueError(f"unknown bidirectional_blocks {rule!r}")
+
+
+def _allowed(seg_id: Tensor, resp_id: Tensor, block: Tensor | None = None, pos: Tensor | None = None,
+             window: int | None = None) -> Tensor:
+    """``[R, L, L]`` bool: query i may attend key j (same group, j <= i, j in the prefix or in i's response;
+    or both in one bidirectional ``block``; with ``window``, ``pos[j] > pos[i] - window`` too)."""
     n = seg_id.shape[1]
     idx = torch.arange(n, device=seg_id.device)
     causal = idx[None, :, None] >= idx[None, None, :]
     same = seg_id[:, :, None] == seg_id[:, None, :]
     visible = (resp_id[:, None, :] < 0) | (resp_id[:, :, None] == resp_id[:, None, :])
     allowed = causal & same & visible
+    if block is not None:
+        allowed |= (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
+    if window is not None:
+        allowed &= pos[:, None, :] > pos[:, :, None] - window
     return allowed | torch.eye(n, dtype=torch.bool, device=seg_id.device)[None]  # padding sees itself: no empty row
 
 
-def _segment_mask(model: nn.Module, seg_id: Tensor, resp_id: Tensor, _dtype: torch.dtype) -> Any:
+def _segment_mask(model: nn.Module, seg_id: Tensor, resp_id: Tensor, block: Tensor | None = None,
+                  pos: Tensor | None = None, window: int | None = None, every_layer: bool = True) -> Any:
+    """The attention mask the model takes for the packed rows; with a sliding window on some layers only
+    (Gemma 3), ``{"full_attention": ..., "sliding_attention": ...}`` as transformers' hybrid models take it."""
+    if window is not None and not every_layer:
+        return {"full_attention": _segment_mask(model, seg_id, resp_id, block, pos),
+                "sliding_attention": _segment_mask(model, seg_id, resp_id, block, pos, window)}
     impl = _attn_implementation(model)
     if impl == "flex_attention":  # CUDA path: a block-sparse mask from the same rule (not run by the CPU tests)
         from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(b, h, q, k):
-            return (seg_id[b, q] == seg_id[b, k]) & (k <= q) & ((resp_id[b, k] < 0) | (resp_id[b, q] == resp_id[b, k]) | (q == k))
+            ok = (seg_id[b, q] == seg_id[b, k]) & (k <= q) & ((resp_id[b, k] < 0) | (resp_id[b, q] == resp_id[b, k]))
+            if block is not None:
+                ok = ok | ((block[b, q] == block[b, k]) & (block[b, q] >= 0))
+            if window is not None:
+                ok = ok & (pos[b, k] > pos[b, q] - window)
+            return ok | (q == k)
 
         n = seg_id.shape[1]
         return create_block_mask(mask_mod, B=seg_id.shape[0], H=None, Q_LEN=n, KV_LEN=n, device=seg_id.device)
-    allowed = _allowed(seg_id, resp_id)[:, None]  # [R, 1, L, L]
+    allowed = _allowed(seg_id, resp_id, block, pos, window)[:, None]  # [R, 1, L, L]
     if impl == "sdpa":
         return allowed
     if impl == "eager":
@@ -273,7 +351,9 @@ def packed_logps(
         out = model(**packed.model_inputs, logits_to_keep=keep.view(r, width), use_cache=False, return_dict=True)
         # logits come in row-major order of the kept positions; map each scored token to its row
         slot = torch.cumsum(keep.long(), 0) - 1
-        logits = out.logits.float()[slot[packed.positions]]
+        # index_select, not logits[idx]: a prefix end scores K responses, and the backward of indexing with
+        # repeated indices (index_put_ with accumulate) adds with parallel float atomics on CPU: not bit-reproducible
+        logits = out.logits.float().index_select(0, slot[packed.positions])
         flat = torch.log_softmax(logits, dim=-1).gather(1, packed.targets[:, None])[:, 0]
         sq = _log_sum_sq(logits) if sq_probs else None
     else:

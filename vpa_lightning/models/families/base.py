@@ -36,6 +36,10 @@ class Family:
         final_logit_softcap: The model's forward soft-caps the logits with the text config's
             ``final_logit_softcapping`` (the ``hidden`` log-prob method re-applies it); Gemma 3's
             ``ForConditionalGeneration`` does not, although its text config has one.
+        bidirectional_blocks: Tokens the model lets attend to each other both ways, from its
+            ``token_type_ids``: ``"image"`` = each run of ``token_type_ids == 1`` (Gemma 3's images),
+            ``"prefix"`` = every ``token_type_ids == 0`` token (PaliGemma's image + prompt); ``None``:
+            causal only. Packed groups (:mod:`~vpa_lightning.models.packed`) rebuild it per segment.
     """
 
     name: str = "generic"
@@ -49,6 +53,7 @@ class Family:
     final_logit_softcap: bool = True
     image_inputs: tuple[str, ...] = ("image_sizes", "image_grid_thw")
     pixel_values_per_row: bool = False
+    bidirectional_blocks: str | None = None
 
     # -- text ------------------------------------------------------------------------------
     def prompt_text(self, processor: Any, messages: Sequence[dict[str, Any]]) -> str:

@@ -19,6 +19,7 @@ class PaliGemmaFamily(Family):
     name = "paligemma"
     model_types = ("paligemma",)
     processor_classes = ("PaliGemmaProcessor",)
+    bidirectional_blocks = "prefix"
     response_fill = {"token_type_ids": 1}
     dropped_inputs = ("labels",)
     needs_chat_template = False
