@@ -11,7 +11,8 @@
 #   1. install the carried wheels into /tmp/site (skipped when .whl/ is absent) and put the project's compiled
 #      extension next to the sources;
 #   2. the CUDA tests: bf16, FSDP, DeepSpeed ZeRO-2/3 on one GPU, packed groups on CUDA (SDPA and FlexAttention),
-#      LoRA and full fine-tuning (pytest -m "not slow" over the CUDA-marked files; junit XML parsed into the JSON);
+#      LoRA and full fine-tuning with the sharded reference under FSDP and ZeRO-2/3 (the CUDA-marked files, their
+#      CPU-only DDP tests deselected; junit XML parsed into the JSON);
 #   3. trainer vs TRL at a LLaVA-1.5-7B-shaped stack with 2 text layers: 576 image tokens, bf16 autocast,
 #      gradient checkpointing on both sides, vpa plain and packed;
 #   4. Kornia augmentation on CUDA vs torchvision on CPU (batch 64, 336 px);
@@ -100,7 +101,7 @@ if [ "$CPU" = 1 ]; then
     --batch-size 4 --max-new-tokens 4 --size 56 --device cpu --workdir "$WORK/seva" --json "$WORK/seva.json"
 else
   step tests 210 "$WORK/tests.xml" -- "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/tests.xml" -rs \
-    tests/trainer/test_strategies.py tests/models/test_packed.py tests/trainer/test_packed_module.py
+    -k "not ddp" tests/trainer/test_strategies.py tests/models/test_packed.py tests/trainer/test_packed_module.py
   step trainer_vs_trl 170 "$WORK/trl.json" -- "$PY" benchmarks/trainer_vs_trl.py --device cuda --shape llava7b-2l \
     --image-size 336 --precision bf16-mixed --gradient-checkpointing --vpa-modes plain,packed \
     --settings pairwise,groups --steps 4 --warmup 1 --repeats 1 --json "$WORK/trl.json"

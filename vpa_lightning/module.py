@@ -16,11 +16,16 @@ Checkpoints: under LoRA only the trainable weights (adapters, and the vision
 modules with ``freeze_vision=False``) are saved; the frozen base is rebuilt from
 ``model_name_or_path`` (``strict_loading`` is off), so keep that path stable.
 
+Model creation: ``__init__`` loads the processor only; the policy (and a full-fine-tuning
+reference) is created in :meth:`~VisionDPOModule.configure_model`, inside the strategy's sharding
+context, so DeepSpeed ZeRO-3 partitions it as it loads and FSDP shards it before training. Outside a
+``Trainer`` the first use of ``module.model`` creates it.
+
 Reference model: with LoRA it is the same network with the adapters disabled
-(``PeftModel.disable_adapter()``), no second copy in memory; with full
-fine-tuning it is a frozen deep copy made before training (kept outside the
-module's ``state_dict``, so checkpoints do not carry it; none for a
-reference-free loss or ``ref_logps_from_data``).
+(``PeftModel.disable_adapter()``), no second copy in memory; with full fine-tuning it is a frozen
+second load of ``model_name_or_path``, a submodule that the strategy shards like the policy, never in
+the optimizer and never in ``state_dict``/checkpoints (reloading rebuilds it from the source); none
+for a reference-free loss or ``ref_logps_from_data``.
 
 Metrics (torchmetrics ``MeanMetric`` over pairs), logged per step for
 training and per epoch for validation/test, under exactly
@@ -33,7 +38,6 @@ data pipeline dropped).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from pathlib import PurePath
@@ -46,7 +50,7 @@ from torchmetrics import MeanMetric
 
 from vpa_lightning.augment.pixels import corrupt_pixel_values
 from vpa_lightning.losses import DPOLoss, LossBatch, PreferenceLoss
-from vpa_lightning.models.loading import TINY_PREFIX, load_vlm
+from vpa_lightning.models.loading import DTYPES, TINY_PREFIX, load_model, load_processor, load_vlm
 from vpa_lightning.models.logps import GroupBatch, GroupLogps, group_logps, select_rows
 from vpa_lightning.models.lora import apply_lora, default_lora_targets, language_and_vision_modules
 from vpa_lightning.reference_cache import ReferenceCache
@@ -236,27 +240,24 @@ class VisionDPOModule(pl.LightningModule):
         self.adam_betas = tuple(adam_betas)
         self.logps_method = logps_method
 
-        model, self.processor = load_vlm(model_name_or_path, seed=seed, dtype=dtype)
-        _, vision = language_and_vision_modules(model)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        if lora:
-            self.model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_target_modules, freeze_vision)
-            self._reference: list[nn.Module] = []
-        else:
-            if freeze_vision:
-                for name in vision:
-                    model.get_submodule(name).requires_grad_(False)
-            self.model = model
-            # a list: not a submodule, not in state_dict; a reference-free loss needs no copy at all
-            # (nor do shipped reference log-probs: every batch must carry them)
-            no_copy = self.loss_fn.reference_free or ref_logps_from_data
-            self._reference = [] if no_copy else [copy.deepcopy(model).eval().requires_grad_(False)]
-        self.model.train()
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"--model.dtype must be one of {DTYPES} or None, got {dtype!r}")
+        self.lora_options = (lora_r, lora_alpha, lora_dropout, lora_target_modules)
+        self.freeze_vision = freeze_vision
+        self.gradient_checkpointing = gradient_checkpointing
+        self.dtype_name = dtype
+        self.seed = seed
+        # The processor only: the weights are created in configure_model, inside the strategy's sharding
+        # context (DeepSpeed ZeRO-3 partitions them as they are created, FSDP wraps them right after), not
+        # here, where every rank would first hold a whole copy (two with a full-fine-tuning reference).
+        self.processor = load_processor(model_name_or_path)
         # LoRA checkpoints keep the trainable weights only (see on_save_checkpoint); the frozen base
         # comes from model_name_or_path when the module is rebuilt, so loading is non-strict.
         self.strict_loading = not lora
+        self._ds_config: list[Any] = []  # keeps transformers' ZeRO-3 config alive (it holds a weakref)
+        # state_dict never carries the frozen reference; loading does not expect it (it comes from the source)
+        self._register_state_dict_hook(_drop_reference_keys)
+        self.register_load_state_dict_post_hook(_ignore_missing_reference_keys)
 
         self.reference_cache: ReferenceCache | None = None
         if reference_cache_dir is not None and self.loss_fn.reference_free:
@@ -268,6 +269,91 @@ class VisionDPOModule(pl.LightningModule):
         )
         self._skipped_total = 0
         self._fit_batches = self._epoch_batches = self._fit_epochs = 0
+
+    # -- model creation --------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Create the policy and, for full fine-tuning with a reference-based loss, the frozen reference.
+
+        Lightning calls this inside the strategy's contexts (``Trainer`` before ``fit``/``validate``/...,
+        and ``load_from_checkpoint``): under DeepSpeed ZeRO-3 every parameter is partitioned as it is
+        created (``zero.Init``; transformers loads the checkpoint into the partitions), under FSDP the
+        module is wrapped and sharded right after. The reference is a submodule like the policy, so the
+        strategy shards it the same way (FSDP flat parameters, ZeRO-3 partitions and gather hooks), while
+        it stays frozen (``requires_grad=False``, so never in the optimizer), in eval mode, out of the
+        ``state_dict`` (checkpoints rebuild it from ``model_name_or_path``) and out of DDP's broadcasts.
+        With LoRA the reference is the same network with the adapters disabled; a reference-free loss
+        has none. Idempotent. Outside a ``Trainer`` the first use of :attr:`model` calls it, and the
+        reference is created on its first use (``vpa export``/``vpa eval`` never load it).
+        """
+        if "model" not in self._modules:  # Lightning calls the hook for every trainer entry point
+            self._zero3_loading()
+            model = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name)
+            _, vision = language_and_vision_modules(model)
+            if self.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.config.use_cache = False
+            if self.use_lora:
+                model = apply_lora(model, *self.lora_options, self.freeze_vision)
+            elif self.freeze_vision:
+                for name in vision:
+                    model.get_submodule(name).requires_grad_(False)
+            self.model = model.train()
+        # without a Trainer (load_from_checkpoint for export or eval) the reference waits for its first use
+        if self._trainer is not None:
+            self._create_reference()
+
+    @property
+    def _copies_reference(self) -> bool:
+        """Full fine-tuning needs a reference copy, unless the loss is reference-free or the data ships the
+        reference log-probs."""
+        return not self.use_lora and not self.loss_fn.reference_free and not self.ref_logps_from_data
+
+    def _create_reference(self) -> None:
+        if not self._copies_reference or self.reference is not None:
+            return
+        # loaded again from the source rather than deep-copied: a copy of a partitioned (ZeRO-3) or wrapped
+        # module is not a second sharded module, and a rebuilt module's reference must be the source even
+        # when the policy then loads a checkpoint
+        self._zero3_loading()
+        reference = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name)
+        self.reference_model = reference.eval().requires_grad_(False)
+        self._ddp_params_and_buffers_to_ignore = [
+            f"reference_model.{name}" for name, _ in (*reference.named_parameters(), *reference.named_buffers())
+        ]
+        if "model" in self._modules:  # first use outside a Trainer: where the policy already is
+            self.reference_model.to(next(self.model.parameters()).device)
+
+    def _zero3_loading(self) -> None:
+        """Under DeepSpeed ZeRO-3, tell transformers (``HfDeepSpeedConfig``, held while the module lives)
+        so that ``from_pretrained`` loads the weights into the partitions instead of whole tensors."""
+        strategy = getattr(self._trainer, "strategy", None)
+        if not getattr(strategy, "zero_stage_3", False) or self._ds_config:
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._ds_config.append(HfDeepSpeedConfig(strategy.config))
+
+    @property
+    def model(self) -> nn.Module:
+        """The policy (created by :meth:`configure_model` on first use outside a ``Trainer``)."""
+        if "model" not in self._modules:
+            try:
+                self.configure_model()
+            except AttributeError as exc:  # nn.Module.__getattr__ would hide it behind "no attribute 'model'"
+                raise RuntimeError(f"creating the model of {self.model_name_or_path!r} failed: {exc}") from exc
+        return self._modules["model"]
+
+    @property
+    def reference(self) -> nn.Module | None:
+        """The frozen full-fine-tuning reference, or ``None`` (LoRA, reference-free loss, not yet created)."""
+        return self._modules.get("reference_model")
+
+    def train(self, mode: bool = True) -> VisionDPOModule:
+        """Lightning switches the whole module to train mode; the reference stays in eval (no dropout)."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
 
     @property
     def logps_options(self) -> dict[str, Any]:
@@ -313,9 +399,9 @@ class VisionDPOModule(pl.LightningModule):
                     return self._logps(model, inputs, **kwargs)
             finally:
                 model.train(was_training)
-        reference = self._reference[0]
-        if next(reference.parameters()).device != self.device:
-            reference.to(self.device)
+        if self.reference is None:  # outside a Trainer: created on first use
+            self._create_reference()
+        reference = self.reference
         with torch.no_grad():
             return self._logps(reference, inputs, **kwargs)
 
@@ -551,11 +637,16 @@ class VisionDPOModule(pl.LightningModule):
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Under LoRA drop the frozen base weights from the checkpoint (adapters and trainable modules stay)."""
+        """Drop the full-fine-tuning reference (rebuilt from the source on load) and, under LoRA, the frozen
+        base weights from the checkpoint (adapters and trainable modules stay)."""
+        state = checkpoint.get("state_dict")
+        if state is None:  # DeepSpeed saves the module through its engine
+            return
+        for key in [k for k in state if k.startswith("reference_model.")]:
+            del state[key]
         if not self.use_lora:
             return
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("model.") and k not in trainable]:
             del state[key]
 
@@ -594,6 +685,21 @@ class VisionDPOModule(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _drop_reference_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """``state_dict`` hook: the frozen reference is rebuilt from the source, never saved. Inside FSDP the
+    root's own hook still needs the keys; ``on_save_checkpoint`` drops them from the checkpoint there."""
+    if "_fsdp_wrapped_module" in prefix:
+        return
+    for key in [k for k in state_dict if k.startswith(prefix + "reference_model.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_reference_keys(module: nn.Module, incompatible: Any) -> None:
+    """``load_state_dict`` post-hook: the reference's keys are absent by design; strict loading still
+    checks every other key."""
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if "reference_model." not in k]
 
 
 def _loss_spec(loss: PreferenceLoss) -> dict[str, Any]:

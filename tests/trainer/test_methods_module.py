@@ -48,7 +48,8 @@ def count_forwards(module: VisionDPOModule) -> list[int]:
 @pytest.mark.parametrize("lora", [True, False])
 def test_reference_free_losses_do_no_reference_work(batch, loss, lora, tmp_path, monkeypatch):
     module = VisionDPOModule("tiny:llava", loss=loss, lora=lora, reference_cache_dir=str(tmp_path / "cache"))
-    assert module._reference == [] and module.reference_cache_dir is None  # no frozen copy, no cache
+    module.configure_model()
+    assert module.reference is None and module.reference_cache_dir is None  # no frozen copy, no cache
     monkeypatch.setattr(module, "_reference_sums", lambda *_: pytest.fail("reference log-probs requested"))
     with pytest.raises(RuntimeError, match="reference-free"):
         module.reference_logps(batch["inputs"])
@@ -63,8 +64,10 @@ def test_reference_losses_make_two_forwards(batch):
     module = VisionDPOModule("tiny:llava")
     calls = count_forwards(module)
     module.compute_loss(batch)
-    assert calls[0] == 2 and len(module._reference) == 0  # LoRA: adapters disabled, no copy
-    assert len(VisionDPOModule("tiny:llava", lora=False)._reference) == 1
+    assert calls[0] == 2 and module.reference is None  # LoRA: adapters disabled, no copy
+    full = VisionDPOModule("tiny:llava", lora=False)
+    full.reference_logps(batch["inputs"])
+    assert full.reference is not None
 
 
 def test_ipo_gets_length_averaged_logps(batch):

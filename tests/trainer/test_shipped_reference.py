@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from PIL import Image
@@ -116,8 +117,11 @@ def test_shipped_reference_logps_must_come_from_the_reference_model(tmp_path, ti
 
 def test_shipped_reference_logps_need_no_reference_model():
     # full fine-tuning makes no reference copy
-    assert VisionDPOModule("tiny:llava", lora=False, ref_logps_from_data=True)._reference == []
-    assert len(VisionDPOModule("tiny:llava", lora=False)._reference) == 1
+    shipped, full = VisionDPOModule("tiny:llava", lora=False, ref_logps_from_data=True), VisionDPOModule("tiny:llava", lora=False)
+    for module in (shipped, full):  # attached to a Trainer, configure_model creates the reference it needs
+        module.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+        module.configure_model()
+    assert shipped.reference is None and full.reference is not None
     for loss, why in ((SimPOLoss(), "reference-free"), (MDPOLoss(), "corrupted images"), (KTOLoss(), "KL reference")):
         with pytest.raises(ValueError, match=f"--model.ref_logps_from_data: .*{why}"):
             VisionDPOModule("tiny:llava", loss=loss, ref_logps_from_data=True)

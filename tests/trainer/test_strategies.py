@@ -53,29 +53,57 @@ def test_ddp_two_cpu_processes(demo_shards, tmp_path):
     assert list((tmp_path / "checkpoints").glob("*.ckpt"))
 
 
+def test_ddp_full_finetuning_with_reference_trains_and_resumes(demo_shards, tmp_path):
+    """Full fine-tuning: the frozen reference is created in configure_model on every rank, kept out of
+    DDP's broadcasts and out of the checkpoint; a resumed run continues from it."""
+    ddp = ("--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--model.lora=false")
+    ranks = _fit(demo_shards, tmp_path, *ddp)
+    assert [r["global_step"] for r in ranks] == [2, 2]
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert any(k.startswith("model.") for k in state) and not any("reference" in k for k in state)
+    resumed = _fit(demo_shards, tmp_path / "resumed", *ddp, "--trainer.max_steps=3", f"--ckpt_path={ckpt}")
+    assert [r["global_step"] for r in resumed] == [3, 3]
+    assert all(len(r["keys"]) == 2 for r in resumed)  # one more step of batch 2 on each rank
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_bf16_mixed_on_gpu(demo_shards, tmp_path):
     (rank,) = _fit(demo_shards, tmp_path, "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-mixed")
     assert rank["precision"] == "bf16-mixed" and rank["global_step"] == 2
 
 
+#: LoRA (the reference is the base with adapters off) and full fine-tuning (a frozen reference created in
+#: configure_model, sharded by the strategy like the policy, kept out of the optimizer and the checkpoint).
+TUNING = {"lora": (), "full": ("--model.lora=false",)}
+
+
+def _no_reference_in_checkpoints(tmp_path: Path) -> None:
+    for ckpt in (tmp_path / "checkpoints").glob("*.ckpt"):
+        if ckpt.is_file():  # DeepSpeed writes a folder of partitions (its module file has no reference either)
+            assert not any("reference" in k for k in torch.load(ckpt, weights_only=False)["state_dict"])
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_fsdp_on_gpu(demo_shards, tmp_path):
+@pytest.mark.parametrize("tuning", list(TUNING))
+def test_fsdp_on_gpu(tuning, demo_shards, tmp_path):
     (rank,) = _fit(
         demo_shards, tmp_path, "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.strategy=fsdp",
-        "--trainer.precision=bf16-mixed",
+        "--trainer.precision=bf16-mixed", *TUNING[tuning],
     )
     assert rank["strategy"] == "FSDPStrategy" and rank["global_step"] == 2
+    _no_reference_in_checkpoints(tmp_path)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("tuning", list(TUNING))
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_deepspeed_on_gpu(stage, demo_shards, tmp_path):
+def test_deepspeed_on_gpu(stage, tuning, demo_shards, tmp_path):
     pytest.importorskip("deepspeed")
     (rank,) = _fit(
         demo_shards, tmp_path, "--trainer.accelerator=gpu", "--trainer.devices=1",
         "--trainer.strategy=lightning.pytorch.strategies.DeepSpeedStrategy",
         f"--trainer.strategy.config={ROOT / 'configs' / 'deepspeed' / f'{stage}.json'}",
-        "--trainer.precision=bf16-mixed",
+        "--trainer.precision=bf16-mixed", *TUNING[tuning],
     )
     assert rank["strategy"] == "DeepSpeedStrategy" and rank["global_step"] == 2

@@ -1,0 +1,110 @@
+"""Host memory per rank at model load: ``vpa fit`` under DDP, 2 CPU processes on gloo.
+
+    python benchmarks/load_memory.py                                  # full fine-tuning with its reference
+    python benchmarks/load_memory.py --lora --json out.json
+    python benchmarks/load_memory.py --code /path/to/other/checkout   # the same run on another version
+
+Each rank records, at ``on_train_start`` (after ``configure_model``, the DDP wrap and the optimizer;
+before the first step, so no optimizer state yet), its peak resident set so far (``VmHWM``), its
+resident set (``VmRSS``) and the bytes of the parameters its module holds (policy and reference), all
+from ``/proc/self/status`` (Linux). The model is a tiny LLaVA widened to tens of MB
+(``--model``, default ``tiny:llava?text_hidden=1024&vision_hidden=256``), float32, built from its
+config. ``--code`` runs another checkout's ``vpa_lightning`` (e.g. the commit before loading moved into
+``configure_model``; its compiled extension must be in place). FSDP and DeepSpeed ZeRO-3 need CUDA in
+Lightning, so they are not measured here. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+try:  # the probe is imported by the ranks (this file is on their PYTHONPATH as ``load_memory``)
+    from lightning.pytorch.callbacks import Callback
+
+    class MemoryProbe(Callback):
+        """Writes ``rank{r}.json``: VmHWM / VmRSS and the module's parameter bytes at train start."""
+
+        def __init__(self, out_dir: str) -> None:
+            self.out_dir = Path(out_dir)
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            model = pl_module.model
+            reference = getattr(pl_module, "reference", None)
+            if reference is None and getattr(pl_module, "_reference", None):  # the layout before issue 15
+                reference = pl_module._reference[0]
+            nbytes = lambda m: 0 if m is None else sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+            record = {
+                "rank": trainer.global_rank,
+                "vm_hwm_mb": round(_status_kb("VmHWM") / 1024, 1),
+                "vm_rss_mb": round(_status_kb("VmRSS") / 1024, 1),
+                "policy_mb": round(nbytes(model) / 2**20, 1),
+                "reference_mb": round(nbytes(reference) / 2**20, 1),
+            }
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+except ImportError:  # pragma: no cover
+    pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny:llava?text_hidden=1024&vision_hidden=256")
+    parser.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
+    parser.add_argument("--code", default=str(ROOT), help="checkout whose vpa_lightning the ranks run")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="vpa-load-memory-") as tmp:
+        tmp_path = Path(tmp)
+        sys.path.insert(0, str(ROOT))
+        from vpa_lightning.data import build
+        from vpa_lightning.data.demo import make_demo
+
+        ann = make_demo(tmp_path / "data", num_images=16, seed=0)
+        build([str(ann)], tmp_path / "shards", val_fraction=0.0)
+        probe = tmp_path / "probe"
+        cmd = [
+            sys.executable, "-m", "vpa_lightning.cli", "fit",
+            f"--model.model_name_or_path={args.model}", f"--model.lora={str(args.lora).lower()}",
+            f"--data.train_shards={tmp_path / 'shards'}", "--data.batch_size=1", "--data.groups_per_epoch=4",
+            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+            "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=load_memory.MemoryProbe", f"--trainer.callbacks.out_dir={probe}",
+        ]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.code, str(ROOT / "benchmarks")]), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=args.code, env=env, capture_output=True, text=True, timeout=1200)
+        if proc.returncode != 0:
+            sys.exit(f"vpa fit failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        ranks = [json.loads(p.read_text()) for p in sorted(probe.glob("rank*.json"))]
+    commit = subprocess.run(["git", "-C", args.code, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    out = {
+        "model": args.model, "tuning": "lora" if args.lora else "full", "strategy": "ddp, 2 CPU processes, gloo",
+        "code": commit.stdout.strip() or args.code, "ranks": ranks,
+        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
+    }
+    print(json.dumps(out, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
