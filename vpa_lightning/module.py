@@ -320,8 +320,6 @@ class VisionDPOModule(pl.LightningModule):
         self._ddp_params_and_buffers_to_ignore = [
             f"reference_model.{name}" for name, _ in (*reference.named_parameters(), *reference.named_buffers())
         ]
-        if "model" in self._modules:  # first use outside a Trainer: where the policy already is
-            self.reference_model.to(next(self.model.parameters()).device)
 
     def _zero3_loading(self) -> None:
         """Under DeepSpeed ZeRO-3, tell transformers (``HfDeepSpeedConfig``, held while the module lives)
@@ -399,8 +397,9 @@ class VisionDPOModule(pl.LightningModule):
                     return self._logps(model, inputs, **kwargs)
             finally:
                 model.train(was_training)
-        if self.reference is None:  # outside a Trainer: created on first use
+        if self.reference is None:  # outside a Trainer: created on first use, where the policy is
             self._create_reference()
+            self.reference.to(next(self.model.parameters()).device)
         reference = self.reference
         with torch.no_grad():
             return self._logps(reference, inputs, **kwargs)

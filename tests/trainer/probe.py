@@ -29,5 +29,7 @@ class RankProbe(Callback):
             "global_step": trainer.global_step,
             "keys": self.keys,
             "pid": os.getpid(),
+            # names DDP leaves out of its broadcasts and gradient buckets (the frozen reference)
+            "ddp_ignored": sorted(getattr(trainer.strategy.model, "parameters_to_ignore", ())),
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -59,6 +59,7 @@ def test_ddp_full_finetuning_with_reference_trains_and_resumes(demo_shards, tmp_
     ddp = ("--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--model.lora=false")
     ranks = _fit(demo_shards, tmp_path, *ddp)
     assert [r["global_step"] for r in ranks] == [2, 2]
+    assert all(r["ddp_ignored"] and all(n.startswith("reference_model.") for n in r["ddp_ignored"]) for r in ranks)
     (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
     state = torch.load(ckpt, weights_only=False)["state_dict"]
     assert any(k.startswith("model.") for k in state) and not any("reference" in k for k in state)
