@@ -467,6 +467,32 @@ fn progress(cfg: &BuildConfig, len: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// Wall and process CPU time (user + system, all threads) per stage, for `RUST_PAIRS_TIMINGS`:
+/// on a shared machine the CPU time is the figure that compares.
+struct StageClock {
+    wall: std::time::Instant,
+    cpu: f64,
+}
+
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+impl StageClock {
+    fn new() -> Self {
+        StageClock { wall: std::time::Instant::now(), cpu: process_cpu_seconds() }
+    }
+    fn lap(&mut self, stage: &str) {
+        let now = StageClock::new();
+        eprintln!("rust_pairs: {stage} {:.3}s (cpu {:.3}s)", (now.wall - self.wall).as_secs_f64(), now.cpu - self.cpu);
+        *self = now;
+    }
+}
+
 /// Aspect weights across formats: the declared ones, or every default aspect with weight 1.
 /// A handful of entries, so a linear scan beats hashing.
 struct Weights(Vec<(String, f64)>);
@@ -845,7 +871,7 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
         .thread_name(|i| format!("rust_pairs-io-{i}"))
         .build()
         .map_err(|e| Error::Config(format!("--io-threads: {e}")))?;
-    let t0 = std::time::Instant::now();
+    let mut clock = StageClock::new();
     // Stage 1: validate and spill by image.
     let mut spill: Spill<Record> = Spill::new(&spill_dir, "records", nb as usize)?;
     let blob_path = spill_dir.join("images.bin");
@@ -877,15 +903,21 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
         );
         let mut chunks = container::open(input, cfg.max_record_bytes)?;
         let mut last_bytes = 0u64;
-        // Pipeline: chunk k is accounted for (blob, spill, rejects) while chunk k+1 is validated.
+        // Pipeline: while chunk k is validated (in parallel), chunk k-1 is accounted for (blob,
+        // spill, rejects) and chunk k+1 is read, on one thread: decoding a container (Parquet
+        // pages above all) is sequential, so it must not wait for the validation.
         let mut pending: Option<(Vec<Line>, u64)> = None;
+        let mut next = chunks.next_chunk(CHUNK_LINES)?;
         loop {
-            let chunk = chunks.next_chunk(CHUNK_LINES)?;
+            let chunk = std::mem::take(&mut next);
             let at_end = chunk.is_empty();
             let read = chunks.bytes_read() - last_bytes;
             last_bytes = chunks.bytes_read();
             let (accounted, validated) = rayon::join(
                 || -> Result<()> {
+                    if !at_end {
+                        next = chunks.next_chunk(CHUNK_LINES)?;
+                    }
                     let Some((results, read)) = pending.take() else { return Ok(()) };
                     let mut kept = Vec::new();
                     for r in results {
@@ -940,9 +972,8 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     drop(blob);
     let nbuckets = spill.buckets();
     if timings {
-        eprintln!("rust_pairs: validate {:.3}s", t0.elapsed().as_secs_f64());
+        clock.lap("validate");
     }
-    let t1 = std::time::Instant::now();
 
     // Stage 2: group, rank, select (groups in parallel); spill samples by shuffle key.
     let w = Weights::new(cfg);
@@ -1018,9 +1049,8 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     pb.finish_and_clear();
     samples.finish()?;
     if timings {
-        eprintln!("rust_pairs: rank {:.3}s", t1.elapsed().as_secs_f64());
+        clock.lap("rank");
     }
-    let t2 = std::time::Instant::now();
 
     // Stage 3: write shards in shuffle order; images come from the scratch blob, encoded in parallel.
     let mut train = ShardWriter::new(&out, "train", &suffix, cfg.max_samples_per_shard, cfg.max_shard_bytes);
@@ -1085,7 +1115,7 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     let mut shards = train.finish()?;
     shards.extend(val.finish()?);
     if timings {
-        eprintln!("rust_pairs: write {:.3}s", t2.elapsed().as_secs_f64());
+        clock.lap("write");
     }
 
     rejects_file.flush().map_err(|e| Error::output(&rejects_tmp, e))?;

@@ -112,7 +112,14 @@ pub fn check(img: &ImageFile, mode: ImageCheck, max_pixels: u64) -> Result<(), S
             .with_guessed_format()
             .map_err(|e| format!("image {} cannot be opened: {e}", img.path.display()))
     };
-    let (w, h) = reader()?.into_dimensions().map_err(|e| format!("image {} does not decode: {e}", img.path.display()))?;
+    // A JPEG whose header segments are all of the common kinds is read here (a tenth of the
+    // cost: the decoder builds lookup tables from every Huffman table); anything else goes to the
+    // decoder, whose verdict and message stand.
+    let fast = if img.ext == "jpg" { jpeg_header(&img.bytes) } else { None };
+    let (w, h) = match fast {
+        Some(d) => d,
+        None => reader()?.into_dimensions().map_err(|e| format!("image {} does not decode: {e}", img.path.display()))?,
+    };
     let pixels = w as u64 * h as u64;
     if pixels > max_pixels {
         return Err(format!(
@@ -194,6 +201,119 @@ pub fn jpeg_structure(b: &[u8]) -> Result<(), String> {
             return Ok(());
         }
         i += len;
+    }
+}
+
+/// The dimensions of a JPEG whose header (SOI through the SOS segment) holds only APP0, COM, DQT,
+/// DHT, DRI, a baseline/extended/progressive Huffman frame header and a scan header, each passing
+/// every check the decoder (`zune-jpeg`, through `image`) makes on it when it reads the headers:
+/// segment lengths, quantisation table precision and slot, Huffman class, slot, symbol count and
+/// code-tree validity (and DC symbols <= 15), frame precision 8, non-zero size, 1-4 components
+/// with valid sampling factors and table numbers, scan components that exist once each, spectral
+/// and approximation ranges. `None` when anything else is met (fill bytes, other APPn or markers,
+/// any failed check): the caller then asks the decoder, so this never accepts a header the
+/// decoder rejects (`jpeg_header_agrees_with_the_decoder` checks that on mutated headers).
+pub fn jpeg_header(b: &[u8]) -> Option<(u32, u32)> {
+    let u16_at = |i: usize| -> Option<usize> { Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]) as usize) };
+    if b.get(..2)? != [0xFF, 0xD8] {
+        return None;
+    }
+    let mut i = 2;
+    let mut frame: Option<((u32, u32), Vec<u8>)> = None;
+    loop {
+        if *b.get(i)? != 0xFF {
+            return None;
+        }
+        let m = *b.get(i + 1)?;
+        let len = u16_at(i + 2)?;
+        let seg = b.get(i + 4..i + 2 + len)?; // the segment after its length field
+        if len < 2 {
+            return None;
+        }
+        match m {
+            0xE0 if len >= 8 => {}
+            0xFE => {}
+            0xDD if len == 4 => {}
+            0xDB => {
+                let mut q = seg;
+                while !q.is_empty() {
+                    let (precision, slot) = ((q[0] >> 4) as usize, q[0] & 15);
+                    let need = 64 * (precision + 1) + 1;
+                    if precision > 1 || slot > 3 || need > q.len() {
+                        return None;
+                    }
+                    q = &q[need..];
+                }
+            }
+            0xC4 => {
+                let mut t = seg;
+                while t.len() > 16 {
+                    let (class, slot) = (t[0] >> 4, t[0] & 15);
+                    if class > 1 || slot > 3 {
+                        return None;
+                    }
+                    let counts = &t[1..17];
+                    let n: usize = counts.iter().map(|&c| c as usize).sum();
+                    if n > 256 || n > t.len() - 17 {
+                        return None;
+                    }
+                    // Canonical codes must fit their lengths (none all ones), as in the decoder.
+                    let mut code = 0u32;
+                    for (l, &c) in counts.iter().enumerate() {
+                        code += c as u32;
+                        if code > 0 && code >= 1 << (l + 1) {
+                            return None;
+                        }
+                        code <<= 1;
+                    }
+                    if class == 0 && t[17..17 + n].iter().any(|&s| s > 15) {
+                        return None;
+                    }
+                    t = &t[17 + n..];
+                }
+                if !t.is_empty() {
+                    return None;
+                }
+            }
+            0xC0..=0xC2 => {
+                if frame.is_some() || seg.len() < 6 || seg[0] != 8 {
+                    return None;
+                }
+                let (h, w, n) = (u16::from_be_bytes([seg[1], seg[2]]), u16::from_be_bytes([seg[3], seg[4]]), seg[5] as usize);
+                if w == 0 || h == 0 || !(1..=4).contains(&n) || len != 8 + 3 * n {
+                    return None;
+                }
+                let mut ids = Vec::with_capacity(n);
+                for c in seg[6..6 + 3 * n].chunks(3) {
+                    let (hs, vs) = (c[1] >> 4, c[1] & 15);
+                    if hs > 4 || vs > 4 || !hs.is_power_of_two() || vs == 0 || c[2] > 3 {
+                        return None;
+                    }
+                    ids.push(c[0]);
+                }
+                frame = Some(((w as u32, h as u32), ids));
+            }
+            0xDA => {
+                let (dims, ids) = frame.as_ref()?;
+                let ns = *seg.first()? as usize;
+                if !(1..=4).contains(&ns) || len != 6 + 2 * ns {
+                    return None;
+                }
+                let comps: Vec<u8> = (0..ns).map(|k| seg[1 + 2 * k]).collect();
+                for (k, id) in comps.iter().enumerate() {
+                    if comps[..k].contains(id) || !ids.contains(id) {
+                        return None;
+                    }
+                }
+                let (ss, se, a) = (seg[1 + 2 * ns], seg[2 + 2 * ns], seg[3 + 2 * ns]);
+                if ss > 63 || se > 63 || a >> 4 > 13 || a & 15 > 13 {
+                    return None;
+                }
+                return Some(*dims);
+            }
+            _ => return None,
+        }
+        i += 2 + len;
     }
 }
 
@@ -348,6 +468,45 @@ mod tests {
         let cut = from_bytes(jpeg[..sos + 2 + len].to_vec(), "cut.jpg".into()).unwrap();
         assert!(check(&cut, ImageCheck::Structure, 1 << 20).is_err());
         assert!(check(&cut, ImageCheck::Decode, 1 << 20).unwrap_err().contains("end-of-image"));
+    }
+
+    #[test]
+    fn jpeg_header_agrees_with_the_decoder() {
+        let decoder = |b: &[u8]| image::ImageReader::new(Cursor::new(b)).with_guessed_format().unwrap().into_dimensions().ok();
+        let mut jpegs = Vec::new();
+        for (w, h, q) in [(9u32, 7u32, 90u8), (64, 48, 75), (96, 96, 30)] {
+            let mut j = Vec::new();
+            let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, (x ^ y) as u8]));
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut j, q).encode_image(&img).unwrap();
+            jpegs.push(j);
+        }
+        let mut gray = Vec::new();
+        image::GrayImage::from_pixel(5, 3, image::Luma([9])).write_to(&mut Cursor::new(&mut gray), image::ImageFormat::Jpeg).unwrap();
+        jpegs.push(gray);
+        let mut accepted = 0;
+        for j in &jpegs {
+            // The common case takes the fast path, with the decoder's dimensions.
+            assert_eq!(jpeg_header(j), decoder(j), "unmodified");
+            assert!(jpeg_header(j).is_some());
+            // Every single-byte change in the header: never accepted where the decoder refuses.
+            let sos = j.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap() + 16;
+            for at in 0..sos.min(j.len()) {
+                for x in [0x01u8, 0x02, 0x08, 0x10, 0x40, 0x80, 0xFF, 0x0F] {
+                    let mut m = j.clone();
+                    m[at] ^= x;
+                    if let Some(d) = jpeg_header(&m) {
+                        accepted += 1;
+                        assert_eq!(decoder(&m), Some(d), "byte {at} ^ {x:#x}");
+                    }
+                }
+            }
+            for cut in 0..sos.min(j.len()) {
+                if let Some(d) = jpeg_header(&j[..cut]) {
+                    assert_eq!(decoder(&j[..cut]), Some(d), "cut at {cut}");
+                }
+            }
+        }
+        assert!(accepted > 1000, "the mutations exercise the fast path ({accepted})");
     }
 
     #[test]

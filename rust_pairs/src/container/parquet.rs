@@ -13,11 +13,12 @@ use crate::row::{blob_marker, Row};
 use arrow_array::cast::AsArray;
 use arrow_array::types::*;
 use arrow_array::{Array, RecordBatch};
-use arrow_schema::DataType;
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use arrow_schema::{DataType, FieldRef, Schema};
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use serde_json::{Map, Value};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Rows decoded at a time (a batch holds their images: keep it small).
 const BATCH_ROWS: usize = 32;
@@ -45,6 +46,10 @@ impl ParquetRows {
     pub fn open(path: &Path, label: &str, limit: usize) -> Result<Self> {
         let (file, _) = super::open_regular(path)?;
         let meta = ArrowReaderMetadata::load(&file, Default::default()).map_err(|e| perr(path, e))?;
+        // Read byte columns as views into the decompressed pages instead of copying every value
+        // (each embedded image) into a fresh offsets buffer; the values are the same.
+        let views = Arc::new(Schema::new_with_metadata(meta.schema().fields().iter().map(|f| as_view(f)).collect::<Vec<_>>(), meta.schema().metadata().clone()));
+        let meta = ArrowReaderMetadata::try_new(meta.metadata().clone(), ArrowReaderOptions::new().with_schema(views)).unwrap_or(meta);
         Ok(ParquetRows {
             file,
             path: path.to_path_buf(),
@@ -127,6 +132,19 @@ impl Reader for ParquetRows {
     fn bytes_read(&self) -> u64 {
         self.bytes
     }
+}
+
+/// A field with its byte and string columns (also inside structs and lists) as view types.
+fn as_view(f: &FieldRef) -> FieldRef {
+    let t = match f.data_type() {
+        DataType::Binary | DataType::LargeBinary => DataType::BinaryView,
+        DataType::Utf8 | DataType::LargeUtf8 => DataType::Utf8View,
+        DataType::Struct(fields) => DataType::Struct(fields.iter().map(as_view).collect::<Vec<_>>().into()),
+        DataType::List(item) => DataType::List(as_view(item)),
+        DataType::LargeList(item) => DataType::LargeList(as_view(item)),
+        _ => return f.clone(),
+    };
+    Arc::new(f.as_ref().clone().with_data_type(t))
 }
 
 /// Row `i` of a batch as a JSON object (column name → value) plus its blobs.
