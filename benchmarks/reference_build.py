@@ -1,7 +1,9 @@
 """Plain-Python reference build: the peer of the Rust shard builder in ``shard_build.py``.
 
 It produces the same samples as ``vpa-shard build --strategy all-pairs`` for VLFeedback rows
-(same keys, split, shuffle order, pairs and Bradley-Terry strengths) with only the standard
+(same keys, split, shuffle order, pairs and Bradley-Terry strengths; duplicates merged as the
+default ``--dedup exact`` merges them: same image bytes, same prompt after ``<image>`` removal
+and whitespace collapse, response texts equal after trimming) with only the standard
 library plus Pillow for image validation: json + hashlib + tarfile + a Python BT fit. It exists
 to be timed, not used; the benchmark checks that both builds agree before it reports ratios.
 """
@@ -15,7 +17,6 @@ import math
 import os
 import sys
 import tarfile
-import unicodedata
 from pathlib import Path
 
 from PIL import Image
@@ -33,8 +34,14 @@ def hash64(*parts: bytes) -> int:
     return int.from_bytes(h.digest()[:8], "big")
 
 
-def normalize(s: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", s.replace("<image>", " ")).lower().split())
+def prompt_identity(s: str) -> str:
+    """The default (``--dedup exact``) prompt identity: ``<image>`` removed, whitespace collapsed."""
+    return " ".join(s.replace("<image>", " ").split())
+
+
+def response_identity(s: str) -> str:
+    """The default (``--dedup exact``) response identity: the text without surrounding whitespace."""
+    return s.strip()
 
 
 def rating(v):
@@ -110,7 +117,8 @@ def bt_fit(wins: list[list[float]], alpha: float) -> list[float]:
                 break
             t *= 0.5
     # Same quantisation as rust_pairs (round half away from zero), so exact ties stay exact.
-    return [math.copysign(math.floor(abs(t) * 1e9 + 0.5), t) / 1e9 for t in theta]
+    # `+ 0.0`: -0.0 becomes 0.0, as in rust_pairs, so a tie at zero is ordered by index.
+    return [math.copysign(math.floor(abs(t) * 1e9 + 0.5), t) / 1e9 + 0.0 for t in theta]
 
 
 def jpeg_structure(b: bytes) -> None:
@@ -223,12 +231,12 @@ def build(inputs: list[str], out: str, seed: int = 0, val_fraction: float = 0.05
                     rejects.append({"file": path, "line": lineno, "reason": f"image: {e}"})
                     continue
                 sha = hashlib.sha256(data).hexdigest()
-                pnorm = normalize(prompt)
+                pnorm = prompt_identity(prompt)
                 key = hashlib.sha256(f"{sha}\0{pnorm}".encode()).hexdigest()[:20]
                 g = groups.setdefault(key, {"prompt": prompt, "sha": sha, "path": str(ipath), "src": [], "resp": {}, "order": []})
                 g["src"].append((path, lineno))
                 for text, model, scores in responses:
-                    nt = normalize(text)
+                    nt = response_identity(text)
                     if nt in g["resp"]:
                         e = g["resp"][nt]
                         for a in ASPECTS:

@@ -125,7 +125,7 @@ def same_output(a: Path, b: Path) -> tuple[bool, str]:
     order = lambda d: [m.name for t in sorted(d.glob("*.tar")) for m in tarfile.open(t).getmembers()]  # noqa: E731
     if order(a) != order(b):
         return False, "sample order differs"
-    return True, f"{len(sa)} samples identical in keys, order, pairs and strengths"
+    return True, f"{len(sa)} samples identical in keys, order, pairs and strengths (both merge exact duplicates only, as --dedup exact)"
 
 
 def copy_images(work: Path) -> tuple[float, int]:

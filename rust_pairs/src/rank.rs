@@ -263,13 +263,26 @@ fn fit_with(c: &Comparisons, alpha: f64, dense: bool) -> Vec<f64> {
         }
     }
     // Quantise to 1e-9: strengths that are equal in exact arithmetic (cyclic or symmetric ties)
-    // come out exactly equal, so tie-breaking by index is the same on every platform.
-    theta.iter().map(|t| (t * 1e9).round() / 1e9).collect()
+    // come out exactly equal, so tie-breaking by index is the same on every platform. `+ 0.0`
+    // turns -0.0 (a tie at zero whose noise was negative) into 0.0: the ranking sorts with
+    // `total_cmp`, which would put 0.0 above -0.0 and order a tie by the sign of its noise.
+    theta.iter().map(|&t| quantise(t)).collect()
+}
+
+fn quantise(t: f64) -> f64 {
+    (t * 1e9).round() / 1e9 + 0.0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tie_at_zero_is_positive_zero() {
+        assert_eq!(quantise(-1e-17).to_bits(), 0f64.to_bits());
+        assert_eq!(quantise(1e-17).to_bits(), 0f64.to_bits());
+        assert_eq!(quantise(-0.1234567894), -0.123456789);
+    }
 
     fn gradient_norm(c: &Comparisons, th: &[f64], alpha: f64) -> f64 {
         let n = c.n;
