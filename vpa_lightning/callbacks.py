@@ -196,26 +196,28 @@ class PreferenceReport(Callback):
         if datamodule is None or not hasattr(datamodule, "dataset") or getattr(datamodule, "val_urls", None) is None:
             log.warning("PreferenceReport: answer_scorer needs a PreferenceDataModule with validation shards; no greedy answers")
             return []
-        rows = []  # (key, image, question, reference)
+        rows = []  # (key, images, question, reference, image offsets)
         for example in datamodule.dataset(datamodule.val_urls, train=False):
             rejected = {j for _, j in example.pairs}
             best = sorted(c for c, _ in example.pairs if c not in rejected)
             if best:
-                rows.append((example.key, example.group.all_images, example.group.prompt, example.group.responses[best[0]]))
+                rows.append((example.key, example.group.all_images, example.group.prompt, example.group.responses[best[0]],
+                             example.group.image_offsets))
             if self.max_batches is not None and len(rows) >= self.max_batches * datamodule.batch_size:
                 break
         answers = (
             generate_answers(pl_module.model, pl_module.processor, [r[1] for r in rows], [r[2] for r in rows],
-                             max_new_tokens=self.max_new_tokens, batch_size=max(datamodule.batch_size, 1))
+                             max_new_tokens=self.max_new_tokens, batch_size=max(datamodule.batch_size, 1),
+                             offsets=[r[4] for r in rows])
             if rows
             else []
         )
-        correct = sum(bool(self.scorer(q, a, ref)) for (_, _, q, ref), a in zip(rows, answers))
+        correct = sum(bool(self.scorer(q, a, ref)) for (_, _, q, ref, _), a in zip(rows, answers))
         sums = torch.tensor([float(correct), float(len(rows))], dtype=torch.float64, device=pl_module.device)
         sums = trainer.strategy.reduce(sums, reduce_op="sum").double().cpu()
         if sums[1] > 0:
             into[GREEDY_METRIC] = float(sums[0] / sums[1])
-        return [(key, q, ref, a) for (key, _, q, ref), a in zip(rows, answers)]
+        return [(key, q, ref, a) for (key, _, q, ref, _), a in zip(rows, answers)]
 
     def _batch_sums(self, pl_module: pl.LightningModule, batch: dict[str, Any], n_names: int) -> torch.Tensor:
         out = pl_module.compute_loss(batch)

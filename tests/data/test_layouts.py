@@ -162,6 +162,19 @@ def test_image_offsets_say_where_each_image_sits(tmp_path):
     assert "2 <image> placeholders in the prompt but 1 image" in bad["reason"]
 
 
+def test_mmpr_multi_image_markers_are_placed(tmp_path):
+    """InternVL/MMPR multi-image rows (``Image-1: <image>\nImage-2: <image>\n...`` with an image
+    list) through ``meta.json``: each image's offset is where its marker stood."""
+    root = tmp_path / "MMPR" / "images"
+    a = make_image(root / "a.png").read_bytes()
+    b = make_image(root / "b.png", colour=(0, 0, 255)).read_bytes()
+    write_jsonl(tmp_path / "MMPR" / "ann.jsonl", [{"image": ["a.png", "b.png"], "question": "Image-1: <image>\nImage-2: <image>\nWhich is blue?",
+                                                 "chosen": "Image-2.", "rejected": "Image-1."}])
+    (tmp_path / "MMPR" / "meta.json").write_text(json.dumps({"s": {"root": "MMPR/images", "annotation": "MMPR/ann.jsonl", "repeat_time": 1, "length": 1}}))
+    s = one(build_and_read(tmp_path / "out", tmp_path / "MMPR" / "meta.json"))
+    assert _interleaved(s) == ["Image-1: ", a, "\nImage-2: ", b, "\nWhich is blue?"]
+
+
 def test_merged_records_keep_the_first_records_image_offsets(tmp_path):
     """The dedup key ignores where images sit (placeholders removed), so records that differ only
     in that merge; the group keeps the first record's prompt and offsets."""

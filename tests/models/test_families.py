@@ -328,6 +328,13 @@ def test_images_sit_where_the_prompt_had_them(family) -> None:
             logits = model(**inputs).logits[0].float()
             logp = torch.log_softmax(logits[:-1], -1).gather(-1, inputs["input_ids"][0, 1:, None])[:, 0]
             torch.testing.assert_close(group_logps(model, batch).sum_logps[0], logp[n_prompt - 1 :].sum(), rtol=1e-4, atol=1e-4)
+        # greedy generation (validation answers, evaluation) prompts the same interleaved turn
+        from vpa_lightning.models.generation import encode_for_generation
+
+        gen = encode_for_generation(processor, [[a, b]], [INTERLEAVED], [[8, 14]])
+        prompt = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")["input_ids"][0].tolist()
+        assert gen["input_ids"][0][gen["attention_mask"][0].bool()].tolist() == prompt
     # offsets of 0 are the images-first turn, token for token
     zero = build_group_batch(processor, [PreferenceGroup(None, INTERLEAVED, group.responses, images=[a, b], image_offsets=[0, 0])])
     plain = build_group_batch(processor, [PreferenceGroup(None, INTERLEAVED, group.responses, images=[a, b])])

@@ -1,6 +1,7 @@
 """Batched greedy generation shared by SeVa pair generation and evaluation.
 
-Prompts go through the processor's chat template (one image, then the question), left-padded so
+Prompts go through the processor's chat template (the images, then the question, or each image where
+its offset places it in the question), left-padded so
 every row of a batch ends at the same position and ``generate`` appends after it.
 """
 
@@ -12,13 +13,16 @@ from typing import Any
 import torch
 
 from vpa_lightning.models.families import family_of
+from vpa_lightning.models.logps import prompt_messages
 
 __all__ = ["chat_prompt", "encode_for_generation", "generate_answers", "greedy_generate"]
 
 
-def chat_prompt(processor: Any, question: str, n_images: int = 1) -> str:
-    """The chat-template text of one user turn holding ``n_images`` images and ``question``."""
-    messages = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": question}]}]
+def chat_prompt(processor: Any, question: str, n_images: int = 1, offsets: Sequence[int] | None = None) -> str:
+    """The chat-template text of one user turn holding ``n_images`` images and ``question``: the
+    images first, or with ``offsets`` each where it sits in the question (as in training, see
+    :func:`~vpa_lightning.models.logps.prompt_messages`)."""
+    messages = prompt_messages(question, n_images, offsets)
     return family_of(processor).prompt_text(processor, messages)  # the template, or PaliGemma's fixed format
 
 
@@ -29,17 +33,21 @@ def _image_list(image: Any) -> list[Any]:
     return list(image) if isinstance(image, (list, tuple)) else [image]
 
 
-def encode_for_generation(processor: Any, images: Sequence[Any], questions: Sequence[str]) -> dict[str, torch.Tensor]:
+def encode_for_generation(
+    processor: Any, images: Sequence[Any], questions: Sequence[str], offsets: Sequence[Sequence[int] | None] | None = None
+) -> dict[str, torch.Tensor]:
     """Left-padded processor inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...) of a batch.
 
-    ``images[i]`` is the image of ``questions[i]``, or a list of its images (``[]`` for a text-only question).
+    ``images[i]`` is the image of ``questions[i]``, or a list of its images (``[]`` for a text-only question);
+    ``offsets[i]`` where each sits in the question (``None``: images first; see :func:`chat_prompt`).
     """
     tok = getattr(processor, "tokenizer", processor)
     old_side = tok.padding_side
     tok.padding_side = "left"
     try:
         rows = [_image_list(im) for im in images]
-        texts = [chat_prompt(processor, q, len(r)) for q, r in zip(questions, rows)]
+        where = list(offsets) if offsets is not None else [None] * len(rows)
+        texts = [chat_prompt(processor, q, len(r), at) for q, r, at in zip(questions, rows, where)]
         return family_of(processor).encode(processor, texts, rows)  # nesting per family, no second BOS
     finally:
         tok.padding_side = old_side
@@ -69,8 +77,10 @@ def generate_answers(
     *,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    offsets: Sequence[Sequence[int] | None] | None = None,
 ) -> list[str]:
-    """Greedy answers to ``questions[i]`` about ``images[i]`` (a PIL image, or a list of 0..N), ``batch_size`` at a time."""
+    """Greedy answers to ``questions[i]`` about ``images[i]`` (a PIL image, or a list of 0..N), ``batch_size`` at a
+    time; ``offsets[i]``: where each image sits in the question (``None``: images first)."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     if batch_size < 1 or max_new_tokens < 1:
@@ -80,7 +90,8 @@ def generate_answers(
     answers: list[str] = []
     try:
         for start in range(0, len(images), batch_size):
-            inputs = encode_for_generation(processor, images[start : start + batch_size], questions[start : start + batch_size])
+            chunk = None if offsets is None else offsets[start : start + batch_size]
+            inputs = encode_for_generation(processor, images[start : start + batch_size], questions[start : start + batch_size], chunk)
             answers.extend(greedy_generate(model, processor, inputs, max_new_tokens))
     finally:
         model.train(was_training)
