@@ -100,3 +100,30 @@ def test_full_finetuning_reference_is_frozen_and_never_saved(demo_shards, tmp_pa
     torch.save(broken, tmp_path / "broken.ckpt")
     with pytest.raises(RuntimeError, match="model.lm_head.weight"):
         VisionDPOModule.load_from_checkpoint(tmp_path / "broken.ckpt")
+
+
+def test_fsdp_shards_the_reference_with_the_policy_and_checkpoints_leave_it_out(tmp_path):
+    """torch FSDP on CPU (gloo, one process; Lightning's FSDPStrategy itself needs CUDA): the reference is
+    in FSDP's flat parameters like the policy, a full state dict can be taken (FSDP's own hook needs the
+    reference keys, so they are dropped in on_save_checkpoint, not before) and loads back strictly."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        module = _attached(VisionDPOModule("tiny:llava", lora=False))
+        module.configure_model()
+        wrapped = FSDP(module, device_id=torch.device("cpu"), use_orig_params=True)
+        managed = set(wrapped._flat_param._fqns)  # one FSDP unit (no auto-wrap policy): one flat parameter
+        assert any(f.startswith("reference_model.") for f in managed) and any(f.startswith("model.") for f in managed)
+        full = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, full):
+            checkpoint = {"state_dict": wrapped.state_dict()}
+        module.on_save_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        assert any(k.startswith("model.") for k in state) and not any("reference" in k for k in state)
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, full):
+            wrapped.load_state_dict(state, strict=True)
+    finally:
+        dist.destroy_process_group()
