@@ -32,6 +32,16 @@ fn close(cur: Option<Seen>, problems: &mut Vec<String>) {
     if want != have {
         problems.push(format!("sample {} has image members {have:?}, its json lists {want:?}", s.key));
     }
+    // Image offsets (absent in older shards) place each image in the prompt: chars, non-decreasing.
+    let offsets: Vec<&Value> = js["images"].as_array().map_or_else(Vec::new, |a| a.iter().map(|i| &i["offset"]).filter(|o| !o.is_null()).collect());
+    if !offsets.is_empty() {
+        let len = js["prompt"].as_str().map_or(0, |p| p.chars().count()) as u64;
+        let at: Vec<Option<u64>> = offsets.iter().map(|o| o.as_u64()).collect();
+        let ok = offsets.len() == want.len() && at.iter().all(|o| o.is_some_and(|o| o <= len)) && at.windows(2).all(|w| w[0] <= w[1]);
+        if !ok {
+            problems.push(format!("sample {}: image offsets {offsets:?} do not place its {} images in a prompt of {len} chars", s.key, want.len()));
+        }
+    }
 }
 
 /// Walk one shard: samples (consecutive members sharing a key), pairs, and structural problems.

@@ -155,3 +155,28 @@ def test_inspect_detects_tampering(tmp_path):
     shard.write_bytes(bytes(data))
     res = inspect(tmp_path / "out")
     assert not res["ok"] and "sha256" in " ".join(res["shards"][0]["problems"])
+
+
+def test_inspect_checks_image_offsets(tmp_path):
+    """``inspect`` checks that each image's ``offset`` lies in its prompt (chars, non-decreasing)."""
+    import io
+    import json
+    import tarfile
+
+    files = make_dataset(tmp_path, n_images=2)
+    m = build(files, tmp_path / "out", val_fraction=0)
+    assert inspect(tmp_path / "out")["ok"]
+    shard = tmp_path / "out" / m["shards"][0]["path"]
+    with tarfile.open(shard) as tf:
+        members = [(info, tf.extractfile(info).read()) for info in tf.getmembers()]
+    with tarfile.open(shard, "w") as tf:
+        for info, data in members:
+            if info.name.endswith(".json"):
+                js = json.loads(data)
+                assert [i["offset"] for i in js["images"]] == [0]
+                js["images"][0]["offset"] = len(js["prompt"]) + 1
+                data = json.dumps(js).encode()
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    problems = " ".join(inspect(tmp_path / "out")["shards"][0]["problems"])
+    assert "image offsets" in problems and "do not place its 1 images" in problems
