@@ -270,3 +270,33 @@ def test_collator_keeps_the_groups_a_family_can_batch_together():
     assert batch["keys"] == ["a", "b"] and batch["chosen"].tolist() == [0, 2]
     assert collator.skips.counts == {"tokenisation": 1} and len(batch["skipped"]) == 1
     assert batch["skipped"][0].startswith("sample 't'") and "cannot share a batch" in batch["skipped"][0]
+
+
+def test_decode_reads_image_offsets_and_refuses_bad_ones():
+    """Per-image ``offset`` becomes ``group.image_offsets``; none at all (format 1, older format 2)
+    is ``None`` (images first); offsets outside the prompt, decreasing or not integers are a
+    malformed sample; shipped reference log-probs are read per pair."""
+    import io
+    import json
+
+    from vpa_lightning.data.datamodule import SampleError, decode_sample
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
+    png = buf.getvalue()
+
+    def sample(offsets, ref=None):
+        images = [{"member": f"{i}.png", "sha256": "x", **({} if o is None else {"offset": o})} for i, o in enumerate(offsets)]
+        pair = {"chosen": 0, "rejected": 1, **({} if ref is None else {"ref_logps": ref})}
+        meta = {"prompt": "Compare  with ?", "images": images, "responses": [{"text": "a"}, {"text": "b"}], "pairs": [pair]}
+        return {"__key__": "k", "json": json.dumps(meta).encode(), **{f"{i}.png": png for i in range(len(offsets))}}
+
+    assert decode_sample(sample([8, 14])).group.image_offsets == [8, 14]
+    assert decode_sample(sample([None, None])).group.image_offsets is None
+    for bad in ([14, 8], [8, 99], [8, 1.5], [8, True], [-1, 3]):
+        with pytest.raises(SampleError, match="image offsets"):
+            decode_sample(sample(bad))
+    e = decode_sample(sample([0, 0], {"chosen": -1.5, "rejected": -4.0, "model": "m", "fields": "ref_win_logp, ref_rej_logp"}))
+    assert e.ref_logps == [{"chosen": -1.5, "rejected": -4.0, "model": "m"}]
+    with pytest.raises(SampleError, match="ref_logps"):
+        decode_sample(sample([0, 0], {"chosen": "x", "rejected": -4.0}))
