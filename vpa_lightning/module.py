@@ -263,6 +263,9 @@ class VisionDPOModule(pl.LightningModule):
         if reference_cache_dir is not None and self.loss_fn.reference_free:
             log.info("%s is reference-free: --model.reference_cache_dir is not used", type(self.loss_fn).__name__)
             reference_cache_dir = None
+        if reference_cache_dir is not None and ref_logps_from_data:
+            log.info("--model.ref_logps_from_data: the shipped reference log-probs are used, --model.reference_cache_dir is not")
+            reference_cache_dir = None
         self.reference_cache_dir = reference_cache_dir
         self.metrics = nn.ModuleDict(
             {f"{stage}_": nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES}) for stage in _STAGES}

@@ -77,8 +77,9 @@ def test_shipped_reference_logps_replace_the_reference_forward(tmp_path, tiny_ll
              for g, i in zip(batch["inputs"].group_index.tolist(), batch["response_index"])]
     true_ref = dict(zip(texts, reference.tolist()))
 
-    # shards that ship exactly those values: the same loss, with no reference forward at all
-    shipped = _module(ref_logps_from_data=True)
+    # shards that ship exactly those values: the same loss, with no reference forward at all (and no cache)
+    shipped = _module(ref_logps_from_data=True, reference_cache_dir=str(tmp_path / "cache"))
+    assert shipped.reference_cache_dir is None
     monkeypatch.setattr(shipped, "reference_logps", lambda *a, **k: pytest.fail("reference forward with shipped log-probs"))
     same = _batch(_shards(tmp_path, "same", true_ref), processor)
     assert same["keys"] == batch["keys"] and same["chosen"].tolist() == batch["chosen"].tolist()
