@@ -9,8 +9,8 @@
 //! 3. **Write**: per bucket in order, sort by shuffle key, tar-encode in parallel (image bytes
 //!    from the blob) and append to the train / val shards, hashing as they are written.
 //!
-//! Memory is bounded by the bucket size (`spill_bucket_bytes` of input per bucket), not by the
-//! input; a build whose input fits one bucket keeps it in memory.
+//! Memory is bounded by what one spill bucket holds (see [`crate::spill`]), not by the input; a
+//! build whose records fit one bucket keeps them in memory.
 
 use crate::config::{BuildConfig, Format, Score, VLFEEDBACK_ASPECTS, HELPSTEER_ASPECTS};
 use crate::dedup::{group, Group};
@@ -26,6 +26,7 @@ use crate::row::ImageSrc;
 use crate::report::Stats;
 use crate::select::{self, Dropped, GroupView, Params};
 use crate::shard::{encode_member, write_atomic, ShardWriter};
+use crate::spill::{buckets_for, Spill, MAX_BUCKETS};
 use crate::text::{prompt_key, with_spaces_at};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
@@ -41,7 +42,6 @@ use std::sync::Arc;
 
 /// Lines validated in parallel at a time; with their image bytes in flight, this bounds memory.
 const CHUNK_LINES: usize = 512;
-const MAX_BUCKETS: u64 = 4096;
 
 /// First 8 bytes of sha256 over the parts, as a number: the stable hash behind keys, splits,
 /// partitions and the shuffle.
@@ -58,6 +58,18 @@ pub fn hash64(parts: &[&[u8]]) -> u64 {
 /// text-only record, so groups never straddle partitions).
 fn owner_of_image(anchor: &str, n: u64) -> u64 {
     hash64(&[b"partition", anchor.as_bytes()]) % n
+}
+
+/// The spill bucket key of a valid record. Every record of one group must share a bucket: with
+/// near-duplicate merging a group is any prompts on one image, so the key is the [`anchor`] (all
+/// of an image's records share a bucket); without it a group is one (images, normalised prompt),
+/// so the key is that, and an image with many prompts spreads over buckets.
+fn bucket_key(rec: &Record, near_dup: bool) -> u64 {
+    if near_dup {
+        hash64(&[b"bucket", anchor(&rec.image_key, &rec.prompt_norm).as_bytes()])
+    } else {
+        hash64(&[b"bucket", rec.image_key.as_bytes(), rec.prompt_norm.as_bytes()])
+    }
 }
 
 /// Which partition owns a record whose image is unknown (unparseable, or image unreadable).
@@ -93,11 +105,6 @@ fn split_of(images: &[ImageRef], anchor: &str, val_fraction: f64) -> std::result
 
 fn shuffle_key(seed: u64, key: &str) -> u64 {
     hash64(&[b"shuffle", &seed.to_le_bytes(), key.as_bytes()])
-}
-
-/// Bucket of a 64-bit value when buckets are equal ranges (keeps the order across buckets).
-fn range_bucket(x: u64, n: u64) -> usize {
-    ((x as u128 * n as u128) >> 64) as usize
 }
 
 /// What the sample JSON holds for one response.
@@ -355,101 +362,6 @@ fn detect_layout(input: &Input, cfg: &BuildConfig) -> Result<Option<Format>> {
         }
     }
     Ok(None)
-}
-
-/// Spill buckets: in memory when everything fits one bucket, else one file per bucket of
-/// length-prefixed bincode items (a scratch format read back by this build only; binary because
-/// JSON escaping of the sample texts was a tenth of a build).
-enum Spill<T> {
-    Memory(Vec<T>),
-    Files { dir: PathBuf, prefix: &'static str, writers: Vec<BufWriter<File>> },
-}
-
-impl<T: Serialize + for<'de> Deserialize<'de>> Spill<T> {
-    fn new(dir: &Path, prefix: &'static str, n: usize) -> Result<Spill<T>> {
-        if n == 1 {
-            return Ok(Spill::Memory(Vec::new()));
-        }
-        let writers = (0..n)
-            .map(|b| {
-                let p = dir.join(format!("{prefix}-{b:05}.bin"));
-                File::create(&p).map(|f| BufWriter::with_capacity(1 << 16, f)).map_err(|e| Error::output(&p, e))
-            })
-            .collect::<Result<_>>()?;
-        Ok(Spill::Files { dir: dir.to_path_buf(), prefix, writers })
-    }
-
-    fn buckets(&self) -> usize {
-        match self {
-            Spill::Memory(_) => 1,
-            Spill::Files { writers, .. } => writers.len(),
-        }
-    }
-
-    /// Add (bucket, item) pairs; items are serialised in parallel, written in order.
-    fn put_many(&mut self, items: Vec<(usize, T)>) -> Result<()>
-    where
-        T: Send + Sync,
-    {
-        match self {
-            Spill::Memory(v) => v.extend(items.into_iter().map(|(_, t)| t)),
-            Spill::Files { dir, writers, .. } => {
-                let encoded: Vec<(usize, Vec<u8>)> = items
-                    .par_iter()
-                    .map(|(b, t)| {
-                        let mut item = vec![0u8; 4];
-                        bincode::serialize_into(&mut item, t).expect("spill items serialise");
-                        let len = u32::try_from(item.len() - 4).expect("spill item under 4 GiB");
-                        item[..4].copy_from_slice(&len.to_le_bytes());
-                        (*b, item)
-                    })
-                    .collect();
-                for (b, item) in encoded {
-                    writers[b].write_all(&item).map_err(|e| Error::output(&*dir, e))?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn finish(&mut self) -> Result<()> {
-        if let Spill::Files { dir, writers, .. } = self {
-            for w in writers {
-                w.flush().map_err(|e| Error::output(&*dir, e))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Take bucket `b` (each bucket once, after `finish`).
-    fn take(&mut self, b: usize) -> Result<Vec<T>>
-    where
-        T: Send,
-    {
-        match self {
-            Spill::Memory(v) => Ok(std::mem::take(v)),
-            Spill::Files { dir, prefix, .. } => {
-                // A bucket fits in memory by construction; read it whole and decode items in parallel.
-                let p = dir.join(format!("{prefix}-{b:05}.bin"));
-                let data = std::fs::read(&p).map_err(|e| Error::output(&p, e))?;
-                let corrupt = || Error::output(&p, std::io::Error::other("truncated spill file"));
-                let mut items = Vec::new();
-                let mut at = 0usize;
-                while at < data.len() {
-                    let len = data.get(at..at + 4).ok_or_else(corrupt)?;
-                    let len = u32::from_le_bytes(len.try_into().unwrap()) as usize;
-                    items.push(data.get(at + 4..at + 4 + len).ok_or_else(corrupt)?);
-                    at += 4 + len;
-                }
-                let out = items
-                    .par_iter()
-                    .map(|item| bincode::deserialize(item).map_err(|e| Error::output(&p, std::io::Error::other(e))))
-                    .collect::<Result<Vec<T>>>()?;
-                std::fs::remove_file(&p).map_err(|e| Error::output(&p, e))?;
-                Ok(out)
-            }
-        }
-    }
 }
 
 fn progress(cfg: &BuildConfig, len: u64, what: &str) -> ProgressBar {
@@ -873,7 +785,7 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
         .map_err(|e| Error::Config(format!("--io-threads: {e}")))?;
     let mut clock = StageClock::new();
     // Stage 1: validate and spill by image.
-    let mut spill: Spill<Record> = Spill::new(&spill_dir, "records", nb as usize)?;
+    let mut spill: Spill<Record> = Spill::new(&spill_dir, "records", nb, cfg.spill_bucket_bytes)?;
     let blob_path = spill_dir.join("images.bin");
     let mut blob = BufWriter::with_capacity(4 << 20, File::create(&blob_path).map_err(|e| Error::output(&blob_path, e))?);
     let mut blob_len = 0u64;
@@ -943,8 +855,7 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
                                     blob.write_all(bytes).map_err(|e| Error::output(&blob_path, e))?;
                                     blob_len += bytes.len() as u64;
                                 }
-                                let b = range_bucket(hash64(&[b"bucket", anchor(&rec.image_key, &rec.prompt_norm).as_bytes()]), nb);
-                                kept.push((b, *rec));
+                                kept.push((bucket_key(&rec, cfg.near_dup_threshold.is_some()), *rec));
                             }
                         }
                     }
@@ -970,7 +881,8 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     spill.finish()?;
     blob.flush().map_err(|e| Error::output(&blob_path, e))?;
     drop(blob);
-    let nbuckets = spill.buckets();
+    // Samples are about as many and as large as the records they come from.
+    let nb_samples = buckets_for(spill.len(), spill.bytes(), cfg.spill_bucket_bytes).max(nb);
     if timings {
         clock.lap("validate");
     }
@@ -978,11 +890,12 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     // Stage 2: group, rank, select (groups in parallel); spill samples by shuffle key.
     let w = Weights::new(cfg);
     let mut stats = Stats::default();
-    let mut samples: Spill<Finished> = Spill::new(&spill_dir, "samples", nbuckets)?;
-    let pb = progress(cfg, nbuckets as u64, "rank");
-    for b in 0..nbuckets {
+    let mut samples: Spill<Finished> = Spill::new(&spill_dir, "samples", nb_samples, cfg.spill_bucket_bytes)?;
+    let pb = progress(cfg, spill.len(), "rank");
+    while let Some(records) = spill.next_bucket()? {
         stop()?;
-        let groups = group(spill.take(b)?, cfg.near_dup_threshold, cfg.dedup_mode());
+        let n_records = records.len() as u64;
+        let groups = group(records, cfg.near_dup_threshold, cfg.dedup_mode());
         type FileDelta<'a> = BTreeMap<&'a str, [u64; 3]>; // used, deduplicated, rejected
         let results: Vec<(Vec<Finished>, Vec<Reject>, Counts, Stats, FileDelta)> = groups
             .par_chunks(256)
@@ -1039,12 +952,12 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
             counts.add(&c);
             stats.merge(&s);
             write_rejects(&rej, &mut rejects);
-            samples.put_many(fin.into_iter().map(|f| (range_bucket(f.order, nbuckets as u64), f)).collect())?;
+            samples.put_many(fin.into_iter().map(|f| (f.order, f)).collect())?;
         }
         groups.into_par_iter().for_each(drop); // freeing ~10 allocations a response is worth two threads
         rejects_file.write_all(&rejects).map_err(|e| Error::output(&rejects_tmp, e))?;
         rejects.clear();
-        pb.inc(1);
+        pb.inc(n_records);
     }
     pb.finish_and_clear();
     samples.finish()?;
@@ -1061,8 +974,7 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     val.outdir = Some(outdir.clone());
     let pb = progress(cfg, counts.groups, "write");
     let blob = File::open(&blob_path).map_err(|e| Error::output(&blob_path, e))?;
-    for b in 0..nbuckets {
-        let mut items: Vec<Finished> = samples.take(b)?;
+    while let Some(mut items) = samples.next_bucket()? {
         items.sort_by(|a, b| (a.order, &a.key).cmp(&(b.order, &b.key)));
         let encode = |batch: &[Finished]| -> Vec<Result<Vec<u8>>> {
             io_pool.install(|| batch

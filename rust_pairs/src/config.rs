@@ -217,7 +217,8 @@ pub struct BuildConfig {
     /// Images with more pixels (width x height, read from the header before any decode) are
     /// rejected in every check mode; Pillow's `MAX_IMAGE_PIXELS` default.
     pub max_image_pixels: u64,
-    /// Target size of one spill bucket, in bytes of input; bounds memory.
+    /// Memory budget of one spill bucket: at most this many bytes of spilled records and one
+    /// record per 2 KiB of it (see [`crate::spill`]); bounds memory whatever the input.
     pub spill_bucket_bytes: u64,
     pub threads: Option<usize>,
     /// Threads that validate records (each reads an image file): more than cores, to keep many

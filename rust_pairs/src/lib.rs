@@ -20,6 +20,7 @@ pub mod rank;
 pub mod select;
 pub mod report;
 pub mod shard;
+pub mod spill;
 pub mod build;
 pub mod manifest;
 pub mod outdir;

@@ -280,6 +280,32 @@ def test_bradley_terry_memory_is_linear_in_the_comparisons(tmp_path):
     assert int(proc.stdout.split()[-1]) < 400_000, f"peak RSS {proc.stdout} KiB"
 
 
+# --- 3. memory is bounded whatever the number of records ------------------------------------------
+
+def test_build_memory_is_bounded_by_the_spill_budget_not_the_records(tmp_path):
+    # 10⁶ tiny records peaked at 1.77 GB: buckets were sized by input bytes, so an input under one
+    # bucket was held whole in parsed form (~2-4 KB a tiny record). A bucket now holds at most one
+    # record per 2 KiB of spill_bucket_bytes (here 8 MiB: 4096 records), and one that outgrows it
+    # is split. The old code held all 80,000 (+255 MB measured; now +35-67 MB, mostly fixed
+    # costs). Each build runs in a subprocess so that its own peak (VmHWM) is read.
+    from .test_containers import MEMORY_SCRIPT
+
+    growth, manifests = {}, {}
+    for n in (10_000, 80_000):
+        data = write_jsonl(tmp_path / f"in{n}.jsonl", [{"question": f"Q{i}?", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(n)])
+        opts = {"inputs": [str(data)], "out": str(tmp_path / f"out{n}"), "val_fraction": 0, "spill_bucket_bytes": 8 << 20, "threads": 2}
+        p = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, json.dumps(opts)], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        res = json.loads(p.stdout)
+        assert res["counts"]["records_used"] == n
+        growth[n] = (res["peak_kb"] - res["base_kb"]) / 1024
+    assert growth[80_000] < 120 and growth[80_000] < growth[10_000] + 80, f"peak growth MB by records: {growth}"
+    # Spilled and split or held in memory, the shards are the same bytes.
+    whole = build([tmp_path / "in10000.jsonl"], tmp_path / "whole", val_fraction=0, spill_bucket_bytes=1 << 30)
+    spilled = json.loads((tmp_path / "out10000" / "manifest.json").read_text())
+    assert [s["sha256"] for s in whole["shards"]] == [s["sha256"] for s in spilled["shards"]]
+
+
 # --- 9. Ctrl-C ----------------------------------------------------------------------------------
 
 def test_ctrl_c_stops_a_build_at_once_and_leaves_no_shard(tmp_path):

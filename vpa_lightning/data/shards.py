@@ -251,7 +251,8 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, *, allow_empty: 
         threads: Worker threads (default: all cores).
         io_threads: Threads that validate records, each reading image files (default 16: many
             small reads in flight).
-        spill_bucket_bytes: Input bytes per spill bucket; bounds memory (default 64 MiB).
+        spill_bucket_bytes: Memory budget of one spill bucket: at most this many bytes of spilled
+            records and one record per 2 KiB of it; bounds memory whatever the input (default 64 MiB).
         fsync: fsync each shard before renaming it into place (survives power loss; slower).
             Without it a killed build is still safe: shards only appear once complete.
         progress: Draw progress bars on stderr.
