@@ -784,6 +784,8 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
         .build()
         .map_err(|e| Error::Config(format!("--io-threads: {e}")))?;
     let mut clock = StageClock::new();
+    // Whether any record read an image file (else the scratch blob holds only embedded bytes).
+    let mut image_files = false;
     // Stage 1: validate and spill by image.
     let mut spill: Spill<Record> = Spill::new(&spill_dir, "records", nb, cfg.spill_bucket_bytes)?;
     let blob_path = spill_dir.join("images.bin");
@@ -823,6 +825,8 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
         loop {
             let chunk = std::mem::take(&mut next);
             let at_end = chunk.is_empty();
+            let reads_files = !chunk.iter().all(|it| matches!(&it.body, Body::Row(r) if !r.blobs.is_empty()));
+            image_files |= reads_files;
             let read = chunks.bytes_read() - last_bytes;
             last_bytes = chunks.bytes_read();
             let (accounted, validated) = rayon::join(
@@ -866,8 +870,13 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
                     Ok(())
                 },
                 // Validation reads one image file per record: run it on the wider I/O pool so
-                // that many reads are in flight (small-file reads are latency-bound).
-                || io_pool.install(|| chunk.into_par_iter().map(|item| validate_item(item, &fc)).collect::<Vec<Line>>()),
+                // that many reads are in flight (small-file reads are latency-bound). Rows that
+                // carry their images (Parquet) read no file: the I/O pool's extra threads would
+                // only spin (a fifth of such a build's CPU), so they stay on the build's pool.
+                || {
+                    let validate = || chunk.into_par_iter().map(|item| validate_item(item, &fc)).collect::<Vec<Line>>();
+                    if reads_files { io_pool.install(validate) } else { validate() }
+                },
             );
             accounted?;
             stop()?;
@@ -977,7 +986,7 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     while let Some(mut items) = samples.next_bucket()? {
         items.sort_by(|a, b| (a.order, &a.key).cmp(&(b.order, &b.key)));
         let encode = |batch: &[Finished]| -> Vec<Result<Vec<u8>>> {
-            io_pool.install(|| batch
+            let work = || batch
                 .par_iter()
                 .map(|f| {
                     // Images are read from the scratch blob straight into the tar buffer.
@@ -995,7 +1004,10 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
                         .map_err(|e| Error::output(&out, e))?;
                     Ok(enc)
                 })
-                .collect())
+                .collect();
+            // Reading back the blob of a build that read image files may wait on the disk as
+            // validation did (the I/O pool); one of embedded images is CPU-bound (the build's pool).
+            if image_files { io_pool.install(work) } else { work() }
         };
         // Pipeline: batch k is appended (and hashed, sequentially) while batch k+1 is encoded.
         let mut pending: Option<(&[Finished], Vec<Result<Vec<u8>>>)> = None;
