@@ -3,6 +3,7 @@
     python benchmarks/load_memory.py                                  # full fine-tuning with its reference
     python benchmarks/load_memory.py --lora --json out.json
     python benchmarks/load_memory.py --code /path/to/other/checkout   # the same run on another version
+    python benchmarks/load_memory.py --fsdp                           # torch FSDP on CPU instead of DDP
 
 Each rank records, at ``on_train_start`` (after ``configure_model``, the DDP wrap and the optimizer;
 before the first step, so no optimizer state yet), its peak resident set so far (``VmHWM``), its
@@ -10,8 +11,13 @@ resident set (``VmRSS``) and the bytes of the parameters its module holds (polic
 from ``/proc/self/status`` (Linux). The model is a tiny LLaVA widened to tens of MB
 (``--model``, default ``tiny:llava?text_hidden=1024&vision_hidden=256``), float32, built from its
 config. ``--code`` runs another checkout's ``vpa_lightning`` (e.g. the commit before loading moved into
-``configure_model``; its compiled extension must be in place). FSDP and DeepSpeed ZeRO-3 need CUDA in
-Lightning, so they are not measured here. Not a test.
+``configure_model``; its compiled extension must be in place).
+
+``--fsdp``: Lightning's FSDPStrategy and DeepSpeed need CUDA, but torch's FSDP runs on CPU over gloo, so
+2 processes each create the module as Lightning would (``configure_model`` with a Trainer attached),
+wrap it in ``FullyShardedDataParallel`` (one unit, full sharding, ``use_orig_params``) and record
+``VmHWM``/``VmRSS`` after ``configure_model`` and after the wrap (freed memory handed back with
+``malloc_trim``), and the bytes of the flat-parameter shard each rank keeps. Not a test.
 """
 
 from __future__ import annotations
@@ -63,13 +69,63 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def _fsdp_rank(rank: int, model: str, out_dir: str, store: str) -> None:
+    import ctypes
+    import gc
+
+    import lightning.pytorch as pl
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from vpa_lightning import VisionDPOModule
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    module = VisionDPOModule(model, lora=False)
+    module.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    module.configure_model()
+    mb = lambda kb: round(kb / 1024, 1)  # noqa: E731
+    record = {"rank": rank, "after_configure_model": {"vm_hwm_mb": mb(_status_kb("VmHWM")), "vm_rss_mb": mb(_status_kb("VmRSS"))},
+              "policy_mb": round(sum(p.numel() * p.element_size() for p in module.model.parameters()) / 2**20, 1),
+              "reference_mb": round(sum(p.numel() * p.element_size() for p in module.reference.parameters()) / 2**20, 1)}
+    wrapped = FSDP(module, device_id=torch.device("cpu"), use_orig_params=True)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    flat = wrapped._flat_param
+    record["after_fsdp_wrap"] = {"vm_hwm_mb": mb(_status_kb("VmHWM")), "vm_rss_mb": mb(_status_kb("VmRSS")),
+                                 "local_shard_mb": round(flat.numel() * flat.element_size() / 2**20, 1)}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _fsdp(args: argparse.Namespace) -> dict:
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, args.code)
+    with tempfile.TemporaryDirectory(prefix="vpa-load-memory-") as tmp:
+        mp.spawn(_fsdp_rank, args=(args.model, tmp, str(Path(tmp) / "store")), nprocs=2)
+        ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
+    return {"model": args.model, "tuning": "full", "strategy": "torch FSDP (FULL_SHARD, one unit), 2 CPU processes, gloo",
+            "ranks": ranks}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny:llava?text_hidden=1024&vision_hidden=256")
     parser.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
     parser.add_argument("--code", default=str(ROOT), help="checkout whose vpa_lightning the ranks run")
+    parser.add_argument("--fsdp", action="store_true", help="torch FSDP on CPU (gloo) instead of DDP, full fine-tuning")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
+    if args.fsdp:
+        out = _fsdp(args)
+        out["cpu"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
+        print(json.dumps(out, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+        return
 
     with tempfile.TemporaryDirectory(prefix="vpa-load-memory-") as tmp:
         tmp_path = Path(tmp)
