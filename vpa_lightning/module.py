@@ -142,15 +142,15 @@ class VisionDPOModule(pl.LightningModule):
             shared KV cache (the vision tower and the long prompt once per group instead of once per
             response; same log-probs up to float rounding). Needs ``logps_method="forward"`` and no
             gradient checkpointing (it relies on the KV cache).
-        packed: Packed shared-prefix groups (:mod:`~vpa_lightning.models.packed`, arXiv 2410.20305):
-            each group is one segment ``[image + prompt | response 1 | ... | response K]`` under a mask
-            that lets each response see the prefix and itself only, several groups per row; one
+        packed: Packed shared-prefix groups (:mod:`~vpa_lightning.models.packed`, arXiv 2410.20305), the
+            default: each group is one segment ``[image + prompt | response 1 | ... | response K]`` under a
+            mask that lets each response see the prefix and itself only, several groups per row; one
             forward, no KV cache, so it works with gradient checkpointing, FSDP and DeepSpeed. Same
-            log-probs and gradients as the plain path up to float rounding. Needs an attention
-            implementation that takes a mask (``sdpa``, ``eager``; ``flex_attention`` on CUDA); batches or
-            models it cannot pack (PaliGemma/Gemma-3 token-type attention, several images per group under
-            M-RoPE, flash-attention-2, rows without a shared prompt) run the plain path, with one warning.
-            Ignored with ``prefix_sharing``. ``false``: the plain path (one padded row per response).
+            log-probs and gradients as the plain path up to float rounding (tested for every family).
+            Needs an attention implementation that takes a mask (``sdpa``, ``eager``; ``flex_attention``
+            on CUDA); a batch or model it cannot pack (flash-attention-2, the rows of a group on different
+            images, rows without a shared prompt) runs the plain path, with one warning. Ignored with
+            ``prefix_sharing``. ``false``: the plain path (one padded row per response).
         pack_tokens: With ``packed``: token budget of a packed row (``None``: the longest group).
         image_corruption: How losses that need a corrupted image (mDPO) corrupt it: any
             :func:`~vpa_lightning.augment.build_augmentation` spec (``diffusion_noise``,
@@ -182,7 +182,7 @@ class VisionDPOModule(pl.LightningModule):
         dtype: str | None = None,
         seed: int = 0,
         prefix_sharing: bool = False,
-        packed: bool = False,
+        packed: bool = True,
         pack_tokens: int | None = None,
         image_corruption: str | dict[str, Any] | list[Any] | None = None,
     ) -> None:
