@@ -207,8 +207,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _finish(spec: dict[str, Any], stamps: list[float], loss0: float | None, pairs_per_step: int, extra: dict,
-            cpu_stamps: list[float] | None = None) -> dict:
+def _finish(spec: dict[str, Any], stamps: list[float], loss0: float | None, pairs_per_step: int, extra: dict) -> dict:
     import torch
 
     warmup, steps = spec["warmup"], spec["steps"]
@@ -227,12 +226,6 @@ def _finish(spec: dict[str, Any], stamps: list[float], loss0: float | None, pair
         "rss_before_train_mib": spec["_rss_before"],
         **extra,
     }
-    if cpu_stamps is not None and len(cpu_stamps) >= warmup + steps:
-        # CPU seconds of this process (all its threads) over the timed window: on a machine shared with
-        # other jobs, wall time mostly measures the wait for a core, CPU time the work done
-        cpu = cpu_stamps[warmup + steps - 1] - cpu_stamps[warmup - 1]
-        out["cpu_seconds"] = cpu
-        out["pairs_per_cpu_s"] = steps * pairs_per_step / cpu if cpu > 0 else float("nan")
     if spec["device"] == "cuda":
         out["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["peak_memory_mib"] = out["peak_cuda_allocated_mib"]
@@ -298,7 +291,6 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
     class Timer(pl.Callback):
         def __init__(self) -> None:
             self.stamps: list[float] = []
-            self.cpu: list[float] = []
             self.loss0: float | None = None
             self.rows: list[int] = []
 
@@ -306,7 +298,6 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
             if spec["device"] == "cuda":
                 torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
-            self.cpu.append(time.process_time())
             self.rows.append(int(batch["inputs"].labels.shape[0]))
             if self.loss0 is None:
                 self.loss0 = float(outputs["loss"].detach())
@@ -342,7 +333,6 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
             "sequences_per_forward": seqs,
             "forwards_per_step": "1 reference (no grad) + 1 policy (grad), each over all distinct responses",
         },
-        timer.cpu,
     )
 
 
@@ -409,14 +399,12 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     class Timer(TrainerCallback):
         def __init__(self) -> None:
             self.stamps: list[float] = []
-            self.cpu: list[float] = []
             self.loss0: float | None = None
 
         def on_step_end(self, args, state, control, **kwargs):
             if spec["device"] == "cuda":
                 torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
-            self.cpu.append(time.process_time())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.loss0 is None and logs and "loss" in logs:
@@ -449,7 +437,6 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             "sequences_per_forward": seqs,
             "forwards_per_step": "1 reference (no grad) + 1 policy (grad), each over chosen+rejected of every pair",
         },
-        timer.cpu,
     )
 
 
@@ -584,7 +571,6 @@ def main(argv: list[str] | None = None) -> None:
                     r = _spawn(spec, args.timeout)
                     runs[side].append(r)
                     print(f"[{device}/{setting}] {side:18s} run {rep + 1}: {r['pairs_per_s']:.3f} pairs/s, "
-                          f"{r.get('pairs_per_cpu_s', float('nan')):.3f} pairs/CPU-s, "
                           f"peak {r['peak_memory_mib']:.0f} MiB, step-0 loss {r['loss_step0']:.4f}, "
                           f"{r['sequences_per_forward']} sequences/forward", flush=True)
             best = {side: max(rs, key=lambda r: r["pairs_per_s"]) for side, rs in runs.items()}
@@ -596,11 +582,6 @@ def main(argv: list[str] | None = None) -> None:
                           "all_peak_memory_mib": [r["peak_memory_mib"] for r in runs[side]]} for side in sides},
                 "throughput_ratio_over_trl": {s: best[s]["pairs_per_s"] / trl["pairs_per_s"] for s in vpa_sides},
                 "peak_memory_ratio_over_trl": {s: best[s]["peak_memory_mib"] / trl["peak_memory_mib"] for s in vpa_sides},
-                # per CPU-second (best of the runs): robust to other jobs on the machine, wall time is not
-                "cpu_throughput_ratio_over_trl": {
-                    s: max(r.get("pairs_per_cpu_s", 0.0) for r in runs[s]) / max(r.get("pairs_per_cpu_s", 0.0) for r in runs["trl"])
-                    for s in vpa_sides if all("pairs_per_cpu_s" in r for r in runs[s] + runs["trl"])
-                },
                 "target_throughput_ratio": 1.5 if setting == "pairwise" else 5.0,
             }
             entry["step0_loss_matches_ln2"] = all(abs(best[s]["loss_step0"] - math.log(2)) < 1e-3 for s in sides)
@@ -608,8 +589,8 @@ def main(argv: list[str] | None = None) -> None:
 
     mem_name = {"cpu": "peak RSS", "cuda": "peak CUDA alloc"}
     print()
-    header = (f"{'device/setting':18s} {'side':18s} {'pairs/step':>10s} {'pairs/s':>9s} {'x TRL':>6s} {'CPU x TRL':>9s} "
-              f"{'MiB':>7s} {'mem/TRL':>7s} {'seq':>5s} {'loss0':>7s}")
+    header = (f"{'device/setting':18s} {'side':18s} {'pairs/step':>10s} {'pairs/s':>9s} {'x TRL':>6s} {'MiB':>7s} "
+              f"{'mem/TRL':>7s} {'seq':>5s} {'loss0':>7s}")
     print(header)
     print("-" * len(header))
     for key, e in results.items():
@@ -617,12 +598,10 @@ def main(argv: list[str] | None = None) -> None:
             v = e[side]
             ratio = e["throughput_ratio_over_trl"].get(side, 1.0)
             mem = e["peak_memory_ratio_over_trl"].get(side, 1.0)
-            cpu_ratio = e["cpu_throughput_ratio_over_trl"].get(side, 1.0 if side == "trl" else float("nan"))
-            print(f"{key:18s} {side:18s} {e['pairs_per_step']:>10d} {v['pairs_per_s']:>9.3f} {ratio:>5.2f}x {cpu_ratio:>8.2f}x "
+            print(f"{key:18s} {side:18s} {e['pairs_per_step']:>10d} {v['pairs_per_s']:>9.3f} {ratio:>5.2f}x "
                   f"{v['peak_memory_mib']:>7.0f} {mem:>7.2f} {v['sequences_per_forward']!s:>5s} {v['loss_step0']:>7.4f}")
     print(f"(memory = {', '.join(mem_name[d] for d in devices)}; seq = sequences per forward pass, "
-          f"2 forwards per step on both sides: reference no-grad + policy with grad; ln 2 = {math.log(2):.4f}; "
-          f"CPU x TRL = pairs per CPU-second of the process against TRL's, the figure to read on a shared machine)")
+          f"2 forwards per step on both sides: reference no-grad + policy with grad; ln 2 = {math.log(2):.4f})")
 
     report = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),

@@ -41,7 +41,9 @@ def test_packed_with_checkpointing_gives_the_plain_loss(batch, lora):
 
 
 def test_packed_flags_and_forward_tokens(batch):
-    assert not VisionDPOModule("tiny:llava", packed=True, prefix_sharing=True).packed  # the explicit one wins
+    default = VisionDPOModule("tiny:llava")
+    assert default.packed and default.logps_options["pack"] == "auto"  # packed by default, falling back per batch
+    assert not VisionDPOModule("tiny:llava", prefix_sharing=True).packed  # the explicit one wins
     with pytest.raises(ValueError, match="--model.pack_tokens"):
         VisionDPOModule("tiny:llava", packed=True, pack_tokens=0)
     plain = VisionDPOModule("tiny:llava", packed=False)
