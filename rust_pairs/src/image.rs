@@ -59,14 +59,10 @@ fn extension_of(format: image::ImageFormat) -> Option<&'static str> {
 
 /// Read and hash an image; the format comes from its magic bytes, not its name.
 pub fn read(path: &Path) -> Result<ImageFile, String> {
-    // open + fstat + one read: per-file syscalls dominate for small images. O_NONBLOCK: opening
-    // a FIFO (or a device) must not wait for a writer; only regular files are read (fstat below),
-    // and for those the flag changes nothing.
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
+    // open + fstat + one read: per-file syscalls dominate for small images (so no stat before the
+    // open, unlike regular::open). Opening a FIFO (or a device) must not wait for a writer; only
+    // regular files are read (fstat below).
+    let mut f = crate::regular::open_nonblocking(path)
         .map_err(|e| format!("image {} is missing or unreadable: {e}", path.display()))?;
     let meta = f.metadata().map_err(|e| format!("image {} is unreadable: {e}", path.display()))?;
     if let Some(what) = crate::regular::special_kind(meta.file_type()) {

@@ -31,6 +31,12 @@ pub fn not_regular(what: &str, expected: &str) -> std::io::Error {
     std::io::Error::other(format!("not a regular file ({what}); {expected}"))
 }
 
+/// Open `path` for reading with `O_NONBLOCK | O_NOCTTY`, so a FIFO or device never blocks `open()`.
+/// It checks nothing: the caller `fstat`s the file and reads it only if it is regular.
+pub fn open_nonblocking(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)
+}
+
 /// Open `path` for reading if it is a regular file; `expected` says what it should have been
 /// (it ends the error for any other kind of file).
 pub fn open(path: &Path, expected: &str) -> std::io::Result<(File, Metadata)> {
@@ -39,7 +45,7 @@ pub fn open(path: &Path, expected: &str) -> std::io::Result<(File, Metadata)> {
     if let Some(what) = std::fs::metadata(path).ok().and_then(|m| special_kind(m.file_type())) {
         return Err(not_regular(what, expected));
     }
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
+    let f = open_nonblocking(path)?;
     let meta = f.metadata()?;
     if let Some(what) = special_kind(meta.file_type()) {
         return Err(not_regular(what, expected));
