@@ -720,6 +720,7 @@ pub fn build(cfg: &BuildConfig) -> Result<Manifest> {
 pub fn build_cancellable(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     let cfg = &cfg.effective()?;
     cfg.validate()?;
+    let _retain = crate::alloc::RetainFreed::new();
     let run = || build_inner(cfg, cancel);
     match cfg.threads {
         Some(t) => rayon::ThreadPoolBuilder::new()

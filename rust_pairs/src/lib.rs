@@ -6,6 +6,7 @@
 //! WebDataset tar shards ([`shard`]) with a manifest and a report. [`build`] runs the pipeline.
 //! The PyO3 layer (`python`, feature `python`) is a thin binding over these modules.
 
+pub mod alloc;
 pub mod config;
 pub mod error;
 pub mod image;
