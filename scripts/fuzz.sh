@@ -3,8 +3,8 @@
 # fast path and the full parser must agree on every input). Part of scripts/test.sh, so CI runs it.
 #   VPA_FUZZ_SECONDS  seconds per target (default 30); 0 skips the run.
 # The machine has one stable toolchain and no nightly can be fetched; cargo-fuzz passes -Z flags,
-# which stable rustc takes with RUSTC_BOOTSTRAP=1. No sanitizer: the crate's only unsafe code
-# outside its tests is two mimalloc option calls (alloc.rs), so what the fuzzer hunts is a panic
+# which stable rustc takes with RUSTC_BOOTSTRAP=1. No sanitizer: outside its tests the crate's only
+# unsafe code is FFI calls into getrusage and mimalloc's options, so what the fuzzer hunts is a panic
 # (debug assertions are on), and an ASan build would double the build time.
 set -euo pipefail
 seconds="${VPA_FUZZ_SECONDS:-30}"
