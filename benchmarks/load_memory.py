@@ -3,7 +3,7 @@
     python benchmarks/load_memory.py                                  # full fine-tuning with its reference
     python benchmarks/load_memory.py --lora --json out.json
     python benchmarks/load_memory.py --code /path/to/other/checkout   # the same run on another version
-    python benchmarks/load_memory.py --fsdp                           # torch FSDP on CPU instead of DDP
+    python benchmarks/load_memory.py --fsdp [--lora] [--wrap-layers]  # torch FSDP on CPU instead of DDP
 
 Each rank records, at ``on_train_start`` (after ``configure_model``, the DDP wrap and the optimizer;
 before the first step, so no optimizer state yet), its peak resident set so far (``VmHWM``), its
@@ -14,10 +14,16 @@ config. ``--code`` runs another checkout's ``vpa_lightning`` (e.g. the commit be
 ``configure_model``; its compiled extension must be in place).
 
 ``--fsdp``: Lightning's FSDPStrategy and DeepSpeed need CUDA, but torch's FSDP runs on CPU over gloo, so
-2 processes each create the module as Lightning would (``configure_model`` with a Trainer attached),
-wrap it in ``FullyShardedDataParallel`` (one unit, full sharding, ``use_orig_params``) and record
-``VmHWM``/``VmRSS`` after ``configure_model`` and after the wrap (freed memory handed back with
-``malloc_trim``), and the bytes of the flat-parameter shard each rank keeps. Not a test.
+2 processes each create the module as Lightning would (``configure_model`` with an ``FSDPStrategy`` of 2
+processes attached, so the module sets its FSDP arguments: rank 0 loads, rank 1 builds on the meta
+device), wrap it in ``FullyShardedDataParallel`` as ``FSDPStrategy`` does (one unit, or with
+``--wrap-layers`` one per transformer layer; full sharding; the
+strategy's kwargs: ``use_orig_params``, ``sync_module_states``, ``param_init_fn``; torch's guard that
+refuses ``sync_module_states`` for CPU tensors is lifted, gloo broadcasts them) and record
+``VmHWM``/``VmRSS`` before and after ``configure_model`` and after the wrap (freed memory handed back
+with ``malloc_trim``), and the bytes of the flat-parameter shard each rank keeps. ``--code`` with a
+checkout before rank-0 loading measures every rank loading whole. On CPU the wrap materialises rank
+1's empty unit on the host (its "device"); on GPUs it goes to the GPU. Not a test.
 """
 
 from __future__ import annotations
@@ -69,32 +75,56 @@ except ImportError:  # pragma: no cover
     pass
 
 
-def _fsdp_rank(rank: int, model: str, out_dir: str, store: str) -> None:
+def _fsdp_rank(rank: int, model: str, lora: bool, wrap_layers: bool, out_dir: str, store: str) -> None:
     import ctypes
     import gc
 
     import lightning.pytorch as pl
     import torch
     import torch.distributed as dist
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import _init_utils
 
     from vpa_lightning import VisionDPOModule
 
     torch.set_num_threads(1)
+    # torch refuses sync_module_states for CPU tensors (a guard for NCCL); gloo broadcasts CPU tensors
+    _init_utils._check_module_states_for_sync_module_states = lambda states: None
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    module = VisionDPOModule(model, lora=False)
-    module.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    module.configure_model()
+    env = LightningEnvironment()
+    env.set_world_size(2)
+    env.set_global_rank(rank)
+    layers = None
+    if wrap_layers:  # one FSDP unit per transformer layer, as a user's --trainer.strategy.auto_wrap_policy would
+        from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        layers = {LlamaDecoderLayer, CLIPEncoderLayer}
+    strategy = FSDPStrategy(parallel_devices=[torch.device("cpu")] * 2, cluster_environment=env, auto_wrap_policy=layers)
+    module = VisionDPOModule(model, lora=lora)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer._accelerator_connector.strategy = strategy  # Lightning's FSDPStrategy itself refuses CPU
+    module.trainer = trainer
     mb = lambda kb: round(kb / 1024, 1)  # noqa: E731
-    record = {"rank": rank, "after_configure_model": {"vm_hwm_mb": mb(_status_kb("VmHWM")), "vm_rss_mb": mb(_status_kb("VmRSS"))},
-              "policy_mb": round(sum(p.numel() * p.element_size() for p in module.model.parameters()) / 2**20, 1),
-              "reference_mb": round(sum(p.numel() * p.element_size() for p in module.reference.parameters()) / 2**20, 1)}
-    wrapped = FSDP(module, device_id=torch.device("cpu"), use_orig_params=True)
+    before = {"vm_hwm_mb": mb(_status_kb("VmHWM")), "vm_rss_mb": mb(_status_kb("VmRSS"))}
+    with strategy.model_sharded_context():
+        module.configure_model()
+    nbytes = lambda m: 0 if m is None else round(sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20, 1)  # noqa: E731
+    record = {"rank": rank, "before_configure_model": before,
+              "after_configure_model": {"vm_hwm_mb": mb(_status_kb("VmHWM")), "vm_rss_mb": mb(_status_kb("VmRSS"))},
+              "policy_mb": nbytes(module.model), "reference_mb": nbytes(getattr(module, "reference", None)),
+              "on_meta": all(p.is_meta for p in module.parameters()),
+              "fsdp_kwargs_set": sorted(k for k in strategy.kwargs if k in ("sync_module_states", "param_init_fn"))}
+    wrapped = FSDP(module, sharding_strategy=strategy.sharding_strategy, cpu_offload=strategy.cpu_offload,
+                   device_id=torch.device("cpu"), **strategy.kwargs)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    flat = wrapped._flat_param
+    flats = [m._flat_param for m in wrapped.modules() if isinstance(m, FSDP) and m._flat_param is not None]
     record["after_fsdp_wrap"] = {"vm_hwm_mb": mb(_status_kb("VmHWM")), "vm_rss_mb": mb(_status_kb("VmRSS")),
-                                 "local_shard_mb": round(flat.numel() * flat.element_size() / 2**20, 1)}
+                                 "fsdp_units": len(flats),
+                                 "local_shard_mb": round(sum(f.numel() * f.element_size() for f in flats) / 2**20, 1)}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()
@@ -105,9 +135,12 @@ def _fsdp(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, args.code)
     with tempfile.TemporaryDirectory(prefix="vpa-load-memory-") as tmp:
-        mp.spawn(_fsdp_rank, args=(args.model, tmp, str(Path(tmp) / "store")), nprocs=2)
+        mp.spawn(_fsdp_rank, args=(args.model, args.lora, args.wrap_layers, tmp, str(Path(tmp) / "store")), nprocs=2)
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
-    return {"model": args.model, "tuning": "full", "strategy": "torch FSDP (FULL_SHARD, one unit), 2 CPU processes, gloo",
+    commit = subprocess.run(["git", "-C", args.code, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return {"model": args.model, "tuning": "lora" if args.lora else "full", "code": commit.stdout.strip() or args.code,
+            "strategy": f"torch FSDP (FULL_SHARD, {'one unit per layer' if args.wrap_layers else 'one unit'}, the "
+                        "FSDPStrategy kwargs the module set), 2 CPU processes, gloo",
             "ranks": ranks}
 
 
@@ -116,7 +149,9 @@ def main() -> None:
     parser.add_argument("--model", default="tiny:llava?text_hidden=1024&vision_hidden=256")
     parser.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
     parser.add_argument("--code", default=str(ROOT), help="checkout whose vpa_lightning the ranks run")
-    parser.add_argument("--fsdp", action="store_true", help="torch FSDP on CPU (gloo) instead of DDP, full fine-tuning")
+    parser.add_argument("--fsdp", action="store_true", help="torch FSDP on CPU (gloo) instead of DDP")
+    parser.add_argument("--wrap-layers", action="store_true",
+                        help="with --fsdp: one FSDP unit per transformer layer (an auto_wrap_policy) instead of one unit")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     if args.fsdp:

@@ -18,8 +18,9 @@ modules with ``freeze_vision=False``) are saved; the frozen base is rebuilt from
 
 Model creation: ``__init__`` loads the processor only; the policy (and a full-fine-tuning
 reference) is created in :meth:`~VisionDPOModule.configure_model`, inside the strategy's sharding
-context, so DeepSpeed ZeRO-3 partitions it as it loads and FSDP shards it before training. Outside a
-``Trainer`` the first use of ``module.model`` creates it.
+context, so DeepSpeed ZeRO-3 partitions it as it loads and FSDP shards it before training (with several
+FSDP processes only rank 0 reads the weights; the others build on the meta device and receive them at
+the wrap). Outside a ``Trainer`` the first use of ``module.model`` creates it.
 
 Reference model: with LoRA it is the same network with the adapters disabled
 (``PeftModel.disable_adapter()``), no second copy in memory; with full fine-tuning it is a frozen
@@ -50,7 +51,16 @@ from torchmetrics import MeanMetric
 
 from vpa_lightning.augment.pixels import corrupt_pixel_values
 from vpa_lightning.losses import DPOLoss, LossBatch, PreferenceLoss
-from vpa_lightning.models.loading import DTYPES, TINY_PREFIX, load_model, load_processor, load_vlm
+from vpa_lightning.models.loading import (
+    DTYPES,
+    TINY_PREFIX,
+    EmptyParamInit,
+    load_model,
+    load_processor,
+    load_vlm,
+    match_rank0_layout,
+    share_parameters,
+)
 from vpa_lightning.models.logps import GroupBatch, GroupLogps, group_logps, select_rows
 from vpa_lightning.models.lora import apply_lora, default_lora_targets, language_and_vision_modules
 from vpa_lightning.reference_cache import ReferenceCache
@@ -157,6 +167,13 @@ class VisionDPOModule(pl.LightningModule):
             ``{name: diffusion_noise, step: 800}``, a list, ...). ``None`` = mDPO's own corruption,
             a random crop keeping 1-20 % of the image, resized back. Drawn from torch's seeded
             RNG, the same corrupted image for policy and reference.
+        fsdp_rank0_load: Under Lightning's ``FSDPStrategy`` with more than one process, only global rank 0
+            reads the weights (policy, full-fine-tuning reference); every other rank builds the same
+            modules on the meta device (no weights on its host) and receives rank 0's weights, buffers
+            and LoRA adapters when FSDP wraps the module. The module sets the strategy's
+            ``sync_module_states=True`` and a ``param_init_fn`` that gives meta modules empty storage on
+            the rank's device, unless the strategy was given its own. ``false`` (or the strategy's
+            ``sync_module_states=False``): every rank loads the whole models, as under DDP.
     """
 
     def __init__(
@@ -185,6 +202,7 @@ class VisionDPOModule(pl.LightningModule):
         packed: bool = True,
         pack_tokens: int | None = None,
         image_corruption: str | dict[str, Any] | list[Any] | None = None,
+        fsdp_rank0_load: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss"])
@@ -247,6 +265,7 @@ class VisionDPOModule(pl.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.dtype_name = dtype
         self.seed = seed
+        self.fsdp_rank0_load = fsdp_rank0_load
         # The processor only: the weights are created in configure_model, inside the strategy's sharding
         # context (DeepSpeed ZeRO-3 partitions them as they are created, FSDP wraps them right after), not
         # here, where every rank would first hold a whole copy (two with a full-fine-tuning reference).
@@ -285,12 +304,16 @@ class VisionDPOModule(pl.LightningModule):
         it stays frozen (``requires_grad=False``, so never in the optimizer), in eval mode, out of the
         ``state_dict`` (checkpoints rebuild it from ``model_name_or_path``) and out of DDP's broadcasts.
         With LoRA the reference is the same network with the adapters disabled; a reference-free loss
-        has none. Idempotent. Outside a ``Trainer`` the first use of :attr:`model` calls it, and the
-        reference is created on its first use (``vpa export``/``vpa eval`` never load it).
+        has none. Under FSDP with several processes only global rank 0 loads the weights; the other ranks
+        build on the meta device and get rank 0's tensors at the wrap (``fsdp_rank0_load``). Idempotent.
+        Outside a ``Trainer`` the first use of :attr:`model` calls it, and the reference is created on its
+        first use (``vpa export``/``vpa eval`` never load it).
         """
+        fresh = None
         if "model" not in self._modules:  # Lightning calls the hook for every trainer entry point
             self._zero3_loading()
-            model = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name)
+            empty = self._fsdp_empty_load()
+            model = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name, empty=bool(empty))
             _, vision = language_and_vision_modules(model)
             if self.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -300,10 +323,12 @@ class VisionDPOModule(pl.LightningModule):
             elif self.freeze_vision:
                 for name in vision:
                     model.get_submodule(name).requires_grad_(False)
-            self.model = model.train()
+            if empty is not None:  # adapters included: they are broadcast from rank 0 too, not re-drawn
+                match_rank0_layout(model, "policy")
+            self.model = fresh = model.train()
         # without a Trainer (load_from_checkpoint for export or eval) the reference waits for its first use
         if self._trainer is not None:
-            self._create_reference()
+            self._create_reference(fresh)
 
     @property
     def _copies_reference(self) -> bool:
@@ -311,14 +336,24 @@ class VisionDPOModule(pl.LightningModule):
         reference log-probs."""
         return not self.use_lora and not self.loss_fn.reference_free and not self.ref_logps_from_data
 
-    def _create_reference(self) -> None:
+    def _create_reference(self, fresh: nn.Module | None = None) -> None:
+        """``fresh``: the policy when this ``configure_model`` call has just read it from the source."""
         if not self._copies_reference or self.reference is not None:
             return
         # loaded again from the source rather than deep-copied: a copy of a partitioned (ZeRO-3) or wrapped
         # module is not a second sharded module, and a rebuilt module's reference must be the source even
         # when the policy then loads a checkpoint
         self._zero3_loading()
-        reference = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name)
+        empty = self._fsdp_empty_load()
+        # FSDP's rank 0 with a policy just read from the source: until the wrap the reference's parameters are
+        # the policy's tensors (no second copy on the host); the wrap gives each its own flat parameter (or
+        # device copy) before any step, and nothing writes to the policy in between
+        share = empty is False and fresh is not None
+        reference = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name, empty=bool(empty) or share)
+        if share:
+            share_parameters(reference, fresh)
+        if empty is not None:
+            match_rank0_layout(reference, "reference")
         self.reference_model = reference.eval().requires_grad_(False)
         self._ddp_params_and_buffers_to_ignore = [
             f"reference_model.{name}" for name, _ in (*reference.named_parameters(), *reference.named_buffers())
@@ -333,6 +368,25 @@ class VisionDPOModule(pl.LightningModule):
         from transformers.integrations import HfDeepSpeedConfig
 
         self._ds_config.append(HfDeepSpeedConfig(strategy.config))
+
+    def _fsdp_empty_load(self) -> bool | None:
+        """``None`` unless only rank 0 loads (Lightning's FSDPStrategy, several processes, ``fsdp_rank0_load``);
+        then whether this rank builds on the meta device (every rank but global rank 0, the source of FSDP's
+        ``sync_module_states`` broadcast). Sets the two FSDP arguments that make the wrap fill the empty
+        ranks, on every rank, unless the strategy has its own."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = getattr(self._trainer, "strategy", None)
+        if not self.fsdp_rank0_load or not isinstance(strategy, FSDPStrategy) or strategy.world_size < 2:
+            return None
+        if strategy.kwargs.get("sync_module_states") is False:
+            if not getattr(self, "_told_no_sync", False):
+                log.info("FSDP sync_module_states=False: every rank loads the whole model (--model.fsdp_rank0_load needs it)")
+                self._told_no_sync = True
+            return None
+        strategy.kwargs["sync_module_states"] = True
+        strategy.kwargs.setdefault("param_init_fn", EmptyParamInit(strategy.root_device))
+        return strategy.global_rank != 0
 
     @property
     def model(self) -> nn.Module:

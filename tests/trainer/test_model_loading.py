@@ -127,3 +127,195 @@ def test_fsdp_shards_the_reference_with_the_policy_and_checkpoints_leave_it_out(
             wrapped.load_state_dict(state, strict=True)
     finally:
         dist.destroy_process_group()
+
+
+# -- FSDP: only rank 0 loads ------------------------------------------------------------------------------
+#: a tiny LLaVA widened to 22.6 MB of float32 weights, so a whole copy stands out of a rank's memory noise
+WIDE = "tiny:llava?text_hidden=512&vision_hidden=128"
+
+
+def _kb(field: str) -> int:
+    from pathlib import Path
+
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    named = (*module.named_parameters(), *module.named_buffers())
+    return {n.replace("_fsdp_wrapped_module.", ""): t.detach().clone() for n, t in named}  # nested FSDP units
+
+
+def _two_steps(forward, params, batch) -> list[float]:
+    """Two SGD steps of the module's loss on ``batch``: the second loss shows the first update."""
+    opt = torch.optim.SGD(params, lr=0.05)
+    losses = []
+    for _ in range(2):
+        loss = forward(batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _fsdp_rank(rank: int, store: str, batch_file: str, out_dir: str, lora: bool) -> None:
+    """One of 2 gloo processes: the module under a (CPU) FSDPStrategy, configure_model as Lightning calls it,
+    the wrap as FSDPStrategy._setup_model does it with the arguments the module set, then the checks."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import _init_utils
+
+    torch.set_num_threads(1)
+    # torch refuses sync_module_states for CPU tensors (NCCL broadcasts GPU ones); gloo broadcasts CPU
+    # tensors, so only that guard is lifted: materialisation and the broadcast itself are torch's own
+    _init_utils._check_module_states_for_sync_module_states = lambda states: None
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    env = LightningEnvironment()
+    env.set_world_size(2)
+    env.set_global_rank(rank)
+    # full fine-tuning: one FSDP unit per transformer layer (an auto_wrap_policy: policy and reference layers
+    # materialised, broadcast and sharded unit by unit); LoRA: the whole module as one unit
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    layers = None if lora else {LlamaDecoderLayer, CLIPEncoderLayer}
+    strategy = FSDPStrategy(parallel_devices=[torch.device("cpu")] * 2, cluster_environment=env, auto_wrap_policy=layers)
+    options = {"lora": lora, "lora_r": 4, "lora_dropout": 0.0}
+    module = VisionDPOModule(WIDE, **options)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer._accelerator_connector.strategy = strategy  # Lightning's FSDPStrategy refuses a CPU Trainer
+    module.trainer = trainer
+
+    from vpa_lightning.models.lora import apply_lora
+
+    with torch.device("meta"):  # the lazy imports (model classes, peft) first: their memory is not the model's
+        apply_lora(build_tiny_vlm("llava")[0], 4, 8, 0.0)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, so the peak below is configure_model's
+    before = _kb("VmRSS")
+    with strategy.model_sharded_context():
+        module.configure_model()
+    grown_mb = (_kb("VmHWM") - before) / 1024
+    on_meta = all(t.is_meta for t in (*module.parameters(), *module.buffers()))
+    if lora and rank == 0:  # adapters drawn on rank 0 only, as from an unseeded RNG: rank 1 must get these
+        _perturb_adapters(module)
+    wrapped = FSDP(
+        module, sharding_strategy=strategy.sharding_strategy, cpu_offload=strategy.cpu_offload,
+        device_id=torch.device("cpu"), **strategy.kwargs,
+    )
+    with FSDP.summon_full_params(wrapped, writeback=False):
+        got = _state(module)
+    batch = torch.load(batch_file, weights_only=False)
+    wrapped.train()
+    losses = _two_steps(
+        lambda b: _ForwardRedirection()(wrapped, module, "compute_loss", b),
+        [p for p in wrapped.parameters() if p.requires_grad], batch,
+    )
+    with FSDP.summon_full_params(wrapped, writeback=False):
+        trained = _state(module)
+
+    single = _attached(VisionDPOModule(WIDE, **options))  # the same model, loaded whole in one process
+    single.configure_model()
+    if lora:
+        _perturb_adapters(single)
+    expected = _state(single)
+    assert got.keys() == expected.keys() and any(k.startswith("reference_model.") for k in got) != lora
+    different = [n for n in expected if not torch.equal(got[n], expected[n])]
+    # training moved the policy, never the reference (on rank 0 it shared the policy's tensors until the wrap)
+    different += [f"after training: {n}" for n in expected if n.startswith("reference_model.") and not torch.equal(trained[n], expected[n])]
+    policy_mb = sum(t.numel() * t.element_size() for n, t in expected.items() if n.startswith("model.")) / 2**20
+    single.train()
+    expected_losses = _two_steps(single.compute_loss, [p for p in single.parameters() if p.requires_grad], batch)
+    model_mb = sum(t.numel() * t.element_size() for t in expected.values()) / 2**20
+    record = {"rank": rank, "grown_mb": grown_mb, "model_mb": model_mb, "policy_mb": policy_mb, "on_meta": on_meta, "different": different,
+              "kwargs": sorted(strategy.kwargs), "losses": losses, "expected_losses": expected_losses}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+def _perturb_adapters(module: VisionDPOModule) -> None:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:  # lora_B too: nonzero, so the adapters change the loss
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full-layer-units", "lora-one-unit"])
+def test_fsdp_only_rank0_loads_and_every_rank_gets_its_weights(demo_shards, tmp_path, lora):
+    """2 gloo processes, torch FSDP on CPU: rank 1 builds the policy (and the full-fine-tuning reference) on
+    the meta device, its peak memory during configure_model is far below one model, and after the wrap
+    every rank's full parameters and buffers (rotary inv_freq, LoRA adapters) are a single-process load's,
+    and two training steps give the single-process losses on both ranks."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.conftest import hard_timeout
+
+    dm = PreferenceDataModule(str(demo_shards), batch_size=2, processor=VisionDPOModule(WIDE).processor)
+    torch.save(next(iter(dm.train_dataloader())), tmp_path / "batch.pt")
+    with hard_timeout(300):
+        mp.spawn(_fsdp_rank, args=(str(tmp_path / "store"), str(tmp_path / "batch.pt"), str(tmp_path), lora), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert {"sync_module_states", "param_init_fn"} <= set(r["kwargs"])  # set by the module on the strategy
+        assert r["different"] == [], f"rank {r['rank']}: not the single-process load: {r['different'][:5]}"
+        assert r["losses"][0] != r["losses"][1]  # the first step changed the weights ...
+        assert r["losses"] == pytest.approx(r["expected_losses"], rel=1e-5, abs=1e-6)  # ... as in one process
+    full, empty = ranks
+    # rank 0 reads the weights, once: the full-fine-tuning reference shares the policy's tensors until the wrap
+    assert not full["on_meta"] and full["policy_mb"] * 0.9 < full["grown_mb"] < full["policy_mb"] * 1.5, full
+    assert empty["on_meta"] and empty["grown_mb"] < empty["model_mb"] / 4, empty  # rank 1 never holds them
+
+
+def test_empty_param_init_keeps_tied_weights_tied_and_flags():
+    """FSDP calls param_init_fn module by module; Module.to_empty(recurse=False) would give the LM head and
+    the embedding (tied on rank 0, e.g. Gemma 3) two tensors, so rank 1's flat parameter would not match."""
+    from vpa_lightning.models.loading import EmptyParamInit
+
+    with torch.device("meta"):
+        model, _ = build_tiny_vlm("gemma3")
+    model.get_input_embeddings().requires_grad_(False)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    init = EmptyParamInit("cpu")
+    for module in model.modules():
+        init(module)
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert model.lm_head.weight is model.get_input_embeddings().weight and not model.lm_head.weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def test_rank0_layout_check_names_a_difference_and_casts_dtypes(monkeypatch):
+    """What a rank > 0 does with rank 0's layout (the collectives stubbed: rank 0's layout is given)."""
+    import torch.distributed as dist
+
+    from vpa_lightning.models.loading import _layout, match_rank0_layout
+
+    with torch.device("meta"):
+        rank0 = build_tiny_vlm("gemma3")[0].to(torch.bfloat16)
+        here = build_tiny_vlm("gemma3")[0]  # float32: from_config without a dtype in the config
+        other = build_tiny_vlm("gemma3?text_hidden=64")[0]
+    sent = _layout(rank0)
+    gathered: list = []
+
+    def broadcast(box, src):
+        box[0] = sent
+
+    def gather(out, obj):
+        out[:] = [None, obj]
+        gathered.append(obj)
+
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    match_rank0_layout(here, "policy")
+    assert _layout(here) == sent and here.lm_head.weight is here.get_input_embeddings().weight
+    with pytest.raises(RuntimeError, match=r"rank 1: the policy built on the meta device differs from rank 0's: .*fsdp_rank0_load"):
+        match_rank0_layout(other, "policy")
