@@ -1,5 +1,6 @@
-"""Distributed strategies through `vpa fit`: DDP on CPU (gloo, 2 processes) runs here; FSDP, DeepSpeed
-ZeRO-2/3 and bf16 need CUDA and are skipped without it (they run as-is on a GPU machine)."""
+"""Distributed strategies through `vpa fit`: DDP on CPU (gloo, 2 processes) runs here, and Lightning's
+FSDPStrategy on 2 CPU processes through a test subclass (tests/trainer/cpu_fsdp.py); FSDP on a GPU,
+DeepSpeed ZeRO-2/3 and bf16 need CUDA and are skipped without it (they run as-is on a GPU machine)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,34 @@ def test_ddp_full_finetuning_with_reference_trains_and_resumes(demo_shards, tmp_
     resumed = _fit(demo_shards, tmp_path / "resumed", *ddp, "--trainer.max_steps=3", f"--ckpt_path={ckpt}")
     assert [r["global_step"] for r in resumed] == [3, 3]
     assert all(len(r["keys"]) == 2 for r in resumed)  # one more step of batch 2 on each rank
+
+
+def test_lightning_fsdp_on_two_cpu_processes_loads_on_rank0_only(demo_shards, tmp_path):
+    """Lightning's own FSDPStrategy through `vpa fit` (a subclass that runs on CPU over gloo, see
+    tests/trainer/cpu_fsdp.py), full fine-tuning: no FSDP flag given, yet rank 1 reaches the wrap with
+    every tensor on the meta device (rank 0 with none), both ranks end with the same full parameters,
+    the reference is still the source, and the checkpoint holds the trained policy only."""
+    from vpa_lightning.models import build_tiny_vlm
+
+    probe = tmp_path / "fsdp"
+    ranks = _fit(
+        demo_shards, tmp_path, "--trainer.accelerator=cpu", "--trainer.devices=2", "--model.lora=false",
+        "--trainer.strategy=tests.trainer.cpu_fsdp.CPUFSDPStrategy", f"--trainer.strategy.out_dir={probe}",
+        "--trainer.callbacks+=tests.trainer.cpu_fsdp.FullParamsProbe", f"--trainer.callbacks.out_dir={probe}",
+    )
+    assert [(r["strategy"], r["global_step"]) for r in ranks] == [("CPUFSDPStrategy", 2)] * 2
+    loaded = [json.loads((probe / f"loaded{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["kwargs"] == ["param_init_fn", "sync_module_states"] for r in loaded)  # set by the module
+    assert loaded[0]["on_meta"] == 0 and loaded[1]["on_meta"] == loaded[1]["tensors"] > 0
+    trained = [json.loads((probe / f"trained{r}.json").read_text()) for r in (0, 1)]
+    assert trained[0] == trained[1]
+    source = {n: t.double().sum().item() for n, t in (*build_tiny_vlm("llava", seed=0)[0].named_parameters(),)}
+    assert {n: trained[0][f"reference_model.{n}"] for n in source} == source
+    assert any(trained[0][f"model.{n}"] != v for n, v in source.items())
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert state and not any("reference" in k for k in state)
+    assert all(state[k].double().sum().item() == pytest.approx(trained[0][k], abs=1e-9) for k in state)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
