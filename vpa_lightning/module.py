@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import PurePath
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
@@ -313,22 +313,25 @@ class VisionDPOModule(pl.LightningModule):
         if "model" not in self._modules:  # Lightning calls the hook for every trainer entry point
             self._zero3_loading()
             empty = self._fsdp_empty_load()
-            model = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name, empty=bool(empty))
-            _, vision = language_and_vision_modules(model)
-            if self.gradient_checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                model.config.use_cache = False
-            if self.use_lora:
-                model = apply_lora(model, *self.lora_options, self.freeze_vision)
-            elif self.freeze_vision:
-                for name in vision:
-                    model.get_submodule(name).requires_grad_(False)
-            if empty is not None:  # adapters included: they are broadcast from rank 0 too, not re-drawn
-                match_rank0_layout(model, "policy")
+            # adapters included in the layout check: they are broadcast from rank 0 too, not re-drawn
+            model = _built_on_every_rank(empty, "policy", lambda: self._policy(bool(empty)))
             self.model = fresh = model.train()
         # without a Trainer (load_from_checkpoint for export or eval) the reference waits for its first use
         if self._trainer is not None:
             self._create_reference(fresh)
+
+    def _policy(self, empty: bool) -> nn.Module:
+        model = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name, empty=empty)
+        _, vision = language_and_vision_modules(model)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if self.use_lora:
+            model = apply_lora(model, *self.lora_options, self.freeze_vision)
+        elif self.freeze_vision:
+            for name in vision:
+                model.get_submodule(name).requires_grad_(False)
+        return model
 
     @property
     def _copies_reference(self) -> bool:
@@ -349,11 +352,14 @@ class VisionDPOModule(pl.LightningModule):
         # the policy's tensors (no second copy on the host); the wrap gives each its own flat parameter (or
         # device copy) before any step, and nothing writes to the policy in between
         share = empty is False and fresh is not None
-        reference = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name, empty=bool(empty) or share)
-        if share:
-            share_parameters(reference, fresh)
-        if empty is not None:
-            match_rank0_layout(reference, "reference")
+
+        def build() -> nn.Module:
+            reference = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name, empty=bool(empty) or share)
+            if share:
+                share_parameters(reference, fresh)
+            return reference
+
+        reference = _built_on_every_rank(empty, "reference", build)
         self.reference_model = reference.eval().requires_grad_(False)
         self._ddp_params_and_buffers_to_ignore = [
             f"reference_model.{name}" for name, _ in (*reference.named_parameters(), *reference.named_buffers())
@@ -741,6 +747,19 @@ class VisionDPOModule(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _built_on_every_rank(empty: bool | None, what: str, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()``; under rank-0 loading (``empty`` not ``None``) every rank then joins the layout check,
+    also after its own failure, so a rank that fails makes all fail instead of leaving them waiting."""
+    if empty is None:
+        return build()
+    try:
+        model, error = build(), None
+    except Exception as exc:  # reported through the collective, then raised on every rank
+        model, error = None, exc
+    match_rank0_layout(model, what, error)
+    return model
 
 
 def _drop_reference_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:

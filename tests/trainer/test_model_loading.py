@@ -292,7 +292,8 @@ def test_empty_param_init_keeps_tied_weights_tied_and_flags():
 
 
 def test_rank0_layout_check_names_a_difference_and_casts_dtypes(monkeypatch):
-    """What a rank > 0 does with rank 0's layout (the collectives stubbed: rank 0's layout is given)."""
+    """What a rank > 0 does with rank 0's layout (the collectives stubbed: rank 0's layout and message are
+    given); a failure on either rank raises on this one too, instead of leaving it waiting."""
     import torch.distributed as dist
 
     from vpa_lightning.models.loading import _layout, match_rank0_layout
@@ -301,15 +302,13 @@ def test_rank0_layout_check_names_a_difference_and_casts_dtypes(monkeypatch):
         rank0 = build_tiny_vlm("gemma3")[0].to(torch.bfloat16)
         here = build_tiny_vlm("gemma3")[0]  # float32: from_config without a dtype in the config
         other = build_tiny_vlm("gemma3?text_hidden=64")[0]
-    sent = _layout(rank0)
-    gathered: list = []
+    sent, rank0_says = _layout(rank0), None
 
     def broadcast(box, src):
         box[0] = sent
 
     def gather(out, obj):
-        out[:] = [None, obj]
-        gathered.append(obj)
+        out[:] = [rank0_says, obj]
 
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
@@ -319,3 +318,9 @@ def test_rank0_layout_check_names_a_difference_and_casts_dtypes(monkeypatch):
     assert _layout(here) == sent and here.lm_head.weight is here.get_input_embeddings().weight
     with pytest.raises(RuntimeError, match=r"rank 1: the policy built on the meta device differs from rank 0's: .*fsdp_rank0_load"):
         match_rank0_layout(other, "policy")
+    with pytest.raises(RuntimeError, match=r"rank 1: building the reference failed: OSError\('disk'\)") as raised:
+        match_rank0_layout(None, "reference", OSError("disk"))
+    assert isinstance(raised.value.__cause__, OSError)
+    sent, rank0_says = None, "rank 0: building the reference failed: MemoryError()"
+    with pytest.raises(RuntimeError, match=r"^rank 0: building the reference failed: MemoryError\(\)$"):
+        match_rank0_layout(here, "reference")

@@ -135,30 +135,37 @@ def _layout(model: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     return [(name, tuple(t.shape), t.dtype) for name, t in _named(model)]
 
 
-def match_rank0_layout(model: nn.Module, what: str) -> None:
-    """Collective over the default process group, called by every rank after building ``model``: rank 0
-    (the real weights) sends each parameter's and buffer's name, shape and dtype. A rank whose module
-    has other names or shapes makes every rank raise, naming the first difference, instead of letting
-    FSDP's broadcast pour rank 0's tensors into the wrong ones or hang; a dtype that differs (a
-    checkpoint without a dtype in its config: ``from_pretrained`` takes the weights' dtype, ``from_config``
-    the default) is cast to rank 0's on the meta device."""
+def match_rank0_layout(model: nn.Module | None, what: str, error: BaseException | None = None) -> None:
+    """Collective over the default process group, called by every rank after building ``model`` (or
+    failing to: ``model=None`` and the ``error``): rank 0 (the real weights) sends each parameter's and
+    buffer's name, shape and dtype. A rank that failed, or whose module has other names or shapes, makes
+    every rank raise, naming the rank and the failure or first difference, instead of leaving the others
+    waiting in a collective or letting FSDP's broadcast pour rank 0's tensors into the wrong ones; a dtype
+    that differs (a checkpoint without a dtype in its config: ``from_pretrained`` takes the weights'
+    dtype, ``from_config`` the default) is cast to rank 0's on the meta device."""
     import torch.distributed as dist
 
-    ours = _layout(model)
-    box = [ours if dist.get_rank() == 0 else None]
+    rank = dist.get_rank()
+    ours = None if model is None else _layout(model)
+    box = [ours if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     theirs = box[0]
     problem = None
-    if [(n, s) for n, s, _ in ours] != [(n, s) for n, s, _ in theirs]:
+    if error is not None or model is None:
+        problem = f"rank {rank}: building the {what} failed: {error!r}"
+    elif theirs is None:
+        pass  # rank 0 failed: its own message says why
+    elif [(n, s) for n, s, _ in ours] != [(n, s) for n, s, _ in theirs]:
         diff = next(
             (f"{a[0]} {list(a[1])} here vs {b[0]} {list(b[1])} on rank 0" for a, b in zip(ours, theirs) if a[:2] != b[:2]),
             f"{len(ours)} tensors here vs {len(theirs)} on rank 0",
         )
-        problem = f"rank {dist.get_rank()}: the {what} built on the meta device differs from rank 0's: {diff}"
+        problem = f"rank {rank}: the {what} built on the meta device differs from rank 0's: {diff}"
     problems = [None] * dist.get_world_size()
     dist.all_gather_object(problems, problem)
     if any(problems):
-        raise RuntimeError("; ".join(p for p in problems if p) + " (set --model.fsdp_rank0_load false to load on every rank)")
+        hint = "" if error is not None or theirs is None else " (set --model.fsdp_rank0_load false to load on every rank)"
+        raise RuntimeError("; ".join(p for p in problems if p) + hint) from error
     wanted = {name: dtype for name, _, dtype in theirs}
     cast: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (old, new): tied tensors stay tied
     for prefix, module in model.named_modules(remove_duplicate=False):
