@@ -134,6 +134,9 @@ def run_child(which: str, folder: Path, out: Path) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    # The previous run's output (up to a GB of shards and Arrow cache) is still being written back
+    # to disk: flush it first, so that no side pays for another's writeback.
+    os.sync()
     proc = subprocess.run([sys.executable, "-c", CHILD, which, str(folder), str(out)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{which} failed:\n{proc.stderr[-3000:]}")
@@ -154,6 +157,7 @@ def io_floor(work: Path, folder: Path, out_bytes: int, repeat: int, scratch_piec
     empty.write_text("")
     runs, cpu = [], []
     for _ in range(repeat):
+        os.sync()  # as before each build
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         cmd = [str(target / "release" / "io_floor"), str(empty), str(folder / "data"), str(work / "floor.bin"), str(out_bytes)]
         cmd += ["--scratch", str(scratch_pieces)] if scratch_pieces else []
