@@ -78,12 +78,20 @@ pub struct Spill<T> {
     files: u64,
 }
 
-fn frame(key: u64, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(12 + payload.len());
-    f.extend_from_slice(&u32::try_from(payload.len()).expect("spill item under 4 GiB").to_le_bytes());
-    f.extend_from_slice(&key.to_le_bytes());
-    f.extend_from_slice(payload);
-    f
+/// Append one `[u32 length][u64 key][payload]` frame to a part (its buffered writer: no copy of
+/// the payload into a frame of its own) and count it.
+fn write_frame(w: &mut Writer, key: u64, payload: &[u8]) -> Result<()> {
+    let len = u32::try_from(payload.len()).expect("spill item under 4 GiB");
+    (|| {
+        w.w.write_all(&len.to_le_bytes())?;
+        w.w.write_all(&key.to_le_bytes())?;
+        w.w.write_all(payload)
+    })()
+    .map_err(|e| Error::output(&w.part.path, e))?;
+    w.part.items += 1;
+    w.part.bytes += payload.len() as u64;
+    w.part.one_key &= *w.first_key.get_or_insert(key) == key;
+    Ok(())
 }
 
 impl<T: Serialize + for<'de> Deserialize<'de> + Send + Sync> Spill<T> {
@@ -146,11 +154,7 @@ impl<T: Serialize + for<'de> Deserialize<'de> + Send + Sync> Spill<T> {
         let State::Writing(writers) = &mut self.state else { unreachable!() };
         let n = writers.len() as u64;
         for (key, payload) in encoded {
-            let w = &mut writers[range_bucket(key, n) as usize];
-            w.w.write_all(&frame(key, &payload)).map_err(|e| Error::output(&w.part.path, e))?;
-            w.part.items += 1;
-            w.part.bytes += payload.len() as u64;
-            w.part.one_key &= *w.first_key.get_or_insert(key) == key;
+            write_frame(&mut writers[range_bucket(key, n) as usize], key, &payload)?;
             self.items += 1;
             self.bytes += payload.len() as u64;
         }
@@ -219,11 +223,7 @@ impl<T: Serialize + for<'de> Deserialize<'de> + Send + Sync> Spill<T> {
             payload.resize(len, 0);
             r.read_exact(&mut payload).map_err(corrupt)?;
             let j = range_bucket(key, part.of * k) - part.index * k;
-            let w = &mut writers[j as usize];
-            w.w.write_all(&head).and_then(|_| w.w.write_all(&payload)).map_err(|e| Error::output(&w.part.path, e))?;
-            w.part.items += 1;
-            w.part.bytes += len as u64;
-            w.part.one_key &= *w.first_key.get_or_insert(key) == key;
+            write_frame(&mut writers[j as usize], key, &payload)?;
         }
         drop(r);
         std::fs::remove_file(&part.path).map_err(|e| Error::output(&part.path, e))?;
