@@ -28,15 +28,22 @@ def _check_dtype(dtype: str | None) -> None:
         raise ValueError(f"dtype must be one of {DTYPES} or None, got {dtype!r}")
 
 
+def _tiny(model_name_or_path: str, seed: int = 0, dtype: str | None = None, empty: bool = False) -> tuple[nn.Module, Any]:
+    """``(model, processor)`` of a ``tiny:`` spec, cast to ``dtype``; ``empty``: on the meta device."""
+    from vpa_lightning.models.tiny import build_tiny_vlm
+
+    with torch.device("meta") if empty else nullcontext():
+        model, processor = build_tiny_vlm(model_name_or_path[len(TINY_PREFIX) :], seed=seed)
+        if dtype not in (None, "auto"):
+            model.to(getattr(torch, dtype))
+    return model, processor
+
+
 def load_processor(model_name_or_path: str) -> Any:
     """The processor of ``model_name_or_path`` alone: no weights are allocated (a ``tiny:`` model is
     built on the meta device only to get its processor)."""
     if model_name_or_path.startswith(TINY_PREFIX):
-        from vpa_lightning.models.tiny import build_tiny_vlm
-
-        with torch.device("meta"):
-            _, processor = build_tiny_vlm(model_name_or_path[len(TINY_PREFIX) :])
-        return processor
+        return _tiny(model_name_or_path, empty=True)[1]
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(model_name_or_path)
@@ -51,13 +58,7 @@ def load_model(model_name_or_path: str, seed: int = 0, dtype: str | None = None,
     """
     _check_dtype(dtype)
     if model_name_or_path.startswith(TINY_PREFIX):
-        from vpa_lightning.models.tiny import build_tiny_vlm
-
-        with torch.device("meta") if empty else nullcontext():
-            model, _ = build_tiny_vlm(model_name_or_path[len(TINY_PREFIX) :], seed=seed)
-            if dtype not in (None, "auto"):
-                model.to(getattr(torch, dtype))
-        return model
+        return _tiny(model_name_or_path, seed, dtype, empty)[0]
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     if empty:  # from_config takes the config's dtype, what from_pretrained's "auto" (its default) reads first
@@ -110,20 +111,30 @@ def share_parameters(empty: nn.Module, source: nn.Module) -> None:
     two architectures must be the same."""
     if [(n, t.shape, t.dtype) for n, t in _named(empty)] != [(n, t.shape, t.dtype) for n, t in _named(source)]:
         raise ValueError(f"cannot share the weights of {type(source).__name__} with a differently built module")
-    given: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # meta id -> (meta, new): tied tensors stay tied
-    for prefix, module in empty.named_modules(remove_duplicate=False):
-        for kind, store in (("parameter", module._parameters), ("buffer", module._buffers)):
+
+    def given(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if isinstance(tensor, nn.Parameter):
+            return nn.Parameter(source.get_parameter(name).detach(), requires_grad=False)
+        return source.get_buffer(name).detach().clone()
+
+    _replace_tensors(empty, given)
+
+
+def _replace_tensors(model: nn.Module, new_for: Any) -> None:
+    """Replace each parameter and buffer of ``model`` by ``new_for(name, tensor)`` (``None`` keeps it).
+    A tensor held under several names (tied weights) is asked for once, under its first name, and its
+    replacement takes every place, so ties stay tied."""
+    done: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # id -> (old, new): the old kept alive, so no id is reused
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for store in (module._parameters, module._buffers):
             for name, tensor in store.items():
                 if tensor is None:
                     continue
-                if id(tensor) not in given:
-                    full = f"{prefix}.{name}" if prefix else name
-                    if kind == "parameter":
-                        new = nn.Parameter(source.get_parameter(full).detach(), requires_grad=False)
-                    else:
-                        new = source.get_buffer(full).detach().clone()
-                    given[id(tensor)] = (tensor, new)
-                store[name] = given[id(tensor)][1]
+                if id(tensor) not in done:
+                    done[id(tensor)] = (tensor, new_for(f"{prefix}.{name}" if prefix else name, tensor))
+                new = done[id(tensor)][1]
+                if new is not None:
+                    store[name] = new
 
 
 def _named(model: nn.Module):
@@ -167,20 +178,15 @@ def match_rank0_layout(model: nn.Module | None, what: str, error: BaseException 
         hint = "" if error is not None or theirs is None else " (set --model.fsdp_rank0_load false to load on every rank)"
         raise RuntimeError("; ".join(p for p in problems if p) + hint) from error
     wanted = {name: dtype for name, _, dtype in theirs}
-    cast: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (old, new): tied tensors stay tied
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for store in (module._parameters, module._buffers):
-            for name, tensor in store.items():
-                if tensor is None:
-                    continue
-                if id(tensor) not in cast:
-                    dtype = wanted.get(f"{prefix}.{name}" if prefix else name, tensor.dtype)
-                    if tensor.dtype == dtype:
-                        continue
-                    new = tensor.to(dtype)
-                    new = nn.Parameter(new, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
-                    cast[id(tensor)] = (tensor, new)
-                store[name] = cast[id(tensor)][1]
+
+    def cast(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        dtype = wanted.get(name, tensor.dtype)
+        if tensor.dtype == dtype:
+            return None
+        new = tensor.to(dtype)
+        return nn.Parameter(new, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
+
+    _replace_tensors(model, cast)
 
 
 def load_vlm(model_name_or_path: str, seed: int = 0, dtype: str | None = None) -> tuple[nn.Module, Any]:
@@ -193,10 +199,5 @@ def load_vlm(model_name_or_path: str, seed: int = 0, dtype: str | None = None) -
     """
     _check_dtype(dtype)
     if model_name_or_path.startswith(TINY_PREFIX):
-        from vpa_lightning.models.tiny import build_tiny_vlm
-
-        model, processor = build_tiny_vlm(model_name_or_path[len(TINY_PREFIX) :], seed=seed)
-        if dtype not in (None, "auto"):
-            model.to(getattr(torch, dtype))
-        return model, processor
+        return _tiny(model_name_or_path, seed, dtype)
     return load_model(model_name_or_path, seed=seed, dtype=dtype), load_processor(model_name_or_path)
