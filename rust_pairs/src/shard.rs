@@ -83,8 +83,8 @@ struct HashingFile {
 impl Write for HashingFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         // A full buffer (BufWriter hands over 1 MiB at a time) is hashed on another thread while
-        // it is written: hashing and the copy into the page cache were each half of the time of
-        // the sequential part of writing shards.
+        // it is written: the appending thread, which hashed and wrote every shard byte in turn,
+        // is the sequential part of writing shards (0.6 s of the 100k Parquet build's write stage).
         if buf.len() >= 64 << 10 {
             let (file, hasher) = (&mut self.file, &mut self.hasher);
             let (written, ()) = rayon::join(|| file.write_all(buf), || hasher.update(buf));
