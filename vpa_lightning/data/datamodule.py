@@ -146,7 +146,7 @@ from vpa_lightning import rust_pairs as _rp
 from vpa_lightning.data.shards import ManifestError, load_manifest
 from vpa_lightning.errors import BadShardsError, MissingShardsError, TooManySkippedError, UsageError
 from vpa_lightning.models.families import family_of
-from vpa_lightning.models.logps import PreferenceGroup, build_group_batch, prompt_messages
+from vpa_lightning.models.logps import PreferenceGroup, build_group_batch, offsets_place_images, prompt_messages
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -317,7 +317,7 @@ def _image_members(sample: dict[str, Any], meta: dict[str, Any], prompt: str = "
         offsets.append(entry.get("offset"))
     if all(o is None for o in offsets):
         return members, None
-    if not (all(type(o) is int for o in offsets) and all(0 <= a <= b for a, b in zip([0, *offsets], [*offsets, len(prompt)]))):
+    if not (all(type(o) is int for o in offsets) and offsets_place_images(offsets, len(prompt))):
         raise SampleError(f"image offsets {offsets} do not place the images in a prompt of {len(prompt)} characters")
     return members, offsets
 

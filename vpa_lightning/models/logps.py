@@ -64,6 +64,7 @@ __all__ = [
     "build_group_batch",
     "encode_images_once",
     "group_logps",
+    "offsets_place_images",
     "prompt_messages",
 ]
 
@@ -236,6 +237,12 @@ class GroupLogps:
         return values.view(len(self.group_sizes), self.group_sizes[0])
 
 
+def offsets_place_images(offsets: Sequence[int], prompt_length: int) -> bool:
+    """Whether image ``offsets`` (characters before each image) fit a prompt of ``prompt_length``
+    characters: each in ``[0, prompt_length]``, non-decreasing."""
+    return all(0 <= a <= b for a, b in zip([0, *offsets], [*offsets, prompt_length]))
+
+
 def prompt_messages(
     prompt: str | list[dict[str, Any]], n_images: int = 1, offsets: Sequence[int] | None = None
 ) -> list[dict[str, Any]]:
@@ -250,7 +257,7 @@ def prompt_messages(
     if offsets is None:
         return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
     offsets = [int(o) for o in offsets]
-    if len(offsets) != n_images or any(b < a for a, b in zip(offsets, offsets[1:])) or any(not 0 <= o <= len(prompt) for o in offsets):
+    if len(offsets) != n_images or not offsets_place_images(offsets, len(prompt)):
         raise ValueError(
             f"image offsets {offsets} do not place {n_images} image(s) in a prompt of {len(prompt)} characters "
             "(one non-decreasing offset in [0, len(prompt)] per image)"
