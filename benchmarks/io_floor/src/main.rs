@@ -51,23 +51,36 @@ fn main() {
     files.sort();
     let image_total: u64 = files.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
     let extra = out_bytes.map_or(0, |n| n.saturating_sub(image_total));
-    let per_file = (extra / files.len().max(1) as u64) as usize;
-    let zeros = vec![0u8; per_file];
     let t0 = std::time::Instant::now();
     let ann_bytes = std::fs::read(ann).expect("readable annotations").len();
     let mut w = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(out).expect("writable output"));
     let mut shard_hash = Sha256::new();
+    let mut total = match scratch_pieces {
+        Some(n) => shuffled(&files, n.max(1), extra, Path::new(out), &mut w, &mut shard_hash),
+        None => in_order(&files, extra, &mut w, &mut shard_hash),
+    };
+    // What the equal shares of zeros left of OUT_BYTES.
+    let rest = vec![0u8; (image_total + extra).saturating_sub(total as u64) as usize];
+    shard_hash.update(&rest);
+    w.write_all(&rest).expect("write");
+    total += rest.len();
+    w.flush().expect("flush");
+    drop(w);
+    let secs = t0.elapsed().as_secs_f64();
+    std::fs::remove_file(out).ok();
+    let _ = shard_hash.finalize();
+    let pieces = scratch_pieces.map_or(String::new(), |n| format!(", \"scratch_pieces\": {n}"));
+    println!(
+        "{{\"seconds\": {secs}, \"files\": {}, \"image_bytes\": {image_total}, \"written_bytes\": {total}, \"annotation_bytes\": {ann_bytes}{pieces}}}",
+        files.len()
+    );
+}
+
+/// Read and sha256 every file (in parallel, 512 at a time) and write each, in order, into `w`
+/// (hashed), followed by its share of `extra` zeros. Returns the bytes written.
+fn in_order(files: &[PathBuf], extra: u64, w: &mut impl Write, hash: &mut Sha256) -> usize {
+    let zeros = vec![0u8; (extra / files.len().max(1) as u64) as usize];
     let mut total = 0usize;
-    if let Some(n) = scratch_pieces {
-        total = shuffled(&files, n.max(1), extra, Path::new(out), &mut w, &mut shard_hash);
-        w.flush().expect("flush");
-        drop(w);
-        let secs = t0.elapsed().as_secs_f64();
-        std::fs::remove_file(out).ok();
-        let _ = shard_hash.finalize();
-        println!("{{\"seconds\": {secs}, \"files\": {}, \"image_bytes\": {image_total}, \"written_bytes\": {total}, \"annotation_bytes\": {ann_bytes}, \"scratch_pieces\": {n}}}", files.len());
-        return;
-    }
     for chunk in files.chunks(512) {
         let read: Vec<(Vec<u8>, [u8; 32])> = chunk
             .par_iter()
@@ -78,26 +91,14 @@ fn main() {
             })
             .collect();
         for (b, _) in &read {
-            shard_hash.update(b);
+            hash.update(b);
             w.write_all(b).expect("write");
-            shard_hash.update(&zeros);
+            hash.update(&zeros);
             w.write_all(&zeros).expect("write");
             total += b.len() + zeros.len();
         }
     }
-    let rest = vec![0u8; (extra as usize).saturating_sub(per_file * files.len())];
-    shard_hash.update(&rest);
-    w.write_all(&rest).expect("write");
-    total += rest.len();
-    w.flush().expect("flush");
-    drop(w);
-    let secs = t0.elapsed().as_secs_f64();
-    std::fs::remove_file(out).ok();
-    let _ = shard_hash.finalize();
-    println!(
-        "{{\"seconds\": {secs}, \"files\": {}, \"image_bytes\": {image_total}, \"written_bytes\": {total}, \"annotation_bytes\": {ann_bytes}}}",
-        files.len()
-    );
+    total
 }
 
 /// Read and sha256 every file (in parallel), cut the bytes into `n` pieces written to a scratch
@@ -148,9 +149,6 @@ fn shuffled(files: &[PathBuf], n: usize, extra: u64, out: &Path, w: &mut impl Wr
             total += b.len() + zeros.len();
         }
     }
-    let rest = vec![0u8; (extra as usize).saturating_sub(zeros.len() * order.len())];
-    hash.update(&rest);
-    w.write_all(&rest).expect("write");
     std::fs::remove_file(&scratch_path).ok();
-    total + rest.len()
+    total
 }
