@@ -47,6 +47,11 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+def _param_mb(module) -> float:
+    """MB of ``module``'s parameters (0 for none)."""
+    return 0.0 if module is None else round(sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20, 1)
+
+
 try:  # the probe is imported by the ranks (this file is on their PYTHONPATH as ``load_memory``)
     from lightning.pytorch.callbacks import Callback
 
@@ -61,13 +66,12 @@ try:  # the probe is imported by the ranks (this file is on their PYTHONPATH as 
             reference = getattr(pl_module, "reference", None)
             if reference is None and getattr(pl_module, "_reference", None):  # the layout before issue 15
                 reference = pl_module._reference[0]
-            nbytes = lambda m: 0 if m is None else sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
             record = {
                 "rank": trainer.global_rank,
                 "vm_hwm_mb": round(_status_kb("VmHWM") / 1024, 1),
                 "vm_rss_mb": round(_status_kb("VmRSS") / 1024, 1),
-                "policy_mb": round(nbytes(model) / 2**20, 1),
-                "reference_mb": round(nbytes(reference) / 2**20, 1),
+                "policy_mb": _param_mb(model),
+                "reference_mb": _param_mb(reference),
             }
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
@@ -111,10 +115,9 @@ def _fsdp_rank(rank: int, model: str, lora: bool, wrap_layers: bool, out_dir: st
     before = {"vm_hwm_mb": mb(_status_kb("VmHWM")), "vm_rss_mb": mb(_status_kb("VmRSS"))}
     with strategy.model_sharded_context():
         module.configure_model()
-    nbytes = lambda m: 0 if m is None else round(sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20, 1)  # noqa: E731
     record = {"rank": rank, "before_configure_model": before,
               "after_configure_model": {"vm_hwm_mb": mb(_status_kb("VmHWM")), "vm_rss_mb": mb(_status_kb("VmRSS"))},
-              "policy_mb": nbytes(module.model), "reference_mb": nbytes(getattr(module, "reference", None)),
+              "policy_mb": _param_mb(module.model), "reference_mb": _param_mb(getattr(module, "reference", None)),
               "on_meta": all(p.is_meta for p in module.parameters()),
               "fsdp_kwargs_set": sorted(k for k in strategy.kwargs if k in ("sync_module_states", "param_init_fn"))}
     wrapped = FSDP(module, sharding_strategy=strategy.sharding_strategy, cpu_offload=strategy.cpu_offload,
@@ -137,31 +140,12 @@ def _fsdp(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="vpa-load-memory-") as tmp:
         mp.spawn(_fsdp_rank, args=(args.model, args.lora, args.wrap_layers, tmp, str(Path(tmp) / "store")), nprocs=2)
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
-    commit = subprocess.run(["git", "-C", args.code, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return {"model": args.model, "tuning": "lora" if args.lora else "full", "code": commit.stdout.strip() or args.code,
-            "strategy": f"torch FSDP (FULL_SHARD, {'one unit per layer' if args.wrap_layers else 'one unit'}, the "
+    return {"strategy": f"torch FSDP (FULL_SHARD, {'one unit per layer' if args.wrap_layers else 'one unit'}, the "
                         "FSDPStrategy kwargs the module set), 2 CPU processes, gloo",
             "ranks": ranks}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny:llava?text_hidden=1024&vision_hidden=256")
-    parser.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
-    parser.add_argument("--code", default=str(ROOT), help="checkout whose vpa_lightning the ranks run")
-    parser.add_argument("--fsdp", action="store_true", help="torch FSDP on CPU (gloo) instead of DDP")
-    parser.add_argument("--wrap-layers", action="store_true",
-                        help="with --fsdp: one FSDP unit per transformer layer (an auto_wrap_policy) instead of one unit")
-    parser.add_argument("--json", help="write the figures here")
-    args = parser.parse_args()
-    if args.fsdp:
-        out = _fsdp(args)
-        out["cpu"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
-        print(json.dumps(out, indent=1))
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=1))
-        return
-
+def _ddp(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="vpa-load-memory-") as tmp:
         tmp_path = Path(tmp)
         sys.path.insert(0, str(ROOT))
@@ -186,12 +170,23 @@ def main() -> None:
         if proc.returncode != 0:
             sys.exit(f"vpa fit failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         ranks = [json.loads(p.read_text()) for p in sorted(probe.glob("rank*.json"))]
+    return {"strategy": "ddp, 2 CPU processes, gloo", "ranks": ranks}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny:llava?text_hidden=1024&vision_hidden=256")
+    parser.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
+    parser.add_argument("--code", default=str(ROOT), help="checkout whose vpa_lightning the ranks run")
+    parser.add_argument("--fsdp", action="store_true", help="torch FSDP on CPU (gloo) instead of DDP")
+    parser.add_argument("--wrap-layers", action="store_true",
+                        help="with --fsdp: one FSDP unit per transformer layer (an auto_wrap_policy) instead of one unit")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
     commit = subprocess.run(["git", "-C", args.code, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    out = {
-        "model": args.model, "tuning": "lora" if args.lora else "full", "strategy": "ddp, 2 CPU processes, gloo",
-        "code": commit.stdout.strip() or args.code, "ranks": ranks,
-        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
-    }
+    out = {"model": args.model, "tuning": "lora" if args.lora else "full", "code": commit.stdout.strip() or args.code,
+           **(_fsdp(args) if args.fsdp else _ddp(args)),
+           "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"}
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
