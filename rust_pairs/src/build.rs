@@ -26,7 +26,7 @@ use crate::row::ImageSrc;
 use crate::report::Stats;
 use crate::select::{self, Dropped, GroupView, Params};
 use crate::shard::{encode_member, write_atomic, ShardWriter};
-use crate::spill::{buckets_for, Spill, MAX_BUCKETS};
+use crate::spill::{buckets_for, Spill};
 use crate::text::{prompt_key, with_spaces_at};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
@@ -752,7 +752,7 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     }
     std::fs::create_dir_all(&spill_dir).map_err(|e| Error::output(&spill_dir, e))?;
     let total_bytes: u64 = files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum();
-    let nb = total_bytes.div_ceil(cfg.spill_bucket_bytes).clamp(1, MAX_BUCKETS);
+    let nb = buckets_for(0, total_bytes, cfg.spill_bucket_bytes); // by input size: the records' count is not known yet
 
     let mut counts = Counts::default();
     // Per input file: records in / used / deduplicated / rejected (attributed by each record's source).
