@@ -18,9 +18,11 @@ except m.PackageNotFoundError: pass" "$1"
 }
 pinned() { local v; v="$(version "$1")"; if [ -n "$v" ]; then echo "$1==$v"; else echo "$1"; fi; }
 
-# missing from the GPU image (see the device notes' package list); peft, accelerate, lightning, torchmetrics are there
+# missing from the GPU image (see the device notes' package list), and transformers + peft (+ regex, which that
+# transformers needs newer) at the versions tested here, so the GPU runs the code CI tests (torch, accelerate,
+# lightning, torchmetrics, tokenizers, safetensors are the image's own)
 PACKAGES=(kornia kornia_rs webdataset braceexpand jsonargparse docstring-parser typeshed-client trl datasets dill
-          multiprocess hjson pydantic pydantic-core annotated-types typing-inspection)
+          multiprocess hjson pydantic pydantic-core annotated-types typing-inspection transformers peft regex)
 SPECS=()
 for p in "${PACKAGES[@]}"; do SPECS+=("$(pinned "$p")"); done
 echo "downloading: ${SPECS[*]}"

@@ -104,8 +104,10 @@ QUESTIONS = [
 
 
 # -- model and data ------------------------------------------------------------------------------
-def build_model(out_dir: str, image_size: int, seed: int = 0, shape: dict[str, int] | None = None) -> None:
-    """Build the LLaVA-shaped model + processor from configs and save both to ``out_dir``."""
+def build_model(out_dir: str, image_size: int, seed: int = 0, shape: dict[str, int] | None = None,
+                device: str = "cpu") -> None:
+    """Build the LLaVA-shaped model + processor from configs and save both to ``out_dir`` (the random
+    initialisation runs on ``device``: a 1 B-parameter shape initialises in seconds on a GPU, not minutes)."""
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -167,7 +169,7 @@ def build_model(out_dir: str, image_size: int, seed: int = 0, shape: dict[str, i
         num_additional_image_tokens=1,
         chat_template=chat_template("<image>"),
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
     model.save_pretrained(out_dir)
@@ -207,8 +209,25 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _finish(spec: dict[str, Any], stamps: list[float], loss0: float | None, pairs_per_step: int, extra: dict) -> dict:
+def _non_embedding_params(model) -> tuple[int, int]:
+    """(parameters outside the input embeddings, trainable ones): the ``N`` of the FLOPs count."""
     import torch
+
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    params = [p for p in model.parameters() if id(p) not in embeddings]
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _finish(spec: dict[str, Any], stamps: list[float], loss0: float | None, pairs_per_step: int, extra: dict,
+            tokens: list[float], flop_tokens: list[float], params: tuple[int, int]) -> dict:
+    """Throughput, peak memory, tokens and MFU of the timed steps. ``tokens[i]`` / ``flop_tokens[i]``: the
+    non-padding tokens of step i's batch as built / as run through the model (the shared prefix once when
+    packed); MFU counts ``flop_tokens`` with vpa's ``flops_per_token`` (the formula ``vpa fit`` logs) over
+    the device's dense peak (:func:`vpa_lightning.callbacks.peak_flops`), so it is a hardware figure:
+    padding and gradient-checkpointing recomputation are not model work."""
+    import torch
+
+    from vpa_lightning.callbacks import flops_per_token, peak_flops
 
     warmup, steps = spec["warmup"], spec["steps"]
     if len(stamps) < warmup + steps:
@@ -226,6 +245,16 @@ def _finish(spec: dict[str, Any], stamps: list[float], loss0: float | None, pair
         "rss_before_train_mib": spec["_rss_before"],
         **extra,
     }
+    timed = slice(warmup, warmup + steps)
+    out["tokens_per_step"] = sum(tokens[timed]) / steps
+    out["processed_tokens_per_s"] = sum(flop_tokens[timed]) / elapsed
+    out["params_non_embedding"], out["params_trainable"] = params
+    out["flops_per_token"] = flops_per_token(*params)
+    out["tflops_per_s"] = out["flops_per_token"] * out["processed_tokens_per_s"] / 1e12
+    dtype = torch.bfloat16 if spec.get("precision") == "bf16-mixed" else torch.float32
+    peak = peak_flops(torch.device(spec["device"], 0) if spec["device"] == "cuda" else torch.device("cpu"), dtype)
+    out["peak_tflops"] = peak / 1e12 if peak else None
+    out["mfu"] = out["tflops_per_s"] * 1e12 / peak if peak else None
     if spec["device"] == "cuda":
         out["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["peak_memory_mib"] = out["peak_cuda_allocated_mib"]
@@ -293,12 +322,16 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
             self.stamps: list[float] = []
             self.loss0: float | None = None
             self.rows: list[int] = []
+            self.tokens: list[float] = []
+            self.flop_tokens: list[float] = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if spec["device"] == "cuda":
                 torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
             self.rows.append(int(batch["inputs"].labels.shape[0]))
+            self.tokens.append(float(batch["inputs"].model_inputs["attention_mask"].sum()))
+            self.flop_tokens.append(float(pl_module.forward_tokens(batch)))
             if self.loss0 is None:
                 self.loss0 = float(outputs["loss"].detach())
 
@@ -333,6 +366,9 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
             "sequences_per_forward": seqs,
             "forwards_per_step": "1 reference (no grad) + 1 policy (grad), each over all distinct responses",
         },
+        timer.tokens,
+        timer.flop_tokens,
+        _non_embedding_params(module),
     )
 
 
@@ -419,9 +455,12 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         peft_config=peft_config,
         callbacks=[timer],
     )
-    # sequences per forward: the collator's batch of 2 x pairs rows
-    sample = trainer.data_collator([dict(r) for r in rows[:pairs_per_step]])
-    seqs = int(sample["input_ids"].shape[0])
+    # sequences per forward: the collator's batch of 2 x pairs rows; the tokens of every step's batch (sequential
+    # sampling: step i trains rows i*pairs .. (i+1)*pairs-1)
+    batches = [trainer.data_collator([dict(r) for r in rows[i * pairs_per_step : (i + 1) * pairs_per_step]])
+               for i in range(n_steps)]
+    seqs = int(batches[0]["input_ids"].shape[0])
+    tokens = [float(b["attention_mask"].sum()) for b in batches]
     if spec["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
     spec["_rss_before"] = _rss_mib()
@@ -437,6 +476,9 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             "sequences_per_forward": seqs,
             "forwards_per_step": "1 reference (no grad) + 1 policy (grad), each over chosen+rejected of every pair",
         },
+        tokens,
+        tokens,
+        _non_embedding_params(trainer.model),
     )
 
 
@@ -533,10 +575,11 @@ def main(argv: list[str] | None = None) -> None:
 
     t_start = time.perf_counter()
     model_dir = tempfile.mkdtemp(prefix="vpa-vs-trl-model-")
-    build_model(model_dir, args.image_size, shape=SHAPES[args.shape])
-    from transformers import AutoModelForImageTextToText
+    build_model(model_dir, args.image_size, shape=SHAPES[args.shape], device="cuda" if "cuda" in devices else "cpu")
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    with torch.device("meta"):  # names and sizes only
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir))
     lora_targets = default_lora_targets(model)
     n_params = sum(p.numel() for p in model.parameters())
     del model
@@ -544,6 +587,7 @@ def main(argv: list[str] | None = None) -> None:
           f"shape {args.shape}), {n_params / 1e6:.2f} M parameters; LoRA targets {lora_targets}")
 
     results: dict[str, Any] = {}
+    failures: list[str] = []
     for device in devices:
         for setting in settings:
             sides = [*vpa_sides, "trl"]
@@ -568,40 +612,61 @@ def main(argv: list[str] | None = None) -> None:
                         "data_seed": 1234,
                         "precision": args.precision,
                     }
-                    r = _spawn(spec, args.timeout)
+                    try:
+                        r = _spawn(spec, args.timeout)
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:  # recorded; the other sides still run
+                        why = f"timed out after {args.timeout:.0f} s" if isinstance(exc, subprocess.TimeoutExpired) else exc
+                        failures.append(f"{device}/{setting} {side} run {rep + 1}: {why}")
+                        print(f"[{device}/{setting}] {side:18s} run {rep + 1}: FAILED ({why})", flush=True)
+                        continue
                     runs[side].append(r)
                     print(f"[{device}/{setting}] {side:18s} run {rep + 1}: {r['pairs_per_s']:.3f} pairs/s, "
                           f"peak {r['peak_memory_mib']:.0f} MiB, step-0 loss {r['loss_step0']:.4f}, "
                           f"{r['sequences_per_forward']} sequences/forward", flush=True)
-            best = {side: max(rs, key=lambda r: r["pairs_per_s"]) for side, rs in runs.items()}
+            best = {side: max(rs, key=lambda r: r["pairs_per_s"]) for side, rs in runs.items() if rs}
+            if "trl" not in best:
+                continue
             trl = best["trl"]
+            ran = [s for s in vpa_sides if s in best]
+            # tokens/s of the data, counted the same way for every side: the pairs trained per second times TRL's
+            # tokens per pair (its chosen + rejected sequences, prompt and image tokens included); its ratio
+            # to TRL is the pairs/s ratio. processed_tokens_per_s is what each side ran through the model.
+            tokens_per_pair = trl["tokens_per_step"] / trl["pairs_per_step"]
+            for side in best:
+                best[side]["tokens_per_s"] = best[side]["pairs_per_s"] * tokens_per_pair
             entry = {
                 "pairs_per_step": trl["pairs_per_step"],
                 "gradient_checkpointing": args.gradient_checkpointing,
                 **{side: {**best[side], "all_pairs_per_s": [r["pairs_per_s"] for r in runs[side]],
-                          "all_peak_memory_mib": [r["peak_memory_mib"] for r in runs[side]]} for side in sides},
-                "throughput_ratio_over_trl": {s: best[s]["pairs_per_s"] / trl["pairs_per_s"] for s in vpa_sides},
-                "peak_memory_ratio_over_trl": {s: best[s]["peak_memory_mib"] / trl["peak_memory_mib"] for s in vpa_sides},
-                "target_throughput_ratio": 1.5 if setting == "pairwise" else 5.0,
+                          "all_peak_memory_mib": [r["peak_memory_mib"] for r in runs[side]]} for side in best},
+                "throughput_ratio_over_trl": {s: best[s]["pairs_per_s"] / trl["pairs_per_s"] for s in ran},
+                "peak_memory_ratio_over_trl": {s: best[s]["peak_memory_mib"] / trl["peak_memory_mib"] for s in ran},
+                # CPU targets (#15): 1.5x pairs, 5x groups; on the GPU check: 2x TRL's tokens/s on pairs, MFU >= 40%
+                "target_throughput_ratio": (2.0 if device == "cuda" else 1.5) if setting == "pairwise" else 5.0,
+                **({"target_mfu": 0.4} if device == "cuda" else {}),
             }
-            entry["step0_loss_matches_ln2"] = all(abs(best[s]["loss_step0"] - math.log(2)) < 1e-3 for s in sides)
+            entry["step0_loss_matches_ln2"] = all(abs(best[s]["loss_step0"] - math.log(2)) < 1e-3 for s in best)
             results[f"{device}/{setting}"] = entry
 
     mem_name = {"cpu": "peak RSS", "cuda": "peak CUDA alloc"}
     print()
-    header = (f"{'device/setting':18s} {'side':18s} {'pairs/step':>10s} {'pairs/s':>9s} {'x TRL':>6s} {'MiB':>7s} "
-              f"{'mem/TRL':>7s} {'seq':>5s} {'loss0':>7s}")
+    header = (f"{'device/setting':18s} {'side':18s} {'pairs/step':>10s} {'pairs/s':>9s} {'tokens/s':>9s} {'x TRL':>6s} "
+              f"{'MFU':>6s} {'MiB':>7s} {'mem/TRL':>7s} {'seq':>5s} {'loss0':>7s}")
     print(header)
     print("-" * len(header))
     for key, e in results.items():
-        for side in [*vpa_sides, "trl"]:
+        for side in [s for s in [*vpa_sides, "trl"] if s in e]:
             v = e[side]
             ratio = e["throughput_ratio_over_trl"].get(side, 1.0)
             mem = e["peak_memory_ratio_over_trl"].get(side, 1.0)
-            print(f"{key:18s} {side:18s} {e['pairs_per_step']:>10d} {v['pairs_per_s']:>9.3f} {ratio:>5.2f}x "
-                  f"{v['peak_memory_mib']:>7.0f} {mem:>7.2f} {v['sequences_per_forward']!s:>5s} {v['loss_step0']:>7.4f}")
+            mfu = f"{100 * v['mfu']:.1f}%" if v.get("mfu") is not None else "-"
+            print(f"{key:18s} {side:18s} {e['pairs_per_step']:>10d} {v['pairs_per_s']:>9.3f} {v['tokens_per_s']:>9.0f} "
+                  f"{ratio:>5.2f}x {mfu:>6s} {v['peak_memory_mib']:>7.0f} {mem:>7.2f} "
+                  f"{v['sequences_per_forward']!s:>5s} {v['loss_step0']:>7.4f}")
     print(f"(memory = {', '.join(mem_name[d] for d in devices)}; seq = sequences per forward pass, "
-          f"2 forwards per step on both sides: reference no-grad + policy with grad; ln 2 = {math.log(2):.4f})")
+          f"2 forwards per step on both sides: reference no-grad + policy with grad; ln 2 = {math.log(2):.4f};\n"
+          " tokens/s = pairs/s x TRL's tokens per pair; MFU = model FLOPs of the tokens each side runs (vpa's "
+          "flops_per_token) over the dense bf16 peak, CUDA only)")
 
     report = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
@@ -625,12 +690,15 @@ def main(argv: list[str] | None = None) -> None:
                      "dtype": "float32" if args.precision == "32-true" else "bf16 autocast", "precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing, "logps": "summed",
                      "vpa_modes": modes},
         "results": results,
+        "failures": failures,
         "wall_seconds": time.perf_counter() - t_start,
     }
     shutil.rmtree(model_dir, ignore_errors=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
+    if failures:  # the figures that ran are written; the exit status says that some did not
+        sys.exit("failed: " + "; ".join(failures))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,25 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert steps["tests"]["result"]["passed"] >= 2 and steps["tests"]["result"]["failed"] == 0
     trl = steps["trainer_vs_trl"]["result"]["results"]["cpu/pairwise"]
     assert trl["gradient_checkpointing"] and trl["vpa:packed"]["pairs_per_s"] > 0 and trl["trl"]["pairs_per_s"] > 0
+    # tokens/s of the data is counted alike for both sides (its ratio is the pairs/s ratio); no MFU without a peak
+    for side in ("vpa:packed", "trl"):
+        assert trl[side]["tokens_per_s"] == pytest.approx(trl[side]["pairs_per_s"] * trl["trl"]["tokens_per_step"] / 2)
+        assert trl[side]["tflops_per_s"] > 0 and trl[side]["mfu"] is None
     assert steps["augment"]["result"] and steps["seva_generation"]["result"]
+    log = out.with_suffix(".log").read_text()
+    assert all(f"== {name} (limit" in log for name in steps)  # every step's whole log comes back beside the JSON
+
+
+def test_gpu_check_budget_skips_steps_and_still_reports(tmp_path):
+    """With no budget left every step is recorded as skipped: the JSON is written and the exit code says so."""
+    out = tmp_path / "check.json"
+    env = {**os.environ, "VPA_WHEELS": str(tmp_path / "no-wheels"), "VPA_CHECK_BUDGET": "5"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--cpu", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert not report["ok"] and [s["step"] for s in report["steps"]] == ["tests", "trainer_vs_trl", "augment", "seva_generation"]
+    assert all(s["skipped"] and s["timed_out"] for s in report["steps"])
 
 
 def test_gpu_wheels_script_parses():

@@ -22,7 +22,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["GREEDY_METRIC", "THROUGHPUT_METRICS", "PreferenceReport", "ThroughputLog", "format_report", "load_scorer"]
+__all__ = [
+    "GREEDY_METRIC", "THROUGHPUT_METRICS", "PreferenceReport", "ThroughputLog", "flops_per_token", "format_report",
+    "load_scorer", "peak_flops",
+]
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +271,41 @@ THROUGHPUT_METRICS: tuple[str, ...] = (
 )
 
 
+#: Dense bf16/fp16 tensor-core peaks (FLOP/s, datasheets; first match of the lower-cased device name wins).
+#: Lightning's own table names the H200 "h200 sxm1"/"nvl1", which torch never reports ("NVIDIA H200"), and
+#: lists the 2:4-sparse figure, which would halve every MFU.
+DENSE_HALF_PRECISION_PEAKS: tuple[tuple[str, float], ...] = (
+    ("h200 nvl", 835e12),
+    ("h200", 989.4e12),
+    ("h100 nvl", 835e12),
+    ("h100 pcie", 756e12),
+    ("h100", 989.4e12),
+    ("a100", 312e12),
+)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's peak FLOP/s for matrix work in ``dtype``, or ``None`` where unknown (CPU, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    if dtype in (torch.bfloat16, torch.float16):
+        name = torch.cuda.get_device_name(device).lower()
+        for chip, peak in DENSE_HALF_PRECISION_PEAKS:
+            if chip in name:
+                return peak
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    return get_available_flops(device, dtype)
+
+
+def flops_per_token(n_params: int, n_trainable: int, reference_free: bool = False) -> int:
+    """Model FLOPs of one preference-training token: ``2 N`` policy forward, ``2 N`` backward to the
+    activations, ``2 N_trainable`` weight gradients, ``2 N`` reference forward unless ``reference_free``
+    (``N``: parameters outside the input embeddings; attention's ``T^2`` work left out, as in PaLM's MFU;
+    recomputation under gradient checkpointing is not model work and is not counted)."""
+    return 2 * n_params * (2 if reference_free else 3) + 2 * n_trainable
+
+
 class ThroughputLog(Callback):
     """Training throughput, logged on the steps the trainer logs (``log_every_n_steps``).
 
@@ -277,20 +315,23 @@ class ThroughputLog(Callback):
     ``samples_per_s`` (groups: one image + prompt with its responses). On CUDA also
     ``tflops_per_s`` and ``mfu``: model FLOPs per second per device over the device's peak for the
     training precision (Lightning's ``get_available_flops``). Model FLOPs per token are counted as
-    ``2 N`` for the policy forward, ``2 N`` for the backward to the activations, ``2 N_trainable`` for
-    the weight gradients and ``2 N`` for the reference forward (unless the loss is reference-free),
-    with ``N`` the parameters outside the input embeddings; attention's own ``T^2`` work is left out
-    (as in PaLM's MFU). When the module runs fewer tokens than the batch holds (packed groups,
+    in :func:`flops_per_token`; the peak is the dense bf16/fp16 datasheet figure of the GPU
+    (:func:`peak_flops`). When the module runs fewer tokens than the batch holds (packed groups,
     prefix sharing: the shared prefix runs once), its ``forward_tokens(batch)`` gives the tokens FLOPs
     are counted on, so MFU stays a hardware figure while tokens/s counts the data.
 
     Args:
         log_mfu: Also log ``tflops_per_s`` / ``mfu`` where the peak is known (CUDA).
+        peak_tflops: The device's peak in TFLOP/s for MFU, for a device :func:`peak_flops` does not
+            know (any device, CPU included); default: the known GPU's dense figure.
     """
 
-    def __init__(self, log_mfu: bool = True) -> None:
+    def __init__(self, log_mfu: bool = True, peak_tflops: float | None = None) -> None:
         super().__init__()
+        if peak_tflops is not None and not peak_tflops > 0:
+            raise ValueError(f"--trainer.callbacks.peak_tflops must be > 0, got {peak_tflops}")
         self.log_mfu = log_mfu
+        self.peak_tflops = peak_tflops
         self._counts = torch.zeros(4, dtype=torch.float64)  # tokens, pairs, samples, flop tokens
         self._t0: float | None = None
         self._params: tuple[int, int] | None = None
@@ -308,10 +349,12 @@ class ThroughputLog(Callback):
         numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
         self._params = (sum(numel(p) for p in params), sum(numel(p) for p in params if p.requires_grad))
         self._peak = None
-        if self.log_mfu and pl_module.device.type == "cuda":
-            from lightning.fabric.utilities.throughput import _plugin_to_compute_dtype, get_available_flops
+        if self.log_mfu and self.peak_tflops is not None:
+            self._peak = self.peak_tflops * 1e12
+        elif self.log_mfu and pl_module.device.type == "cuda":
+            from lightning.fabric.utilities.throughput import _plugin_to_compute_dtype
 
-            self._peak = get_available_flops(pl_module.device, _plugin_to_compute_dtype(trainer.precision_plugin))
+            self._peak = peak_flops(pl_module.device, _plugin_to_compute_dtype(trainer.precision_plugin))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         import time
@@ -342,7 +385,7 @@ class ThroughputLog(Callback):
         if self._peak and self._params is not None:
             n_all, n_trainable = self._params
             reference_free = bool(getattr(getattr(pl_module, "loss_fn", None), "reference_free", False))
-            per_token = 2 * n_all * (2 if reference_free else 3) + 2 * n_trainable
+            per_token = flops_per_token(n_all, n_trainable, reference_free)
             flops_per_device = per_token * flop_tokens / max(trainer.world_size, 1) / elapsed
             metrics["train/throughput/tflops_per_s"] = flops_per_device / 1e12
             metrics["train/throughput/mfu"] = flops_per_device / self._peak

@@ -35,7 +35,9 @@ def _fit(demo_shards: Path, tmp_path: Path, *extra: str, timeout: int = 600) -> 
         f"--trainer.callbacks.out_dir={probe}",
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # keep the caller's PYTHONPATH behind the checkout (the GPU check's carried wheels live there)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(p.read_text()) for p in sorted(probe.glob("rank*.json"))]

@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("torch")
 import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 
 from vpa_lightning import PreferenceDataModule, VisionDPOModule  # noqa: E402
 from vpa_lightning.callbacks import ThroughputLog  # noqa: E402
@@ -41,3 +42,44 @@ def test_on_by_default_in_the_cli():
 
     cli = cli_main(["--model.model_name_or_path", "tiny:llava", "--data.train_shards", "x.tar"], run=False)
     assert sum(isinstance(c, ThroughputLog) for c in cli.trainer.callbacks) == 1
+
+
+def test_mfu_with_a_given_peak_follows_the_flops_formula(demo_shards, tmp_path):
+    """With ``peak_tflops`` given (any device, CPU here) MFU is logged: tflops_per_s is the model FLOPs per
+    token (flops_per_token) times tokens/s, and mfu is that over the peak. Plain groups (not packed), so the
+    FLOPs are counted on every token of the batch."""
+    from vpa_lightning.callbacks import flops_per_token
+
+    module = VisionDPOModule("tiny:llava", lora_r=4, lora_alpha=8, packed=False)
+    dm = PreferenceDataModule(str(demo_shards), batch_size=2, shuffle_buffer=8)
+    callback = ThroughputLog(peak_tflops=0.5)
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
+        limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback],
+    )
+    trainer.fit(module, dm)
+    m = callback.last
+    embeddings = {id(p) for e in module.modules() if isinstance(e, torch.nn.Embedding) for p in e.parameters()}
+    params = [p for p in module.parameters() if id(p) not in embeddings]
+    per_token = flops_per_token(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
+    assert per_token > 6 * sum(p.numel() for p in params)  # 3 forwards' worth + the adapters' gradients
+    assert m["train/throughput/tflops_per_s"] * 1e12 == pytest.approx(per_token * m["train/throughput/tokens_per_s"], rel=1e-9)
+    assert m["train/throughput/mfu"] == pytest.approx(m["train/throughput/tflops_per_s"] / 0.5, rel=1e-9)
+    with pytest.raises(ValueError, match="peak_tflops"):
+        ThroughputLog(peak_tflops=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "peak"),
+    [("NVIDIA H200", torch.bfloat16, 989.4e12), ("NVIDIA H200 NVL", torch.bfloat16, 835e12),
+     ("NVIDIA H100 80GB HBM3", torch.float16, 989.4e12), ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
+     ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12)],
+)
+def test_peak_flops_is_the_dense_datasheet_figure(monkeypatch, name, dtype, peak):
+    """torch names the H200 "NVIDIA H200", which Lightning's table misses; the peak is the dense figure."""
+    from vpa_lightning.callbacks import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0), dtype) == peak
+    assert peak_flops(torch.device("cpu"), dtype) is None
