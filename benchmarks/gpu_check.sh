@@ -10,7 +10,7 @@
 # every step's whole log goes beside it (gpu_check.log). The JSON is rewritten after every step, so a run cut
 # short still returns what it measured. VPA_CHECK_BUDGET (seconds, default 520, under the 9 minutes)
 # bounds the whole check: each step's own limit is cut to what is left, and a step with under 20 s left is
-# recorded as skipped. Steps, in order of importance (a failing step is recorded and the next one runs):
+# recorded as skipped. VPA_CHECK_STEPS (a comma list of step names) runs only those. Steps, in order of importance (a failing step is recorded and the next one runs):
 #   1. install the carried wheels into /tmp/site (skipped when .whl/ is absent) and put the project's compiled
 #      extension next to the sources;
 #   2. the CUDA-marked tests, and only those (the rest run on CPU in CI): bf16, FSDP and DeepSpeed ZeRO-2/3 on one
@@ -83,6 +83,7 @@ PYEOF
 step() {  # step NAME TIMEOUT_S RESULT_FILE -- command...
   local name="$1" limit="$2" result="$3"; shift 4
   local t0 rc left
+  if [ -n "${VPA_CHECK_STEPS:-}" ] && [[ ",$VPA_CHECK_STEPS," != *",$name,"* ]]; then return; fi
   left=$(( DEADLINE - $(date +%s) - 5 ))
   if [ "$left" -lt "$limit" ]; then limit="$left"; fi
   t0=$(date +%s.%N)
@@ -158,16 +159,16 @@ if [ "$CPU" = 1 ]; then
   step seva_generation "$L" "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava --prompts 4 \
     --batch-size 4 --max-new-tokens 4 --size 56 --device cpu --workdir "$WORK/seva" --json "$WORK/seva.json"
 else
-  # pytest-xdist (in the GPU image) runs the 12 CUDA tests 4 at a time; each `vpa fit` is its own process group
+  # pytest-xdist (in the GPU image) runs the 11 CUDA tests 6 at a time; each `vpa fit` is its own process group
   # pytest-timeout (there too): a test that hangs fails alone, and the junit XML is still written
   XDIST=()
-  if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
+  if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 6); fi
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then XDIST+=(--timeout 130); fi
   step tests 170 "$WORK/tests.xml" -- "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/tests.xml" -rs \
     "${XDIST[@]}" -k "gpu or cuda" tests/trainer/test_strategies.py tests/models/test_packed.py \
     tests/augment/test_augmentations.py
   TRL=(--device cuda --shape llava7b-2l --image-size 336 --precision bf16-mixed --gradient-checkpointing
-       --vpa-modes plain,packed --steps 4 --warmup 1 --repeats 1 --timeout 120)
+       --vpa-modes plain,packed --steps 4 --warmup 1 --repeats 1 --timeout 120 --max-length 1024)
   step trainer_vs_trl 150 "$WORK/trl.json" -- "$PY" benchmarks/trainer_vs_trl.py "${TRL[@]}" --settings pairwise \
     --json "$WORK/trl.json"
   step augment 40 "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 64 --size 336 \

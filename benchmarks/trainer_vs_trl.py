@@ -553,6 +553,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.warmup < 1:
         parser.error("--warmup must be >= 1")
+    if args.max_length < (args.image_size // 14) ** 2 + 64:  # else both sides truncate or skip every sample
+        parser.error(f"--max-length {args.max_length} leaves too little room beside the "
+                     f"{(args.image_size // 14) ** 2} image tokens of --image-size {args.image_size}")
 
     import torch
 

@@ -619,8 +619,11 @@ class VisionDPOModule(pl.LightningModule):
         }
         train = stage == "train"
         n_groups = len(batch["keys"])
+        metrics = self.metrics[f"{stage}_"]
+        if metrics[_key("loss")].device != loss.device:  # DeepSpeed ZeRO-3 never moves the module: states stay on the host
+            metrics.to(loss.device)
         for name, value in values.items():
-            metric = self.metrics[f"{stage}_"][_key(name)]
+            metric = metrics[_key(name)]
             # forward: updates the epoch state and computes the batch value; the loss weighs by pairs
             metric(value, out["chosen_rewards"].numel()) if name == "loss" else metric(value)
             self.log(

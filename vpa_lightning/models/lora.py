@@ -68,4 +68,8 @@ def apply_lora(
         target_modules=target_modules or default_lora_targets(model),
         modules_to_save=None if freeze_vision else [v.rsplit(".", 1)[-1] for v in vision],
     )
-    return get_peft_model(model, config)
+    # Under DeepSpeed ZeRO-3 (parameters partitioned as created, in zero.Init's dtype) the adapters keep that
+    # dtype: PEFT's float32 upcast of bf16 adapters leaves ZeRO-3 with trainable partitions of two dtypes, which
+    # its optimizer refuses (it keeps float32 master weights of its own).
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    return get_peft_model(model, config, autocast_adapter_dtype=not zero3)
