@@ -153,7 +153,7 @@ if [ "$CPU" = 1 ]; then
     tests/models/test_packed.py -k "segment_mask or first_fit"
   step trainer_vs_trl "$L" "$WORK/trl.json" -- "$PY" benchmarks/trainer_vs_trl.py --device cpu --settings pairwise \
     --vpa-modes packed --gradient-checkpointing --steps 1 --warmup 1 --repeats 1 --pairs-per-step 2 --image-size 28 \
-    --max-length 128 --json "$WORK/trl.json"
+    --max-length 128 --phases --json "$WORK/trl.json"
   step augment "$L" "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 4 --size 56 --warmup 0 \
     --repeats 1 --json "$WORK/augment.json"
   step seva_generation "$L" "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava --prompts 4 \
@@ -168,7 +168,7 @@ else
     "${XDIST[@]}" -k "gpu or cuda" tests/trainer/test_strategies.py tests/models/test_packed.py \
     tests/augment/test_augmentations.py
   TRL=(--device cuda --shape llava7b-2l --image-size 336 --precision bf16-mixed --gradient-checkpointing
-       --vpa-modes plain,packed --steps 4 --warmup 1 --repeats 1 --timeout 120 --max-length 1024)
+       --vpa-modes plain,packed --steps 6 --warmup 2 --repeats 1 --timeout 150 --max-length 1024 --phases)
   step trainer_vs_trl 150 "$WORK/trl.json" -- "$PY" benchmarks/trainer_vs_trl.py "${TRL[@]}" --settings pairwise \
     --json "$WORK/trl.json"
   step augment 40 "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 64 --size 336 \

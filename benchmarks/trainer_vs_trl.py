@@ -264,6 +264,67 @@ def _finish(spec: dict[str, Any], stamps: list[float], loss0: float | None, pair
     return out
 
 
+class _Phases:
+    """Where each step's time goes: data (the previous step's end to this one's start: batch collation),
+    forward (vpa only: HF's Trainer has no hook between forward and backward), backward, optimizer (the rest),
+    garbage-collector pauses, and on CUDA the caching allocator's device allocations and retries. With
+    ``--phases`` the GPU is synchronised at each mark (the stamps then mean what they say, at a small cost)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import gc
+
+        self.cuda = spec["device"] == "cuda"
+        self.sync = self.cuda and spec.get("phases", False)
+        self.steps: list[dict[str, float]] = []
+        self.marks: dict[str, float] = {}
+        self.gc_seconds = 0.0
+        self._gc_start: float | None = None
+        self._last_end: float | None = None
+        self._counters = self._allocator()
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            self.gc_seconds += time.perf_counter() - self._gc_start
+            self._gc_start = None
+
+    def _allocator(self) -> dict[str, int]:
+        if not self.cuda:
+            return {}
+        import torch
+
+        stats = torch.cuda.memory_stats()
+        return {k: int(stats.get(k, 0)) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+
+    def mark(self, name: str) -> None:
+        if self.sync:
+            import torch
+
+            torch.cuda.synchronize()
+        self.marks[name] = time.perf_counter()
+
+    def end(self, stamp: float) -> None:
+        """Close the step that ended at ``stamp`` (the Timer's, taken after its synchronise)."""
+        m, row = self.marks, {}
+        if "start" in m and self._last_end is not None:
+            row["data_s"] = m["start"] - self._last_end
+        if "start" in m and "before_backward" in m:
+            row["forward_s"] = m["before_backward"] - m["start"]
+        if "after_backward" in m:
+            row["forward_backward_s" if "before_backward" not in m else "backward_s"] = (
+                m["after_backward"] - m.get("before_backward", m.get("start", m["after_backward"])))
+            row["optimizer_s"] = stamp - m["after_backward"]
+        row["gc_s"] = self.gc_seconds
+        self.gc_seconds = 0.0
+        counters = self._allocator()
+        row.update({k: v - self._counters.get(k, 0) for k, v in counters.items()})
+        self._counters = counters
+        self.steps.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        self._last_end, self.marks = stamp, {}
+
+
 def _pairs_layout(spec: dict[str, Any]) -> tuple[int, int, int]:
     """(groups per step, responses per group, pairs per step)."""
     if spec["setting"] == "pairwise":
@@ -324,11 +385,22 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
             self.rows: list[int] = []
             self.tokens: list[float] = []
             self.flop_tokens: list[float] = []
+            self.phases = _Phases(spec)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.phases.mark("start")
+
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            self.phases.mark("before_backward")
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            self.phases.mark("after_backward")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if spec["device"] == "cuda":
                 torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
+            self.phases.end(self.stamps[-1])
             self.rows.append(int(batch["inputs"].labels.shape[0]))
             self.tokens.append(float(batch["inputs"].model_inputs["attention_mask"].sum()))
             self.flop_tokens.append(float(pl_module.forward_tokens(batch)))
@@ -365,6 +437,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
             "how": "lightning.Trainer.fit(VisionDPOModule) over DataLoader(GroupCollator)",
             "sequences_per_forward": seqs,
             "forwards_per_step": "1 reference (no grad) + 1 policy (grad), each over all distinct responses",
+            "phases": timer.phases.steps,
         },
         timer.tokens,
         timer.flop_tokens,
@@ -436,11 +509,19 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         def __init__(self) -> None:
             self.stamps: list[float] = []
             self.loss0: float | None = None
+            self.phases = _Phases(spec)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.phases.mark("start")
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.phases.mark("after_backward")
 
         def on_step_end(self, args, state, control, **kwargs):
             if spec["device"] == "cuda":
                 torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
+            self.phases.end(self.stamps[-1])
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.loss0 is None and logs and "loss" in logs:
@@ -475,6 +556,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             "how": "trl.DPOTrainer.train() (peft_config LoRA, adapters disabled for the reference)",
             "sequences_per_forward": seqs,
             "forwards_per_step": "1 reference (no grad) + 1 policy (grad), each over chosen+rejected of every pair",
+            "phases": timer.phases.steps,
         },
         tokens,
         tokens,
@@ -546,6 +628,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto = cpu, plus cuda when available")
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/trainer_vs_trl.json"))
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker run")
+    parser.add_argument("--phases", action="store_true",
+                        help="synchronise the GPU at each phase mark (data, forward, backward, optimizer) so the "
+                             "per-step phase times in the JSON are exact; CPU runs need no synchronising")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
@@ -614,6 +699,7 @@ def main(argv: list[str] | None = None) -> None:
                         "max_length": args.max_length,
                         "data_seed": 1234,
                         "precision": args.precision,
+                        "phases": args.phases,
                     }
                     try:
                         r = _spawn(spec, args.timeout)

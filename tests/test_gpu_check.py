@@ -35,6 +35,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     for side in ("vpa:packed", "trl"):
         assert trl[side]["tokens_per_s"] == pytest.approx(trl[side]["pairs_per_s"] * trl["trl"]["tokens_per_step"] / 2)
         assert trl[side]["tflops_per_s"] > 0 and trl[side]["mfu"] is None
+        assert len(trl[side]["phases"]) == 2 and all(p["optimizer_s"] >= 0 for p in trl[side]["phases"])
     assert steps["augment"]["result"] and steps["seva_generation"]["result"]
     log = out.with_suffix(".log").read_text()
     assert all(f"== {name} (limit" in log for name in steps)  # every step's whole log comes back beside the JSON

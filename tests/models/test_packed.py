@@ -201,6 +201,30 @@ def test_packed_on_cuda_bf16(family, attn) -> None:
 
 
 @pytest.mark.parametrize("method", ["hidden", "forward"])
+def test_flex_attention_packed_rows_get_a_block_mask_and_the_attention_kernel(method, monkeypatch) -> None:
+    """Under FlexAttention every decoder layer gets the packed rows' BlockMask and kernel options that force
+    the attention kernel: a packed row is scored whole, and inductor's decoding kernel (which it picks for rows
+    under 128 tokens) failed on the GPU check's H200 (torch 2.11). A spy stands in for the kernel here (FlexAttention
+    compiles only on CUDA); the GPU test above runs the real one."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((type(attention_mask).__name__, kwargs.get("kernel_options")))
+        return torch.zeros_like(query).transpose(1, 2).contiguous(), None
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flex_attention", spy)
+    model, processor = build_tiny_vlm("llava", text_hidden=64)
+    model.set_attn_implementation("flex_attention")
+    with torch.no_grad():
+        group_logps(model, build_group_batch(processor, _groups()), pack=True, pack_tokens=10_000, method=method)
+    layers = model.config.text_config.num_hidden_layers
+    assert [kind for kind, _ in seen].count("BlockMask") == layers
+    assert all(options == {"FORCE_USE_FLEX_ATTENTION": True} for _, options in seen)
+
+
+@pytest.mark.parametrize("method", ["hidden", "forward"])
 def test_packed_token_logps_and_sq_probs(method) -> None:
     model, processor = build_tiny_vlm("llava")
     batch = build_group_batch(processor, _groups())

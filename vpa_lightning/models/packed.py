@@ -332,9 +332,13 @@ def packed_logps(
     packed = pack_groups(model, batch, max_tokens)
     n = batch.labels.shape[0]
     r, width = packed.model_inputs["input_ids"].shape
+    # A packed row is scored whole (queries = keys); under FlexAttention inductor would pick its decoding kernel
+    # (meant for a few new tokens against a long cache) for rows under 128 tokens, which had no kernel
+    # configuration for the small heads of the GPU check's test (torch 2.11, H200): force the attention kernel.
+    extra = {"kernel_options": {"FORCE_USE_FLEX_ATTENTION": True}} if _attn_implementation(model) == "flex_attention" else {}
     if method == "hidden":
         base, head, cap = _split_model(model)
-        hidden = base(**packed.model_inputs, use_cache=False, return_dict=True).last_hidden_state
+        hidden = base(**packed.model_inputs, **extra, use_cache=False, return_dict=True).last_hidden_state
         states = hidden.reshape(r * width, -1).index_select(0, packed.positions)
         flat = head_token_logps(head, states, packed.targets, chunk_size, cap)
         sq = None
@@ -348,7 +352,7 @@ def packed_logps(
     elif method == "forward":
         keep = torch.zeros(r * width, dtype=torch.bool, device=packed.positions.device)
         keep[packed.positions] = True
-        out = model(**packed.model_inputs, logits_to_keep=keep.view(r, width), use_cache=False, return_dict=True)
+        out = model(**packed.model_inputs, **extra, logits_to_keep=keep.view(r, width), use_cache=False, return_dict=True)
         # logits come in row-major order of the kept positions; map each scored token to its row
         slot = torch.cumsum(keep.long(), 0) - 1
         # index_select, not logits[idx]: a prefix end scores K responses, and the backward of indexing with
