@@ -85,11 +85,16 @@ def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
                 if isinstance(exc, UsageError):
                     raise
                 raise UsageError(str(exc)) from exc
+            # `--trainer.callbacks+=...ThroughputLog` appends to the default list: the user's replaces ours
+            callbacks = self.trainer.callbacks
+            if sum(isinstance(c, ThroughputLog) for c in callbacks) > 1 and default_log in callbacks:
+                callbacks.remove(default_log)
 
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     # throughput (tokens/s, pairs/s, samples/s, MFU on CUDA) in every run's logs
     defaults = dict(kwargs.get("trainer_defaults") or {})
-    defaults.setdefault("callbacks", [ThroughputLog()])
+    default_log = ThroughputLog()
+    defaults.setdefault("callbacks", [default_log])
     kwargs["trainer_defaults"] = defaults
     kwargs.setdefault("parser_kwargs", {"description": "Preference optimisation (DPO family) of vision-language models."})
     return VpaCLI(VisionDPOModule, PreferenceDataModule, args=args, run=run, **kwargs)

@@ -42,6 +42,11 @@ def test_on_by_default_in_the_cli():
 
     cli = cli_main(["--model.model_name_or_path", "tiny:llava", "--data.train_shards", "x.tar"], run=False)
     assert sum(isinstance(c, ThroughputLog) for c in cli.trainer.callbacks) == 1
+    # one given on the command line (a peak for an unlisted device) replaces the default, not beside it
+    cli = cli_main(["--model.model_name_or_path", "tiny:llava", "--data.train_shards", "x.tar",
+                    "--trainer.callbacks+=vpa_lightning.callbacks.ThroughputLog", "--trainer.callbacks.peak_tflops", "312"],
+                   run=False)
+    assert [c.peak_tflops for c in cli.trainer.callbacks if isinstance(c, ThroughputLog)] == [312.0]
 
 
 def test_mfu_with_a_given_peak_follows_the_flops_formula(demo_shards, tmp_path):
