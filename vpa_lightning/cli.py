@@ -48,6 +48,20 @@ def run_tool(name: str, args: list[str]) -> Any:
     return getattr(importlib.import_module(module), func)(args)
 
 
+def _deepspeed_logs_to_stderr(args: list[str]) -> None:
+    """DeepSpeed's logger writes to whatever ``sys.stdout`` is when it is first imported, and Lightning
+    imports it while parsing a config that names its strategy: with ``--print_config`` its messages would
+    land in the printed YAML. Import it first with stdout pointing at stderr, so they go there."""
+    import contextlib
+    import importlib.util
+
+    if "deepspeed" in sys.modules or not any(a.startswith("--print_config") for a in args):
+        return
+    if importlib.util.find_spec("deepspeed") is not None:
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # noqa: F401
+
+
 def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
     """Build (and by default run) the ``LightningCLI``.
 
@@ -61,6 +75,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
     Returns:
         The ``LightningCLI`` (``.model``, ``.datamodule``, ``.trainer``, ``.config``).
     """
+    _deepspeed_logs_to_stderr(sys.argv[1:] if args is None else args)
     from lightning.pytorch.cli import LightningCLI
 
     from vpa_lightning.callbacks import ThroughputLog
@@ -127,7 +142,7 @@ def console_main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     prog = "vpa" + (f" {args[0]}" if args and not args[0].startswith("-") else "")
     try:
-        main(args)
+        main(argv)  # None: LightningCLI reads sys.argv itself (given both, it warns on every run)
     except SystemExit as exc:  # argparse / jsonargparse: --help (0), a bad flag (2)
         return _status(exc.code)
     except KeyboardInterrupt:

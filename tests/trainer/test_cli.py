@@ -159,3 +159,41 @@ def test_vpa_dispatches_its_tools(tool, capsys):
         main([tool, "--help"])
     assert exc.value.code in (0, None)
     assert "usage:" in capsys.readouterr().out.lower()
+
+
+_FAKE_DEEPSPEED = """
+import logging, sys
+log = logging.getLogger("DeepSpeed")
+log.setLevel(logging.INFO)
+log.propagate = False
+log.addHandler(logging.StreamHandler(stream=sys.stdout))  # bound to stdout at import, as DeepSpeed's LoggerFactory does
+log.warning("[real_accelerator.py] Setting accelerator to CPU")
+"""
+
+
+def test_print_config_stays_yaml_when_deepspeed_logs_at_import(tmp_path):
+    """A config with DeepSpeedStrategy makes Lightning import DeepSpeed while parsing, and DeepSpeed logs
+    to the stdout of that moment: `vpa fit --print_config > x.yaml` got its log line in the YAML. A stand-in
+    package (DeepSpeed's logging set-up, a distribution record so Lightning sees it installed) replaces
+    DeepSpeed, which CI does not install."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "deepspeed").mkdir()
+    (tmp_path / "deepspeed" / "__init__.py").write_text(_FAKE_DEEPSPEED)
+    (tmp_path / "deepspeed-0.16.0.dist-info").mkdir()
+    (tmp_path / "deepspeed-0.16.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: deepspeed\nVersion: 0.16.0\n")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    config = root / "configs" / "mmdpo_llava15_13b.yaml"
+    proc = subprocess.run([sys.executable, "-m", "vpa_lightning.cli", "fit", "--config", str(config), "--print_config"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Setting accelerator" in proc.stderr and "Setting accelerator" not in proc.stdout
+    printed = yaml.safe_load(proc.stdout)
+    assert "DeepSpeedStrategy" in str(printed["trainer"]["strategy"])
+    # the console entry point lets LightningCLI read sys.argv itself: no "args parameter" warning on every run
+    assert "args parameter is intended" not in proc.stderr
