@@ -18,13 +18,18 @@ pytest.importorskip("kornia")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_cpu_smoke(tmp_path):
+def _check(tmp_path: Path, expect_status: int, timeout: float, **env: str) -> dict:
+    """Run ``gpu_check.sh --cpu`` (no wheels to install) and return its JSON."""
     out = tmp_path / "check.json"
-    env = {**os.environ, "VPA_WHEELS": str(tmp_path / "no-wheels"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "VPA_WHEELS": str(tmp_path / "no-wheels"), **env}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--cpu", str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == expect_status, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    report = _check(tmp_path, 0, 1500, OMP_NUM_THREADS="1")
     assert report["mode"] == "cpu-smoke" and report["ok"] and report["environment"]["cuda"] is False
     steps = {s["step"]: s for s in report["steps"]}
     assert list(steps) == ["tests", "trainer_vs_trl", "augment", "seva_generation"]
@@ -37,18 +42,13 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert trl[side]["tflops_per_s"] > 0 and trl[side]["mfu"] is None
         assert len(trl[side]["phases"]) == 2 and all(p["optimizer_s"] >= 0 for p in trl[side]["phases"])
     assert steps["augment"]["result"] and steps["seva_generation"]["result"]
-    log = out.with_suffix(".log").read_text()
+    log = (tmp_path / "check.log").read_text()
     assert all(f"== {name} (limit" in log for name in steps)  # every step's whole log comes back beside the JSON
 
 
 def test_gpu_check_budget_skips_steps_and_still_reports(tmp_path):
     """With no budget left every step is recorded as skipped: the JSON is written and the exit code says so."""
-    out = tmp_path / "check.json"
-    env = {**os.environ, "VPA_WHEELS": str(tmp_path / "no-wheels"), "VPA_CHECK_BUDGET": "5"}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--cpu", str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = _check(tmp_path, 1, 300, VPA_CHECK_BUDGET="5")
     assert not report["ok"] and [s["step"] for s in report["steps"]] == ["tests", "trainer_vs_trl", "augment", "seva_generation"]
     assert all(s["skipped"] and s["timed_out"] for s in report["steps"])
 
