@@ -10,7 +10,8 @@
 # every step's whole log goes beside it (gpu_check.log). The JSON is rewritten after every step, so a run cut
 # short still returns what it measured. VPA_CHECK_BUDGET (seconds, default 520, under the issue's 9 minutes)
 # bounds the whole check: each step's own limit is cut to what is left, and a step with under 20 s left is
-# recorded as skipped. VPA_CHECK_STEPS (a comma list of step names) runs only those. Steps, in order of importance (a failing step is recorded and the next one runs):
+# recorded as skipped. VPA_CHECK_STEPS (a comma list of step names) runs only those. Steps, in order of
+# importance (a failing step is recorded and the next one runs):
 #   1. install the carried wheels into /tmp/site (skipped when .whl/ is absent) and put the project's compiled
 #      extension next to the sources;
 #   2. the CUDA-marked tests, and only those (the rest run on CPU in CI): bf16, FSDP and DeepSpeed ZeRO-2/3 on one
@@ -48,7 +49,7 @@ DEADLINE=$(( $(date +%s) + ${VPA_CHECK_BUDGET:-520} ))
 
 report() {  # (re)write the one JSON: environment + every step so far (junit XML of the tests summarised)
   "$PY" - "$WORK/env.json" "$STEPS" "$JSON" "$CPU" "$WORK/tests.xml" <<'PYEOF'
-import json, sys
+import json, os, sys
 import xml.etree.ElementTree as ET
 env, steps, out, cpu = json.load(open(sys.argv[1])), [json.loads(l) for l in open(sys.argv[2])], sys.argv[3], sys.argv[4] == "1"
 for s in steps:
@@ -73,7 +74,6 @@ report = {"mode": "cpu-smoke" if cpu else "gpu", "environment": env, "steps": st
           "ok": bool(steps) and all(s["exit_code"] == 0 for s in steps)}
 with open(out + ".tmp", "w") as f:
     json.dump(report, f, indent=2)
-import os
 os.replace(out + ".tmp", out)
 print(f"wrote {out}: " + ", ".join(f"{s['step']} rc={s['exit_code']} {s['seconds']}s" for s in steps))
 sys.exit(0 if report["ok"] else 1)

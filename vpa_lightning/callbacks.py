@@ -314,9 +314,8 @@ class ThroughputLog(Callback):
     image tokens and response of every response's sequence), ``pairs_per_s`` (preference pairs),
     ``samples_per_s`` (groups: one image + prompt with its responses). On CUDA also
     ``tflops_per_s`` and ``mfu``: model FLOPs per second per device over the device's peak for the
-    training precision (Lightning's ``get_available_flops``). Model FLOPs per token are counted as
-    in :func:`flops_per_token`; the peak is the dense bf16/fp16 datasheet figure of the GPU
-    (:func:`peak_flops`). When the module runs fewer tokens than the batch holds (packed groups,
+    training precision. Model FLOPs per token are counted as in :func:`flops_per_token`; the peak is
+    the GPU's dense bf16/fp16 datasheet figure (:func:`peak_flops`), or ``peak_tflops``. When the module runs fewer tokens than the batch holds (packed groups,
     prefix sharing: the shared prefix runs once), its ``forward_tokens(batch)`` gives the tokens FLOPs
     are counted on, so MFU stays a hardware figure while tokens/s counts the data.
 
