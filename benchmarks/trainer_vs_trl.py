@@ -209,15 +209,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _non_embedding_params(model) -> tuple[int, int]:
-    """(parameters outside the input embeddings, trainable ones): the ``N`` of the FLOPs count."""
-    import torch
-
-    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    params = [p for p in model.parameters() if id(p) not in embeddings]
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
 def _finish(spec: dict[str, Any], stamps: list[float], loss0: float | None, pairs_per_step: int, extra: dict,
             tokens: list[float], flop_tokens: list[float], params: tuple[int, int]) -> dict:
     """Throughput, peak memory, tokens and MFU of the timed steps. ``tokens[i]`` / ``flop_tokens[i]``: the
@@ -338,6 +329,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
+    from vpa_lightning.callbacks import flop_params
     from vpa_lightning.data.datamodule import GroupCollator, PreferenceExample
     from vpa_lightning.losses import DPOLoss
     from vpa_lightning.models.logps import PreferenceGroup
@@ -441,7 +433,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
         },
         timer.tokens,
         timer.flop_tokens,
-        _non_embedding_params(module),
+        flop_params(module),
     )
 
 
@@ -452,6 +444,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from peft import LoraConfig
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    from vpa_lightning.callbacks import flop_params
 
     torch.manual_seed(0)
     g_step, k, pairs_per_step = _pairs_layout(spec)
@@ -560,7 +554,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         },
         tokens,
         tokens,
-        _non_embedding_params(trainer.model),
+        flop_params(trainer.model),
     )
 
 

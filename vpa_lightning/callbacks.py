@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 __all__ = [
-    "GREEDY_METRIC", "THROUGHPUT_METRICS", "PreferenceReport", "ThroughputLog", "flops_per_token", "format_report",
+    "GREEDY_METRIC", "THROUGHPUT_METRICS", "PreferenceReport", "ThroughputLog", "flop_params", "flops_per_token", "format_report",
     "load_scorer", "peak_flops",
 ]
 
@@ -298,6 +298,19 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return get_available_flops(device, dtype)
 
 
+def flop_params(module: torch.nn.Module) -> tuple[int, int]:
+    """``(N, N_trainable)`` of :func:`flops_per_token`: the parameters outside the input embeddings, counted
+    whole where ZeRO-3 shards them (``ds_numel``). A frozen full-fine-tuning reference (``reference_model``)
+    is left out: its forward is the formula's own reference term, not a second model's worth of FLOPs."""
+    skip = {id(p) for m in module.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    reference = getattr(module, "reference_model", None)
+    if isinstance(reference, torch.nn.Module):
+        skip |= {id(p) for p in reference.parameters()}
+    params = [p for p in module.parameters() if id(p) not in skip]
+    numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
+    return sum(numel(p) for p in params), sum(numel(p) for p in params if p.requires_grad)
+
+
 def flops_per_token(n_params: int, n_trainable: int, reference_free: bool = False) -> int:
     """Model FLOPs of one preference-training token: ``2 N`` policy forward, ``2 N`` backward to the
     activations, ``2 N_trainable`` weight gradients, ``2 N`` reference forward unless ``reference_free``
@@ -342,11 +355,7 @@ class ThroughputLog(Callback):
 
         self._counts.zero_()
         self._t0 = time.perf_counter()
-        embeddings = {id(p) for m in pl_module.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-        params = [p for p in pl_module.parameters() if id(p) not in embeddings]
-        # ZeRO-3 / FSDP shards: ds_numel / the unsharded count where the strategy records it
-        numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
-        self._params = (sum(numel(p) for p in params), sum(numel(p) for p in params if p.requires_grad))
+        self._params = flop_params(pl_module)
         self._peak = None
         if self.log_mfu and self.peak_tflops is not None:
             self._peak = self.peak_tflops * 1e12

@@ -55,6 +55,8 @@ def test_mfu_with_a_given_peak_follows_the_flops_formula(demo_shards, tmp_path):
     FLOPs are counted on every token of the batch."""
     from vpa_lightning.callbacks import flops_per_token
 
+    from vpa_lightning.callbacks import flop_params
+
     module = VisionDPOModule("tiny:llava", lora_r=4, lora_alpha=8, packed=False)
     dm = PreferenceDataModule(str(demo_shards), batch_size=2, shuffle_buffer=8)
     callback = ThroughputLog(peak_tflops=0.5)
@@ -88,3 +90,22 @@ def test_peak_flops_is_the_dense_datasheet_figure(monkeypatch, name, dtype, peak
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda", 0), dtype) == peak
     assert peak_flops(torch.device("cpu"), dtype) is None
+
+
+def test_flop_params_count_a_full_fine_tuning_reference_once(demo_shards, tmp_path):
+    """Full fine-tuning holds a frozen reference copy: N is the policy's, not twice it (the formula's
+    reference term is that copy's forward)."""
+    from vpa_lightning.callbacks import flop_params
+
+    module = VisionDPOModule("tiny:llava", lora=False)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, limit_val_batches=0, num_sanity_val_steps=0,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(module, PreferenceDataModule(str(demo_shards), batch_size=2, shuffle_buffer=8))
+    assert module.reference_model is not None
+    policy = module.model
+    embeddings = {id(p) for m in policy.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    counted = [p for p in policy.parameters() if id(p) not in embeddings]
+    expected = (sum(p.numel() for p in counted), sum(p.numel() for p in counted if p.requires_grad))
+    assert 0 < expected[1] < expected[0]  # the vision tower is frozen (freeze_vision), the language model trains
+    assert flop_params(module) == expected  # the reference's parameters are not counted
