@@ -21,7 +21,8 @@
 #      gradient checkpointing on both sides, vpa plain and packed: pairs/s, tokens/s, MFU, peak memory;
 #   4. Kornia augmentation on CUDA vs torchvision on CPU (batch 64, 336 px);
 #   5. SeVa pair generation throughput;
-#   6. trainer vs TRL on 4-response groups (same shape), with whatever time is left.
+#   6. trainer vs TRL on 4-response groups (same shape), with whatever time is left;
+#   7. trainer vs TRL on pairs again under torch's profiler (--profile: each step's top ops and kernels).
 # --cpu: the same steps at a tiny shape on CPU (the smoke test of this script, tests/test_gpu_check.py).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -153,7 +154,7 @@ if [ "$CPU" = 1 ]; then
     tests/models/test_packed.py -k "segment_mask or first_fit"
   step trainer_vs_trl "$L" "$WORK/trl.json" -- "$PY" benchmarks/trainer_vs_trl.py --device cpu --settings pairwise \
     --vpa-modes packed --gradient-checkpointing --steps 1 --warmup 1 --repeats 1 --pairs-per-step 2 --image-size 28 \
-    --max-length 128 --phases --json "$WORK/trl.json"
+    --max-length 128 --phases --profile --json "$WORK/trl.json"
   step augment "$L" "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 4 --size 56 --warmup 0 \
     --repeats 1 --json "$WORK/augment.json"
   step seva_generation "$L" "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava --prompts 4 \
@@ -178,6 +179,9 @@ else
     --json "$WORK/seva.json"
   step trainer_vs_trl_groups 150 "$WORK/trl_groups.json" -- "$PY" benchmarks/trainer_vs_trl.py "${TRL[@]}" \
     --settings groups --json "$WORK/trl_groups.json"
+  # the same pairs under torch's profiler: each step's top CPU ops and CUDA kernels (why a step is slow)
+  step trainer_profile 150 "$WORK/trl_profile.json" -- "$PY" benchmarks/trainer_vs_trl.py "${TRL[@]}" \
+    --settings pairwise --profile --json "$WORK/trl_profile.json"
 fi
 
 report

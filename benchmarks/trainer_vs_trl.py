@@ -259,7 +259,9 @@ class _Phases:
     """Where each step's time goes: data (the previous step's end to this one's start: batch collation),
     forward (vpa only: HF's Trainer has no hook between forward and backward), backward, optimizer (the rest),
     garbage-collector pauses, and on CUDA the caching allocator's device allocations and retries. With
-    ``--phases`` the GPU is synchronised at each mark (the stamps then mean what they say, at a small cost)."""
+    ``--phases`` the GPU is synchronised at each mark (the stamps then mean what they say, at a small cost).
+    With ``--profile`` each step is also one cycle of torch's profiler, and the ops that took most of its time
+    (self CPU time, and self CUDA time on a GPU) are kept per step: a slow step names its kernels."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         import gc
@@ -273,6 +275,34 @@ class _Phases:
         self._last_end: float | None = None
         self._counters = self._allocator()
         gc.callbacks.append(self._on_gc)
+        self.profiles: list[dict[str, Any]] = []
+        self._prof = None
+        self._closing = False
+        if spec.get("profile"):
+            from torch.profiler import ProfilerActivity, profile, schedule
+
+            activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if self.cuda else [])]
+            self._prof = profile(activities=activities, schedule=schedule(wait=0, warmup=0, active=1),
+                                 on_trace_ready=self._on_trace)
+            self._prof.start()
+
+    def _on_trace(self, prof) -> None:
+        events = prof.key_averages()
+
+        def top(attr: str) -> list[tuple[str, float, int]]:
+            rows = [(e.key, getattr(e, attr, 0.0) / 1e3, e.count) for e in events]  # microseconds -> ms
+            return [(k, round(ms, 2), n) for k, ms, n in sorted(rows, key=lambda r: -r[1])[:12] if ms > 0]
+
+        # step i's cycle ends at its end (the first one includes the set-up); the last, at close, is the teardown
+        step = "teardown" if self._closing else len(self.profiles)
+        self.profiles.append({"step": step, "self_cpu_ms": top("self_cpu_time_total"),
+                              **({"self_cuda_ms": top("self_device_time_total")} if self.cuda else {})})
+
+    def close(self) -> None:
+        if self._prof is not None:
+            self._closing = True
+            self._prof.stop()
+            self._prof = None
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -314,6 +344,8 @@ class _Phases:
         self._counters = counters
         self.steps.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         self._last_end, self.marks = stamp, {}
+        if self._prof is not None:
+            self._prof.step()
 
 
 def _pairs_layout(spec: dict[str, Any]) -> tuple[int, int, int]:
@@ -419,6 +451,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     spec["_rss_before"] = _rss_mib()
     trainer.fit(module, train_dataloaders=loader)
+    timer.phases.close()
     seqs = timer.rows[spec["warmup"]] if len(timer.rows) > spec["warmup"] else None
     return _finish(
         spec,
@@ -430,6 +463,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
             "sequences_per_forward": seqs,
             "forwards_per_step": "1 reference (no grad) + 1 policy (grad), each over all distinct responses",
             "phases": timer.phases.steps,
+            **({"profile": timer.phases.profiles} if spec.get("profile") else {}),
         },
         timer.tokens,
         timer.flop_tokens,
@@ -540,6 +574,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     spec["_rss_before"] = _rss_mib()
     trainer.train()
+    timer.phases.close()
     shutil.rmtree(args.output_dir, ignore_errors=True)
     return _finish(
         spec,
@@ -551,6 +586,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             "sequences_per_forward": seqs,
             "forwards_per_step": "1 reference (no grad) + 1 policy (grad), each over chosen+rejected of every pair",
             "phases": timer.phases.steps,
+            **({"profile": timer.phases.profiles} if spec.get("profile") else {}),
         },
         tokens,
         tokens,
@@ -622,6 +658,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto = cpu, plus cuda when available")
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/trainer_vs_trl.json"))
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker run")
+    parser.add_argument("--profile", action="store_true",
+                        help="run torch's profiler over every step and keep each step's top ops (self CPU and CUDA "
+                             "time) in the JSON; slows the steps, so its figures are for finding, not for comparing")
     parser.add_argument("--phases", action="store_true",
                         help="synchronise the GPU at each phase mark (data, forward, backward, optimizer) so the "
                              "per-step phase times in the JSON are exact; CPU runs need no synchronising")
@@ -694,6 +733,7 @@ def main(argv: list[str] | None = None) -> None:
                         "data_seed": 1234,
                         "precision": args.precision,
                         "phases": args.phases,
+                        "profile": args.profile,
                     }
                     try:
                         r = _spawn(spec, args.timeout)

@@ -41,6 +41,9 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert trl[side]["tokens_per_s"] == pytest.approx(trl[side]["pairs_per_s"] * trl["trl"]["tokens_per_step"] / 2)
         assert trl[side]["tflops_per_s"] > 0 and trl[side]["mfu"] is None
         assert len(trl[side]["phases"]) == 2 and all(p["optimizer_s"] >= 0 for p in trl[side]["phases"])
+        # --profile: one profiler cycle per step (the first with the set-up) and the teardown, each naming its top ops
+        assert [p["step"] for p in trl[side]["profile"]] == [0, 1, "teardown"]
+        assert any(op == "aten::mm" for op, _, _ in trl[side]["profile"][1]["self_cpu_ms"])
     assert steps["augment"]["result"] and steps["seva_generation"]["result"]
     log = (tmp_path / "check.log").read_text()
     assert all(f"== {name} (limit" in log for name in steps)  # every step's whole log comes back beside the JSON
