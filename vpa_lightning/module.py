@@ -703,12 +703,19 @@ class VisionDPOModule(pl.LightningModule):
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop the full-fine-tuning reference (rebuilt from the source on load) and, under LoRA, the frozen
-        base weights from the checkpoint (adapters and trainable modules stay)."""
+        base weights from the checkpoint (adapters and trainable modules stay).
+
+        Except in FSDP's sharded checkpoints: torch's distributed checkpoint loads a state dict only whole
+        (Lightning asks it for every key the wrapped module has, the reference's too), so a sharded
+        checkpoint without them could not be resumed. There the reference's shards stay; they hold the
+        source's values, as it never trains."""
         state = checkpoint.get("state_dict")
         if state is None:  # DeepSpeed saves the module through its engine
             return
-        for key in [k for k in state if k.startswith("reference_model.")]:
-            del state[key]
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "_state_dict_type", None) != "sharded":
+            for key in [k for k in state if k.startswith("reference_model.")]:
+                del state[key]
         if not self.use_lora:
             return
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}

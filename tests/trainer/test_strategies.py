@@ -99,6 +99,27 @@ def test_lightning_fsdp_on_two_cpu_processes_loads_on_rank0_only(demo_shards, tm
     assert all(state[k].double().sum().item() == pytest.approx(trained[0][k], abs=1e-9) for k in state)
 
 
+def test_lightning_fsdp_sharded_checkpoint_with_a_reference_resumes(demo_shards, tmp_path):
+    """Full fine-tuning under FSDP with sharded checkpoints (torch's distributed checkpoint, a folder of shards):
+    the run resumes from it (it failed with "Missing key in checkpoint state_dict: model.reference_model...")
+    and, one step later, the reference is still the source."""
+    from vpa_lightning.models import build_tiny_vlm
+
+    probe = tmp_path / "fsdp"
+    fsdp = ("--trainer.accelerator=cpu", "--trainer.devices=2", "--model.lora=false",
+            "--trainer.strategy=tests.trainer.cpu_fsdp.CPUFSDPStrategy", f"--trainer.strategy.out_dir={probe}",
+            "--trainer.strategy.state_dict_type=sharded")
+    assert [r["global_step"] for r in _fit(demo_shards, tmp_path, *fsdp)] == [2, 2]
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    assert ckpt.is_dir() and list(ckpt.glob("*.distcp"))
+    resumed = _fit(demo_shards, tmp_path / "resumed", *fsdp, "--trainer.max_steps=3", f"--ckpt_path={ckpt}",
+                   "--trainer.callbacks+=tests.trainer.cpu_fsdp.FullParamsProbe", f"--trainer.callbacks.out_dir={probe}")
+    assert [r["global_step"] for r in resumed] == [3, 3]
+    trained = json.loads((probe / "trained0.json").read_text())
+    source = {n: t.double().sum().item() for n, t in build_tiny_vlm("llava", seed=0)[0].named_parameters()}
+    assert {n: trained[f"reference_model.{n}"] for n in source} == source
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_bf16_mixed_on_gpu(demo_shards, tmp_path):
     (rank,) = _fit(demo_shards, tmp_path, "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-mixed")
