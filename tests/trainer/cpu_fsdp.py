@@ -20,10 +20,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 
 
-def _kb(field: str) -> int:
-    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
-
-
 class CPUFSDPStrategy(FSDPStrategy):
     """``FSDPStrategy`` on CPU (gloo); records, per rank, what ``configure_model`` left before the wrap."""
 
