@@ -2,10 +2,13 @@
 //!
 //! 1. **Validate**: read each JSONL file in chunks; parse and validate text, ratings and images
 //!    in parallel (on a wider I/O pool: each record reads an image file); append the validated
-//!    image bytes once to a scratch blob; spill valid records to buckets chosen by image hash (so
-//!    every group lives in one bucket) and rejects to `rejects.jsonl`.
-//! 2. **Group and rank**: per bucket, deduplicate into groups, fit Bradley-Terry, select pairs;
-//!    spill finished samples to buckets chosen by their shuffle key (buckets are ranges of it).
+//!    image bytes once to a scratch blob; spill valid records to buckets by a key that every
+//!    record of a group shares (the group's shuffle key; with near-duplicate merging, its image)
+//!    and rejects to `rejects.jsonl`.
+//! 2. **Group and rank**: per bucket, deduplicate into groups, fit Bradley-Terry, select pairs.
+//!    Buckets are ranges of the key, read in order, so when it is the shuffle key a bucket's
+//!    samples go straight to step 3; with near-duplicate merging they are spilled again, to
+//!    buckets by shuffle key, and step 3 reads those.
 //! 3. **Write**: per bucket in order, sort by shuffle key, tar-encode in parallel (image bytes
 //!    from the blob) and append to the train / val shards, hashing as they are written.
 //!
@@ -13,7 +16,7 @@
 //! build whose records fit one bucket keeps them in memory.
 
 use crate::config::{BuildConfig, Format, Score, VLFEEDBACK_ASPECTS, HELPSTEER_ASPECTS};
-use crate::dedup::{group, Group};
+use crate::dedup::{group, group_key, Group};
 use crate::error::{Error, Result};
 use crate::image;
 use crate::container::{self, Body, Input};
@@ -63,12 +66,13 @@ fn owner_of_image(anchor: &str, n: u64) -> u64 {
 /// The spill bucket key of a valid record. Every record of one group must share a bucket: with
 /// near-duplicate merging a group is any prompts on one image, so the key is the [`anchor`] (all
 /// of an image's records share a bucket); without it a group is one (images, normalised prompt),
-/// so the key is that, and an image with many prompts spreads over buckets.
-fn bucket_key(rec: &Record, near_dup: bool) -> u64 {
-    if near_dup {
+/// and the key is that group's shuffle key, so that buckets are ranges of the output order.
+fn bucket_key(rec: &Record, cfg: &BuildConfig) -> u64 {
+    if cfg.near_dup_threshold.is_some() {
         hash64(&[b"bucket", anchor(&rec.image_key, &rec.prompt_norm).as_bytes()])
     } else {
-        hash64(&[b"bucket", rec.image_key.as_bytes(), rec.prompt_norm.as_bytes()])
+        // The group's shuffle key: buckets are then ranges of the output order (see stage 2).
+        shuffle_key(cfg.seed, &group_key(&rec.image_key, &rec.prompt_norm))
     }
 }
 
@@ -732,6 +736,106 @@ pub fn build_cancellable(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manif
     }
 }
 
+/// The build's last step: finished samples, a bucket at a time in shuffle order, into the train
+/// and val shards; each sample's images are read from the scratch blob into its tar members.
+struct SampleWriter<'a> {
+    train: ShardWriter,
+    val: ShardWriter,
+    blob: File,
+    blob_path: &'a Path,
+    out: &'a Path,
+    /// The pool to read the blob on: the I/O pool when the build read image files (reading their
+    /// bytes back may wait on the disk as validation did); else the build's (CPU-bound).
+    io_pool: Option<&'a rayon::ThreadPool>,
+    pb: ProgressBar,
+}
+
+impl<'a> SampleWriter<'a> {
+    fn new(
+        cfg: &BuildConfig,
+        out: &'a Path,
+        suffix: &str,
+        outdir: &Arc<OutDir>,
+        blob_path: &'a Path,
+        io_pool: Option<&'a rayon::ThreadPool>,
+    ) -> Result<Self> {
+        let shards = |split| {
+            let mut w = ShardWriter::new(out, split, suffix, cfg.max_samples_per_shard, cfg.max_shard_bytes);
+            w.durable = cfg.fsync;
+            w.outdir = Some(outdir.clone());
+            w
+        };
+        Ok(SampleWriter {
+            train: shards("train"),
+            val: shards("val"),
+            blob: File::open(blob_path).map_err(|e| Error::output(blob_path, e))?,
+            blob_path,
+            out,
+            io_pool,
+            pb: ProgressBar::hidden(),
+        })
+    }
+
+    /// Write one bucket's samples sorted by shuffle key (every key of a bucket is above those of
+    /// the buckets before it, so the shards come out in one global order).
+    fn write_bucket(&mut self, mut items: Vec<Finished>, stop: &(dyn Fn() -> Result<()> + Sync)) -> Result<()> {
+        items.sort_by(|a, b| (a.order, &a.key).cmp(&(b.order, &b.key)));
+        let (blob, blob_path, out, io_pool) = (&self.blob, self.blob_path, self.out, self.io_pool);
+        let encode = |batch: &[Finished]| -> Vec<Result<Vec<u8>>> {
+            let work = || {
+                batch
+                    .par_iter()
+                    .map(|f| {
+                        let json = f.json.as_bytes();
+                        let image_bytes: u64 = f.images.iter().map(|i| i.2).sum();
+                        let mut enc = Vec::with_capacity((2 + 2 * f.images.len()) * 512 + image_bytes as usize + json.len());
+                        for (i, (ext, offset, len)) in f.images.iter().enumerate() {
+                            let mut read = Ok(());
+                            let name = format!("{}.{}", f.key, image_member(i, ext));
+                            encode_member(&mut enc, &name, *len as usize, |buf| read = blob.read_exact_at(buf, *offset))
+                                .map_err(|e| Error::output(out, e))?;
+                            read.map_err(|e| Error::output(blob_path, e))?;
+                        }
+                        encode_member(&mut enc, &format!("{}.json", f.key), json.len(), |buf| buf.copy_from_slice(json))
+                            .map_err(|e| Error::output(out, e))?;
+                        Ok(enc)
+                    })
+                    .collect()
+            };
+            match io_pool {
+                Some(pool) => pool.install(work),
+                None => work(),
+            }
+        };
+        // Pipeline: batch k is appended (and hashed, sequentially) while batch k+1 is encoded.
+        let (train, val, pb) = (&mut self.train, &mut self.val, &self.pb);
+        let mut pending: Option<(&[Finished], Vec<Result<Vec<u8>>>)> = None;
+        let mut batches = items.chunks(512);
+        loop {
+            stop()?;
+            let next = batches.next();
+            let (appended, encoded) = rayon::join(
+                || -> Result<()> {
+                    if let Some((batch, encoded)) = pending.take() {
+                        for (f, enc) in batch.iter().zip(encoded) {
+                            let w = if f.val { &mut *val } else { &mut *train };
+                            w.append_encoded(&enc?, f.pairs, f.responses)?;
+                            pb.inc(1);
+                        }
+                    }
+                    Ok(())
+                },
+                || next.map(|b| (b, encode(b))),
+            );
+            appended?;
+            match encoded {
+                Some(e) => pending = Some(e),
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
 fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     let (files, skipped) = container::expand(&cfg.inputs, cfg.image_root.as_deref().map(Path::new))?;
     let out = PathBuf::from(&cfg.out);
@@ -860,7 +964,7 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
                                     blob.write_all(bytes).map_err(|e| Error::output(&blob_path, e))?;
                                     blob_len += bytes.len() as u64;
                                 }
-                                kept.push((bucket_key(&rec, cfg.near_dup_threshold.is_some()), *rec));
+                                kept.push((bucket_key(&rec, cfg), *rec));
                             }
                         }
                     }
@@ -900,7 +1004,14 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     // Stage 2: group, rank, select (groups in parallel); spill samples by shuffle key.
     let w = Weights::new(cfg);
     let mut stats = Stats::default();
-    let mut samples: Spill<Finished> = Spill::new(&spill_dir, "samples", nb_samples, cfg.spill_bucket_bytes)?;
+    // Without near-duplicate merging the record buckets are ranges of the samples' shuffle keys
+    // (`bucket_key`), so each bucket's samples go straight to the shards; with it they are keyed
+    // by image, and the samples are spilled again by shuffle key for stage 3.
+    let mut samples: Option<Spill<Finished>> = match cfg.near_dup_threshold {
+        None => None,
+        Some(_) => Some(Spill::new(&spill_dir, "samples", nb_samples, cfg.spill_bucket_bytes)?),
+    };
+    let mut writer = SampleWriter::new(cfg, &out, &suffix, &outdir, &blob_path, image_files.then_some(&io_pool))?;
     let pb = progress(cfg, spill.len(), "rank");
     while let Some(records) = spill.next_bucket()? {
         stop()?;
@@ -958,85 +1069,44 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
                 }
             }
         }
+        let mut finished = Vec::new();
         for (fin, rej, c, s, _) in results {
             counts.add(&c);
             stats.merge(&s);
             write_rejects(&rej, &mut rejects);
-            samples.put_many(fin.into_iter().map(|f| (f.order, f)).collect())?;
+            finished.extend(fin);
         }
-        groups.into_par_iter().for_each(drop); // freeing ~10 allocations a response is worth two threads
+        // Freeing ~10 allocations a response is worth a thread while the samples are written.
+        let (_, written) = rayon::join(
+            || groups.into_par_iter().for_each(drop),
+            || match &mut samples {
+                Some(spill) => spill.put_many(finished.into_iter().map(|f| (f.order, f)).collect()),
+                None => writer.write_bucket(finished, &stop),
+            },
+        );
+        written?;
         rejects_file.write_all(&rejects).map_err(|e| Error::output(&rejects_tmp, e))?;
         rejects.clear();
         pb.inc(n_records);
     }
     pb.finish_and_clear();
-    samples.finish()?;
+    if let Some(spill) = &mut samples {
+        spill.finish()?;
+    }
     if timings {
-        clock.lap("rank");
+        clock.lap(if samples.is_none() { "rank+write" } else { "rank" });
     }
 
-    // Stage 3: write shards in shuffle order; images come from the scratch blob, encoded in parallel.
-    let mut train = ShardWriter::new(&out, "train", &suffix, cfg.max_samples_per_shard, cfg.max_shard_bytes);
-    let mut val = ShardWriter::new(&out, "val", &suffix, cfg.max_samples_per_shard, cfg.max_shard_bytes);
-    train.durable = cfg.fsync;
-    val.durable = cfg.fsync;
-    train.outdir = Some(outdir.clone());
-    val.outdir = Some(outdir.clone());
-    let pb = progress(cfg, counts.groups, "write");
-    let blob = File::open(&blob_path).map_err(|e| Error::output(&blob_path, e))?;
-    while let Some(mut items) = samples.next_bucket()? {
-        items.sort_by(|a, b| (a.order, &a.key).cmp(&(b.order, &b.key)));
-        let encode = |batch: &[Finished]| -> Vec<Result<Vec<u8>>> {
-            let work = || batch
-                .par_iter()
-                .map(|f| {
-                    // Images are read from the scratch blob straight into the tar buffer.
-                    let json = f.json.as_bytes();
-                    let image_bytes: u64 = f.images.iter().map(|i| i.2).sum();
-                    let mut enc = Vec::with_capacity((2 + 2 * f.images.len()) * 512 + image_bytes as usize + json.len());
-                    for (i, (ext, offset, len)) in f.images.iter().enumerate() {
-                        let mut read = Ok(());
-                        let name = format!("{}.{}", f.key, image_member(i, ext));
-                        encode_member(&mut enc, &name, *len as usize, |buf| read = blob.read_exact_at(buf, *offset))
-                            .map_err(|e| Error::output(&out, e))?;
-                        read.map_err(|e| Error::output(&blob_path, e))?;
-                    }
-                    encode_member(&mut enc, &format!("{}.json", f.key), json.len(), |buf| buf.copy_from_slice(json))
-                        .map_err(|e| Error::output(&out, e))?;
-                    Ok(enc)
-                })
-                .collect();
-            // Reading back the blob of a build that read image files may wait on the disk as
-            // validation did (the I/O pool); one of embedded images is CPU-bound (the build's pool).
-            if image_files { io_pool.install(work) } else { work() }
-        };
-        // Pipeline: batch k is appended (and hashed, sequentially) while batch k+1 is encoded.
-        let mut pending: Option<(&[Finished], Vec<Result<Vec<u8>>>)> = None;
-        let mut batches = items.chunks(512);
-        loop {
-            stop()?;
-            let next = batches.next();
-            let (appended, encoded) = rayon::join(
-                || -> Result<()> {
-                    if let Some((batch, encoded)) = pending.take() {
-                        for (f, enc) in batch.iter().zip(encoded) {
-                            let w = if f.val { &mut val } else { &mut train };
-                            w.append_encoded(&enc?, f.pairs, f.responses)?;
-                            pb.inc(1);
-                        }
-                    }
-                    Ok(())
-                },
-                || next.map(|b| (b, encode(b))),
-            );
-            appended?;
-            match encoded {
-                Some(e) => pending = Some(e),
-                None => break,
-            }
+    // Stage 3 (after stage 2 when near-duplicate merging keyed the buckets by image): write the
+    // spilled samples, bucket by bucket in shuffle order.
+    if let Some(mut samples) = samples {
+        writer.pb = progress(cfg, counts.groups, "write");
+        while let Some(items) = samples.next_bucket()? {
+            writer.write_bucket(items, &stop)?;
         }
     }
-    pb.finish_and_clear();
+    writer.pb.finish_and_clear();
+    let SampleWriter { train, val, .. } = writer;
     let mut shards = train.finish()?;
     shards.extend(val.finish()?);
     if timings {

@@ -77,6 +77,13 @@ def test_spill_buckets_do_not_change_the_output(tmp_path):
     build(files, tmp_path / "one", seed=1)
     build(files, tmp_path / "many", seed=1, spill_bucket_bytes=2048)
     assert digest_dir(tmp_path / "one") == digest_dir(tmp_path / "many")
+    # Buckets are ranges of the shuffle key, so a bucket's samples are written as soon as it is
+    # ranked; near-duplicate merging buckets by image and spills the samples again by shuffle
+    # key. With no near-duplicate prompt in the data the two paths must write the same bytes.
+    for name, budget in (("near", 1 << 30), ("near-many", 2048)):
+        m = build(files, tmp_path / name, seed=1, spill_bucket_bytes=budget, near_dup=0.99)
+        assert m["counts"]["prompts_near_duplicate"] == 0
+        assert digest_dir(tmp_path / name)[0] == digest_dir(tmp_path / "one")[0]
 
 
 def test_killed_build_leaves_no_whole_looking_shard_and_rerun_completes(tmp_path):
