@@ -786,6 +786,7 @@ impl<'a> SampleWriter<'a> {
                 batch
                     .par_iter()
                     .map(|f| {
+                        // Images are read from the scratch blob straight into the tar buffer.
                         let json = f.json.as_bytes();
                         let image_bytes: u64 = f.images.iter().map(|i| i.2).sum();
                         let mut enc = Vec::with_capacity((2 + 2 * f.images.len()) * 512 + image_bytes as usize + json.len());
@@ -1001,7 +1002,7 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
         clock.lap("validate");
     }
 
-    // Stage 2: group, rank, select (groups in parallel); spill samples by shuffle key.
+    // Stage 2: group, rank, select (groups in parallel); write or spill the samples.
     let w = Weights::new(cfg);
     let mut stats = Stats::default();
     // Without near-duplicate merging the record buckets are ranges of the samples' shuffle keys
