@@ -34,6 +34,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -212,6 +213,10 @@ def main() -> None:
         "datasets_webdataset": best["datasets"],
         "io_floor": floor,
         "speedup_vs_datasets": best["datasets"]["seconds"] / best["vpa"]["seconds"],
+        # Best of N is the headline; the medians show how much of it the machine's noise is.
+        "median_seconds": {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()},
+        "speedup_vs_datasets_median": statistics.median(r["seconds"] for r in runs["datasets"])
+        / statistics.median(r["seconds"] for r in runs["vpa"]),
         "ratio_to_floor": best["vpa"]["seconds"] / floor["seconds"] if floor else None,
         # The floor of a build that writes its samples shuffled with bounded memory: the same
         # bytes through a scratch file, read back one sample's share at a time in shuffled order.
