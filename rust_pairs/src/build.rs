@@ -996,8 +996,6 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     spill.finish()?;
     blob.flush().map_err(|e| Error::output(&blob_path, e))?;
     drop(blob);
-    // Samples are about as many and as large as the records they come from.
-    let nb_samples = buckets_for(spill.len(), spill.bytes(), cfg.spill_bucket_bytes).max(nb);
     if timings {
         clock.lap("validate");
     }
@@ -1010,7 +1008,11 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     // by image, and the samples are spilled again by shuffle key for stage 3.
     let mut samples: Option<Spill<Finished>> = match cfg.near_dup_threshold {
         None => None,
-        Some(_) => Some(Spill::new(&spill_dir, "samples", nb_samples, cfg.spill_bucket_bytes)?),
+        Some(_) => {
+            // Samples are about as many and as large as the records they come from.
+            let nb_samples = buckets_for(spill.len(), spill.bytes(), cfg.spill_bucket_bytes).max(nb);
+            Some(Spill::new(&spill_dir, "samples", nb_samples, cfg.spill_bucket_bytes)?)
+        }
     };
     let mut writer = SampleWriter::new(cfg, &out, &suffix, &outdir, &blob_path, image_files.then_some(&io_pool))?;
     let pb = progress(cfg, spill.len(), "rank");

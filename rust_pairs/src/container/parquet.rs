@@ -39,6 +39,7 @@ pub struct ParquetRows {
     row_in_group: u64,
     row_before_group: u64,
     bytes: u64,
+    file_len: u64,
     /// Row groups up to this size are read whole ([`ROW_GROUP_BYTES`]); how many were.
     whole_row_group: u64,
     groups_read_whole: u64,
@@ -50,7 +51,7 @@ fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
 
 impl ParquetRows {
     pub fn open(path: &Path, label: &str, limit: usize) -> Result<Self> {
-        let (file, _) = super::open_regular(path)?;
+        let (file, stat) = super::open_regular(path)?;
         let meta = ArrowReaderMetadata::load(&file, Default::default()).map_err(|e| perr(path, e))?;
         // Read byte columns as views into the decompressed pages instead of copying every value
         // (each embedded image) into a fresh offsets buffer; the values are the same.
@@ -68,6 +69,7 @@ impl ParquetRows {
             row_in_group: 0,
             row_before_group: 0,
             bytes: 0,
+            file_len: stat.len(),
             whole_row_group: ROW_GROUP_BYTES,
             groups_read_whole: 0,
         })
@@ -100,7 +102,7 @@ impl ParquetRows {
             if self.group >= self.meta.metadata().num_row_groups() {
                 return Ok(None);
             }
-            let r = match RowGroupBytes::read(&self.file, &self.meta, self.group, self.whole_row_group).map_err(|e| Error::input(&self.path, e))? {
+            let r = match RowGroupBytes::read(&self.file, self.file_len, &self.meta, self.group, self.whole_row_group).map_err(|e| Error::input(&self.path, e))? {
                 Some(bytes) => {
                     self.groups_read_whole += 1;
                     self.reader_of(bytes)
@@ -166,8 +168,7 @@ struct RowGroupBytes {
 impl RowGroupBytes {
     /// The row group's bytes, or `None` when it is over `limit` bytes or its column chunks'
     /// offsets are not a range inside the file (the file reader then reports what is wrong).
-    fn read(file: &File, meta: &ArrowReaderMetadata, group: usize, limit: u64) -> std::io::Result<Option<RowGroupBytes>> {
-        let file_len = file.metadata()?.len();
+    fn read(file: &File, file_len: u64, meta: &ArrowReaderMetadata, group: usize, limit: u64) -> std::io::Result<Option<RowGroupBytes>> {
         let rg = meta.metadata().row_group(group);
         let (mut start, mut end) = (u64::MAX, 0u64);
         for c in rg.columns() {
