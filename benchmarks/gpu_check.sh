@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 15): everything it measures goes to ONE JSON.
+# One prepared GPU check (issues 15, 22): everything it measures goes to ONE JSON.
 #
 #   bash benchmarks/gpu_check.sh [--cpu] [JSON]
 #
@@ -12,17 +12,15 @@
 # bounds the whole check: each step's own limit is cut to what is left, and a step with under 20 s left is
 # recorded as skipped. VPA_CHECK_STEPS (a comma list of step names) runs only those. Steps, in order of
 # importance (a failing step is recorded and the next one runs):
-#   1. install the carried wheels into /tmp/site (skipped when .whl/ is absent) and put the project's compiled
-#      extension next to the sources;
-#   2. the CUDA-marked tests, and only those (the rest run on CPU in CI): bf16, FSDP and DeepSpeed ZeRO-2/3 on one
-#      GPU with LoRA and with full fine-tuning (the sharded reference), packed groups on CUDA (SDPA and
-#      FlexAttention), Kornia on CUDA; junit XML parsed into the JSON;
-#   3. trainer vs TRL on pairs at a LLaVA-1.5-7B-shaped stack with 2 text layers: 576 image tokens, bf16 autocast,
-#      gradient checkpointing on both sides, vpa plain and packed: pairs/s, tokens/s, MFU, peak memory;
-#   4. Kornia augmentation on CUDA vs torchvision on CPU (batch 64, 336 px);
-#   5. SeVa pair generation throughput;
-#   6. trainer vs TRL on 4-response groups (same shape), with whatever time is left;
-#   7. trainer vs TRL on pairs again under torch's profiler (--profile: each step's top ops and kernels).
+#   install: the carried wheels into /tmp/site (skipped when .whl/ is absent), the compiled extension beside the sources;
+#   tests: the CUDA-marked tests only (the rest run on CPU in CI): bf16, FSDP and DeepSpeed ZeRO-2/3 on one GPU with
+#      LoRA and full fine-tuning, packed groups on CUDA (SDPA mask, FlexAttention, varlen flash) against the plain
+#      path in bf16, Kornia on CUDA; junit XML parsed into the JSON;
+#   trainer_full: vpa packed vs TRL at full LLaVA-1.5-7B depth, pairs and 4-response groups, checkpointing on;
+#   trainer_mfu: vpa alone without checkpointing, 8 groups a step (MFU);
+#   trainer_qwen: vpa packed vs TRL at Qwen2-VL-7B, pairs;
+#   augment (Kornia on CUDA vs torchvision on CPU), seva_generation, varlen_probe (the kernel alone vs SDPA's
+#   mask), trainer_profile (one profiled run at full depth), with whatever time is left.
 # --cpu: the same steps at a tiny shape on CPU (the smoke test of this script, tests/test_gpu_check.py).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -151,37 +149,49 @@ if [ "$CPU" = 1 ]; then
   L="${VPA_CHECK_CPU_LIMIT:-300}"  # per step; generous: CI machines are shared
   DEADLINE=$(( $(date +%s) + ${VPA_CHECK_BUDGET:-1500} ))
   step tests "$L" "$WORK/tests.xml" -- "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/tests.xml" \
-    tests/models/test_packed.py -k "segment_mask or first_fit"
+    tests/models/test_packed.py tests/models/test_varlen.py -k "segment_mask or first_fit or layout_offsets or flash_call"
   step trainer_vs_trl "$L" "$WORK/trl.json" -- "$PY" benchmarks/trainer_vs_trl.py --device cpu --settings pairwise \
     --vpa-modes packed --gradient-checkpointing --steps 1 --warmup 1 --repeats 1 --pairs-per-step 2 --image-size 28 \
     --max-length 128 --phases --profile --json "$WORK/trl.json"
+  step trainer_qwen "$L" "$WORK/trl_qwen.json" -- "$PY" benchmarks/trainer_vs_trl.py --device cpu --settings groups \
+    --vpa-modes packed --steps 1 --warmup 1 --repeats 1 --groups-per-step 1 --image-size 56 --max-length 128 \
+    --shape qwen2vl-small --skip-trl --json "$WORK/trl_qwen.json"
   step augment "$L" "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 4 --size 56 --warmup 0 \
     --repeats 1 --json "$WORK/augment.json"
   step seva_generation "$L" "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava --prompts 4 \
     --batch-size 4 --max-new-tokens 4 --size 56 --device cpu --workdir "$WORK/seva" --json "$WORK/seva.json"
 else
-  # pytest-xdist (in the GPU image) runs the 11 CUDA tests 6 at a time; each `vpa fit` is its own process group
+  # pytest-xdist (in the GPU image) runs the CUDA tests 6 at a time; each `vpa fit` is its own process group
   # pytest-timeout (there too): a test that hangs fails alone, and the junit XML is still written
   XDIST=()
   if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 6); fi
-  if "$PY" -c "import pytest_timeout" 2>/dev/null; then XDIST+=(--timeout 130); fi
-  step tests 170 "$WORK/tests.xml" -- "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/tests.xml" -rs \
+  if "$PY" -c "import pytest_timeout" 2>/dev/null; then XDIST+=(--timeout 100); fi
+  step tests 120 "$WORK/tests.xml" -- "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/tests.xml" -rs \
     "${XDIST[@]}" -k "gpu or cuda" tests/trainer/test_strategies.py tests/models/test_packed.py \
-    tests/augment/test_augmentations.py
+    tests/models/test_varlen.py tests/augment/test_augmentations.py
+  # full depth, LLaVA-1.5-7B (24 CLIP layers, 32 Vicuna layers, bf16 weights), gradient checkpointing on both sides:
+  # 16 pairs and 4 four-response groups (24 pairs) per step, vpa packed (varlen flash attention) vs TRL
+  FULL=(--device cuda --image-size 336 --precision bf16-mixed --vpa-modes packed --steps 4 --warmup 2 --repeats 1
+        --timeout 150 --max-length 1024 --phases --pairs-per-step 16 --groups-per-step 4)
+  step trainer_full 240 "$WORK/trl_full.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
+    --gradient-checkpointing --settings pairwise,groups --json "$WORK/trl_full.json"
+  # without checkpointing: 8 groups (about 7k tokens a forward) for vpa's MFU; TRL's 96 sequences would not fit
+  step trainer_mfu 80 "$WORK/trl_mfu.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
+    --settings groups --groups-per-step 8 --skip-trl --json "$WORK/trl_mfu.json"
+  # Qwen2-VL-7B (M-RoPE, grouped-query heads), pairs
+  step trainer_qwen 130 "$WORK/trl_qwen.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape qwen2vl7b \
+    --gradient-checkpointing --settings pairwise --pairs-per-step 8 --json "$WORK/trl_qwen.json"
   TRL=(--device cuda --shape llava7b-2l --image-size 336 --precision bf16-mixed --gradient-checkpointing
        --vpa-modes plain,packed --steps 6 --warmup 2 --repeats 1 --timeout 150 --max-length 1024 --phases)
-  step trainer_vs_trl 150 "$WORK/trl.json" -- "$PY" benchmarks/trainer_vs_trl.py "${TRL[@]}" --settings pairwise \
-    --json "$WORK/trl.json"
   step augment 40 "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 64 --size 336 \
     --warmup 2 --repeats 5 --json "$WORK/augment.json"
   step seva_generation 45 "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava?image_size=336 \
     --dtype bfloat16 --prompts 256 --batch-size 64 --max-new-tokens 32 --size 336 --workdir "$WORK/seva" \
     --json "$WORK/seva.json"
-  step trainer_vs_trl_groups 150 "$WORK/trl_groups.json" -- "$PY" benchmarks/trainer_vs_trl.py "${TRL[@]}" \
-    --settings groups --json "$WORK/trl_groups.json"
-  # the same pairs under torch's profiler: each step's top CPU ops and CUDA kernels (why a step is slow)
-  step trainer_profile 150 "$WORK/trl_profile.json" -- "$PY" benchmarks/trainer_vs_trl.py "${TRL[@]}" \
-    --settings pairwise --profile --json "$WORK/trl_profile.json"
+  step varlen_probe 60 "$WORK/varlen_probe.json" -- "$PY" benchmarks/varlen_probe.py --json "$WORK/varlen_probe.json"
+  # one profiled step per side at full depth (--profile: each step's top ops and kernels)
+  step trainer_profile 150 "$WORK/trl_profile.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
+    --gradient-checkpointing --settings pairwise --pairs-per-step 8 --profile --json "$WORK/trl_profile.json"
 fi
 
 report

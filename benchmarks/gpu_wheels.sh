@@ -16,7 +16,12 @@ version() {  # installed version of a distribution, or empty
 try: print(m.version(sys.argv[1]))
 except m.PackageNotFoundError: pass" "$1"
 }
-pinned() { local v; v="$(version "$1")"; if [ -n "$v" ]; then echo "$1==$v"; else echo "$1"; fi; }
+pinned() {  # NAME==the version installed here, or a GPU pin below, or NAME
+  local v; v="${GPU_PINS[$1]:-$(version "$1")}"; if [ -n "$v" ]; then echo "$1==$v"; else echo "$1"; fi; }
+# Where the version tested here needs more than the GPU image has: transformers 5.25 needs huggingface_hub >= 2.4
+# (the image has 1.33), whose own chain (httpx2, a newer click) would have to travel too; 5.24 runs on the image's
+# hub and was run there (gpu_check_h200_run2.json). Override with GPU_PIN_TRANSFORMERS=VERSION (empty: as here).
+declare -A GPU_PINS=([transformers]="${GPU_PIN_TRANSFORMERS-5.24.0}")
 
 # missing from the GPU image (see the device notes' package list), and transformers + peft (+ regex, which that
 # transformers needs newer) at the versions tested here, so the GPU runs the code CI tests (torch, accelerate,

@@ -82,15 +82,27 @@ LORA_R, LORA_ALPHA = 16, 32
 MAX_GRAD_NORM = 1.0
 K_GROUP = 4  # responses per VLFeedback-like group
 
-#: The default (CPU) shape; ``--shape llava7b-2l`` is LLaVA-1.5-7B's widths with 2 text layers (GPU check).
-DEFAULT_SHAPE = {"vision_hidden": 128, "vision_layers": 2, "vision_heads": 4, "text_hidden": 256, "text_intermediate": 704,
-                 "text_layers": 4, "text_heads": 8, "text_kv_heads": 4, "vocab": 0}
+#: The default (CPU) shape; ``--shape llava7b-2l`` is LLaVA-1.5-7B's widths with 2 text layers, ``llava7b`` and
+#: ``qwen2vl7b`` the full 7B models (GPU check); ``qwen2vl-small`` the Qwen2-VL path at the CPU default's size.
+DEFAULT_SHAPE = {"family": "llava", "vision_hidden": 128, "vision_layers": 2, "vision_heads": 4, "text_hidden": 256,
+                 "text_intermediate": 704, "text_layers": 4, "text_heads": 8, "text_kv_heads": 4, "vocab": 0}
 SHAPES = {
     "small": DEFAULT_SHAPE,
     # LLaVA-1.5-7B: CLIP ViT-L/14 (1024 wide, 16 heads; 336 px -> 576 image tokens), Vicuna-7B (4096 wide, 11008 MLP,
     # 32 heads, 32,000 vocabulary); depth reduced to fit a time budget
     "llava7b-2l": {"vision_hidden": 1024, "vision_layers": 2, "vision_heads": 16, "text_hidden": 4096,
                    "text_intermediate": 11008, "text_layers": 2, "text_heads": 32, "text_kv_heads": 32, "vocab": 32000},
+    # full depth: CLIP ViT-L/14-336 (24 layers), Vicuna-7B (32 layers); weights in bf16 on both sides
+    "llava7b": {"vision_hidden": 1024, "vision_layers": 24, "vision_heads": 16, "text_hidden": 4096,
+                "text_intermediate": 11008, "text_layers": 32, "text_heads": 32, "text_kv_heads": 32, "vocab": 32000,
+                "bf16_weights": 1},
+    # Qwen2-VL-7B: ViT of 32 layers, 1280 wide, 16 heads, patch 14, 2x2 merge (336 px -> 144 image tokens); Qwen2-7B
+    # text: 3584 wide, 18944 MLP, 28 layers, 28 heads / 4 KV heads (grouped-query), 152,064 vocabulary, M-RoPE
+    "qwen2vl7b": {"family": "qwen2_vl", "vision_hidden": 1280, "vision_layers": 32, "vision_heads": 16,
+                  "text_hidden": 3584, "text_intermediate": 18944, "text_layers": 28, "text_heads": 28, "text_kv_heads": 4,
+                  "vocab": 152064, "bf16_weights": 1},
+    "qwen2vl-small": {"family": "qwen2_vl", "vision_hidden": 64, "vision_layers": 2, "vision_heads": 2, "text_hidden": 256,
+                      "text_intermediate": 704, "text_layers": 4, "text_heads": 8, "text_kv_heads": 4, "vocab": 0},
 }
 
 QUESTIONS = [
@@ -124,6 +136,8 @@ def build_model(out_dir: str, image_size: int, seed: int = 0, shape: dict[str, i
     )
 
     shape = {**DEFAULT_SHAPE, **(shape or {})}
+    if shape["family"] == "qwen2_vl":
+        return _build_qwen2_vl(out_dir, image_size, seed, shape, device)
     patch = 14
     if image_size % patch:
         raise ValueError(f"--image-size must be a multiple of {patch}")
@@ -172,8 +186,79 @@ def build_model(out_dir: str, image_size: int, seed: int = 0, shape: dict[str, i
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
+    _save(model, processor, out_dir, shape, device)
+
+
+def _save(model, processor, out_dir: str, shape: dict[str, Any], device: str) -> None:
+    import torch
+
+    if shape.get("bf16_weights"):  # a 7B model is trained from bf16 weights (half the bytes to save and load)
+        model.to(torch.bfloat16)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+
+
+def _build_qwen2_vl(out_dir: str, image_size: int, seed: int, shape: dict[str, Any], device: str) -> None:
+    """A Qwen2-VL of ``shape``'s widths with the tiny family's tokenizer, processor and chat template."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from vpa_lightning.models.tiny import build_tiny_vlm
+
+    if image_size % 28:
+        raise ValueError("--image-size must be a multiple of 28 for Qwen2-VL (patch 14, 2x2 merge)")
+    with torch.device("meta"):
+        tiny, processor = build_tiny_vlm("qwen2_vl", image_size=image_size)
+    tok = processor.tokenizer
+    head_dim = shape["text_hidden"] // shape["text_heads"]
+    half = head_dim // 2  # M-RoPE: temporal, height, width sections of the rotary half (16/24/24 at 128 dims)
+    section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": max(len(tok), shape["vocab"]), "hidden_size": shape["text_hidden"],
+                     "intermediate_size": shape["text_intermediate"], "num_hidden_layers": shape["text_layers"],
+                     "num_attention_heads": shape["text_heads"], "num_key_value_heads": shape["text_kv_heads"],
+                     "max_position_embeddings": 4096, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+                     "eos_token_id": tok.eos_token_id, "tie_word_embeddings": False,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": section}},
+        vision_config={"depth": shape["vision_layers"], "embed_dim": shape["vision_hidden"], "hidden_size": shape["text_hidden"],
+                       "mlp_ratio": 4, "num_heads": shape["vision_heads"], "in_channels": 3, "patch_size": 14,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2},
+        image_token_id=tiny.config.image_token_id, video_token_id=tiny.config.video_token_id,
+        vision_start_token_id=tiny.config.vision_start_token_id, vision_end_token_id=tiny.config.vision_end_token_id,
+    )
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+    _save(model, processor, out_dir, shape, device)
+
+
+def image_tokens(shape: dict[str, Any], image_size: int) -> int:
+    """Image tokens per image: LLaVA's CLIP patches (CLS dropped), Qwen2-VL's merged 2x2 patches."""
+    return (image_size // 14) ** 2 // (4 if shape.get("family") == "qwen2_vl" else 1)
+
+
+def attention_pairs(lengths: list[int]) -> int:
+    """(query, key) pairs of causal attention over sequences of ``lengths`` tokens."""
+    return sum(n * (n + 1) // 2 for n in lengths)
+
+
+def vpa_attention_pairs(inputs: Any, shared: bool) -> int:
+    """(query, key) pairs vpa's forward attends over a batch: each row causally (plain), or with the group's
+    prefix once and each response over prefix + itself (packed, prefix sharing)."""
+    prompt = inputs.prompt_lengths.tolist()
+    total = inputs.model_inputs["attention_mask"].sum(dim=1).tolist()
+    if not shared:
+        return attention_pairs(total)
+    pairs, row = 0, 0
+    for k in inputs.group_sizes:
+        if k:
+            p = prompt[row]
+            pairs += p * (p + 1) // 2
+            for r in range(row, row + k):
+                n = total[r] - p
+                pairs += n * p + n * (n + 1) // 2
+        row += k
+    return pairs
 
 
 def make_groups(n_groups: int, k: int, image_size: int, seed: int) -> list[dict[str, Any]]:
@@ -210,7 +295,7 @@ def _peak_rss_mib() -> float:
 
 
 def _finish(spec: dict[str, Any], stamps: list[float], loss0: float | None, pairs_per_step: int, extra: dict,
-            tokens: list[float], flop_tokens: list[float], params: tuple[int, int]) -> dict:
+            tokens: list[float], flop_tokens: list[float], params: tuple[int, int], attn_pairs: list[float]) -> dict:
     """Throughput, peak memory, tokens and MFU of the timed steps. ``tokens[i]`` / ``flop_tokens[i]``: the
     non-padding tokens of step i's batch as built / as run through the model (the shared prefix once when
     packed); MFU counts ``flop_tokens`` with vpa's ``flops_per_token`` (the formula ``vpa fit`` logs) over
@@ -241,7 +326,13 @@ def _finish(spec: dict[str, Any], stamps: list[float], loss0: float | None, pair
     out["processed_tokens_per_s"] = sum(flop_tokens[timed]) / elapsed
     out["params_non_embedding"], out["params_trainable"] = params
     out["flops_per_token"] = flops_per_token(*params)
-    out["tflops_per_s"] = out["flops_per_token"] * out["processed_tokens_per_s"] / 1e12
+    # attention: 4 d FLOPs per (query, key) pair and layer forward, x4 for policy forward + backward + reference
+    out["attention_pairs_per_step"] = sum(attn_pairs[timed]) / steps
+    attn_flops = 16 * spec["text_hidden"] * spec["text_layers"] * sum(attn_pairs[timed])
+    out["tflops_per_s"] = (out["flops_per_token"] * sum(flop_tokens[timed]) + attn_flops) / elapsed / 1e12
+    median = sorted(step_times)[len(step_times) // 2]
+    out["median_step_s"], out["max_step_s"] = median, max(step_times)
+    out["max_over_median_step"] = max(step_times) / median
     dtype = torch.bfloat16 if spec.get("precision") == "bf16-mixed" else torch.float32
     peak = peak_flops(torch.device(spec["device"], 0) if spec["device"] == "cuda" else torch.device("cpu"), dtype)
     out["peak_tflops"] = peak / 1e12 if peak else None
@@ -274,6 +365,7 @@ class _Phases:
         self._gc_start: float | None = None
         self._last_end: float | None = None
         self._counters = self._allocator()
+        self._compiled = self._compiles()
         gc.callbacks.append(self._on_gc)
         self.profiles: list[dict[str, Any]] = []
         self._prof = None
@@ -311,6 +403,12 @@ class _Phases:
             self.gc_seconds += time.perf_counter() - self._gc_start
             self._gc_start = None
 
+    @staticmethod
+    def _compiles() -> int:
+        """Frames torch.compile has compiled so far (FlexAttention compiles its kernels; 0 if never imported)."""
+        dynamo = sys.modules.get("torch._dynamo.utils")
+        return int(dynamo.counters["stats"]["unique_graphs"]) if dynamo is not None else 0
+
     def _allocator(self) -> dict[str, int]:
         if not self.cuda:
             return {}
@@ -339,6 +437,9 @@ class _Phases:
             row["optimizer_s"] = stamp - m["after_backward"]
         row["gc_s"] = self.gc_seconds
         self.gc_seconds = 0.0
+        compiled = self._compiles()
+        row["compiles"] = compiled - self._compiled
+        self._compiled = compiled
         counters = self._allocator()
         row.update({k: v - self._counters.get(k, 0) for k, v in counters.items()})
         self._counters = counters
@@ -361,7 +462,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from vpa_lightning.callbacks import flop_params
+    from vpa_lightning.callbacks import GarbageCollection, flop_params
     from vpa_lightning.data.datamodule import GroupCollator, PreferenceExample
     from vpa_lightning.losses import DPOLoss
     from vpa_lightning.models.logps import PreferenceGroup
@@ -391,6 +492,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
         learning_rate=LR,
         warmup_ratio=0.0,
         gradient_checkpointing=spec["gradient_checkpointing"],
+        dtype="bfloat16" if spec.get("bf16_weights") else None,
         prefix_sharing=spec["mode"] == "prefix_sharing",
         packed=spec["mode"] == "packed",
     )
@@ -409,6 +511,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
             self.rows: list[int] = []
             self.tokens: list[float] = []
             self.flop_tokens: list[float] = []
+            self.attn_pairs: list[float] = []
             self.phases = _Phases(spec)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -428,6 +531,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
             self.rows.append(int(batch["inputs"].labels.shape[0]))
             self.tokens.append(float(batch["inputs"].model_inputs["attention_mask"].sum()))
             self.flop_tokens.append(float(pl_module.forward_tokens(batch)))
+            self.attn_pairs.append(float(vpa_attention_pairs(batch["inputs"], pl_module.packed or pl_module.prefix_sharing)))
             if self.loss0 is None:
                 self.loss0 = float(outputs["loss"].detach())
 
@@ -445,7 +549,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[timer],
+        callbacks=[timer, GarbageCollection()],  # vpa fit's default
     )
     if spec["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -468,6 +572,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
         timer.tokens,
         timer.flop_tokens,
         flop_params(module),
+        timer.attn_pairs,
     )
 
 
@@ -497,7 +602,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
                 }
             )
     dataset = Dataset.from_list(rows)
-    model = AutoModelForImageTextToText.from_pretrained(spec["model_dir"])
+    model = AutoModelForImageTextToText.from_pretrained(
+        spec["model_dir"], **({"dtype": torch.bfloat16} if spec.get("bf16_weights") else {}))
     processor = AutoProcessor.from_pretrained(spec["model_dir"])
     peft_config = LoraConfig(
         r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=spec["lora_targets"], task_type="CAUSAL_LM"
@@ -570,6 +676,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
                for i in range(n_steps)]
     seqs = int(batches[0]["input_ids"].shape[0])
     tokens = [float(b["attention_mask"].sum()) for b in batches]
+    pairs = [float(attention_pairs(b["attention_mask"].sum(dim=1).tolist())) for b in batches]
     if spec["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
     spec["_rss_before"] = _rss_mib()
@@ -591,6 +698,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         tokens,
         tokens,
         flop_params(trainer.model),
+        pairs,
     )
 
 
@@ -606,6 +714,10 @@ def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         out = f.name
     spec = {**spec, "out": out}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    if spec["side"] != "trl":  # as `vpa fit` runs: expandable segments unless the user configured the allocator
+        from vpa_lightning.cli import allocator_defaults
+
+        allocator_defaults(env)
     proc = subprocess.run(
         [sys.executable, __file__, "--_worker", json.dumps(spec)],
         env=env,
@@ -664,6 +776,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phases", action="store_true",
                         help="synchronise the GPU at each phase mark (data, forward, backward, optimizer) so the "
                              "per-step phase times in the JSON are exact; CPU runs need no synchronising")
+    parser.add_argument("--skip-trl", action="store_true",
+                        help="run vpa's sides only (e.g. a batch TRL cannot hold without gradient checkpointing): MFU, "
+                             "step times and memory, no ratios")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
@@ -671,9 +786,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.warmup < 1:
         parser.error("--warmup must be >= 1")
-    if args.max_length < (args.image_size // 14) ** 2 + 64:  # else both sides truncate or skip every sample
+    shape = {**DEFAULT_SHAPE, **SHAPES[args.shape]}
+    n_image = image_tokens(shape, args.image_size)
+    if args.max_length < n_image + 64:  # else both sides truncate or skip every sample
         parser.error(f"--max-length {args.max_length} leaves too little room beside the "
-                     f"{(args.image_size // 14) ** 2} image tokens of --image-size {args.image_size}")
+                     f"{n_image} image tokens of --image-size {args.image_size}")
 
     import torch
 
@@ -697,6 +814,11 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     model_dir = tempfile.mkdtemp(prefix="vpa-vs-trl-model-")
     build_model(model_dir, args.image_size, shape=SHAPES[args.shape], device="cuda" if "cuda" in devices else "cpu")
+    if "cuda" in devices:  # the workers need the memory this process's allocator would keep cached
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     with torch.device("meta"):  # names and sizes only
@@ -704,14 +826,14 @@ def main(argv: list[str] | None = None) -> None:
     lora_targets = default_lora_targets(model)
     n_params = sum(p.numel() for p in model.parameters())
     del model
-    print(f"model: LLaVA (CLIP {args.image_size}px/14 = {(args.image_size // 14) ** 2} image tokens, "
+    print(f"model: {shape['family']} ({args.image_size}px: {n_image} image tokens, "
           f"shape {args.shape}), {n_params / 1e6:.2f} M parameters; LoRA targets {lora_targets}")
 
     results: dict[str, Any] = {}
     failures: list[str] = []
     for device in devices:
         for setting in settings:
-            sides = [*vpa_sides, "trl"]
+            sides = [*vpa_sides, *([] if args.skip_trl else ["trl"])]
             runs: dict[str, list[dict]] = {side: [] for side in sides}
             for rep in range(args.repeats):
                 order = sides if rep % 2 == 0 else sides[::-1]
@@ -731,9 +853,12 @@ def main(argv: list[str] | None = None) -> None:
                         "image_size": args.image_size,
                         "max_length": args.max_length,
                         "data_seed": 1234,
+                        "text_hidden": shape["text_hidden"],
+                        "text_layers": shape["text_layers"],
                         "precision": args.precision,
                         "phases": args.phases,
                         "profile": args.profile,
+                        "bf16_weights": bool(SHAPES[args.shape].get("bf16_weights")),
                     }
                     try:
                         r = _spawn(spec, args.timeout)
@@ -747,7 +872,17 @@ def main(argv: list[str] | None = None) -> None:
                           f"peak {r['peak_memory_mib']:.0f} MiB, step-0 loss {r['loss_step0']:.4f}, "
                           f"{r['sequences_per_forward']} sequences/forward", flush=True)
             best = {side: max(rs, key=lambda r: r["pairs_per_s"]) for side, rs in runs.items() if rs}
-            if "trl" not in best:
+            if "trl" not in best:  # vpa alone (--skip-trl) or TRL failed: no ratios
+                for side in best:
+                    best[side]["tokens_per_s"] = best[side]["tokens_per_step"] * best[side]["pairs_per_s"] / best[side]["pairs_per_step"]
+                if best:
+                    results[f"{device}/{setting}"] = {
+                        "pairs_per_step": next(iter(best.values()))["pairs_per_step"],
+                        "gradient_checkpointing": args.gradient_checkpointing,
+                        **{side: {**best[side], "all_pairs_per_s": [r["pairs_per_s"] for r in runs[side]]} for side in best},
+                        "throughput_ratio_over_trl": {}, "peak_memory_ratio_over_trl": {},
+                        **({"target_mfu": 0.4} if device == "cuda" else {}),
+                    }
                 continue
             trl = best["trl"]
             ran = [s for s in vpa_sides if s in best]
@@ -774,22 +909,23 @@ def main(argv: list[str] | None = None) -> None:
     mem_name = {"cpu": "peak RSS", "cuda": "peak CUDA alloc"}
     print()
     header = (f"{'device/setting':18s} {'side':18s} {'pairs/step':>10s} {'pairs/s':>9s} {'tokens/s':>9s} {'x TRL':>6s} "
-              f"{'MFU':>6s} {'MiB':>7s} {'mem/TRL':>7s} {'seq':>5s} {'loss0':>7s}")
+              f"{'MFU':>6s} {'MiB':>7s} {'mem/TRL':>7s} {'seq':>5s} {'loss0':>7s} {'max/med':>7s}")
     print(header)
     print("-" * len(header))
     for key, e in results.items():
         for side in [s for s in [*vpa_sides, "trl"] if s in e]:
             v = e[side]
-            ratio = e["throughput_ratio_over_trl"].get(side, 1.0)
-            mem = e["peak_memory_ratio_over_trl"].get(side, 1.0)
+            ratio = e["throughput_ratio_over_trl"].get(side, 1.0 if side == "trl" else math.nan)
+            mem = e["peak_memory_ratio_over_trl"].get(side, 1.0 if side == "trl" else math.nan)
             mfu = f"{100 * v['mfu']:.1f}%" if v.get("mfu") is not None else "-"
             print(f"{key:18s} {side:18s} {e['pairs_per_step']:>10d} {v['pairs_per_s']:>9.3f} {v['tokens_per_s']:>9.0f} "
                   f"{ratio:>5.2f}x {mfu:>6s} {v['peak_memory_mib']:>7.0f} {mem:>7.2f} "
-                  f"{v['sequences_per_forward']!s:>5s} {v['loss_step0']:>7.4f}")
+                  f"{v['sequences_per_forward']!s:>5s} {v['loss_step0']:>7.4f} {v['max_over_median_step']:>7.2f}")
     print(f"(memory = {', '.join(mem_name[d] for d in devices)}; seq = sequences per forward pass, "
           f"2 forwards per step on both sides: reference no-grad + policy with grad; ln 2 = {math.log(2):.4f};\n"
-          " tokens/s = pairs/s x TRL's tokens per pair; MFU = model FLOPs of the tokens each side runs (vpa's "
-          "flops_per_token) over the dense bf16 peak, CUDA only)")
+          " tokens/s = pairs/s x TRL's tokens per pair; MFU = model FLOPs of what each side runs (6N + 2N_trainable per "
+          "token run: policy forward, backward to the activations, reference forward; plus 16 d x layers per attended "
+          "(query, key) pair) over the dense bf16 peak, CUDA only; max/med = slowest timed step over the median)")
 
     report = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
@@ -802,15 +938,17 @@ def main(argv: list[str] | None = None) -> None:
         "torch_threads": torch.get_num_threads(),
         "versions": _versions(),
         "model": {
-            "family": "llava",
+            "family": shape["family"],
             "parameters": n_params,
-            "image_tokens": (args.image_size // 14) ** 2,
+            "image_tokens": n_image,
             "shape": args.shape,
             **SHAPES[args.shape],
             "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "target_modules": lora_targets},
         },
         "training": {"beta": BETA, "loss": "sigmoid", "lr": LR, "optimizer": "AdamW", "max_grad_norm": MAX_GRAD_NORM,
-                     "dtype": "float32" if args.precision == "32-true" else "bf16 autocast", "precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing, "logps": "summed",
+                     "dtype": "float32" if args.precision == "32-true" else "bf16 autocast",
+                     "weights": "bf16" if shape.get("bf16_weights") else "float32", "precision": args.precision,
+                     "gradient_checkpointing": args.gradient_checkpointing, "logps": "summed",
                      "vpa_modes": modes},
         "results": results,
         "failures": failures,

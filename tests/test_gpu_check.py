@@ -32,7 +32,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     report = _check(tmp_path, 0, 1500, OMP_NUM_THREADS="1")
     assert report["mode"] == "cpu-smoke" and report["ok"] and report["environment"]["cuda"] is False
     steps = {s["step"]: s for s in report["steps"]}
-    assert list(steps) == ["tests", "trainer_vs_trl", "augment", "seva_generation"]
+    assert list(steps) == ["tests", "trainer_vs_trl", "trainer_qwen", "augment", "seva_generation"]
     assert steps["tests"]["result"]["passed"] >= 2 and steps["tests"]["result"]["failed"] == 0
     trl = steps["trainer_vs_trl"]["result"]["results"]["cpu/pairwise"]
     assert trl["gradient_checkpointing"] and trl["vpa:packed"]["pairs_per_s"] > 0 and trl["trl"]["pairs_per_s"] > 0
@@ -44,6 +44,9 @@ def test_gpu_check_cpu_smoke(tmp_path):
         # --profile: one profiler cycle per step (the first with the set-up) and the teardown, each naming its top ops
         assert [p["step"] for p in trl[side]["profile"]] == [0, 1, "teardown"]
         assert any(op == "aten::mm" for op, _, _ in trl[side]["profile"][1]["self_cpu_ms"])
+    qwen = steps["trainer_qwen"]["result"]["results"]["cpu/groups"]  # --skip-trl: vpa alone, no ratios
+    assert "trl" not in qwen and qwen["vpa:packed"]["pairs_per_s"] > 0 and qwen["throughput_ratio_over_trl"] == {}
+    assert steps["trainer_qwen"]["result"]["model"]["family"] == "qwen2_vl"
     assert steps["augment"]["result"] and steps["seva_generation"]["result"]
     log = (tmp_path / "check.log").read_text()
     assert all(f"== {name} (limit" in log for name in steps)  # every step's whole log comes back beside the JSON
@@ -52,7 +55,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
 def test_gpu_check_budget_skips_steps_and_still_reports(tmp_path):
     """With no budget left every step is recorded as skipped: the JSON is written and the exit code says so."""
     report = _check(tmp_path, 1, 300, VPA_CHECK_BUDGET="5")
-    assert not report["ok"] and [s["step"] for s in report["steps"]] == ["tests", "trainer_vs_trl", "augment", "seva_generation"]
+    assert not report["ok"] and [s["step"] for s in report["steps"]] == ["tests", "trainer_vs_trl", "trainer_qwen", "augment",
+                                                                         "seva_generation"]
     assert all(s["skipped"] and s["timed_out"] for s in report["steps"])
 
 

@@ -1,7 +1,8 @@
 """Lightning callbacks of the trainer.
 
 ``ThroughputLog`` (on by default in ``vpa fit``) logs tokens/s, pairs/s, samples/s and, on CUDA,
-MFU every ``log_every_n_steps``. ``PreferenceReport`` measures the validation preference metrics of the policy right before
+MFU every ``log_every_n_steps``. ``GarbageCollection`` (on by default too) runs Python's cyclic garbage
+collector between steps on a schedule instead of whenever allocation counts trip it mid-step. ``PreferenceReport`` measures the validation preference metrics of the policy right before
 the first training step and again when training ends, and prints a before/after table; with an
 ``answer_scorer`` it also scores the policy's greedy answers to the validation prompts::
 
@@ -23,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 __all__ = [
-    "GREEDY_METRIC", "THROUGHPUT_METRICS", "PreferenceReport", "ThroughputLog", "flop_params", "flops_per_token", "format_report",
+    "GREEDY_METRIC", "THROUGHPUT_METRICS", "GarbageCollection", "PreferenceReport", "ThroughputLog", "flop_params", "flops_per_token", "format_report",
     "load_scorer", "peak_flops",
 ]
 
@@ -317,6 +318,64 @@ def flops_per_token(n_params: int, n_trainable: int, reference_free: bool = Fals
     (``N``: parameters outside the input embeddings; attention's ``T^2`` work left out, as in PaLM's MFU;
     recomputation under gradient checkpointing is not model work and is not counted)."""
     return 2 * n_params * (2 if reference_free else 3) + 2 * n_trainable
+
+
+class GarbageCollection(Callback):
+    """Python's cyclic garbage collector between optimizer steps, every ``every_n_steps``, never inside one.
+
+    Left to itself the collector runs whenever allocation counts cross its thresholds, in the middle of a forward
+    or backward, and a full collection walks every object the process holds (the model's modules, parameters,
+    the data pipeline): a pause of up to a quarter of a second per step was measured on the first steps of a
+    7B run on an H200 (``benchmarks/results/gpu_check_h200_run3.json``). At train start this collects once, moves
+    every object alive then (model, optimizer, data module) to the permanent generation (``gc.freeze``), where
+    later collections no longer walk them, and turns automatic collection off; every ``every_n_steps`` steps it
+    collects what the steps left in between; at the end (or on an exception) it restores the collector as found.
+    Reference cycles a step creates (autograd graphs kept by an exception, ...) wait at most ``every_n_steps``.
+
+    Args:
+        every_n_steps: Training steps between two collections (>= 1).
+    """
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"--trainer.callbacks.every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._was_enabled: bool | None = None
+        self._steps = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import gc
+
+        self._was_enabled = gc.isenabled()
+        self._steps = 0
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        import gc
+
+        self._steps += 1
+        if self._steps % self.every_n_steps == 0:
+            gc.collect()
+
+    def _restore(self) -> None:
+        import gc
+
+        if self._was_enabled is None:
+            return
+        gc.unfreeze()
+        if self._was_enabled:
+            gc.enable()
+        self._was_enabled = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
 
 
 class ThroughputLog(Callback):

@@ -16,6 +16,11 @@ The other subcommands are separate tools behind the same ``vpa`` command (see
 :data:`TOOLS`): ``vpa demo``, ``vpa seva generate|rounds``, ``vpa eval``, ``vpa report``,
 ``vpa export``.
 
+On CUDA, ``fit``/``validate``/``test``/``predict`` run the caching allocator with ``expandable_segments:True``
+(:func:`allocator_defaults`) unless ``PYTORCH_ALLOC_CONF`` / ``PYTORCH_CUDA_ALLOC_CONF`` is set: a step's tensors
+change size with every batch (packed rows of varying length), and expandable segments grow one mapping instead of
+leaving blocks of old sizes that fragment the pool and force allocation retries.
+
 Exit status (the console script is :func:`console_main`): 0 on success; 2 for a bad flag or
 option value (the message names the flag: an unknown option, a value a class rejects, shards
 that do not exist yet); 1 for a run that fails (one ``vpa <command>: error: ...`` line for the
@@ -27,7 +32,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["TOOLS", "cli_main", "console_main", "main"]
+__all__ = ["TOOLS", "allocator_defaults", "cli_main", "console_main", "main"]
 
 #: ``vpa <name> ...`` subcommands that are not LightningCLI ones: name -> (module, function).
 #: Each function takes the remaining arguments as a list (``None`` = ``sys.argv``).
@@ -38,6 +43,26 @@ TOOLS: dict[str, tuple[str, str]] = {
     "report": ("vpa_lightning.eval.report", "main"),
     "export": ("vpa_lightning.export", "main"),
 }
+
+
+def allocator_defaults(environ: dict[str, str] | None = None) -> str | None:
+    """Set ``expandable_segments:True`` for PyTorch's CUDA caching allocator unless the user configured it
+    (``PYTORCH_ALLOC_CONF``, or the older ``PYTORCH_CUDA_ALLOC_CONF``); returns the variable set, or ``None``.
+    torch reads it when CUDA first allocates, so this runs before any model is built. torch < 2.9 knows only
+    the older name."""
+    import importlib.metadata
+    import os
+
+    env = os.environ if environ is None else environ
+    if "PYTORCH_ALLOC_CONF" in env or "PYTORCH_CUDA_ALLOC_CONF" in env:
+        return None
+    try:
+        major, minor = (int(x) for x in importlib.metadata.version("torch").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+    name = "PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF"
+    env[name] = "expandable_segments:True"
+    return name
 
 
 def run_tool(name: str, args: list[str]) -> Any:
@@ -78,7 +103,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
     _deepspeed_logs_to_stderr(sys.argv[1:] if args is None else args)
     from lightning.pytorch.cli import LightningCLI
 
-    from vpa_lightning.callbacks import ThroughputLog
+    from vpa_lightning.callbacks import GarbageCollection, ThroughputLog
     from vpa_lightning.data.datamodule import PreferenceDataModule
     from vpa_lightning.errors import UsageError
     from vpa_lightning.module import VisionDPOModule
@@ -102,14 +127,15 @@ def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
                 raise UsageError(str(exc)) from exc
             # `--trainer.callbacks+=...ThroughputLog` appends to the default list: the user's replaces ours
             callbacks = self.trainer.callbacks
-            if sum(isinstance(c, ThroughputLog) for c in callbacks) > 1 and default_log in callbacks:
-                callbacks.remove(default_log)
+            for kind, default in ((ThroughputLog, default_log), (GarbageCollection, default_gc)):
+                if sum(isinstance(c, kind) for c in callbacks) > 1 and default in callbacks:
+                    callbacks.remove(default)
 
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-    # throughput (tokens/s, pairs/s, samples/s, MFU on CUDA) in every run's logs
+    # throughput (tokens/s, pairs/s, samples/s, MFU on CUDA) in every run's logs; the garbage collector between steps
     defaults = dict(kwargs.get("trainer_defaults") or {})
-    default_log = ThroughputLog()
-    defaults.setdefault("callbacks", [default_log])
+    default_log, default_gc = ThroughputLog(), GarbageCollection()
+    defaults.setdefault("callbacks", [default_log, default_gc])
     kwargs["trainer_defaults"] = defaults
     kwargs.setdefault("parser_kwargs", {"description": "Preference optimisation (DPO family) of vision-language models."})
     return VpaCLI(VisionDPOModule, PreferenceDataModule, args=args, run=run, **kwargs)
@@ -122,6 +148,7 @@ def main(argv: list[str] | None = None) -> Any:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOLS:
         return run_tool(args[0], args[1:])
+    allocator_defaults()
     return cli_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
 
 

@@ -62,6 +62,7 @@ from vpa_lightning.models.loading import (
     share_parameters,
 )
 from vpa_lightning.models.logps import GroupBatch, GroupLogps, group_logps, select_rows
+from vpa_lightning.models.packed import PACKED_ATTENTION
 from vpa_lightning.models.lora import apply_lora, default_lora_targets, language_and_vision_modules
 from vpa_lightning.reference_cache import ReferenceCache
 
@@ -161,7 +162,14 @@ class VisionDPOModule(pl.LightningModule):
             on CUDA); a batch or model it cannot pack (flash-attention-2, the rows of a group on different
             images, rows without a shared prompt) runs the plain path, with one warning. Ignored with
             ``prefix_sharing``. ``false``: the plain path (one padded row per response).
-        pack_tokens: With ``packed``: token budget of a packed row (``None``: the longest group).
+        pack_tokens: With ``packed``: token budget of a packed row of the mask path (``None``: the longest group).
+        packed_attention: With ``packed``: how the segments are kept apart. ``"auto"`` (default): variable-length
+            flash attention on CUDA (:mod:`~vpa_lightning.models.varlen`: every group in one row, no mask, no
+            padding, nothing compiled or planned per shape) when the model's attention is SDPA and the family's is
+            causal within a segment (not Gemma 3 / PaliGemma's bidirectional blocks, Mllama's cross-attention rows,
+            a sliding window shorter than a segment, attention dropout; those keep the mask, with one warning naming
+            why), and the segment mask on CPU or under another attention implementation (eager, FlexAttention).
+            ``"varlen"``: always (off CUDA a per-sequence SDPA reference, slow). ``"mask"``: never.
         image_corruption: How losses that need a corrupted image (mDPO) corrupt it: any
             :func:`~vpa_lightning.augment.build_augmentation` spec (``diffusion_noise``,
             ``{name: diffusion_noise, step: 800}``, a list, ...). ``None`` = mDPO's own corruption,
@@ -201,6 +209,7 @@ class VisionDPOModule(pl.LightningModule):
         prefix_sharing: bool = False,
         packed: bool = True,
         pack_tokens: int | None = None,
+        packed_attention: str = "auto",
         image_corruption: str | dict[str, Any] | list[Any] | None = None,
         fsdp_rank0_load: bool = True,
     ) -> None:
@@ -246,6 +255,9 @@ class VisionDPOModule(pl.LightningModule):
             )
         if pack_tokens is not None and pack_tokens < 1:
             raise ValueError(f"--model.pack_tokens must be >= 1, got {pack_tokens}")
+        if packed_attention not in PACKED_ATTENTION:
+            raise ValueError(f"--model.packed_attention must be one of {PACKED_ATTENTION}, got {packed_attention!r}")
+        self.packed_attention = packed_attention
         self.prefix_sharing = prefix_sharing
         self.packed = packed and not prefix_sharing  # two ways to share the prefix: prefix_sharing asked for explicitly
         self.pack_tokens = pack_tokens
@@ -420,7 +432,7 @@ class VisionDPOModule(pl.LightningModule):
     def logps_options(self) -> dict[str, Any]:
         """Keyword arguments of every :func:`~vpa_lightning.models.logps.group_logps` call of the module."""
         return {"method": self.logps_method, "share_prefix": self.prefix_sharing, "pack": "auto" if self.packed else False,
-                "pack_tokens": self.pack_tokens}
+                "pack_tokens": self.pack_tokens, "pack_attention": self.packed_attention}
 
     def forward_tokens(self, batch: dict[str, Any]) -> int:
         """Tokens one forward over ``batch`` runs (each group's prefix once when packed or prefix-shared)."""

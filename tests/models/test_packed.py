@@ -183,21 +183,76 @@ def test_first_fit_packing_and_prompt_check() -> None:
         group_logps(model, batch, pack=True)
 
 
+def _leaky(seg_id, resp_id, *args, **kwargs):
+    """The segment rule with a hole: a group's responses see every earlier token of their group."""
+    return _allowed(seg_id, torch.where(resp_id >= 0, 0, resp_id), *args, **kwargs)
+
+
+def _lm_error(grads, reference) -> float:
+    """Relative error of the language model's gradients (where packing matters) against ``reference``'s."""
+    names = [n for n in reference if "language_model" in n]
+    diff = sum(float(torch.linalg.vector_norm(grads[n].float() - reference[n])) ** 2 for n in names)
+    return (diff / sum(float(torch.linalg.vector_norm(reference[n])) ** 2 for n in names)) ** 0.5
+
+
+def check_packed_against_plain_bf16(model, batch, device_type: str, packed_attention: str) -> dict[str, float]:
+    """Packed log-probs and gradients under bf16 autocast against the plain path's under the same autocast (and its
+    gradients' error against float32's): a packed path that is right differs by rounding only, while a mask that
+    lets responses see each other moves the log-probs by whole nats. Returns the errors measured."""
+    import vpa_lightning.models.packed as packed_module
+
+    reference = _grads(model, batch)[1]  # float32
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        plain_out, plain = _grads(model, batch)
+        packed_out, packed = _grads(model, batch, pack=True, pack_tokens=10_000, pack_attention=packed_attention)
+        saved, packed_module._allowed = packed_module._allowed, _leaky
+        try:
+            with torch.no_grad():
+                leak = group_logps(model, batch, pack=True, pack_tokens=10_000, pack_attention="mask").sum_logps
+        finally:
+            packed_module._allowed = saved
+    errors = {"logps": float((packed_out.sum_logps - plain_out.sum_logps).abs().max()),
+              "leak": float((leak - plain_out.sum_logps).abs().max()),
+              "grads": _lm_error(packed, reference), "grads_plain_bf16": _lm_error(plain, reference)}
+    assert packed_out.n_tokens.tolist() == plain_out.n_tokens.tolist()
+    assert errors["logps"] <= 0.25, errors  # rounding (0.01-0.06 nats on CPU)
+    assert errors["leak"] > 1.0, errors  # a leaky mask could not pass the bound above
+    assert errors["grads"] <= 2 * errors["grads_plain_bf16"] + 0.02, errors
+    return errors
+
+
+@pytest.mark.parametrize(("family", "packed_attention"), [("llava", "mask"), ("qwen2_vl", "varlen")])
+def test_packed_in_bf16_is_rounding_away_from_plain(family, packed_attention) -> None:
+    """The CUDA test's bounds, on the CPU (bf16 autocast there too; varlen through its reference kernel)."""
+    model, processor = build_tiny_vlm(family, text_hidden=128)
+    check_packed_against_plain_bf16(model.train(), build_group_batch(processor, _groups()), "cpu", packed_attention)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(("family", "attn"), [("llava", "sdpa"), ("qwen2_vl", "sdpa"), ("llava", "flex_attention")])
-def test_packed_on_cuda_bf16(family, attn) -> None:
-    """On the GPU: packed log-probs in bf16 through SDPA's masked kernel and FlexAttention block masks
-    (transformers gives Qwen2-VL no FlexAttention; FlexAttention's kernels need heads of >= 16 dimensions,
-    hence the wider tiny text model there)."""
-    model, processor = build_tiny_vlm(family, text_hidden=64 if attn == "flex_attention" else None)
-    model = model.to("cuda", torch.bfloat16)
+@pytest.mark.parametrize(("family", "attn", "packed_attention"), [
+    ("llava", "sdpa", "mask"), ("qwen2_vl", "sdpa", "mask"), ("llava", "flex_attention", "mask"),
+    ("llava", "sdpa", "varlen"), ("qwen2_vl", "sdpa", "varlen"),
+])
+def test_packed_on_cuda_bf16(family, attn, packed_attention) -> None:
+    """On the GPU, bf16 autocast over float32 weights (as ``bf16-mixed`` trains): packed log-probs and gradients
+    through SDPA's masked kernel, FlexAttention block masks and variable-length flash attention (the flash kernel
+    must run) are the plain path's up to rounding, with bounds a leaky mask fails (transformers gives Qwen2-VL no
+    FlexAttention; FlexAttention's kernels need heads of >= 16 dimensions, hence the wider tiny text model)."""
+    from vpa_lightning.models import varlen
+
+    model, processor = build_tiny_vlm(family, text_hidden=128)
+    model = model.to("cuda").train()
     model.set_attn_implementation(attn)
     batch = build_group_batch(processor, _groups()).to("cuda")
-    with torch.no_grad():
-        plain = group_logps(model, batch)
-        packed = group_logps(model, batch, pack=True, pack_tokens=10_000)
-    torch.testing.assert_close(packed.sum_logps, plain.sum_logps, rtol=2e-2, atol=0.5)
-    assert packed.n_tokens.tolist() == plain.n_tokens.tolist()
+    calls = []
+    original = varlen._kernel
+    varlen._kernel = lambda q: (calls.append(q.is_cuda), original(q))[1]
+    try:
+        check_packed_against_plain_bf16(model, batch, "cuda", packed_attention)
+    finally:
+        varlen._kernel = original
+    if packed_attention == "varlen":
+        assert calls and all(calls) and varlen._flash() is not None, "the flash kernel did not run"
 
 
 @pytest.mark.parametrize("method", ["hidden", "forward"])

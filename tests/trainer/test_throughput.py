@@ -109,3 +109,71 @@ def test_flop_params_count_a_full_fine_tuning_reference_once(demo_shards, tmp_pa
     expected = (sum(p.numel() for p in counted), sum(p.numel() for p in counted if p.requires_grad))
     assert 0 < expected[1] < expected[0]  # the vision tower is frozen (freeze_vision), the language model trains
     assert flop_params(module) == expected  # the reference's parameters are not counted
+
+
+def test_garbage_collection_runs_between_steps_on_a_schedule(demo_shards, tmp_path, monkeypatch):
+    """During fit the automatic collector is off and what was alive at the start is frozen; every
+    ``every_n_steps`` the callback collects; afterwards (and after a failing step) the collector is as found."""
+    import gc
+
+    from vpa_lightning.callbacks import GarbageCollection
+
+    collected, seen = [], []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(a) or real_collect(*a))
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((gc.isenabled(), gc.get_freeze_count() > 0))
+
+    def fit(module, steps):
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, limit_val_batches=0, num_sanity_val_steps=0,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path, callbacks=[GarbageCollection(every_n_steps=2), Probe()])
+        trainer.fit(module, PreferenceDataModule(str(demo_shards), batch_size=2, shuffle_buffer=8))
+
+    assert gc.isenabled()
+    fit(VisionDPOModule("tiny:llava", lora_r=4, lora_alpha=8), 5)
+    assert seen == [(False, True)] * 5
+    assert len(collected) == 1 + 2  # at the start, then after steps 2 and 4
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+    class Failing(VisionDPOModule):
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(Failing("tiny:llava", lora_r=4, lora_alpha=8), 3)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(ValueError, match="every_n_steps"):
+        GarbageCollection(every_n_steps=0)
+
+
+def test_garbage_collection_is_on_by_default_in_the_cli():
+    from vpa_lightning.callbacks import GarbageCollection
+    from vpa_lightning.cli import cli_main
+
+    cli = cli_main(["--model.model_name_or_path", "tiny:llava", "--data.train_shards", "x.tar"], run=False)
+    assert sum(isinstance(c, GarbageCollection) for c in cli.trainer.callbacks) == 1
+    cli = cli_main(["--model.model_name_or_path", "tiny:llava", "--data.train_shards", "x.tar",
+                    "--trainer.callbacks+=vpa_lightning.callbacks.GarbageCollection",
+                    "--trainer.callbacks.every_n_steps", "7"], run=False)
+    assert [c.every_n_steps for c in cli.trainer.callbacks if isinstance(c, GarbageCollection)] == [7]
+
+
+def test_expandable_segments_unless_the_user_configured_the_allocator(monkeypatch):
+    import importlib.metadata
+
+    from vpa_lightning.cli import allocator_defaults
+
+    env = {}
+    name = allocator_defaults(env)
+    major, minor = (int(x) for x in importlib.metadata.version("torch").split(".")[:2])
+    assert name == ("PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF")
+    assert env == {name: "expandable_segments:True"}
+    for user in ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, {"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"}):
+        env = dict(user)
+        assert allocator_defaults(env) is None and env == user
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.8.1")
+    env = {}
+    assert allocator_defaults(env) == "PYTORCH_CUDA_ALLOC_CONF"

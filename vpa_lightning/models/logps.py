@@ -170,8 +170,8 @@ def select_rows(batch: GroupBatch, rows: Tensor) -> GroupBatch:
     inputs (``image_sizes``, ``image_grid_thw``) by each row's images (``batch.image_counts``).
     """
     n = batch.labels.shape[0]
+    picked = rows.tolist()  # before the move: rows built on the host cost the device no synchronisation
     rows = rows.to(batch.labels.device)
-    picked = rows.tolist()
     counts = batch.image_counts if batch.image_counts is not None else torch.ones(n, dtype=torch.long)
     inputs: dict[str, Any] = {}
     for key, value in batch.model_inputs.items():
@@ -534,6 +534,7 @@ def group_logps(
     pack_tokens: int | None = None,
     token_logps: bool = False,
     sq_probs: bool = False,
+    pack_attention: str = "auto",
 ) -> GroupLogps:
     """Summed response log-probs of every row of ``batch`` with one forward pass of ``model``.
 
@@ -568,6 +569,9 @@ def group_logps(
             image + prompt once, its responses after it under a segment mask, several groups per row;
             one forward, so gradient checkpointing works. Either method.
         pack_tokens: Token budget of a packed row (``None``: the longest group's length).
+        pack_attention: How packed segments are kept apart: ``"auto"`` (variable-length flash attention on
+            CUDA where the family allows it, else the segment mask), ``"varlen"`` or ``"mask"`` (see
+            :func:`~vpa_lightning.models.packed.packed_logps`).
         token_logps: Also return the per-token log-probs (``[N, R]``).
         sq_probs: Also return ``log_sum_sq_probs`` (one more log-softmax over the vocabulary).
 
@@ -579,7 +583,7 @@ def group_logps(
 
         try:
             return packed_logps(model, batch, method=method, chunk_size=chunk_size, max_tokens=pack_tokens,
-                                token_logps=token_logps, sq_probs=sq_probs)
+                                token_logps=token_logps, sq_probs=sq_probs, attention=pack_attention)
         except PackingUnsupported as exc:  # raised before any forward: nothing to undo
             if pack != "auto":
                 raise

@@ -35,7 +35,7 @@ parallel float atomics on CPU (results, and an exactly resumed run, would differ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,20 +51,33 @@ class PackingUnsupported(ValueError):
     """A batch or model that packed groups cannot run (the plain path can): ``pack="auto"`` falls back on it."""
 
 
+#: Packed attention: ``auto`` (variable-length flash attention on CUDA where the family allows it, else the mask),
+#: ``varlen`` (:mod:`~vpa_lightning.models.varlen`; a per-sequence SDPA reference off CUDA), ``mask`` (the segment
+#: mask through the model's own attention implementation: SDPA, eager or FlexAttention).
+PACKED_ATTENTION = ("auto", "varlen", "mask")
+
+#: Packed rows of the mask path on CUDA are padded to a multiple of this many tokens, so that their shapes repeat
+#: from step to step (a new shape costs SDPA's cuDNN kernel a new execution plan: whole seconds, seen on an H200).
+CUDA_ROW_MULTIPLE = 64
+
+
 @dataclass
 class PackedBatch:
     """Packed model inputs and where each response token is scored.
 
     Attributes:
-        model_inputs: ``input_ids`` ``[R, L]``, the attention mask (4-D or ``BlockMask``),
-            ``position_ids`` (``[R, L]`` or ``[3, R, L]``), per-token inputs and each group's image inputs
-            (in the order the groups appear in the packed rows).
+        model_inputs: ``input_ids`` ``[R, L]``, the attention mask (4-D or ``BlockMask``; a placeholder under
+            varlen attention), ``position_ids`` (``[R, L]`` or ``[3, R, L]``), per-token inputs and each group's
+            image inputs (in the order the groups appear in the packed rows).
         positions: ``[M]`` flat index into ``R * L`` of the position that predicts each scored token
             (a group's last prefix position appears once per response).
         targets: ``[M]`` the scored tokens.
         rows: ``[M]`` the batch row (response) of each scored token.
         token_index: ``[M]`` index of each scored token within its response.
         tokens: real tokens in the packed rows (padding excluded).
+        forward_kwargs: Keywords the forward passes on to the attention layers (the varlen layout, FlexAttention's
+            kernel options).
+        attention: ``"varlen"`` or ``"mask"``: how the segments were kept apart.
     """
 
     model_inputs: dict[str, Any]
@@ -73,23 +86,33 @@ class PackedBatch:
     rows: Tensor
     token_index: Tensor
     tokens: int
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    attention: str = "mask"
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = _unwrap_peft(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _attn_implementation(model: nn.Module) -> str:
     config = _unwrap_peft(model).config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None) or "eager"
+    return getattr(_text_config(model), "_attn_implementation", None) or getattr(config, "_attn_implementation", None) or "eager"
 
 
 def _segments(batch: GroupBatch) -> list[dict[str, Any]]:
     """Per group with rows: first row, prefix length, and each row's response length (as built, truncation
-    included). Groups without rows (a sub-batch, e.g. mDPO's chosen rows) are left out."""
-    ids, labels = batch.model_inputs["input_ids"], batch.labels
-    plen = batch.prompt_lengths.tolist()
-    n_resp = (labels != IGNORE_INDEX).sum(dim=1).tolist()
-    owner = batch.group_index.tolist()
+    included). Groups without rows (a sub-batch, e.g. mDPO's chosen rows) are left out. The lengths come to the
+    host in one copy, and that every row of a group shares its first row's prompt (and image) is checked on the
+    device with one more (not row by row: each check was a host synchronisation, hundreds per step on a GPU)."""
+    inputs, labels = batch.model_inputs, batch.labels
+    ids = inputs["input_ids"]
+    device = labels.device
+    plen, n_resp, owner = torch.stack([batch.prompt_lengths.to(device), (labels != IGNORE_INDEX).sum(dim=1),
+                                       batch.group_index.to(device)]).tolist()
     out = []
     first = 0
+    firsts: list[int] = []  # each row's group's first row
     for g, k in enumerate(batch.group_sizes):
         if k == 0:
             continue
@@ -98,16 +121,30 @@ def _segments(batch: GroupBatch) -> list[dict[str, Any]]:
         if any(owner[r] != g for r in rows):
             raise PackingUnsupported("packed groups: rows must be ordered by group (build_group_batch order)")
         p = plen[rows[0]]
-        if any(plen[r] != p for r in rows) or any(not torch.equal(ids[r, :p], ids[rows[0], :p]) for r in rows[1:]):
+        if any(plen[r] != p for r in rows):
             raise PackingUnsupported(f"packed groups: the rows of group {g} do not share one prompt")
-        if k > 1 and "pixel_values" in batch.model_inputs:  # e.g. mDPO's corrupted rows: one image per row
-            pixels = [select_rows(batch, torch.tensor([r])).model_inputs["pixel_values"] for r in rows]
-            if any(not torch.equal(x, pixels[0]) for x in pixels[1:]):
-                raise PackingUnsupported(f"packed groups: the rows of group {g} carry different images")
-        out.append({"first": rows[0], "rows": rows, "prefix": p, "resp": [n_resp[r] for r in rows],
+        firsts += [rows[0]] * k
+        out.append({"g": g, "first": rows[0], "rows": rows, "prefix": p, "resp": [n_resp[r] for r in rows],
                     "length": p + sum(n_resp[r] for r in rows)})
     if first != len(owner):
         raise PackingUnsupported("packed groups: rows must be ordered by group (build_group_batch order)")
+    if len(firsts) == len(set(firsts)):
+        return out  # one row per group: nothing to compare
+    p_max = max(plen)
+    index = torch.tensor(firsts, device=device)
+    cols = torch.arange(p_max, device=device)
+    differs = ((ids[:, :p_max] != ids.index_select(0, index)[:, :p_max]) & (cols[None] < batch.prompt_lengths.to(device)[:, None])).any(dim=1)
+    checks = [differs.any()]
+    if "pixel_values" in inputs:  # e.g. mDPO's corrupted rows: one image per row
+        theirs = select_rows(batch, index).model_inputs["pixel_values"]
+        ours = inputs["pixel_values"]
+        checks.append(torch.tensor(True, device=device) if theirs.shape != ours.shape else (theirs != ours).any().to(device))
+    bad_prompt, *bad_pixels = torch.stack(checks).tolist()
+    if bad_prompt:
+        g = owner[int(differs.nonzero()[0, 0])]
+        raise PackingUnsupported(f"packed groups: the rows of group {g} do not share one prompt")
+    if bad_pixels and bad_pixels[0]:
+        raise PackingUnsupported("packed groups: the rows of a group carry different images")
     return out
 
 
@@ -129,8 +166,7 @@ def _pack(lengths: list[int], budget: int) -> list[list[int]]:
 
 def _sliding_window(model: nn.Module) -> tuple[int | None, bool]:
     """``(window, every_layer)`` of the decoder's sliding-window attention (``(None, True)``: none)."""
-    config = _unwrap_peft(model).config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(model)
     window = getattr(text, "sliding_window", None)
     types = getattr(text, "layer_types", None)
     if window is None or getattr(text, "use_sliding_window", True) is False:
@@ -142,32 +178,91 @@ def _sliding_window(model: nn.Module) -> tuple[int | None, bool]:
     return int(window), True  # Mistral: every layer slides
 
 
-def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = None) -> PackedBatch:
+def _choose_attention(model: nn.Module, batch: GroupBatch, requested: str, window: int | None, on_cuda: bool) -> str:
+    """``"varlen"`` or ``"mask"`` for ``requested`` (see :data:`PACKED_ATTENTION`); ``auto`` warns once, naming
+    why, when a CUDA run (``on_cuda``) cannot use varlen attention."""
+    from vpa_lightning.models import varlen
+    from vpa_lightning.models.families import family_of
+    from vpa_lightning.models.logps import _warn_once
+
+    if requested not in PACKED_ATTENTION:
+        raise ValueError(f"packed attention must be one of {PACKED_ATTENTION}, got {requested!r}")
+    if requested == "mask":
+        return "mask"
+    impl = _attn_implementation(model)
+    if requested == "auto" and (not on_cuda or impl not in ("sdpa", varlen.NAME)):
+        return "mask"  # CPU, or an attention the user chose (eager, FlexAttention, ...): the mask path
+    family = family_of(model)
+    why = None
+    if family.bidirectional_blocks is not None:
+        why = f"{family.name}'s bidirectional attention ({family.bidirectional_blocks} blocks) is not causal"
+    elif "cross_attention_mask" in batch.model_inputs:
+        why = f"{family.name}'s text cross-attends to its own row's images"
+    elif window is not None:
+        why = f"its sliding window ({window} tokens) cuts into the segments"
+    elif model.training and float(getattr(_text_config(model), "attention_dropout", 0.0) or 0.0) > 0:
+        why = "the model applies attention dropout"
+    elif requested == "auto" and not varlen.flash_varlen_available():
+        why = "this torch has no torch.nn.attention.varlen"
+    elif requested == "auto" and not (torch.is_autocast_enabled("cuda") or next(_unwrap_peft(model).parameters()).dtype
+                                      in (torch.float16, torch.bfloat16)):
+        why = "flash attention needs bf16/fp16 (float32 weights without autocast)"
+    if why is not None:
+        if requested == "varlen":
+            raise PackingUnsupported(f"packed varlen attention: {why}")
+        _warn_once(f"packed groups use the SDPA segment mask, not variable-length flash attention: {why}")
+        return "mask"
+    if impl != varlen.NAME:  # the text decoder's attention becomes varlen's (SDPA for every call without a layout)
+        varlen.register()
+        inner = _unwrap_peft(model)
+        inner.set_attn_implementation({"text_config": varlen.NAME} if "text_config" in getattr(inner.config, "sub_configs", {})
+                                      else varlen.NAME)
+        if _attn_implementation(model) != varlen.NAME:
+            raise PackingUnsupported(f"packed varlen attention: {type(inner).__name__} did not take the attention implementation")
+    return "varlen"
+
+
+def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = None, attention: str = "mask") -> PackedBatch:
     """Pack ``batch``'s groups into shared-prefix segments (see the module doc).
+
+    The layout (which token goes where, its segment, response, position, and where each response token is
+    scored) is computed on the host from the lengths, and the device gathers each input once with it.
 
     Args:
         model: The model (its attention implementation picks the mask type; M-RoPE models give positions).
         batch: Output of :func:`~vpa_lightning.models.logps.build_group_batch`.
-        max_tokens: Token budget of a packed row; ``None`` = the longest segment (each row at most as
-            long as the longest group; shorter groups share rows).
+        max_tokens: Token budget of a packed row of the mask path; ``None`` = the longest segment (each row at
+            most as long as the longest group; shorter groups share rows). Varlen attention packs every group
+            into one row.
+        attention: One of :data:`PACKED_ATTENTION` (``"auto"``: see :func:`packed_logps`).
     """
     from vpa_lightning.models.families import family_of
+    from vpa_lightning.models.varlen import placeholder_mask, varlen_layout
 
     inputs = batch.model_inputs
     ids = inputs["input_ids"]
     device = ids.device
+    n, t = ids.shape
     segs = _segments(batch)
+    if not any(sum(s["resp"]) for s in segs):
+        raise PackingUnsupported("packed groups: the batch has no response token to score")
     per_token = [k for k, v in inputs.items() if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[:2] == ids.shape
                  and k not in ("input_ids", "attention_mask")]  # Mllama's cross_attention_mask [N, T, images, tiles] too
-    budget = max(max(s["length"] for s in segs), int(max_tokens or 0))
-    if "cross_attention_mask" in per_token:  # Mllama: a row's text cross-attends to that row's images only
+    window, every_layer = _sliding_window(model)
+    if window is not None and max(s["prefix"] + max(s["resp"]) for s in segs) <= window:
+        window = None  # no segment is longer than the window: it masks nothing
+    mode = _choose_attention(model, batch, attention, window, device.type == "cuda")
+    if mode == "varlen":
+        layout = [list(range(len(segs)))]  # one row, every group in turn, no padding
+    elif "cross_attention_mask" in per_token:  # Mllama: a row's text cross-attends to that row's images only
         layout = [[g] for g in range(len(segs))]
     else:
-        layout = _pack([s["length"] for s in segs], budget)
+        layout = _pack([s["length"] for s in segs], max(max(s["length"] for s in segs), int(max_tokens or 0)))
     order = [g for row in layout for g in row]  # groups in row-major order: the image features' order
     n_rows, width = len(layout), max(sum(segs[g]["length"] for g in row) for row in layout)
-    firsts = torch.tensor([segs[g]["first"] for g in order], device=device)
-    image_inputs = {k: v for k, v in select_rows(batch, firsts).model_inputs.items()
+    if mode == "mask" and device.type == "cuda":
+        width = -(-width // CUDA_ROW_MULTIPLE) * CUDA_ROW_MULTIPLE
+    image_inputs = {k: v for k, v in select_rows(batch, torch.tensor([segs[g]["first"] for g in order])).model_inputs.items()
                     if k not in per_token and k not in ("input_ids", "attention_mask")}
     family = family_of(model)
     blocks = family.bidirectional_blocks
@@ -176,13 +271,13 @@ def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = No
 
     # M-RoPE (Qwen2-VL family): every group's prefix positions from the model's own rope index, in one call
     rope_index = _rope_index(model) if "image_grid_thw" in inputs or "mm_token_type_ids" in inputs else None
-    rope_pos = None
+    rope_pos = rope_next = None
+    p_max = max(s["prefix"] for s in segs)
     if rope_index is not None:
         natural = torch.tensor([s["first"] for s in segs], device=device)
-        p_max = max(s["prefix"] for s in segs)
         cols = torch.arange(p_max, device=device)
         valid = cols[None, :] < torch.tensor([s["prefix"] for s in segs], device=device)[:, None]
-        prefix_ids = ids[natural, :p_max].masked_fill(~valid, int(ids[natural[0], 0]))
+        prefix_ids = ids[natural, :p_max].masked_fill(~valid, int(ids[segs[0]["first"], 0]))
         grids = select_rows(batch, natural).model_inputs.get("image_grid_thw")
         mm = inputs.get("mm_token_type_ids")
         rope_pos, _ = rope_index(
@@ -192,62 +287,84 @@ def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = No
         rope_next = (rope_pos.masked_fill(~valid[None], 0).amax(dim=(0, 2)) + 1).tolist()
     start = family.first_position  # PaliGemma counts positions from 1
 
-    pad_id = int(batch.labels[batch.labels != IGNORE_INDEX][0])  # a text token: never an image placeholder
-    packed_ids = ids.new_full((n_rows, width), pad_id)
-    packed_tok = {k: inputs[k].new_zeros((n_rows, width, *inputs[k].shape[2:])) for k in per_token}
-    seg_id = torch.full((n_rows, width), -1, dtype=torch.long, device=device)  # group of each position (-1: padding)
-    resp_id = torch.full((n_rows, width), -1, dtype=torch.long, device=device)  # response within the group (-1: prefix)
-    pos_dims = 3 if rope_pos is not None else 1
-    positions = torch.zeros((pos_dims, n_rows, width), dtype=torch.long, device=device)
-    score_pos, score_tgt, score_row, score_idx = [], [], [], []
+    # the layout, on the host: per packed position its source in the [N, T] batch, group, response, position
+    src = torch.full((n_rows, width), -1, dtype=torch.long)
+    seg_id = torch.full((n_rows, width), -1, dtype=torch.long)  # group of each position (-1: padding)
+    resp_id = torch.full((n_rows, width), -1, dtype=torch.long)  # response within the group (-1: prefix)
+    pos = torch.zeros((n_rows, width), dtype=torch.long)  # text position (M-RoPE: of responses only)
+    prefix_at = torch.zeros((n_rows, width), dtype=torch.long)  # M-RoPE: the prefix position's index in rope_pos
+    score_pos, score_src, score_row, score_idx = [], [], [], []
     for r, row in enumerate(layout):
         col = 0
         for g in row:
             s = segs[g]
             first, p = s["first"], s["prefix"]
-            packed_ids[r, col : col + p] = ids[first, :p]
-            for k in per_token:
-                packed_tok[k][r, col : col + p] = inputs[k][first, :p]
+            src[r, col : col + p] = torch.arange(first * t, first * t + p)
             seg_id[r, col : col + p] = g
-            if rope_pos is not None:
-                positions[:, r, col : col + p] = rope_pos[:, g, :p]
+            if rope_next is not None:
+                prefix_at[r, col : col + p] = torch.arange(g * p_max, g * p_max + p)
                 nxt = int(rope_next[g])
             else:
-                positions[0, r, col : col + p] = torch.arange(start, start + p, device=device)
+                pos[r, col : col + p] = torch.arange(start, start + p)
                 nxt = start + p
             prefix_end = r * width + col + p - 1
             col += p
-            for j, (row_index, n) in enumerate(zip(s["rows"], s["resp"])):
-                resp = ids[row_index, p : p + n]
-                packed_ids[r, col : col + n] = resp
-                for k in per_token:
-                    packed_tok[k][r, col : col + n] = inputs[k][row_index, p : p + n]
-                seg_id[r, col : col + n] = g
-                resp_id[r, col : col + n] = j
-                positions[:, r, col : col + n] = torch.arange(nxt, nxt + n, device=device)
+            for j, (row_index, k) in enumerate(zip(s["rows"], s["resp"])):
+                src[r, col : col + k] = torch.arange(row_index * t + p, row_index * t + p + k)
+                seg_id[r, col : col + k] = g
+                resp_id[r, col : col + k] = j
+                pos[r, col : col + k] = torch.arange(nxt, nxt + k)
                 # token 0 is predicted at the prefix end, token i at the position of token i - 1
-                score_pos.append(torch.cat([torch.tensor([prefix_end]), torch.arange(r * width + col, r * width + col + n - 1)]))
-                score_tgt.append(resp)
-                score_row.append(torch.full((n,), row_index))
-                score_idx.append(torch.arange(n))
-                col += n
-    real = int((seg_id >= 0).sum())
-    block = None
-    if blocks is not None:
-        block = _block_ids(seg_id, packed_tok["token_type_ids"], blocks)
-    window, every_layer = _sliding_window(model)
-    if window is not None and max(s["prefix"] + max(s["resp"]) for s in segs) <= window:
-        window = None  # no segment is longer than the window: it masks nothing
-    mask = _segment_mask(model, seg_id, resp_id, block, positions[0], window, every_layer)
-    model_inputs = {"input_ids": packed_ids, "attention_mask": mask, **packed_tok, **image_inputs,
-                    "position_ids": positions if rope_pos is not None else positions[0]}
+                score_pos += [torch.tensor([prefix_end]), torch.arange(r * width + col, r * width + col + k - 1)]
+                score_src.append(torch.arange(row_index * t + p, row_index * t + p + k))
+                score_row.append(torch.full((k,), row_index))
+                score_idx.append(torch.arange(k))
+                col += k
+    real = seg_id >= 0
+    targets_src = torch.cat(score_src)
+    src = torch.where(real, src, targets_src[0])  # padding repeats a response token: never an image placeholder
+    host = [src, seg_id, resp_id, pos, prefix_at, torch.cat(score_pos), targets_src, torch.cat(score_row), torch.cat(score_idx)]
+    sizes = [x.numel() for x in host]
+    moved = torch.cat([x.flatten() for x in host]).to(device).split(sizes)  # one host-to-device copy
+    src_d, seg_d, resp_d, pos_d, prefix_d = (x.view(n_rows, width) for x in moved[:5])
+    score_pos_d, targets_src_d, score_row_d, score_idx_d = moved[5:]
+
+    packed_ids = ids.reshape(-1).index_select(0, src_d.flatten()).view(n_rows, width)
+    real_d = seg_d >= 0
+    packed_tok = {}
+    for k in per_token:
+        value = inputs[k].reshape(n * t, *inputs[k].shape[2:]).index_select(0, src_d.flatten())
+        value = value.view(n_rows, width, *inputs[k].shape[2:])
+        packed_tok[k] = value * real_d.view(n_rows, width, *(1,) * (value.dim() - 2)).to(value.dtype)
+    if rope_pos is not None:
+        prefix_pos = rope_pos.reshape(3, -1).index_select(1, prefix_d.flatten()).view(3, n_rows, width)
+        positions = torch.where(real_d & (resp_d < 0), prefix_pos, pos_d[None].expand(3, -1, -1))
+    else:
+        positions = pos_d
+    targets = ids.reshape(-1).index_select(0, targets_src_d)
+
+    forward_kwargs: dict[str, Any] = {}
+    if mode == "varlen":
+        mask = placeholder_mask(device)
+        forward_kwargs["vpa_varlen"] = varlen_layout([segs[g]["prefix"] for g in order], [segs[g]["resp"] for g in order], device)
+    else:
+        block = _block_ids(seg_d, packed_tok["token_type_ids"], blocks) if blocks is not None else None
+        mask = _segment_mask(model, seg_d, resp_d, block, positions[0] if rope_pos is not None else positions, window, every_layer)
+        if _attn_implementation(model) == "flex_attention":
+            # A packed row is scored whole (queries = keys); inductor would pick its decoding kernel (meant for a
+            # few new tokens against a long cache) for rows under 128 tokens, which had no kernel configuration for
+            # the small heads of the GPU check's test (torch 2.11, H200): force the attention kernel.
+            forward_kwargs["kernel_options"] = {"FORCE_USE_FLEX_ATTENTION": True}
+    model_inputs = {"input_ids": packed_ids, "attention_mask": mask, **packed_tok, **image_inputs, "position_ids": positions}
     return PackedBatch(
         model_inputs=model_inputs,
-        positions=torch.cat(score_pos).to(device),
-        targets=torch.cat(score_tgt).to(device),
-        rows=torch.cat(score_row).to(device),
-        token_index=torch.cat(score_idx).to(device),
-        tokens=real,
+        positions=score_pos_d,
+        targets=targets,
+        rows=score_row_d,
+        token_index=score_idx_d,
+        tokens=int(real.sum()),
+        forward_kwargs=forward_kwargs,
+        attention=mode,
     )
 
 
@@ -301,7 +418,7 @@ def _segment_mask(model: nn.Module, seg_id: Tensor, resp_id: Tensor, block: Tens
         n = seg_id.shape[1]
         return create_block_mask(mask_mod, B=seg_id.shape[0], H=None, Q_LEN=n, KV_LEN=n, device=seg_id.device)
     allowed = _allowed(seg_id, resp_id, block, pos, window)[:, None]  # [R, 1, L, L]
-    if impl == "sdpa":
+    if impl in ("sdpa", "vpa_varlen"):  # vpa_varlen runs SDPA for calls without a varlen layout
         return allowed
     if impl == "eager":
         dtype = next(_unwrap_peft(model).parameters()).dtype
@@ -320,22 +437,24 @@ def packed_logps(
     max_tokens: int | None = None,
     token_logps: bool = False,
     sq_probs: bool = False,
+    attention: str = "auto",
 ) -> GroupLogps:
     """:func:`~vpa_lightning.models.logps.group_logps` over packed shared-prefix groups (one forward).
 
     ``method="hidden"`` (default) runs the decoder and scores through the chunked LM head;
     ``"forward"`` runs the model's forward with a boolean ``logits_to_keep`` over the scoring positions.
     ``token_logps`` / ``sq_probs`` as in :func:`~vpa_lightning.models.logps.group_logps`.
+    ``attention`` (:data:`PACKED_ATTENTION`): ``"auto"`` runs variable-length flash attention
+    (:mod:`~vpa_lightning.models.varlen`) on CUDA when the model's attention is SDPA and the family allows it
+    (no bidirectional blocks, no cross-attention rows, no sliding window that cuts a segment, no attention dropout;
+    else the segment mask, with one warning naming why), and the segment mask elsewhere.
     """
     from vpa_lightning.models.logps import _log_sum_sq, _scatter_tokens
 
-    packed = pack_groups(model, batch, max_tokens)
+    packed = pack_groups(model, batch, max_tokens, attention)
     n = batch.labels.shape[0]
     r, width = packed.model_inputs["input_ids"].shape
-    # A packed row is scored whole (queries = keys); under FlexAttention inductor would pick its decoding kernel
-    # (meant for a few new tokens against a long cache) for rows under 128 tokens, which had no kernel
-    # configuration for the small heads of the GPU check's test (torch 2.11, H200): force the attention kernel.
-    extra = {"kernel_options": {"FORCE_USE_FLEX_ATTENTION": True}} if _attn_implementation(model) == "flex_attention" else {}
+    extra = packed.forward_kwargs
     if method == "hidden":
         base, head, cap = _split_model(model)
         hidden = base(**packed.model_inputs, **extra, use_cache=False, return_dict=True).last_hidden_state
