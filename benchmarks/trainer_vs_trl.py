@@ -830,6 +830,45 @@ def main(argv: list[str] | None = None) -> None:
           f"shape {args.shape}), {n_params / 1e6:.2f} M parameters; LoRA targets {lora_targets}")
 
     results: dict[str, Any] = {}
+    raw: dict[str, dict[str, list[dict]]] = {}  # every run of every side, as it finishes
+
+    def write_report(final: bool) -> None:
+        """The JSON, rewritten (atomically) after every run: a run cut short by a time limit keeps what it measured."""
+        report = {
+            "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "devices": devices,
+            "device_names": {
+                "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
+                **({"cuda": torch.cuda.get_device_name(0)} if "cuda" in devices else {}),
+            },
+            "torch_threads": torch.get_num_threads(),
+            "versions": _versions(),
+            "model": {
+                "family": shape["family"],
+                "parameters": n_params,
+                "image_tokens": n_image,
+                "shape": args.shape,
+                **SHAPES[args.shape],
+                "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "target_modules": lora_targets},
+            },
+            "training": {"beta": BETA, "loss": "sigmoid", "lr": LR, "optimizer": "AdamW", "max_grad_norm": MAX_GRAD_NORM,
+                         "dtype": "float32" if args.precision == "32-true" else "bf16 autocast",
+                         "weights": "bf16" if shape.get("bf16_weights") else "float32", "precision": args.precision,
+                         "gradient_checkpointing": args.gradient_checkpointing, "logps": "summed",
+                         "vpa_modes": modes},
+            "results": results,
+            "failures": failures,
+            "wall_seconds": time.perf_counter() - t_start,
+        }
+        report["complete"] = final
+        report["runs"] = raw
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, out)
+
     failures: list[str] = []
     for device in devices:
         for setting in settings:
@@ -868,6 +907,8 @@ def main(argv: list[str] | None = None) -> None:
                         print(f"[{device}/{setting}] {side:18s} run {rep + 1}: FAILED ({why})", flush=True)
                         continue
                     runs[side].append(r)
+                    raw.setdefault(f"{device}/{setting}", {}).setdefault(side, []).append(r)
+                    write_report(final=False)
                     print(f"[{device}/{setting}] {side:18s} run {rep + 1}: {r['pairs_per_s']:.3f} pairs/s, "
                           f"peak {r['peak_memory_mib']:.0f} MiB, step-0 loss {r['loss_step0']:.4f}, "
                           f"{r['sequences_per_forward']} sequences/forward", flush=True)
@@ -927,36 +968,8 @@ def main(argv: list[str] | None = None) -> None:
           "token run: policy forward, backward to the activations, reference forward; plus 16 d x layers per attended "
           "(query, key) pair) over the dense bf16 peak, CUDA only; max/med = slowest timed step over the median)")
 
-    report = {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "devices": devices,
-        "device_names": {
-            "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
-            **({"cuda": torch.cuda.get_device_name(0)} if "cuda" in devices else {}),
-        },
-        "torch_threads": torch.get_num_threads(),
-        "versions": _versions(),
-        "model": {
-            "family": shape["family"],
-            "parameters": n_params,
-            "image_tokens": n_image,
-            "shape": args.shape,
-            **SHAPES[args.shape],
-            "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "target_modules": lora_targets},
-        },
-        "training": {"beta": BETA, "loss": "sigmoid", "lr": LR, "optimizer": "AdamW", "max_grad_norm": MAX_GRAD_NORM,
-                     "dtype": "float32" if args.precision == "32-true" else "bf16 autocast",
-                     "weights": "bf16" if shape.get("bf16_weights") else "float32", "precision": args.precision,
-                     "gradient_checkpointing": args.gradient_checkpointing, "logps": "summed",
-                     "vpa_modes": modes},
-        "results": results,
-        "failures": failures,
-        "wall_seconds": time.perf_counter() - t_start,
-    }
     shutil.rmtree(model_dir, ignore_errors=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(final=True)
     print(f"wrote {args.json}")
     if failures:  # the figures that ran are written; the exit status says that some did not
         sys.exit("failed: " + "; ".join(failures))

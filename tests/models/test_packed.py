@@ -20,7 +20,7 @@ from .test_logps import FAMILIES, _groups  # noqa: E402
 def _grads(model, batch, **kwargs):
     model.zero_grad()
     out = group_logps(model, batch, **kwargs)
-    (out.sum_logps * torch.arange(1, out.sum_logps.numel() + 1)).sum().backward()
+    (out.sum_logps * torch.arange(1, out.sum_logps.numel() + 1, device=out.sum_logps.device)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     return out, grads
