@@ -207,7 +207,7 @@ def test_vpa_fit_on_all_bad_shard_exits_1_naming_it(demo_shards, tmp_path):
 def test_resampled_all_bad_shard_fails_instead_of_spinning(demo_shards, tiny_llava, tmp_path, monkeypatch):
     from vpa_lightning.data import datamodule
 
-    monkeypatch.setattr(datamodule, "_MAX_SKIPS_WITHOUT_EXAMPLE", 50)
+    monkeypatch.setattr(datamodule, "_MAX_SKIPS_WITHOUT_EXAMPLE", 50)  # the data module reads it when it builds a stream
     _, processor = tiny_llava
     samples = _samples(demo_shards)[:4]
     path = _shard(tmp_path / "allbad.tar", [(k, b"[]", e, i) for k, _, e, i in samples])

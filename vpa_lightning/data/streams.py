@@ -1,0 +1,255 @@
+"""Streams of :class:`~vpa_lightning.data.samples.PreferenceExample` s over shards: the WebDataset pipeline of one
+pass (shard order, the split across ranks and DataLoader workers, decoding with skips, the buffer shuffle), the
+training loader that sets each pass's epoch and resume position, and the skip-share watch."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from vpa_lightning.data.samples import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    PreferenceExample,
+    SampleError,
+    decode_sample,
+)
+from vpa_lightning.errors import TooManySkippedError
+
+__all__ = ['ExampleStream']
+
+log = logging.getLogger(__name__)
+
+class _SkipLog:
+    """Per-process record of skipped samples: ``counts`` by reason and keys pending report."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.pending: list[str] = []
+
+    def skip(self, what: str, reason: str, detail: str) -> None:
+        self.counts[reason] += 1
+        self.pending.append(f"{what}: {detail}"[:300])
+        log.warning("skipping %s: %s", what, detail)
+
+    def shard_error(self, exn: Exception) -> bool:
+        """WebDataset exception handler: log, count and continue with the next shard."""
+        # WebDataset appends the shard URL to exn.args; OSError's repr would hide it
+        detail = f"{type(exn).__name__}: {', '.join(str(a) for a in exn.args)}"
+        self.skip(f"shard data ({detail})", "shard", detail)
+        return True
+
+    def take(self) -> list[str]:
+        pending, self.pending = self.pending, []
+        return pending
+
+
+class _DecodeStage:
+    """WebDataset pipeline stage: raw samples -> :class:`PreferenceExample`, malformed ones skipped.
+
+    Any exception a sample raises (not only :class:`SampleError`: ``RecursionError`` from deep
+    JSON, ``OverflowError``, a Pillow bug) skips that sample; only ``max_skips_without_example``
+    skips in a row before any usable sample fail the pass, so that resampled shards that are all
+    bad raise instead of being drawn forever.
+    """
+
+    def __init__(
+        self, skips: _SkipLog, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, max_skips_without_example: int | None = None
+    ) -> None:
+        self.skips = skips
+        self.max_image_pixels = max_image_pixels
+        self.max_skips_without_example = max_skips_without_example
+
+    def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[PreferenceExample]:
+        good, bad = 0, 0
+        for sample in src:
+            key = str(sample.get("__key__", "?"))
+            what = f"sample {key!r} ({sample.get('__url__', '?')})"
+            try:
+                example = decode_sample(sample, self.max_image_pixels)
+            except Exception as exc:  # noqa: BLE001 - whatever a bad sample raises, it must not end the run
+                detail = str(exc) if isinstance(exc, SampleError) else f"{type(exc).__name__}: {exc}"[:500]
+                self.skips.skip(what, "malformed_sample", detail)
+                bad += 1
+                if not good and self.max_skips_without_example is not None and bad >= self.max_skips_without_example:
+                    raise RuntimeError(
+                        f"{bad} samples in a row were malformed and none was usable (last: {what}: {detail}); "
+                        "see the warnings for each"
+                    ) from exc
+                continue
+            good += 1
+            example.skipped = self.skips.take()
+            yield example
+
+
+#: Malformed samples in a row, before any usable one, after which resampled training fails.
+_MAX_SKIPS_WITHOUT_EXAMPLE = 10_000
+
+
+class _ShuffleStage:
+    """Buffered shuffle seeded by (seed, epoch, rank, worker): one pass is reproducible from its epoch."""
+
+    def __init__(self, bufsize: int, seed: int, epoch: int) -> None:
+        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+
+    def __call__(self, src: Iterator[Any]) -> Iterator[Any]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
+        buf: list[Any] = []
+        for item in src:
+            if len(buf) < self.bufsize:
+                buf.append(item)
+                continue
+            i = rng.randrange(len(buf))
+            buf[i], item = item, buf[i]
+            yield item
+        rng.shuffle(buf)
+        yield from buf
+
+
+class ExampleStream(torch.utils.data.IterableDataset):
+    """The :class:`PreferenceExample` s of ``urls`` for one pass: a pure function of (seed, epoch, rank, worker).
+
+    Training: the shard order is shuffled by (seed, epoch) (the same on every rank and worker),
+    then split across ranks and DataLoader workers; decoded groups go through a buffer shuffle
+    seeded by (seed, epoch, rank, worker). With ``per_worker`` shards are drawn with replacement
+    (WebDataset ``ResampledShards``, seeded the same way) and each worker yields ``per_worker``
+    examples. ``epoch`` is set before each pass (by the trainer's epoch counter, which a checkpoint
+    restores). ``resume = {"epoch": e, "positions": {"rank/worker": n}}`` makes pass ``e`` drop
+    the first ``n`` examples of each stream: the pass is replayed (shards read and decoded, no model
+    work) up to where the checkpointed run stopped, so it continues with exactly the next example.
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        decode: _DecodeStage,
+        *,
+        seed: int = 0,
+        train: bool = False,
+        shuffle_buffer: int = 0,
+        per_worker: int | None = None,
+        workers: int = 1,
+    ) -> None:
+        super().__init__()
+        self.urls = list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else list(urls)
+        self.decode, self.seed, self.train, self.shuffle_buffer = decode, seed, train, shuffle_buffer
+        self.per_worker, self.workers = per_worker, workers
+        self.epoch = 0
+        self.resume: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        if self.per_worker is None:
+            raise TypeError("a pass over the shards has no length known in advance")
+        return self.per_worker * self.workers
+
+    def _pipeline(self) -> tuple[Iterator[PreferenceExample], str]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        if self.per_worker is not None:
+            shards = wds.ResampledShards(self.urls, seed=self.seed, deterministic=True, empty_check=False)
+            shards.epoch = self.epoch - 1  # it counts passes itself: start it at this one
+            stages: list[Any] = [shards]
+        else:
+            urls = list(self.urls)
+            if self.train:
+                random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
+            stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+        stages += [wds.tarfile_to_samples(handler=self.decode.skips.shard_error), self.decode]
+        if self.train and self.shuffle_buffer > 0:
+            stages.append(_ShuffleStage(self.shuffle_buffer, self.seed, self.epoch))
+        examples: Iterator[PreferenceExample] = iter(wds.DataPipeline(*stages))
+        if self.per_worker is not None:
+            examples = itertools.islice(examples, self.per_worker)
+        return examples, f"{rank}/{worker}"
+
+    def __iter__(self) -> Iterator[PreferenceExample]:
+        examples, where = self._pipeline()
+        resume = self.resume
+        skip = int(resume["positions"].get(where, 0)) if resume and resume.get("epoch") == self.epoch else 0
+        for n, example in enumerate(examples, 1):
+            if n > skip:
+                example.position = (where, self.epoch, n)
+                yield example
+
+
+def _rng_state() -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, Python) in types ``torch.load(weights_only=True)`` accepts."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader that sets its :class:`ExampleStream`'s epoch before each pass (``epoch_of()``,
+    the trainer's epoch counter; without a trainer, passes are counted)."""
+
+    epoch_of: Any = None
+    resume_of: Any = None
+    max_skip_fraction: float | None = None
+    passes = 0
+
+    def __iter__(self):
+        epoch = self.epoch_of() if self.epoch_of is not None else None
+        self.dataset.epoch = self.passes if epoch is None else epoch
+        if self.resume_of is not None:
+            self.dataset.resume = self.resume_of()
+        self.passes += 1
+        batches = super().__iter__()
+        if epoch is None or self.max_skip_fraction is None or self.max_skip_fraction >= 1:
+            return batches  # no trainer: plain iteration never fails on skips
+        return _watch_skips(batches, self.max_skip_fraction, epoch)
+
+
+#: Samples seen in an epoch before the skip share is checked batch by batch (it is always checked at the end).
+_SKIP_CHECK_AFTER = 64
+
+
+def _watch_skips(batches: Iterator[dict[str, Any]], max_fraction: float, epoch: int) -> Iterator[dict[str, Any]]:
+    """Pass the batches through; raise :class:`TooManySkippedError` when more than ``max_fraction``
+    of the epoch's samples so far were skipped (the batches carry the skipped samples' reasons,
+    from every worker)."""
+    used = skipped = 0
+    reasons: list[str] = []
+
+    def check() -> None:
+        total = used + skipped
+        if skipped and skipped > max_fraction * total:
+            raise TooManySkippedError(
+                f"{skipped} of {total} training samples ({skipped / total:.1%}) were skipped in epoch {epoch}, more than "
+                f"--data.max_skip_fraction {max_fraction:g}; first reasons: " + "; ".join(reasons)
+                + ". Fix the data (a warning names each sample) or raise --data.max_skip_fraction (1 never fails)."
+            )
+
+    for batch in batches:
+        used += len(batch.get("keys", ()))
+        skipped += len(batch.get("skipped", ()))
+        reasons += batch.get("skipped", [])[: max(5 - len(reasons), 0)]
+        if used + skipped >= _SKIP_CHECK_AFTER:
+            check()
+        yield batch
+    check()
