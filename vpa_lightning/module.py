@@ -61,7 +61,8 @@ from vpa_lightning.models.loading import (
     match_rank0_layout,
     share_parameters,
 )
-from vpa_lightning.models.logps import GroupBatch, GroupLogps, group_logps, select_rows
+from vpa_lightning.models.families import family_of
+from vpa_lightning.models.logps import GroupBatch, GroupLogps, _unwrap_peft, group_logps, select_rows
 from vpa_lightning.models.packed import PACKED_ATTENTION
 from vpa_lightning.models.lora import apply_lora, default_lora_targets, language_and_vision_modules
 from vpa_lightning.reference_cache import ReferenceCache
@@ -331,6 +332,7 @@ class VisionDPOModule(pl.LightningModule):
         # without a Trainer (load_from_checkpoint for export or eval) the reference waits for its first use
         if self._trainer is not None:
             self._create_reference(fresh)
+            self._ddp_settings()
 
     def _policy(self, empty: bool) -> nn.Module:
         model = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name, empty=empty)
@@ -338,11 +340,21 @@ class VisionDPOModule(pl.LightningModule):
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+        unused = set(family_of(model).unused_parameters(model)) if not self.freeze_vision else set()
         if self.use_lora:
             model = apply_lora(model, *self.lora_options, self.freeze_vision)
         elif self.freeze_vision:
             for name in vision:
                 model.get_submodule(name).requires_grad_(False)
+        if unused:
+            # a trainable parameter that never gets a gradient fails DDP; it would never learn anyway
+            frozen = [n for n, p in model.named_parameters() if _source_name(n) in unused and p.requires_grad]
+            for name in frozen:
+                model.get_parameter(name).requires_grad_(False)
+            if frozen:
+                log.info("freezing %d parameters the %s forward never uses (the vision tower past its feature layer, its "
+                         "pooled-output norm and head): %s", len(frozen), family_of(model).name, ", ".join(frozen[:4])
+                         + (", ..." if len(frozen) > 4 else ""))
         return model
 
     @property
@@ -376,6 +388,32 @@ class VisionDPOModule(pl.LightningModule):
         self._ddp_params_and_buffers_to_ignore = [
             f"reference_model.{name}" for name, _ in (*reference.named_parameters(), *reference.named_buffers())
         ]
+
+    def _ddp_settings(self) -> None:
+        """Plain DDP over several processes (not FSDP, not DeepSpeed), set before the strategy wraps the module,
+        unless the strategy was given them: no buffer broadcast at every forward (the module's buffers are
+        constants, rotary frequencies and position ids, the same on every rank; the broadcast is a collective in
+        each forward, validation's too, whose ranks may run one batch more or less than another), and
+        ``find_unused_parameters`` only where it is needed: parameters the family's forward never uses are frozen
+        (:meth:`~vpa_lightning.models.families.Family.unused_parameters`, tested on every tiny family), and a model of
+        another family with trainable vision or base weights gets ``find_unused_parameters=True``, with one line
+        saying why."""
+        from vpa_lightning.models.tiny import TINY_FAMILIES
+
+        if not self._plain_ddp():
+            return
+        kwargs = self.trainer.strategy._ddp_kwargs
+        kwargs.setdefault("broadcast_buffers", False)
+        if "find_unused_parameters" in kwargs:
+            return
+        model_type = getattr(_unwrap_peft(self.model).config, "model_type", None)
+        trainable_base = any(p.requires_grad and "lora_" not in n for n, p in self.model.named_parameters())
+        if trainable_base and model_type not in TINY_FAMILIES:
+            kwargs["find_unused_parameters"] = True
+            log.info("DDP: find_unused_parameters=True: %s (model_type %r) trains weights outside LoRA adapters and vpa "
+                     "does not know which of them its forward leaves unused (a little slower per step; freeze them "
+                     "or pass the strategy's own find_unused_parameters to choose)", type(_unwrap_peft(self.model)).__name__,
+                     model_type)
 
     def _zero3_loading(self) -> None:
         """Under DeepSpeed ZeRO-3, tell transformers (``HfDeepSpeedConfig``, held while the module lives)
@@ -655,7 +693,18 @@ class VisionDPOModule(pl.LightningModule):
         if loss is not None:
             self._epoch_batches += 1
             self._fit_batches += 1
+        elif self._plain_ddp():
+            # every group of this batch was skipped on this rank: under DDP the other ranks' backward waits for this
+            # rank's gradients, so it takes part with zero ones (a loss of 0 through every trainable parameter)
+            loss = sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
         return loss
+
+    def _plain_ddp(self) -> bool:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        return (isinstance(strategy, DDPStrategy) and strategy.world_size > 1
+                and not any(k.__name__ == "DeepSpeedStrategy" for k in type(strategy).__mro__))
 
     # -- a run that trained on nothing fails ---------------------------------------------------
     def on_train_start(self) -> None:
@@ -769,6 +818,12 @@ class VisionDPOModule(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _source_name(name: str) -> str:
+    """A parameter's name in the transformers model, through PEFT's wrapper and ``modules_to_save`` copies."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
 
 
 def _built_on_every_rank(empty: bool | None, what: str, build: Callable[[], nn.Module]) -> nn.Module:

@@ -341,3 +341,32 @@ def test_images_sit_where_the_prompt_had_them(family) -> None:
     assert zero.model_inputs["input_ids"].tolist() == plain.model_inputs["input_ids"].tolist()
     with pytest.raises(ValueError, match="do not place 2 image"):
         build_group_batch(processor, [PreferenceGroup(None, INTERLEAVED, group.responses, images=[a, b], image_offsets=[14, 8])])
+
+
+@pytest.mark.parametrize(("family", "feature_layer"), [(f, None) for f in TINY_FAMILIES]
+                         + [("llava", -2), ("llava_next", -2), ("llava_onevision", -2)])
+def test_unused_parameters_are_exactly_those_without_a_gradient(family, feature_layer) -> None:
+    """Family.unused_parameters names exactly the parameters a forward and backward leave without a gradient (DDP
+    fails on trainable ones): none missing, none that would have learned. LLaVA-1.5 reads the penultimate vision
+    layer (-2): its last layer joins the unused ones."""
+    from vpa_lightning.models import family_of, group_logps
+
+    model, processor = build_tiny_vlm(family)
+    if feature_layer is not None:
+        model.config.vision_feature_layer = feature_layer
+    model.train()
+    group_logps(model, build_group_batch(processor, _mixed_groups()[-1:]), pack=True).sum_logps.sum().backward()
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None}
+    assert set(family_of(model).unused_parameters(model)) == no_grad
+    if feature_layer == -2:
+        assert any(".encoder.layers.1." in n for n in no_grad)  # the last of the tiny tower's 2 layers
+
+
+def test_unused_layers_of_several_feature_layers() -> None:
+    """Several feature layers (concatenated features): only the layers past the deepest one are unused."""
+    model, _ = build_tiny_vlm("llava")
+    family = family_of(model)
+    model.config.vision_feature_layer = [-3, -2]
+    assert any(".encoder.layers.1." in n for n in family.unused_parameters(model))
+    model.config.vision_feature_layer = [0, -1]
+    assert not any(".encoder.layers." in n for n in family.unused_parameters(model))

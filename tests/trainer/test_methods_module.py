@@ -90,11 +90,11 @@ def test_ipo_gets_length_averaged_logps(batch):
     [DPOLoss(ld_alpha=0.5), DPOLoss(pair_weighting="wpo"), PlackettLuceLoss(), LiPOLambdaLoss(), KTOLoss(kl_reference_point=False)],
     ids=lambda x: repr(x).split("(")[0] + ("-ld" if getattr(x, "ld_alpha", None) else "") + ("-wpo" if getattr(x, "pair_weighting", "") == "wpo" else ""),
 )
-def test_prefix_sharing_gives_the_same_loss(batch, loss):
-    """Per-token log-probs (LD-DPO), log sum p^2 (WPO) and the group losses agree between the plain,
-    the prefix-shared and the packed forward."""
+def test_prefix_sharing_gives_the_same_loss(batch, loss, no_pack_fallback):
+    """Per-token log-probs (LD-DPO), log sum p^2 (WPO) and the group losses agree between the plain
+    (``packed=False``: packing is the default), the prefix-shared and the packed forward (which must not fall back)."""
     outs, grads = [], []
-    for mode in ({}, {"prefix_sharing": True}, {"packed": True}):
+    for mode in ({"packed": False}, {"prefix_sharing": True}, {"packed": True}):
         module = VisionDPOModule("tiny:llava", loss=loss, lora_dropout=0.0, **mode)
         _perturb_lora(module)
         out = module.compute_loss(batch)

@@ -19,12 +19,15 @@ def batch(demo_shards, tiny_llava):
     return next(iter(dm.val_dataloader()))
 
 
-@pytest.mark.parametrize("lora", [True, False])
-def test_packed_with_checkpointing_gives_the_plain_loss(batch, lora):
+@pytest.mark.parametrize(("lora", "attention"), [(True, "auto"), (False, "auto"), (True, "varlen")])
+def test_packed_with_checkpointing_gives_the_plain_loss(batch, lora, attention, no_pack_fallback):
+    """Against ``--model.packed false``, failing if packing fell back to the plain path; ``varlen``: the
+    variable-length attention path (its reference kernel on CPU; the flash kernel on CUDA)."""
     outs, grads = [], []
     for packed in (False, True):
         torch.manual_seed(0)
-        module = VisionDPOModule("tiny:llava", lora=lora, lora_dropout=0.0, packed=packed, gradient_checkpointing=packed)
+        module = VisionDPOModule("tiny:llava", lora=lora, lora_dropout=0.0, packed=packed, gradient_checkpointing=packed,
+                                 packed_attention=attention)
         if lora:
             _perturb_lora(module)
         else:  # move the policy away from its reference so rewards are not all 0

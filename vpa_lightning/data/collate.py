@@ -16,9 +16,10 @@ from vpa_lightning.data.samples import PreferenceExample, unpaired_labels
 from vpa_lightning.data.streams import _SkipLog
 from vpa_lightning.models.logps import build_group_batch
 
-__all__ = ['GroupCollator']
+__all__ = ["GroupCollator"]
 
 log = logging.getLogger(__name__)
+
 
 def _response_sha(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]

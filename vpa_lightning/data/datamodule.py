@@ -8,7 +8,8 @@ responses). The data module
 
 1. streams the shards with stock WebDataset stages (:class:`ExampleStream`:
    for training the shard order is shuffled per epoch, then split by node and
-   by DataLoader worker),
+   by DataLoader worker; on several devices the samples themselves are split
+   evenly, so every rank runs the same number of steps),
 2. decodes each sample into a :class:`PreferenceExample` (image to an RGB
    PIL image, JSON checked), skipping malformed samples (see below),
 3. shuffles groups in a buffer (training only),
@@ -123,6 +124,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader
 
 from vpa_lightning.data.collate import GroupCollator
@@ -136,9 +138,11 @@ from vpa_lightning.data.samples import (
     unpaired_labels,
 )
 from vpa_lightning.data.shardlist import (
+    _local_path,
     _manifest_shards,
     _test_urls,
     check_shards,
+    count_samples,
     missing_shards,
     resolve_shards,
 )
@@ -150,6 +154,7 @@ from vpa_lightning.data.streams import (
     _set_rng_state,
     _SkipLog,
     _TrainLoader,
+    even_quota,
 )
 from vpa_lightning.errors import UsageError
 from vpa_lightning.models.families import family_of
@@ -191,21 +196,22 @@ class PreferenceDataModule(pl.LightningDataModule):
         batch_size: Groups (images with all their responses) per batch; the
             number of sequences per batch is the sum of the groups' K.
         num_workers: DataLoader worker processes (decoding and tokenisation
-            happen there). Shards are split across workers, so use at most as
-            many workers as shards per node.
+            happen there). On one device shards are split across workers, so use at most as
+            many workers as shards; on several, samples are (any number of workers).
         shuffle_buffer: Size of the group shuffle buffer for training (0 = no
             shuffling); shard order is also shuffled per epoch.
         max_length: Maximum tokens per sequence (prompt + image tokens +
             response); responses are truncated to fit, groups whose prompt
             alone does not fit are skipped. ``None`` = no limit.
         seed: Seed of the shard and buffer shuffles (combined with epoch, rank and worker).
-        groups_per_epoch: Training groups per epoch over all ranks, or ``None`` for one
-            pass over the training shards (each shard read once per epoch; right for one
-            device). Set it for multi-device training: shards are then drawn with
-            replacement (WebDataset ``resampled``) and every rank and worker yields the
-            same number of batches (``groups_per_epoch`` rounded up to a multiple of
-            ``world_size x max(num_workers, 1) x batch_size``), so no rank waits for
-            another at the end of an epoch, and the loader has a length (for the LR schedule).
+        groups_per_epoch: Training groups per epoch over all ranks, or ``None`` for one pass over the
+            training shards. ``None`` on one device: each shard read once per epoch. ``None`` on several: the
+            samples are split evenly across ranks and DataLoader workers (see :class:`ExampleStream`; every rank
+            runs the same number of steps, each sample at most once per epoch, fewer than ``world_size x
+            max(num_workers, 1) x batch_size`` left out), which needs the shards' sample counts (a manifest, or
+            local ``.tar`` files). Set it for remote shards on several devices: shards are then drawn with
+            replacement (WebDataset ``resampled``) and every rank and worker yields the same number of batches
+            (``groups_per_epoch`` rounded up to a multiple of ``world_size x max(num_workers, 1) x batch_size``).
             The resampled shard draws are seeded by (seed, epoch, rank, worker), so runs repeat.
         processor: The model's processor; ``None`` takes
             ``trainer.lightning_module.processor`` in :meth:`setup`.
@@ -292,8 +298,10 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.train_urls, self.val_urls, self.counts = resolve_shards(train_shards, val_shards, self._expected)
         self.test_urls = _test_urls(test_shards, self._expected) if test_shards is not None else self.val_urls
         self._checked: set[str] = set()
+        self._counted: dict[str, int] = {}  # samples of local shards without a manifest (the even split)
         # resume state (see state_dict): the training examples the steps consumed so far, per stream
         self._consumed: dict[str, int] = {}
+        self._batches: dict[str, int] = {}  # training batches each rank consumed in the epoch
         self._consumed_epoch: int | None = None
         self._resume: dict[str, Any] | None = None
         self._pending_rng: dict[str, Any] | None = None
@@ -376,14 +384,32 @@ class PreferenceDataModule(pl.LightningDataModule):
         return 1
 
     def dataset(self, urls: str | list[str], train: bool) -> ExampleStream:
-        """The stream of :class:`PreferenceExample` s for ``urls`` (see :class:`ExampleStream`)."""
-        per_worker = None
+        """The stream of :class:`PreferenceExample` s for ``urls`` (see :class:`ExampleStream`). On several devices
+        without ``groups_per_epoch`` the samples are split evenly across ranks and workers (the shards' sample
+        counts from their manifest, or counted from local tar headers)."""
+        workers = max(self.num_workers, 1)
+        world = self._world_size()
+        per_worker = counts = None
         if train and self.groups_per_epoch is not None:
-            workers = max(self.num_workers, 1)
-            per_worker = math.ceil(self.groups_per_epoch / (self._world_size() * workers * self.batch_size))
+            per_worker = math.ceil(self.groups_per_epoch / (world * workers * self.batch_size))
             per_worker *= self.batch_size
-        # resampled shards are drawn forever: a pass with nothing usable must fail, not spin
-        decode = _DecodeStage(self._skips, self.max_image_pixels, _MAX_SKIPS_WITHOUT_EXAMPLE if per_worker else None)
+        elif world > 1:
+            counts = self._sample_counts(urls)
+            if counts is None and train:
+                raise UsageError(
+                    f"--data.train_shards: on {world} devices vpa splits the training samples evenly across ranks, which "
+                    "needs each shard's sample count: give a vpa-shard build directory (its manifest.json) or local .tar "
+                    "files, or, for remote shards, set --data.groups_per_epoch (shards drawn with replacement)"
+                )
+            if train and even_quota(sum(counts), world * workers, self.batch_size) == 0:
+                raise UsageError(
+                    f"--data.batch_size {self.batch_size}: {world} devices x {workers} DataLoader worker(s) need at least "
+                    f"{world * workers * self.batch_size} training samples to give every rank a batch, and the shards hold "
+                    f"{sum(counts)}; lower --data.batch_size or --data.num_workers"
+                )
+        # shards read with replacement or round and round: a pass with nothing usable must fail, not spin
+        bounded = per_worker is not None or (train and counts is not None)
+        decode = _DecodeStage(self._skips, self.max_image_pixels, _MAX_SKIPS_WITHOUT_EXAMPLE if bounded else None)
         return ExampleStream(
             urls,
             decode,
@@ -391,8 +417,29 @@ class PreferenceDataModule(pl.LightningDataModule):
             train=train,
             shuffle_buffer=self.shuffle_buffer,
             per_worker=per_worker,
-            workers=max(self.num_workers, 1),
+            workers=workers,
+            counts=counts,
+            world=world,
+            batch_size=self.batch_size,
         )
+
+    def _sample_counts(self, urls: str | list[str]) -> list[int] | None:
+        """Samples of each shard of ``urls``: the manifest's, else counted from a local tar's headers (once per
+        run); ``None`` where a shard is remote (a URL or ``pipe:``)."""
+        paths = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
+        counts = []
+        for url in paths:
+            entry = self._expected.get(url)
+            if isinstance(entry, dict) and isinstance(entry.get("samples"), int):
+                counts.append(int(entry["samples"]))
+                continue
+            local = _local_path(url)
+            if local is None:
+                return None
+            if local not in self._counted:
+                self._counted[local] = count_samples(local)
+            counts.append(self._counted[local])
+        return counts
 
     def _loader(self, urls: str | list[str] | None, train: bool, what: str) -> DataLoader:
         if urls is None:
@@ -428,16 +475,19 @@ class PreferenceDataModule(pl.LightningDataModule):
 
     # -- exact resume ------------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count the training examples the steps consumed (the checkpointed position); after a
-        resume, restore the RNG state of the checkpointed run right before its next step."""
+        """Count the training examples the steps consumed per stream, and the batches per rank (the checkpointed
+        position); after a resume, restore the RNG state of the checkpointed run right before its next step."""
         if self._trainer_attached() and self.trainer.training and isinstance(batch, dict):
             if self._pending_rng is not None:
                 _set_rng_state(self._pending_rng)
                 self._pending_rng = None
             for where, epoch, n in batch.get("position", ()):
                 if epoch != self._consumed_epoch:
-                    self._consumed, self._consumed_epoch = {}, epoch
+                    self._consumed, self._batches, self._consumed_epoch = {}, {}, epoch
                 self._consumed[where] = max(n, self._consumed.get(where, 0))
+            if batch.get("position"):
+                rank = str(self.trainer.global_rank)
+                self._batches[rank] = self._batches.get(rank, 0) + 1
         return batch
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -464,18 +514,26 @@ class PreferenceDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the training position (examples consumed per rank and worker
         stream in the current epoch), the stream settings and shard hashes it depends on, and
-        the RNG states (torch, numpy, Python) at the save."""
-        consumed = dict(self._consumed)
+        the RNG states (torch, numpy, Python) of every rank at the save (they differ: each rank's dropout drew for
+        its own batches)."""
+        consumed, batches = dict(self._consumed), dict(self._batches)
+        rng = _rng_state()
+        by_rank = {"0": rng}
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, consumed)  # every rank saves through the same hook
-            consumed = {k: v for part in gathered for k, v in part.items()}
+            # every rank saves through the same hook; the file holds what rank 0 saw of all of them
+            torch.distributed.all_gather_object(gathered, (consumed, batches, rng))
+            consumed = {k: v for part, _, _ in gathered for k, v in part.items()}
+            batches = {k: v for _, part, _ in gathered for k, v in part.items()}
+            by_rank = {str(r): part for r, (_, _, part) in enumerate(gathered)}
         return {
             "version": 1,
             "epoch": self._consumed_epoch,
             "positions": consumed,
+            "batches": batches,
             "fingerprint": self._fingerprint(),
-            "rng": _rng_state(),
+            "rng": by_rank["0"],
+            "rng_by_rank": by_rank,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -493,9 +551,15 @@ class PreferenceDataModule(pl.LightningDataModule):
             )
         layout_same = not {"num_workers", "world_size"} & set(changed)
         if state.get("epoch") is not None and layout_same:
-            self._resume = {"epoch": int(state["epoch"]), "positions": dict(state.get("positions", {}))}
+            batches = {str(k): int(v) for k, v in state.get("batches", {}).items()}
+            workers = max(self.num_workers, 1)
+            self._resume = {"epoch": int(state["epoch"]), "positions": dict(state.get("positions", {})),
+                            # whose turn it is among each rank's workers (see ExampleStream._pipeline)
+                            "shift": {rank: n % workers for rank, n in batches.items()}}
             self._consumed, self._consumed_epoch = dict(self._resume["positions"]), self._resume["epoch"]
-        self._pending_rng = state.get("rng")
+            self._batches = batches
+        rank = str(self.trainer.global_rank) if self._trainer_attached() else "0"
+        self._pending_rng = state.get("rng_by_rank", {}).get(rank, state.get("rng"))
 
     def _what(self, split: str) -> str:
         if split == "test" and self.test_shards is not None:

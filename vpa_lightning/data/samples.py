@@ -15,7 +15,7 @@ from PIL import Image
 from vpa_lightning import rust_pairs as _rp
 from vpa_lightning.models.logps import PreferenceGroup, offsets_place_images
 
-__all__ = ['DEFAULT_MAX_IMAGE_PIXELS', 'IMAGE_EXTENSIONS', 'PreferenceExample', 'SampleError', 'decode_sample', 'parse_unpaired', 'unpaired_labels']
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "IMAGE_EXTENSIONS", "PreferenceExample", "SampleError", "decode_sample", "parse_unpaired", "unpaired_labels"]
 
 log = logging.getLogger(__name__)
 

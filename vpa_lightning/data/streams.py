@@ -23,9 +23,10 @@ from vpa_lightning.data.samples import (
 )
 from vpa_lightning.errors import TooManySkippedError
 
-__all__ = ['ExampleStream']
+__all__ = ["ExampleStream", "even_quota"]
 
 log = logging.getLogger(__name__)
+
 
 class _SkipLog:
     """Per-process record of skipped samples: ``counts`` by reason and keys pending report."""
@@ -96,12 +97,11 @@ _MAX_SKIPS_WITHOUT_EXAMPLE = 10_000
 class _ShuffleStage:
     """Buffered shuffle seeded by (seed, epoch, rank, worker): one pass is reproducible from its epoch."""
 
-    def __init__(self, bufsize: int, seed: int, epoch: int) -> None:
-        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int, worker: int) -> None:
+        self.bufsize, self.seed, self.epoch, self.rank, self.worker = bufsize, seed, epoch, rank, worker
 
     def __call__(self, src: Iterator[Any]) -> Iterator[Any]:
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{self.worker}")
         buf: list[Any] = []
         for item in src:
             if len(buf) < self.bufsize:
@@ -112,6 +112,13 @@ class _ShuffleStage:
             yield item
         rng.shuffle(buf)
         yield from buf
+
+
+def even_quota(total: int, streams: int, batch_size: int) -> int:
+    """Training examples each of ``streams`` (ranks x DataLoader workers) yields per epoch under the even split:
+    the most whole batches every stream can fill from ``total`` samples, so every rank runs the same number of
+    steps; the remainder, fewer than ``streams x batch_size`` samples, sits out the epoch."""
+    return total // (streams * batch_size) * batch_size
 
 
 class ExampleStream(torch.utils.data.IterableDataset):
@@ -125,6 +132,15 @@ class ExampleStream(torch.utils.data.IterableDataset):
     restores). ``resume = {"epoch": e, "positions": {"rank/worker": n}}`` makes pass ``e`` drop
     the first ``n`` examples of each stream: the pass is replayed (shards read and decoded, no model
     work) up to where the checkpointed run stopped, so it continues with exactly the next example.
+
+    **Even split** (``counts``: the samples of each shard, given for several ranks): the pass's samples, in the
+    (seed, epoch) shard order, are one sequence, and stream ``s = rank x workers + worker`` of ``S`` reads its own
+    contiguous range of it (only the shards that overlap the range are opened; a shard the range starts inside is
+    read from its start, the samples before the range are parsed and passed over, not decoded). Training: every
+    stream yields exactly :func:`even_quota` examples, a whole number of batches, so every rank runs the same number
+    of steps and the ranks' samples are disjoint; a sample skipped as malformed is made up from the samples after
+    the range (wrapping round), the one case where two streams may share a sample. Evaluation: the ranges split
+    the samples as evenly as they go, each sample exactly once, none left out.
     """
 
     def __init__(
@@ -137,37 +153,96 @@ class ExampleStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 0,
         per_worker: int | None = None,
         workers: int = 1,
+        counts: list[int] | None = None,
+        world: int = 1,
+        batch_size: int = 1,
     ) -> None:
         super().__init__()
         self.urls = list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else list(urls)
         self.decode, self.seed, self.train, self.shuffle_buffer = decode, seed, train, shuffle_buffer
         self.per_worker, self.workers = per_worker, workers
+        if counts is not None and len(counts) != len(self.urls):
+            raise ValueError(f"{len(counts)} sample counts for {len(self.urls)} shards")
+        self.counts = None if per_worker is not None else counts
+        self.world, self.batch_size = world, batch_size
+        self.quota = even_quota(sum(counts), world * workers, batch_size) if self.counts is not None and train else None
         self.epoch = 0
         self.resume: dict[str, Any] | None = None
 
     def __len__(self) -> int:
-        if self.per_worker is None:
-            raise TypeError("a pass over the shards has no length known in advance")
-        return self.per_worker * self.workers
+        if self.per_worker is not None:
+            return self.per_worker * self.workers
+        if self.quota is not None:
+            return self.quota * self.workers
+        raise TypeError("a pass over the shards has no length known in advance")
+
+    def _order(self) -> list[int]:
+        """Shard indices in the pass's order: shuffled by (seed, epoch) for training, the same on every rank."""
+        order = list(range(len(self.urls)))
+        if self.train:
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        return order
+
+    def _range(self, stream: int) -> tuple[int, int]:
+        """``[start, end)`` of stream ``stream``'s samples in the pass's sequence."""
+        streams = self.world * self.workers
+        if self.quota is not None:
+            return stream * self.quota, (stream + 1) * self.quota
+        total = sum(self.counts)
+        return total * stream // streams, total * (stream + 1) // streams
+
+    def _raw_from(self, order: list[int], start: int, end: int | None) -> Iterator[dict[str, Any]]:
+        """Raw samples of the pass's sequence from position ``start`` to ``end`` (``None``: on and on, wrapping
+        round: a training stream stops once it has its quota)."""
+        read = wds.tarfile_to_samples(handler=self.decode.skips.shard_error)
+        total = sum(self.counts)
+        if total == 0:
+            return
+        position = start % total
+        while end is None or position < end:
+            offset = position % total
+            first = 0  # the sequence position of this shard's first sample
+            for index in order:
+                if offset < first + self.counts[index]:
+                    break
+                first += self.counts[index]
+            taken = 0
+            for sample in itertools.islice(read(iter([{"url": self.urls[index]}])), offset - first, None):
+                if end is not None and position + taken >= end:
+                    return
+                taken += 1
+                yield sample
+            # the shard may hold fewer samples than counted (a truncated tar): go on with the next one
+            position += max(first + self.counts[index] - offset, 1)
 
     def _pipeline(self) -> tuple[Iterator[PreferenceExample], str]:
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        if self.per_worker is not None:
-            shards = wds.ResampledShards(self.urls, seed=self.seed, deterministic=True, empty_check=False)
-            shards.epoch = self.epoch - 1  # it counts passes itself: start it at this one
-            stages: list[Any] = [shards]
+        rank, world, physical, workers = wds.utils.pytorch_worker_info()
+        # A DataLoader takes batches from its workers in turn, always starting with worker 0. A pass resumed after
+        # b batches must start with the stream whose turn it was: worker w reads stream (w + b) mod workers.
+        resume = self.resume if self.resume and self.resume.get("epoch") == self.epoch else {}
+        worker = (physical + int(resume.get("shift", {}).get(str(rank), 0))) % max(workers, 1)
+        where = f"{rank}/{worker}"
+        examples: Iterator[PreferenceExample]
+        if self.counts is not None:  # the even split (several ranks)
+            start, end = self._range(rank * self.workers + worker)
+            examples = self.decode(self._raw_from(self._order(), start, None if self.quota is not None else end))
+            if self.quota is not None:
+                examples = itertools.islice(examples, self.quota)
         else:
-            urls = list(self.urls)
-            if self.train:
-                random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
-            stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-        stages += [wds.tarfile_to_samples(handler=self.decode.skips.shard_error), self.decode]
+            if self.per_worker is not None:
+                shards = wds.ResampledShards(self.urls, seed=self.seed, deterministic=True, empty_check=False,
+                                             worker_seed=lambda: rank * 1000 + worker)  # as WebDataset seeds a worker
+                shards.epoch = self.epoch - 1  # it counts passes itself: start it at this one
+                source: Any = shards
+            else:  # each rank, then each of its workers, its share of the pass's shard order
+                urls = [self.urls[i] for i in self._order()][rank::max(world, 1)][worker::max(workers, 1)]
+                source = wds.SimpleShardList(urls)
+            examples = iter(wds.DataPipeline(source, wds.tarfile_to_samples(handler=self.decode.skips.shard_error), self.decode))
+            if self.per_worker is not None:
+                examples = itertools.islice(examples, self.per_worker)
         if self.train and self.shuffle_buffer > 0:
-            stages.append(_ShuffleStage(self.shuffle_buffer, self.seed, self.epoch))
-        examples: Iterator[PreferenceExample] = iter(wds.DataPipeline(*stages))
-        if self.per_worker is not None:
-            examples = itertools.islice(examples, self.per_worker)
-        return examples, f"{rank}/{worker}"
+            examples = _ShuffleStage(self.shuffle_buffer, self.seed, self.epoch, rank, worker)(examples)
+        return examples, where
 
     def __iter__(self) -> Iterator[PreferenceExample]:
         examples, where = self._pipeline()

@@ -36,6 +36,9 @@ class Family:
         final_logit_softcap: The model's forward soft-caps the logits with the text config's
             ``final_logit_softcapping`` (the ``hidden`` log-prob method re-applies it); Gemma 3's
             ``ForConditionalGeneration`` does not, although its text config has one.
+        unused_vision_modules: Submodules of the vision tower that the VLM's forward never runs (Gemma 3 and
+            PaliGemma take SigLIP's hidden states, not its attention-pooling ``head``); see
+            :meth:`unused_parameters`.
         bidirectional_blocks: Tokens the model lets attend to each other both ways, from its
             ``token_type_ids``: ``"image"`` = each run of ``token_type_ids == 1`` (Gemma 3's images),
             ``"prefix"`` = every ``token_type_ids == 0`` token (PaliGemma's image + prompt); ``None``:
@@ -54,6 +57,7 @@ class Family:
     image_inputs: tuple[str, ...] = ("image_sizes", "image_grid_thw")
     pixel_values_per_row: bool = False
     bidirectional_blocks: str | None = None
+    unused_vision_modules: tuple[str, ...] = ()
 
     # -- text ------------------------------------------------------------------------------
     def prompt_text(self, processor: Any, messages: Sequence[dict[str, Any]]) -> str:
@@ -145,6 +149,36 @@ class Family:
             )
         owner = torch.repeat_interleave(torch.arange(len(image_counts)), image_counts)
         return torch.zeros(len(image_counts), dtype=torch.long).index_add(0, owner, per_image)
+
+    def unused_parameters(self, model: Any) -> list[str]:
+        """Names (as ``model.named_parameters()`` gives them) of the parameters ``model``'s forward can never use,
+        so never get a gradient: DDP fails on them when they are trainable. A VLM that takes its image features
+        from the vision tower's hidden states (``config.vision_feature_layer``: LLaVA, LLaVA-NeXT,
+        LLaVA-OneVision) never runs the tower's layers after the deepest feature layer (LLaVA-1.5 reads the
+        penultimate one, -2: its last layer is unused), nor its ``post_layernorm`` and pooling ``head``, which make
+        the pooled output; plus :attr:`unused_vision_modules`. Tested on every tiny family: with these frozen,
+        every other parameter gets a gradient (``tests/models/test_families.py``)."""
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        tower_name = next((n for n, _ in inner.named_modules() if n.rsplit(".", 1)[-1] == "vision_tower"), None)
+        if tower_name is None:
+            return []
+        tower = inner.get_submodule(tower_name)
+        unused = list(self.unused_vision_modules)
+        feature_layer = getattr(inner.config, "vision_feature_layer", None)
+        if feature_layer is not None:
+            unused += ["post_layernorm", "head"]
+            layers = getattr(getattr(tower, "encoder", None), "layers", None)
+            if layers is not None:
+                n = len(layers)
+                wanted = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+                # hidden_states[0] is the embeddings, hidden_states[i] the output of layer i - 1
+                deepest = max(f if f >= 0 else n + 1 + f for f in wanted)
+                unused += [f"encoder.layers.{i}" for i in range(deepest, n)]
+        names = []
+        for module in unused:
+            if module.split(".")[0] in dict(tower.named_children()):
+                names += [f"{tower_name}.{module}.{p}" for p, _ in tower.get_submodule(module).named_parameters()]
+        return names
 
     def __repr__(self) -> str:
         return f"<Family {self.name}>"

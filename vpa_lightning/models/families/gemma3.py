@@ -10,6 +10,7 @@ class Gemma3Family(Family):
     name = "gemma3"
     model_types = ("gemma3",)
     processor_classes = ("Gemma3Processor",)
+    unused_vision_modules = ("head",)  # SigLIP's attention pooling: the VLM takes its hidden states
     bidirectional_blocks = "image"
     nested_images = True
     final_logit_softcap = False

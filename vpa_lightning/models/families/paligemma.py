@@ -19,6 +19,7 @@ class PaliGemmaFamily(Family):
     name = "paligemma"
     model_types = ("paligemma",)
     processor_classes = ("PaliGemmaProcessor",)
+    unused_vision_modules = ("head",)  # SigLIP's attention pooling: the VLM takes its hidden states
     bidirectional_blocks = "prefix"
     response_fill = {"token_type_ids": 1}
     dropped_inputs = ("labels",)
