@@ -19,6 +19,7 @@
 #   trainer_full: vpa packed vs TRL at full LLaVA-1.5-7B depth, pairs and 4-response groups, checkpointing on;
 #   trainer_mfu: vpa alone without checkpointing, 8 groups a step (MFU);
 #   trainer_qwen: vpa packed vs TRL at Qwen2-VL-7B, pairs;
+#   trainer_fullft: full fine-tuning of the 7B language model, vpa packed vs TRL, pairs;
 #   augment (Kornia on CUDA vs torchvision on CPU), seva_generation, varlen_probe (the kernel alone vs SDPA's
 #   mask), trainer_profile (one profiled run at full depth), with whatever time is left.
 # --cpu: the same steps at a tiny shape on CPU (the smoke test of this script, tests/test_gpu_check.py).
@@ -181,6 +182,9 @@ else
   # Qwen2-VL-7B (M-RoPE, grouped-query heads), pairs
   step trainer_qwen 130 "$WORK/trl_qwen.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape qwen2vl7b \
     --gradient-checkpointing --settings pairwise --pairs-per-step 8 --json "$WORK/trl_qwen.json"
+  # full fine-tuning of the 7B language model (bf16 weights, torch AdamW, the reference a frozen copy), pairs
+  step trainer_fullft 130 "$WORK/trl_fullft.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
+    --gradient-checkpointing --settings pairwise --pairs-per-step 8 --full-finetune --json "$WORK/trl_fullft.json"
   TRL=(--device cuda --shape llava7b-2l --image-size 336 --precision bf16-mixed --gradient-checkpointing
        --vpa-modes plain,packed --steps 6 --warmup 2 --repeats 1 --timeout 150 --max-length 1024 --phases)
   step augment 40 "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 64 --size 336 \

@@ -485,7 +485,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
     module = VisionDPOModule(
         spec["model_dir"],
         loss=DPOLoss(beta=BETA),
-        lora=True,
+        lora=not spec.get("full_finetune"),
         lora_r=LORA_R,
         lora_alpha=LORA_ALPHA,
         lora_dropout=0.0,
@@ -604,6 +604,11 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     dataset = Dataset.from_list(rows)
     model = AutoModelForImageTextToText.from_pretrained(
         spec["model_dir"], **({"dtype": torch.bfloat16} if spec.get("bf16_weights") else {}))
+    if spec.get("full_finetune"):  # the language model trains, the vision side stays frozen (vpa's freeze_vision)
+        from vpa_lightning.models.lora import language_and_vision_modules
+
+        for name in language_and_vision_modules(model)[1]:
+            model.get_submodule(name).requires_grad_(False)
     processor = AutoProcessor.from_pretrained(spec["model_dir"])
     peft_config = LoraConfig(
         r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=spec["lora_targets"], task_type="CAUSAL_LM"
@@ -667,7 +672,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         args=args,
         train_dataset=dataset,
         processing_class=processor,
-        peft_config=peft_config,
+        peft_config=None if spec.get("full_finetune") else peft_config,  # full fine-tuning: TRL copies a reference
         callbacks=[timer],
     )
     # sequences per forward: the collator's batch of 2 x pairs rows; the tokens of every step's batch (sequential
@@ -776,6 +781,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phases", action="store_true",
                         help="synchronise the GPU at each phase mark (data, forward, backward, optimizer) so the "
                              "per-step phase times in the JSON are exact; CPU runs need no synchronising")
+    parser.add_argument("--full-finetune", action="store_true",
+                        help="train every weight of the language model on both sides (vision frozen; the reference a "
+                             "frozen copy) instead of LoRA")
     parser.add_argument("--skip-trl", action="store_true",
                         help="run vpa's sides only (e.g. a batch TRL cannot hold without gradient checkpointing): MFU, "
                              "step times and memory, no ratios")
@@ -850,7 +858,8 @@ def main(argv: list[str] | None = None) -> None:
                 "image_tokens": n_image,
                 "shape": args.shape,
                 **SHAPES[args.shape],
-                "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "target_modules": lora_targets},
+                "lora": None if args.full_finetune else {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0,
+                                                     "target_modules": lora_targets},
             },
             "training": {"beta": BETA, "loss": "sigmoid", "lr": LR, "optimizer": "AdamW", "max_grad_norm": MAX_GRAD_NORM,
                          "dtype": "float32" if args.precision == "32-true" else "bf16 autocast",
@@ -898,6 +907,7 @@ def main(argv: list[str] | None = None) -> None:
                         "phases": args.phases,
                         "profile": args.profile,
                         "bf16_weights": bool(SHAPES[args.shape].get("bf16_weights")),
+                        "full_finetune": args.full_finetune,
                     }
                     try:
                         r = _spawn(spec, args.timeout)

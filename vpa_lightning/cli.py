@@ -32,7 +32,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["TOOLS", "allocator_defaults", "cli_main", "console_main", "main"]
+__all__ = ["COMMANDS", "TOOLS", "allocator_defaults", "cli_main", "console_main", "main", "overview"]
 
 #: ``vpa <name> ...`` subcommands that are not LightningCLI ones: name -> (module, function).
 #: Each function takes the remaining arguments as a list (``None`` = ``sys.argv``).
@@ -63,6 +63,30 @@ def allocator_defaults(environ: dict[str, str] | None = None) -> str | None:
     name = "PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF"
     env[name] = "expandable_segments:True"
     return name
+
+
+#: One line per command for ``vpa --help`` (the LightningCLI ones first).
+COMMANDS: dict[str, str] = {
+    "fit": "train a policy on preference shards (LightningCLI: --config YAML, every option documented in fit --help)",
+    "validate": "one evaluation pass over the validation shards",
+    "test": "one evaluation pass over the test shards",
+    "predict": "per-pair rewards of a checkpoint over the test shards",
+    "demo": "build the demo shards and train the tiny demo model end to end (about a minute on CPU)",
+    "seva": "SeVa: generate augmented-image pairs (seva generate) or run the rounds (seva rounds)",
+    "eval": "evaluate a model or checkpoint on a benchmark (POPE, MME, MMBench, MM-Vet, ...)",
+    "report": "tables and plots of evaluation results",
+    "export": "export a checkpoint's LoRA adapter or merged model in transformers' format",
+}
+
+
+def overview() -> str:
+    """``vpa --help``: every command, each with ``--help`` of its own."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: vpa COMMAND [ARGS ...]", "", "Preference optimisation (DPO family) of vision-language models.", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "`vpa COMMAND --help` documents a command; `vpa-shard --help` the data core."]
+    return "\n".join(lines)
 
 
 def run_tool(name: str, args: list[str]) -> Any:
@@ -148,6 +172,9 @@ def main(argv: list[str] | None = None) -> Any:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOLS:
         return run_tool(args[0], args[1:])
+    if not args or args[0] in ("-h", "--help"):
+        print(overview(), file=sys.stdout if args else sys.stderr)
+        raise SystemExit(0 if args else 2)
     allocator_defaults()
     return cli_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
 

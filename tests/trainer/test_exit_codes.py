@@ -74,12 +74,23 @@ def test_fit_before_the_demo_data_exists_names_the_path_and_the_command(tmp_path
         (["seva", "generate", "--no_such_option", "1"], 2, "no_such_option"),
         (["demo", "--num-images", "0"], 2, "--num-images"),
         (["demo", "--help"], 0, "--out"),
+        ([], 2, "commands:"),
     ],
 )
 def test_tool_exit_statuses(args, status, named):
     proc = _vpa(*args)
     assert proc.returncode == status, proc.stderr[-2000:]
     assert named in proc.stdout + proc.stderr
+
+
+def test_vpa_help_lists_every_command():
+    """`vpa --help` names every command, the LightningCLI ones and the tools, each of which has its own --help."""
+    from vpa_lightning.cli import COMMANDS, TOOLS
+
+    proc = _vpa("--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")}
+    assert listed == set(COMMANDS) == {"fit", "validate", "test", "predict", *TOOLS}
 
 
 def test_validate_test_predict_export_report_exit_zero(fitted, demo_shards, tmp_path):

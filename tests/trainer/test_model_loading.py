@@ -267,7 +267,15 @@ def test_fsdp_only_rank0_loads_and_every_rank_gets_its_weights(demo_shards, tmp_
         assert {"sync_module_states", "param_init_fn"} <= set(r["kwargs"])  # set by the module on the strategy
         assert r["different"] == [], f"rank {r['rank']}: not the single-process load: {r['different'][:5]}"
         assert r["losses"][0] != r["losses"][1]  # the first step changed the weights ...
-        assert r["losses"] == pytest.approx(r["expected_losses"], rel=1e-5, abs=1e-6)  # ... as in one process
+        (got1, got2), (exp1, exp2) = r["losses"], r["expected_losses"]
+        assert got1 == pytest.approx(exp1, rel=1e-5, abs=1e-6)
+        # ... as in one process: the second loss moved as far as there, to 1% of the move. Not to 1e-5 of the
+        # loss: FSDP's flat-parameter views take other CPU kernel paths, and with torch 2.15 the gradients differ
+        # from one process's in the 5th digit (rounding; measured 2-4e-5 relative). The LoRA step is that
+        # sensitive: random 3e-5 relative noise on one process's own gradients moves its second loss by 4e-4,
+        # 0.1% of the move, as FSDP's rounding does; a wrong update (a sum for a mean, a missing shard) misses
+        # by a whole move
+        assert abs(got2 - exp2) <= 1e-2 * abs(exp2 - exp1) + 1e-6, (r["losses"], r["expected_losses"])
     full, empty = ranks
     # rank 0 reads the weights, once: the full-fine-tuning reference shares the policy's tensors until the wrap
     assert not full["on_meta"] and full["policy_mb"] * 0.9 < full["grown_mb"] < full["policy_mb"] * 1.5, full

@@ -98,26 +98,46 @@ def test_three_ranks_on_uneven_shards_run_two_epochs_with_each_sample_once(uneve
     assert sum(len(v) for v in val) == len(set().union(*val)) and set().union(*val) == _keys(uneven_shards, "val")
 
 
-def test_a_trainable_vision_tower_trains_under_plain_ddp(tmp_path) -> None:
-    """LLaVA as transformers ships LLaVA-1.5 (vision_feature_layer -2: the vision tower's last layer and
-    post_layernorm never run), full fine-tuning with the vision tower trainable, `--trainer.strategy ddp` (no
-    find_unused_parameters) on 2 ranks: DDP failed with "parameters that were not used in producing the loss"; the
-    unused ones are now frozen, and the run trains."""
+@pytest.fixture(scope="module")
+def penultimate_llava(tmp_path_factory) -> Path:
+    """A tiny LLaVA saved as transformers ships LLaVA-1.5: image features from the penultimate vision layer (-2)."""
     from vpa_lightning.models import build_tiny_vlm
 
-    model_dir = tmp_path / "llava-penultimate"
+    model_dir = tmp_path_factory.mktemp("llava-penultimate")
     model, processor = build_tiny_vlm("llava")
     model.config.vision_feature_layer = -2
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
-    shards = _build(tmp_path / "data", images=20, per_shard=8)
+    return model_dir
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_trainable_vision_tower_trains_under_ddp_and_fsdp(penultimate_llava, uneven_shards, tmp_path, strategy) -> None:
+    """LLaVA-1.5's layout (its vision tower's last layer and post_layernorm never run), full fine-tuning with the
+    vision tower trainable on 2 ranks: plain `--trainer.strategy ddp` (no find_unused_parameters) failed with
+    "parameters that were not used in producing the loss"; the unused ones are now frozen and it trains, and so does
+    Lightning's FSDPStrategy (a CPU subclass, tests/trainer/cpu_fsdp.py) with the same frozen parameters."""
+    extra = (("--trainer.strategy=tests.trainer.cpu_fsdp.CPUFSDPStrategy", f"--trainer.strategy.out_dir={tmp_path / 'fsdp'}")
+             if strategy == "fsdp" else ())
     ranks = _fit(
-        tmp_path, f"--model.model_name_or_path={model_dir}", "--model.lora=false", "--model.freeze_vision=false",
-        f"--data.train_shards={shards}", "--data.batch_size=2", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
-        "--trainer.enable_checkpointing=false", devices=2,
+        tmp_path, f"--model.model_name_or_path={penultimate_llava}", "--model.lora=false", "--model.freeze_vision=false",
+        f"--data.train_shards={uneven_shards}", "--data.batch_size=2", "--trainer.max_steps=3",
+        "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false", *extra, devices=2,
     )
     assert [r["global_step"] for r in ranks] == [3, 3]
-    assert ranks[0]["params_sha"] == ranks[1]["params_sha"]  # DDP kept the replicas equal
+    if strategy == "ddp":
+        assert ranks[0]["params_sha"] == ranks[1]["params_sha"]  # DDP kept the replicas equal
+
+
+def test_the_demo_config_trains_its_vision_tower_under_plain_ddp(uneven_shards, tmp_path) -> None:
+    """The demo config as the issue ran it (full fine-tuning, vision tower trainable, its validation), one epoch on
+    2 ranks with `--trainer.strategy ddp`."""
+    ranks = _fit(
+        tmp_path, f"--data.train_shards={uneven_shards}", "--trainer.callbacks=[]", "--trainer.max_epochs=1",
+        f"--model.reference_cache_dir={tmp_path / 'ref'}", "--trainer.enable_checkpointing=false", devices=2,
+        config="configs/demo.yaml",
+    )
+    assert len({r["global_step"] for r in ranks}) == 1 and ranks[0]["global_step"] > 0
 
 
 def test_resume_mid_epoch_on_two_ranks_and_two_workers_is_exact(uneven_shards, tmp_path) -> None:
