@@ -42,6 +42,9 @@ TOOLS: dict[str, tuple[str, str]] = {
     "eval": ("vpa_lightning.eval.cli", "main"),
     "report": ("vpa_lightning.eval.report", "main"),
     "export": ("vpa_lightning.export", "main"),
+    "sample": ("vpa_lightning.collect.cli", "sample_main"),
+    "judge": ("vpa_lightning.collect.cli", "judge_main"),
+    "serve": ("vpa_lightning.collect.cli", "serve_main"),
 }
 
 
@@ -76,6 +79,9 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate a model or checkpoint on a benchmark (POPE, MME, MMBench, MM-Vet, ...)",
     "report": "tables and plots of evaluation results",
     "export": "export a checkpoint's LoRA adapter or merged model in transformers' format",
+    "sample": "sample K answers per prompt from a pool of VLMs (hf or an OpenAI-compatible server), resumable",
+    "judge": "rate sampled answers (an OpenAI-compatible judge, a local VLM's rating probabilities, or rules)",
+    "serve": "serve a local VLM behind an OpenAI-compatible /v1/chat/completions",
 }
 
 

@@ -702,7 +702,7 @@ class VisionDPOModule(pl.LightningModule):
     def _plain_ddp(self) -> bool:
         from lightning.pytorch.strategies import DDPStrategy
 
-        strategy = self.trainer.strategy
+        strategy = getattr(self._trainer, "strategy", None)
         return (isinstance(strategy, DDPStrategy) and strategy.world_size > 1
                 and not any(k.__name__ == "DeepSpeedStrategy" for k in type(strategy).__mro__))
 

@@ -9,9 +9,11 @@ epochs and later runs. Values live in one SQLite file per reference
 hits when the stored response hash matches the current response text, so a
 rebuilt shard with a changed response is recomputed rather than misread.
 
-SQLite serialises concurrent writers (several ranks / runs on one machine);
-on network file systems without reliable locking give each node its own
-``cache_dir``.
+SQLite serialises concurrent writers (several ranks / runs on one machine): every write is one
+``BEGIN IMMEDIATE`` transaction, which takes the write lock before it reads, so two ranks writing
+at once wait for each other (up to 60 s) instead of deadlocking on a lock upgrade, which SQLite
+reports at once as "database is locked"; on network file systems without reliable locking give
+each node its own ``cache_dir``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,22 +50,37 @@ class ReferenceCache:
         self._conn: sqlite3.Connection | None = None
         self.hits = 0
         self.misses = 0
-        conn = self._connect()
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS logps (key TEXT NOT NULL, idx INTEGER NOT NULL, sha TEXT NOT NULL, "
-            "sum_logps REAL NOT NULL, n_tokens INTEGER NOT NULL, PRIMARY KEY (key, idx))"
+        self._write(
+            ("CREATE TABLE IF NOT EXISTS logps (key TEXT NOT NULL, idx INTEGER NOT NULL, sha TEXT NOT NULL, "
+             "sum_logps REAL NOT NULL, n_tokens INTEGER NOT NULL, PRIMARY KEY (key, idx))", ()),
+            ("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)", ()),
+            ("INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (json.dumps(fingerprint, sort_keys=True, default=str),)),
         )
-        conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
-        conn.execute(
-            "INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (json.dumps(fingerprint, sort_keys=True, default=str),)
-        )
-        conn.commit()
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn = sqlite3.connect(self.path, timeout=60.0)
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            # autocommit: every write below is one explicit BEGIN IMMEDIATE ... COMMIT
+            self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            for attempt in range(600):  # switching to WAL takes the database alone for a moment: wait for it
+                try:
+                    self._conn.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == 599:
+                        raise
+                    time.sleep(0.1)
         return self._conn
+
+    def _write(self, *statements: tuple[str, Any], many: bool = False) -> None:
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args in statements:
+                (conn.executemany if many else conn.execute)(sql, args)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def __getstate__(self) -> dict[str, Any]:  # picklable (connections are not)
         state = dict(self.__dict__)
@@ -89,13 +107,11 @@ class ReferenceCache:
         self, keys: Sequence[str], indices: Sequence[int], shas: Sequence[str], sum_logps: Tensor, n_tokens: Tensor
     ) -> None:
         """Insert or replace the rows of one batch."""
-        conn = self._connect()
         rows = [
             (key, int(idx), sha, float(s), int(n))
             for key, idx, sha, s, n in zip(keys, indices, shas, sum_logps.detach().float().cpu().tolist(), n_tokens.cpu().tolist())
         ]
-        conn.executemany("INSERT OR REPLACE INTO logps VALUES (?, ?, ?, ?, ?)", rows)
-        conn.commit()
+        self._write(("INSERT OR REPLACE INTO logps VALUES (?, ?, ?, ?, ?)", rows), many=True)
 
     def __len__(self) -> int:
         return int(self._connect().execute("SELECT COUNT(*) FROM logps").fetchone()[0])

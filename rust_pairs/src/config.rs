@@ -459,13 +459,23 @@ impl BuildConfig {
         names.iter().map(|n| (n.to_string(), 1.0)).collect()
     }
 
-    /// Rating scale in force for a file of the given (detected) format.
+    /// Rating scale in force for a file of the given (detected) format: `--rating-range`, else the published
+    /// scale of the aspects rated (VLFeedback's three: 1-5; HelpSteer's, all or some: 0-4, in any layout), else
+    /// none (other aspects, e.g. `vpa judge`'s Verified 0/1 or Claims 0, -1, ...: only `|rating| <= 1e15`).
     pub fn rating_scale_for(&self, format: Format) -> Option<RatingScale> {
-        match (self.rating_range, format) {
-            (Some((lo, hi)), _) => Some(RatingScale { lo, hi, origin: "--rating-range" }),
-            (None, Format::Vlfeedback) => Some(RatingScale { lo: 1.0, hi: 5.0, origin: "VLFeedback's scale" }),
-            (None, Format::Rated) if self.aspects.is_none() => Some(RatingScale { lo: 0.0, hi: 4.0, origin: "HelpSteer's scale" }),
-            _ => None,
+        if let Some((lo, hi)) = self.rating_range {
+            return Some(RatingScale { lo, hi, origin: "--rating-range" });
+        }
+        let aspects = self.aspects_for(format);
+        let within = |known: &[&str]| {
+            !aspects.is_empty() && aspects.iter().all(|(n, _)| known.iter().any(|k| k.eq_ignore_ascii_case(n)))
+        };
+        if within(&VLFEEDBACK_ASPECTS) {
+            Some(RatingScale { lo: 1.0, hi: 5.0, origin: "VLFeedback's scale" })
+        } else if within(&HELPSTEER_ASPECTS) {
+            Some(RatingScale { lo: 0.0, hi: 4.0, origin: "HelpSteer's scale" })
+        } else {
+            None
         }
     }
 
@@ -491,6 +501,24 @@ mod tests {
         assert!(parse_aspects("a=x").unwrap_err().to_string().contains("--aspects"));
         assert!(parse_aspects("a,A").is_err());
         assert!(parse_aspects(" , ").is_err());
+    }
+
+    #[test]
+    fn the_rating_scale_follows_the_aspects_rated() {
+        let base = BuildConfig { inputs: vec!["x".into()], out: "o".into(), ..Default::default() };
+        let with = |names: &[&str]| BuildConfig { aspects: Some(names.iter().map(|n| (n.to_string(), 1.0)).collect()), ..base.clone() };
+        let scale = |c: &BuildConfig, f: Format| c.rating_scale_for(f).map(|s| (s.lo, s.hi));
+        assert_eq!(scale(&base, Format::Vlfeedback), Some((1.0, 5.0)));
+        assert_eq!(scale(&base, Format::Rated), Some((0.0, 4.0)));
+        // HelpSteer's aspects (some of them, any case) in VLFeedback's layout: HelpSteer's scale
+        assert_eq!(scale(&with(&["Helpfulness", "correctness"]), Format::Vlfeedback), Some((0.0, 4.0)));
+        assert_eq!(scale(&with(&["helpfulness", "coherence", "correctness"]), Format::Rated), Some((0.0, 4.0)));
+        assert_eq!(scale(&with(&["visual faithfulness"]), Format::Vlfeedback), Some((1.0, 5.0)));
+        // aspects of neither (vpa judge's Verified 0/1, Claims 0, -1, ...): no published scale
+        assert_eq!(scale(&with(&["Verified"]), Format::Vlfeedback), None);
+        assert_eq!(scale(&with(&["Claims"]), Format::Rated), None);
+        let declared = BuildConfig { rating_range: Some((-3.0, 0.0)), ..with(&["Claims"]) };
+        assert_eq!(scale(&declared, Format::Vlfeedback), Some((-3.0, 0.0)));
     }
 
     #[test]

@@ -112,7 +112,9 @@ def make_demo(directory: str | Path, *, num_images: int = 720, image_size: int =
                 "img_path": name,
                 "models": [c["model"] for c in completions],
                 "completions": completions,
-                "truth": {"colour": colour, "shape": shape, "count": count, "kind": kind},
+                # the right word for the question, for verifiable rewards (vpa judge --judge rule --reference truth.answer)
+                "truth": {"colour": colour, "shape": shape, "count": count, "kind": kind,
+                          "answer": {"colour": colour, "shape": shape, "count": NUMBERS[count]}[kind]},
             })
     text = [json.dumps(line) for line in lines]
     if bad_records:

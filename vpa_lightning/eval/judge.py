@@ -105,10 +105,12 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-def request_key(model: str, messages: Messages, temperature: float, max_tokens: int) -> str:
-    """Cache key of one request: sha256 of the canonical JSON of its four determining fields."""
+def request_key(model: str, messages: Messages, temperature: float, max_tokens: int, **options: Any) -> str:
+    """Cache key of one request: sha256 of the canonical JSON of its four determining fields, and of the sampling
+    ``options`` (``n``, ``top_p``, ``seed``) when a request sets them (a judgement's key is unchanged)."""
     payload = json.dumps(
-        {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens},
+        {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
+         **{k: v for k, v in options.items() if v is not None}},
         sort_keys=True,
         ensure_ascii=False,
         separators=(",", ":"),
@@ -347,10 +349,17 @@ class JudgeClient:
             if status == 429 or status >= 500:
                 raise _Retryable(f"HTTP {status}: {detail}", status, _retry_after(reply_headers))
             raise JudgeError(f"judge request rejected with HTTP {status}: {detail}", status=status)
+        n = int(body.get("n", 1))
         try:
-            return str(json.loads(raw)["choices"][0]["message"]["content"] or "")
+            choices = json.loads(raw)["choices"]
+            texts = [str(c["message"]["content"] or "") for c in choices[:n]]
+            if n > 1 and len(texts) != n:
+                raise ValueError(f"{len(texts)} choices for n={n}")
         except (ValueError, KeyError, IndexError, TypeError) as err:
-            raise JudgeError(f"malformed judge reply (no choices[0].message.content): {raw[:300]!r}") from err
+            raise JudgeError(f"malformed reply (no choices[i].message.content for n={n}): {raw[:300]!r}") from err
+        if not texts:
+            raise JudgeError(f"malformed reply (no choices): {raw[:300]!r}")
+        return texts[0] if n == 1 else json.dumps(texts, ensure_ascii=False)  # n > 1: cached as one JSON list
 
     def _exchange(self, url: str, data: bytes, headers: dict[str, str], deadline: float) -> tuple[int, Any, bytes]:
         """POST ``data`` to ``url``; ``(status, headers, body)`` read within ``deadline`` (monotonic).
@@ -425,9 +434,12 @@ class JudgeClient:
         cap = min(self.backoff_max, self.backoff_base * (2**attempt))
         return cap / 2 + random.uniform(0, cap / 2)  # jitter spreads synchronized retries apart
 
-    def _request(self, messages: Messages, max_tokens: int, cancel: threading.Event | None = None) -> str:
-        body = {"model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": max_tokens}
-        key = request_key(self.model, messages, self.temperature, max_tokens)
+    def _request(self, messages: Messages, max_tokens: int, cancel: threading.Event | None = None,
+                 temperature: float | None = None, **options: Any) -> str:
+        temperature = self.temperature if temperature is None else temperature
+        options = {k: v for k, v in options.items() if v is not None}
+        body = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens, **options}
+        key = request_key(self.model, messages, temperature, max_tokens, **options)
         owner = f"{os.getpid()}-{uuid.uuid4().hex}"
         while True:  # the cache, else a claim, else wait for whoever holds the claim
             cached = self._cached(key)
@@ -466,6 +478,16 @@ class JudgeClient:
     def judge(self, messages: Messages, max_tokens: int | None = None) -> str:
         """The judge's reply to one chat (cached; raises :class:`JudgeError` on failure)."""
         return self._request(messages, max_tokens or self.max_tokens)
+
+    def complete(self, messages: Messages, n: int = 1, temperature: float | None = None, top_p: float | None = None,
+                 seed: int | None = None, max_tokens: int | None = None) -> list[str]:
+        """``n`` sampled replies to one chat in one request (``n``, ``temperature``, ``top_p``, ``seed`` sent as the
+        OpenAI API names them; cached under all of them, so a rerun with the same settings pays nothing)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        reply = self._request(messages, max_tokens or self.max_tokens, None, temperature,
+                              n=n if n > 1 else None, top_p=top_p, seed=seed)
+        return json.loads(reply) if n > 1 else [reply]
 
     def judge_many(self, messages_list: Sequence[Messages], max_tokens: int | None = None) -> list[str]:
         """Replies to every chat, in input order, at most ``max_concurrency`` at a time.

@@ -1,0 +1,288 @@
+"""Prompts to sample answers for: 0..N images and a question per record, from the files people have.
+
+Sources (:func:`read_prompts`, one or several):
+
+* **JSON lines** or a **JSON list** of objects: the question is ``question``, ``prompt``, ``query`` or
+  ``instruction`` (a string, or a user chat turn ``[{"role": "user", "content": ...}]`` / ``{"from": "human",
+  "value": ...}`` list, as published layouts write them); the images are ``images``, ``image``, ``img_path`` or
+  ``image_path``: a path (absolute, or relative to ``image_root``, default the file's folder), a list of paths, or
+  ``{"bytes", "path"}`` structs (embedded images, as Hugging Face's ``datasets`` writes them); no image field = a
+  text-only prompt. ``<image>`` placeholders in the question mark where each image sits (none: images first).
+  The id is ``id``, else the file's name and line. Every other field (a ground truth, say) travels along into the
+  sampled file, where ``vpa judge --judge rule`` can read it; answer fields (``completions``, ``responses``,
+  ``chosen``, ``rejected``, ``models``) are dropped.
+* **Parquet** files (``pyarrow``): the same columns, embedded image structs included.
+* A **shard folder** of ``vpa-shard build`` (``manifest.json``): the prompts and images of every sample, so the
+  prompts of any published layout the data core reads (VLFeedback, RLAIF-V, ...) can be sampled again after one
+  ``vpa-shard build``.
+
+A record that cannot be used (no question, a missing or undecodable image, bad JSON) is rejected with its file,
+line and reason; the counts add up (``read + rejected = records``). Images are decoded lazily, when a prompt is
+sampled, and checked against the pixel limit from their header first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Prompt", "PromptReject", "read_prompts"]
+
+_QUESTION_KEYS = ("question", "prompt", "query", "instruction")
+_IMAGE_KEYS = ("images", "image", "img_path", "image_path")
+_ANSWER_KEYS = ("completions", "responses", "chosen", "rejected", "models", "reject")
+PLACEHOLDER = "<image>"
+
+
+@dataclass
+class Prompt:
+    """One prompt: its id, the question (without placeholders), its images and where they sit.
+
+    Attributes:
+        id: Unique within a run (the record's ``id``, else ``file:line``).
+        question: The question text with the ``<image>`` placeholders removed.
+        images: One entry per image: a path (str) or raw bytes.
+        offsets: Characters of ``question`` before each image (``None``: images first).
+        extra: The record's other fields (carried into the sampled file).
+        source: ``file:line`` (or ``file:index``) of the record.
+    """
+
+    id: str
+    question: str
+    images: list[str | bytes] = field(default_factory=list)
+    offsets: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def load_images(self, max_pixels: int | None = 89_478_485) -> list[Any]:
+        """The images as RGB PIL images (a missing file or a bomb raises ``ValueError`` naming it)."""
+        from PIL import Image
+
+        out = []
+        for image in self.images:
+            what = f"image {image!r}" if isinstance(image, str) else "embedded image"
+            try:
+                data = Path(image).read_bytes() if isinstance(image, str) else image
+                with Image.open(io.BytesIO(data)) as im:
+                    if max_pixels is not None and im.width * im.height > max_pixels:
+                        raise ValueError(f"{im.width}x{im.height} pixels, over the limit of {max_pixels}")
+                    out.append(im.convert("RGB"))
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise ValueError(f"{what}: {exc}") from exc
+        return out
+
+    def prompt_text(self) -> str:
+        """The question with one ``<image>`` placeholder per image where it sits (the layouts' convention)."""
+        if not self.images:
+            return self.question
+        if self.offsets is None:
+            return PLACEHOLDER * len(self.images) + "\n" + self.question
+        text, last = [], 0
+        for at in self.offsets:
+            text += [self.question[last:at], PLACEHOLDER]
+            last = at
+        return "".join(text) + self.question[last:]
+
+
+@dataclass
+class PromptReject:
+    source: str
+    reason: str
+
+
+def _question(value: Any) -> str | None:
+    """A question string from a string or a chat (the first user turn's text)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for turn in value:
+            if not isinstance(turn, dict):
+                continue
+            role = turn.get("role", turn.get("from"))
+            if role in ("user", "human"):
+                content = turn.get("content", turn.get("value"))
+                if isinstance(content, list):  # {type: text|image} blocks
+                    parts = []
+                    for block in content:
+                        if isinstance(block, dict) and block.get("type") == "image":
+                            parts.append(PLACEHOLDER)
+                        elif isinstance(block, dict) and isinstance(block.get("text"), str):
+                            parts.append(block["text"])
+                    return "".join(parts)
+                return content if isinstance(content, str) else None
+    return None
+
+
+def _split_placeholders(text: str, n_images: int) -> tuple[str, list[int] | None]:
+    """``(question without placeholders, offsets)``; offsets ``None`` when the text has none."""
+    pieces = text.split(PLACEHOLDER)
+    if len(pieces) == 1:
+        return text.strip(), None
+    if len(pieces) - 1 != n_images:
+        raise ValueError(f"{len(pieces) - 1} {PLACEHOLDER} placeholders for {n_images} image(s)")
+    if all(not p.strip() for p in pieces[:-1]):  # every image before the text: the usual "<image>\n..." prefix
+        return pieces[-1].strip(), None
+    question, offsets = "", []
+    for piece in pieces[:-1]:
+        question += piece
+        offsets.append(len(question))
+    return question + pieces[-1], offsets
+
+
+def _images(value: Any, root: Path) -> list[str | bytes]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out: list[str | bytes] = []
+    for item in items:
+        if isinstance(item, dict):
+            data = item.get("bytes")
+            if isinstance(data, (bytes, bytearray)) and data:
+                out.append(bytes(data))
+                continue
+            item = item.get("path")
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"image entry {str(item)[:100]!r} is neither a path nor embedded bytes")
+        if "://" in item or item.startswith("pipe:"):
+            raise ValueError(f"image {item!r} is a URL; images are read from local files")
+        path = Path(item) if os.path.isabs(item) else root / item
+        if not path.is_file():
+            raise ValueError(f"image not found: {path}")
+        out.append(str(path))
+    return out
+
+
+def _record(row: Any, source: str, root: Path, default_id: str) -> Prompt:
+    if not isinstance(row, dict):
+        raise ValueError("the record is not an object")
+    raw = next((row[k] for k in _QUESTION_KEYS if row.get(k) is not None), None)
+    text = _question(raw)
+    if text is None or not text.replace(PLACEHOLDER, "").strip():
+        raise ValueError(f"no question (one of {', '.join(_QUESTION_KEYS)}: a string or a user turn)")
+    images = _images(next((row[k] for k in _IMAGE_KEYS if row.get(k) is not None), None), root)
+    question, offsets = _split_placeholders(text, len(images))
+    rid = row.get("id", default_id)
+    extra = {k: v for k, v in row.items() if k not in (*_QUESTION_KEYS, *_IMAGE_KEYS, *_ANSWER_KEYS, "id")
+             and _jsonable(v)}
+    return Prompt(id=str(rid), question=question, images=images, offsets=offsets, extra=extra, source=source)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(source, row)`` of a JSON list, JSON lines or Parquet file (``row`` is ``ValueError`` for a bad line)."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(path)
+        n = 0
+        for batch in table.iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                n += 1
+                yield f"{path}:{n}", row
+        return
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if path.suffix.lower() == ".json" or head.startswith("["):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as exc:
+            yield f"{path}", ValueError(f"invalid JSON: {exc}")
+            return
+        if not isinstance(data, list):
+            yield f"{path}", ValueError("a JSON file of prompts must hold a list of objects")
+            return
+        for i, row in enumerate(data):
+            yield f"{path}:{i}", row
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                yield f"{path}:{n}", ValueError(f"invalid JSON: {exc}")
+
+
+def _shard_prompts(directory: Path) -> Iterator[tuple[str, Prompt | ValueError]]:
+    """Prompts of a build's shards: every sample of every split (images as the PNG/JPEG bytes stored)."""
+    import webdataset as wds
+
+    from vpa_lightning.data.datamodule import resolve_shards
+    from vpa_lightning.data.samples import SampleError, _image_members, decode_sample
+
+    urls, val, _ = resolve_shards(str(directory))
+    urls = (list(urls) if isinstance(urls, list) else [urls]) + (list(val) if isinstance(val, list) else [])
+    for url in urls:
+        for n, sample in enumerate(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()), start=1):
+            source = f"{url}:{sample.get('__key__', n)}"
+            try:
+                example = decode_sample(sample)
+            except SampleError as exc:
+                yield source, ValueError(str(exc))
+                continue
+            members, _ = _image_members(sample, json.loads(sample["json"]), example.group.prompt)
+            raw = [bytes(sample[m]) for m in members]  # the stored image bytes, as built (never re-encoded)
+            group = example.group
+            yield source, Prompt(id=example.key, question=group.prompt, images=list(raw),
+                                 offsets=list(group.image_offsets) if group.image_offsets is not None else None,
+                                 source=source)
+
+
+def read_prompts(sources: list[str | os.PathLike[str]], image_root: str | os.PathLike[str] | None = None,
+                 ) -> tuple[list[Prompt], list[PromptReject]]:
+    """Every prompt of ``sources`` (files or shard folders, in order) and the rejects; ids are made unique
+    (a repeated id gets ``#2``, ``#3``, ... so that no prompt is lost or merged silently)."""
+    prompts: list[Prompt] = []
+    rejects: list[PromptReject] = []
+    for spec in sources:
+        path = Path(spec)
+        if path.is_dir():
+            if not (path / "manifest.json").is_file():
+                raise FileNotFoundError(f"{path} is a folder without manifest.json (not a vpa-shard build)")
+            items = _shard_prompts(path)
+        elif path.is_file():
+            root = Path(image_root) if image_root is not None else path.parent
+
+            def parsed(path: Path = path, root: Path = root) -> Iterator[tuple[str, Prompt | ValueError]]:
+                for source, row in _rows(path):
+                    if isinstance(row, ValueError):
+                        yield source, row
+                        continue
+                    try:
+                        yield source, _record(row, source, root, default_id=f"{path.stem}:{source.rsplit(':', 1)[-1]}")
+                    except ValueError as exc:
+                        yield source, exc
+
+            items = parsed()
+        else:
+            raise FileNotFoundError(f"no such prompts file or shard folder: {path}")
+        for source, item in items:
+            if isinstance(item, ValueError):
+                rejects.append(PromptReject(source, str(item)))
+            else:
+                prompts.append(item)
+    seen: dict[str, int] = {}
+    for p in prompts:
+        n = seen.get(p.id, 0) + 1
+        seen[p.id] = n
+        if n > 1:
+            p.id = f"{p.id}#{n}"
+    return prompts, rejects
+
+
+def image_digest(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()[:16]

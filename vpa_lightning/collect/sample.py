@@ -1,0 +1,363 @@
+"""``vpa sample``: K answers per prompt from a pool of models, written in VLFeedback's layout.
+
+Each model of the pool answers every prompt K times with its own sampling settings (temperature, top-p, most new
+tokens, seed). Backends:
+
+* ``hf``: a local transformers folder or a ``tiny:`` model, ``generate`` with the K samples of a prompt as one batch
+  whose image is encoded once (the vision tower runs once per prompt, its features shared by the K rows:
+  :func:`~vpa_lightning.models.logps.encode_images_once`). Sampling draws from a generator seeded by (seed, model,
+  prompt id), so a prompt's answers do not depend on which prompts ran before it: a resumed run writes what an
+  uninterrupted one would.
+* ``openai``: any OpenAI-compatible chat server serving a VLM (vLLM, SGLang, ``vpa serve``): images go as data URLs,
+  ``n=K`` in one request, through :class:`~vpa_lightning.eval.judge.JudgeClient` (retries, deadlines, reply caps, no
+  key across origins) and its SQLite cache, so a rerun pays nothing twice.
+
+Output (``--out FILE``): one JSON-lines file in VLFeedback's layout, one row per prompt, ``vpa-shard build`` reads
+it as it is once rated (``vpa judge``)::
+
+    {"id", "prompt": "<image>\\nQuestion", "img_path": "images/x.png" (a list for several, none for text-only),
+     "models": [...], "completions": [{"model": name, "response": text}, ...], ...the prompt's other fields}
+
+While it runs, each model's answers go to ``FILE.parts/<model>.jsonl``, a line per prompt as soon as it is
+sampled (flushed); a killed run started again skips the prompts already there (a torn last line is cut), so no
+prompt is lost or sampled twice. The output is written (atomically) once every model has answered every prompt.
+Embedded images (Parquet, shards) are written once to ``FILE.images/``. Prompts that cannot be used are in
+``FILE.rejects.jsonl`` with file, line and reason; ``FILE.summary.json`` has the counts (``prompts_in = sampled +
+rejected``) and the throughput per model (prompts/s, generated tokens/s).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vpa_lightning._io import write_text_atomic
+from vpa_lightning.collect.prompts import Prompt, image_digest, read_prompts
+
+__all__ = ["PoolModel", "SampleSettings", "hf_sample", "run_sample"]
+
+
+@dataclass
+class SampleSettings:
+    """How one model samples: ``k`` answers per prompt at ``temperature`` (0: greedy, then the k are identical)
+    with nucleus ``top_p``, at most ``max_new_tokens`` tokens each; ``seed`` with the prompt id seeds each prompt."""
+
+    k: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+    seed: int = 0
+
+    def check(self, where: str) -> None:
+        if self.k < 1:
+            raise ValueError(f"{where}: k must be >= 1, got {self.k}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"{where}: temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"{where}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class PoolModel:
+    """One model of the pool: a ``name`` (in the output), a ``backend`` (``hf`` or ``openai``) and what it runs:
+    ``model`` (a local folder or ``tiny:`` spec for ``hf``; the served model's name for ``openai``), ``base_url``
+    and ``api_key`` (``openai``; default from ``$VPA_SAMPLE_BASE_URL`` / ``$OPENAI_BASE_URL`` and
+    ``$VPA_SAMPLE_API_KEY`` / ``$OPENAI_API_KEY``), ``dtype`` and ``device`` (``hf``), and its sampling settings."""
+
+    name: str
+    model: str
+    backend: str = "hf"
+    base_url: str | None = None
+    api_key: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    settings: SampleSettings = field(default_factory=SampleSettings)
+
+    def check(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"model name must be a non-empty file name, got {self.name!r}")
+        if self.backend not in ("hf", "openai"):
+            raise ValueError(f"model {self.name!r}: backend must be hf or openai, got {self.backend!r}")
+        self.settings.check(f"model {self.name!r}")
+
+
+def prompt_seed(seed: int, model: str, prompt_id: str) -> int:
+    """The sampling seed of one (model, prompt): independent of the order prompts run in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{model}\0{prompt_id}".encode()).digest()[:8], "little") >> 1
+
+
+# ----------------------------------------------------------------------------- hf
+def _single_batch(processor: Any, prompt: Prompt, images: list[Any]) -> Any:
+    """The prompt as a one-row :class:`~vpa_lightning.models.logps.GroupBatch` (no response), for expanding to K
+    rows with the image inputs laid out as the family lays them out."""
+    import torch
+
+    from vpa_lightning.models.families import family_of
+    from vpa_lightning.models.generation import encode_for_generation
+    from vpa_lightning.models.logps import IGNORE_INDEX, GroupBatch
+
+    family = family_of(processor)
+    enc = encode_for_generation(processor, [images], [prompt.question], [prompt.offsets])
+    enc = {k: v for k, v in enc.items() if k not in family.dropped_inputs}
+    ids = enc["input_ids"]
+    counts = torch.tensor([len(images)])
+    return GroupBatch(
+        model_inputs=enc, labels=torch.full_like(ids, IGNORE_INDEX), group_index=torch.zeros(1, dtype=torch.long),
+        group_sizes=[1], prompt_lengths=torch.tensor([ids.shape[1]]), truncated=torch.zeros(1, dtype=torch.bool),
+        image_counts=counts, pixel_rows=family.pixel_rows(processor, enc, ids, counts),
+        image_inputs=tuple(k for k in family.image_inputs if k in enc),
+    )
+
+
+def hf_sample(model: Any, processor: Any, prompt: Prompt, settings: SampleSettings, seed: int,
+              images: list[Any] | None = None) -> list[tuple[str, int]]:
+    """``settings.k`` sampled answers to ``prompt`` as ``(text, generated tokens)``: one ``generate`` over the K rows,
+    the image encoded once for all of them, the draws seeded by ``seed`` alone. ``images``: the prompt's images
+    already loaded (``None``: loaded here; a bad image raises ``ValueError``)."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from vpa_lightning.models.logps import encode_images_once, select_rows
+
+    images = prompt.load_images() if images is None else images
+    one = _single_batch(processor, prompt, images)
+    supports = getattr(model, "_supports_mm_encoder_outputs", None)
+    if callable(supports) and supports():
+        # transformers (>= 5.25) encodes the images before it expands the prompt to the K returned sequences
+        batch, context, expand = one, nullcontext(), {"num_return_sequences": settings.k}
+    else:  # K rows of the prompt, one group: its image encoded once for the K (encode_images_once)
+        batch = select_rows(one, torch.zeros(settings.k, dtype=torch.long))
+        context, expand = None, {}
+    param = next(model.parameters())
+    batch = batch.to(param.device)
+    if context is None:
+        context = encode_images_once(model, batch)
+    inputs = {k: (v.to(param.dtype) if k == "pixel_values" and v.is_floating_point() else v)
+              for k, v in batch.model_inputs.items()}
+    tok = getattr(processor, "tokenizer", processor)
+    sampling = ({"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+                if settings.temperature > 0 else {"do_sample": False})
+    devices = [param.device] if param.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), context:
+        torch.manual_seed(seed)
+        out = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, pad_token_id=tok.pad_token_id,
+                             top_k=None, **sampling, **expand)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    stop = {tok.pad_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None)), tok.eos_token_id}
+    lengths = [int(next((i + 1 for i, t in enumerate(row.tolist()) if t in stop), len(row))) for row in new]
+    texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    return list(zip(texts, lengths))
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+# ----------------------------------------------------------------------------- openai
+def _data_url(image: str | bytes) -> str:
+    data = Path(image).read_bytes() if isinstance(image, str) else image
+    kind = "png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "jpeg" if data[:3] == b"\xff\xd8\xff" else "webp" if data[8:12] == b"WEBP" else "png"
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def chat_messages(prompt: Prompt, images: list[str | bytes] | None = None) -> list[dict[str, Any]]:
+    """The prompt as an OpenAI chat: one user turn of text and ``image_url`` parts, each image where it sits."""
+    images = prompt.images if images is None else images
+    parts: list[dict[str, Any]] = []
+    offsets = prompt.offsets if prompt.offsets is not None else [0] * len(images)
+    last = 0
+    for image, at in zip(images, offsets):
+        if prompt.question[last:at]:
+            parts.append({"type": "text", "text": prompt.question[last:at]})
+        parts.append({"type": "image_url", "image_url": {"url": _data_url(image)}})
+        last = at
+    parts.append({"type": "text", "text": prompt.question[last:]})
+    return [{"role": "user", "content": parts}]
+
+
+class _OpenAISampler:
+    def __init__(self, spec: PoolModel, cache_dir: str | None) -> None:
+        from vpa_lightning.eval.judge import JudgeClient
+
+        base_url = spec.base_url or os.environ.get("VPA_SAMPLE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+        api_key = spec.api_key or os.environ.get("VPA_SAMPLE_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.client = JudgeClient(base_url=base_url, model=spec.model, api_key=api_key, cache_dir=cache_dir,
+                                  max_tokens=spec.settings.max_new_tokens)
+        self.settings = spec.settings
+
+    def sample(self, prompt: Prompt, seed: int) -> list[tuple[str, int]]:
+        s = self.settings
+        texts = self.client.complete(chat_messages(prompt), n=s.k, temperature=s.temperature, top_p=s.top_p,
+                                     seed=seed, max_tokens=s.max_new_tokens)
+        return [(t.strip(), len(t.split())) for t in texts]  # tokens: the server's are not kept; words instead
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# ----------------------------------------------------------------------------- parts and output
+def _read_part(path: Path) -> dict[str, dict[str, Any]]:
+    """The prompts a model already answered (a torn last line, from a killed run, is cut off the file)."""
+    done: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return done
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    for line in data[:keep].splitlines():
+        if line.strip():
+            row = json.loads(line)
+            done[row["id"]] = row
+    return done
+
+
+def _image_files(prompt: Prompt, out: Path) -> list[str]:
+    """Paths of the prompt's images as the output names them: given paths relative to the output's folder,
+    embedded images written once under ``OUT.images/``."""
+    folder = out.parent
+    names = []
+    for image in prompt.images:
+        if isinstance(image, bytes):
+            ext = "jpg" if image[:3] == b"\xff\xd8\xff" else "webp" if image[8:12] == b"WEBP" else "png"
+            path = out.with_name(out.name + ".images") / f"{image_digest(image)}.{ext}"
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_bytes(image)
+                tmp.replace(path)
+        else:
+            path = Path(image)
+        try:
+            names.append(os.path.relpath(path, folder))
+        except ValueError:  # another drive
+            names.append(str(path))
+    return names
+
+
+def _progress(total: int, desc: str) -> Any:
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="prompt")
+    return None
+
+
+def run_sample(
+    sources: list[str],
+    pool: list[PoolModel],
+    out: str | os.PathLike[str],
+    *,
+    image_root: str | None = None,
+    cache_dir: str | None = None,
+    max_pixels: int | None = 89_478_485,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Sample every prompt of ``sources`` with every model of ``pool``; returns the summary (see the module doc)."""
+    if not pool:
+        raise ValueError("--model: the pool is empty")
+    names = [m.name for m in pool]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--model: model names must be unique, got {names}")
+    for m in pool:
+        m.check()
+    out = Path(out)
+    prompts, rejects = read_prompts(sources, image_root)
+    records = len(prompts) + len(rejects)
+    if limit is not None:
+        prompts = prompts[:limit]
+    if not prompts:
+        raise ValueError(f"no usable prompt in {', '.join(map(str, sources))} ({len(rejects)} rejected"
+                         + (f"; first: {rejects[0].source}: {rejects[0].reason}" if rejects else "") + ")")
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    per_model: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}  # prompt id -> reason (its image could not be loaded, ...)
+    for spec in pool:
+        part = parts / f"{spec.name}.jsonl"
+        done = _read_part(part)
+        todo = [p for p in prompts if p.id not in done and p.id not in failed]
+        stats = {"resumed": len(done), "sampled": 0, "tokens": 0, "seconds": 0.0}
+        if todo:
+            sampler, processor = _open(spec, cache_dir)
+            bar = _progress(len(todo), spec.name)
+            t0 = time.perf_counter()
+            try:
+                with open(part, "a", encoding="utf-8") as f:
+                    for prompt in todo:
+                        seed = prompt_seed(spec.settings.seed, spec.name, prompt.id)
+                        try:  # the prompt's own problem (a missing or undecodable image): rejected, the run goes on
+                            images = prompt.load_images(max_pixels)
+                        except ValueError as exc:
+                            failed[prompt.id] = str(exc)
+                            continue
+                        if spec.backend == "hf":
+                            answers = hf_sample(sampler, processor, prompt, spec.settings, seed, images)
+                        else:
+                            answers = sampler.sample(prompt, seed)
+                        f.write(json.dumps({"id": prompt.id, "completions": [a for a, _ in answers],
+                                            "tokens": sum(n for _, n in answers)}, ensure_ascii=False) + "\n")
+                        f.flush()
+                        stats["sampled"] += 1
+                        stats["tokens"] += sum(n for _, n in answers)
+                        if bar is not None:
+                            bar.update(1)
+            finally:
+                stats["seconds"] = time.perf_counter() - t0
+                if bar is not None:
+                    bar.close()
+                if spec.backend == "openai":
+                    sampler.close()
+                del sampler
+        stats["prompts_per_s"] = stats["sampled"] / stats["seconds"] if stats["seconds"] else None
+        stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["seconds"] else None
+        per_model[spec.name] = {**stats, "settings": asdict(spec.settings), "backend": spec.backend, "model": spec.model}
+    # the output: every prompt every model answered, in input order, each model's K answers in pool order
+    answered = {spec.name: _read_part(parts / f"{spec.name}.jsonl") for spec in pool}
+    lines = []
+    for prompt in prompts:
+        if prompt.id in failed or not all(prompt.id in answered[n] for n in names):
+            continue
+        completions = [{"model": n, "response": text} for n in names for text in answered[n][prompt.id]["completions"]]
+        row = {"id": prompt.id, "prompt": prompt.prompt_text(), **prompt.extra, "models": names, "completions": completions}
+        files = _image_files(prompt, out)
+        if files:
+            row["img_path"] = files[0] if len(files) == 1 else files
+        lines.append(json.dumps(row, ensure_ascii=False))
+    all_rejects = [asdict(r) for r in rejects] + [{"source": next(p.source for p in prompts if p.id == i), "reason": why}
+                                                   for i, why in failed.items()]
+    write_text_atomic(out.with_name(out.name + ".rejects.jsonl"), "".join(json.dumps(r) + "\n" for r in all_rejects))
+    write_text_atomic(out, "".join(line + "\n" for line in lines))
+    summary = {
+        "out": str(out), "records": records, "prompts_in": len(prompts) + len(rejects),
+        "sampled": len(lines), "rejected": len(all_rejects), "completions": sum(len(json.loads(x)["completions"]) for x in lines),
+        "models": per_model,
+    }
+    write_text_atomic(out.with_name(out.name + ".summary.json"), json.dumps(summary, indent=2) + "\n")
+    if not lines:
+        raise RuntimeError(f"no prompt was sampled ({len(all_rejects)} rejected; see {out.name}.rejects.jsonl)")
+    return summary
+
+
+def _open(spec: PoolModel, cache_dir: str | None) -> tuple[Any, Any]:
+    """``(model, processor)`` of an ``hf`` model (eval mode, on its device), or ``(sampler, None)``."""
+    if spec.backend == "openai":
+        return _OpenAISampler(spec, cache_dir), None
+    import torch
+
+    from vpa_lightning.models.loading import load_vlm
+
+    model, processor = load_vlm(spec.model, dtype=spec.dtype)
+    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), processor
