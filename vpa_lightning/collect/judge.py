@@ -22,7 +22,8 @@ A reply that gives no rating (unparseable, refused, off the scale) is kept in ``
 record, the completion, the reason and the reply's start; that completion gets no annotations (``judge_error``
 says why), so the build rejects it by name rather than score it. ``OUT.summary.json`` counts prompts,
 completions, rated and rejected (``completions = rated + rejected``). Judged records go to ``OUT.parts`` as they
-are done; a rerun skips them (and the ``openai`` cache answers again whatever was asked before).
+are done; a rerun with the same judge, rubric and input skips them (and the ``openai`` cache answers again whatever
+was asked before).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from vpa_lightning.collect.rubrics import (
     quote,
     split_sentences,
 )
-from vpa_lightning.collect.sample import _data_url, _progress, _read_part
+from vpa_lightning.collect.sample import _data_url, _progress, _read_part, settings_digest
 
 __all__ = ["RULES", "rule_rating", "run_judge"]
 
@@ -285,7 +286,10 @@ def run_judge(
         else:
             raise ValueError(f"--judge must be openai, hf or rule, got {judge!r}")
     root = Path(image_root) if image_root is not None else source.parent
-    part = out.with_name(out.name + ".parts") / "judged.jsonl"
+    # a part is reused only by the same judge, rubric and input (other settings judge afresh)
+    settings = [judge, rubric if judge != "rule" else [rule, reference, choices, tolerance], model, base_url,
+                str(source.resolve()), source.stat().st_size]
+    part = out.with_name(out.name + ".parts") / f"judged-{settings_digest(settings)}.jsonl"
     part.parent.mkdir(parents=True, exist_ok=True)
     done = _read_part(part)
     bar = _progress(len(rows) - len(done), f"judge {judge}")

@@ -18,9 +18,9 @@ it as it is once rated (``vpa judge``)::
     {"id", "prompt": "<image>\\nQuestion", "img_path": "images/x.png" (a list for several, none for text-only),
      "models": [...], "completions": [{"model": name, "response": text}, ...], ...the prompt's other fields}
 
-While it runs, each model's answers go to ``FILE.parts/<model>.jsonl``, a line per prompt as soon as it is
-sampled (flushed); a killed run started again skips the prompts already there (a torn last line is cut), so no
-prompt is lost or sampled twice. The output is written (atomically) once every model has answered every prompt.
+While it runs, each model's answers go to ``FILE.parts/<model>-<settings digest>.jsonl``, a line per prompt as soon
+as it is sampled (flushed); a killed run started again with the same settings skips the prompts already there (a
+torn last line is cut), so no prompt is lost or sampled twice (other settings sample afresh). The output is written (atomically) once every model has answered every prompt.
 Embedded images (Parquet, shards) are written once to ``FILE.images/``. Prompts that cannot be used are in
 ``FILE.rejects.jsonl`` with file, line and reason; ``FILE.summary.json`` has the counts (``prompts_in = sampled +
 rejected``) and the throughput per model (prompts/s, generated tokens/s).
@@ -88,6 +88,11 @@ class PoolModel:
         self.settings.check(f"model {self.name!r}")
 
 
+def settings_digest(settings: Any) -> str:
+    """A short digest of what determines a resumable part's lines: a part is reused only by the same settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def prompt_seed(seed: int, model: str, prompt_id: str) -> int:
     """The sampling seed of one (model, prompt): independent of the order prompts run in."""
     return int.from_bytes(hashlib.sha256(f"{seed}\0{model}\0{prompt_id}".encode()).digest()[:8], "little") >> 1
@@ -128,6 +133,10 @@ def hf_sample(model: Any, processor: Any, prompt: Prompt, settings: SampleSettin
     from vpa_lightning.models.logps import encode_images_once, select_rows
 
     images = prompt.load_images() if images is None else images
+    if settings.temperature == 0 and settings.k > 1:  # greedy: the K answers are one answer K times
+        from dataclasses import replace
+
+        return hf_sample(model, processor, prompt, replace(settings, k=1), seed, images) * settings.k
     one = _single_batch(processor, prompt, images)
     supports = getattr(model, "_supports_mm_encoder_outputs", None)
     if callable(supports) and supports():
@@ -284,8 +293,10 @@ def run_sample(
     parts.mkdir(parents=True, exist_ok=True)
     per_model: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}  # prompt id -> reason (its image could not be loaded, ...)
+    part_of = {spec.name: parts / f"{spec.name}-{settings_digest([spec.model, spec.backend, spec.base_url, spec.dtype, asdict(spec.settings)])}.jsonl"
+               for spec in pool}  # other settings (a new temperature, say) sample afresh
     for spec in pool:
-        part = parts / f"{spec.name}.jsonl"
+        part = part_of[spec.name]
         done = _read_part(part)
         todo = [p for p in prompts if p.id not in done and p.id not in failed]
         stats = {"resumed": len(done), "sampled": 0, "tokens": 0, "seconds": 0.0}
@@ -318,13 +329,14 @@ def run_sample(
                 if bar is not None:
                     bar.close()
                 if spec.backend == "openai":
+                    stats["requests"] = sampler.client.counters  # requests_sent, cache_hits, retries
                     sampler.close()
                 del sampler
         stats["prompts_per_s"] = stats["sampled"] / stats["seconds"] if stats["seconds"] else None
         stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["seconds"] else None
         per_model[spec.name] = {**stats, "settings": asdict(spec.settings), "backend": spec.backend, "model": spec.model}
     # the output: every prompt every model answered, in input order, each model's K answers in pool order
-    answered = {spec.name: _read_part(parts / f"{spec.name}.jsonl") for spec in pool}
+    answered = {spec.name: _read_part(part_of[spec.name]) for spec in pool}
     lines = []
     for prompt in prompts:
         if prompt.id in failed or not all(prompt.id in answered[n] for n in names):
