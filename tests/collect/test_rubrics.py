@@ -12,7 +12,6 @@ from vpa_lightning.collect.rubrics import (
     RubricError,
     load_rubric,
     parse_claims,
-    parse_ratings,
     parse_yes_no,
     quote,
     split_sentences,
