@@ -193,6 +193,14 @@ def test_openai_judge_against_a_real_server(sampled, tmp_path, scripted_judge, r
                                 str(tmp_path / "shards"), "--recipe", recipe, "--val-fraction", "0"],
                                capture_output=True, text=True, timeout=120)
         assert build.returncode == 0, build.stderr[-2000:]
+        # Bradley-Terry across the aspects: pairs kept by their BT probability
+        bt = subprocess.run([console_script("vpa-shard"), "build", str(tmp_path / "judged.jsonl"), "--out",
+                             str(tmp_path / "bt"), "--strategy", "min-probability", "--min-probability", "0.6",
+                             "--val-fraction", "0", "--aspects", ",".join(c for c in judged[1]["completions"][0]["annotations"])],
+                            capture_output=True, text=True, timeout=120)
+        assert bt.returncode == 0, bt.stderr[-2000:]
+        pairs = json.loads((tmp_path / "bt" / "manifest.json").read_text())["counts"]["pairs"]
+        assert pairs > 0
     # a rerun (parts removed) pays nothing: every request comes from the cache
     import shutil
 
