@@ -263,3 +263,36 @@ def test_serve_answers_the_openai_protocol_and_refuses_bad_requests(served_llava
         assert status == 400 and why in reply["error"]["message"]
     with urllib.request.urlopen(f"{url}/models", timeout=30) as r:
         assert json.loads(r.read())["data"][0]["id"] == "tiny-llava"
+
+
+class _OneChoice(BaseHTTPRequestHandler):
+    """A server that answers every request with a single choice, whatever n asked for."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": "only one"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_a_reply_with_fewer_choices_than_asked_fails_the_run_clearly(demo_prompts, tmp_path) -> None:
+    """n=3 asked, one choice back: an error naming the reply (exit 1), nothing cached or written as sampled."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OneChoice)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        proc = _vpa("sample", str(demo_prompts), "--backend", "openai", "--base-url",
+                    f"http://127.0.0.1:{server.server_address[1]}/v1", "--model", "x=served", "--k", "3",
+                    "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o.jsonl"), env={"VPA_SAMPLE_API_KEY": "k"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 1 and "1 choices for n=3" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()

@@ -356,7 +356,7 @@ class JudgeClient:
             if n > 1 and len(texts) != n:
                 raise ValueError(f"{len(texts)} choices for n={n}")
         except (ValueError, KeyError, IndexError, TypeError) as err:
-            raise JudgeError(f"malformed reply (no choices[i].message.content for n={n}): {raw[:300]!r}") from err
+            raise JudgeError(f"malformed reply ({err}; expected choices[i].message.content for n={n}): {raw[:300]!r}") from err
         if not texts:
             raise JudgeError(f"malformed reply (no choices): {raw[:300]!r}")
         return texts[0] if n == 1 else json.dumps(texts, ensure_ascii=False)  # n > 1: cached as one JSON list
