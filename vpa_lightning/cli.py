@@ -45,6 +45,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "sample": ("vpa_lightning.collect.cli", "sample_main"),
     "judge": ("vpa_lightning.collect.cli", "judge_main"),
     "serve": ("vpa_lightning.collect.cli", "serve_main"),
+    "rounds": ("vpa_lightning.loop.cli", "main"),
 }
 
 
@@ -82,6 +83,7 @@ COMMANDS: dict[str, str] = {
     "sample": "sample K answers per prompt from a pool of VLMs (hf or an OpenAI-compatible server), resumable",
     "judge": "rate sampled answers (an OpenAI-compatible judge, a local VLM's rating probabilities, or rules)",
     "serve": "serve a local VLM behind an OpenAI-compatible /v1/chat/completions",
+    "rounds": "on-policy rounds: sample with the policy, rate, rank, train, evaluate, repeat (resumable)",
 }
 
 

@@ -176,6 +176,10 @@ class VisionDPOModule(pl.LightningModule):
             ``{name: diffusion_noise, step: 800}``, a list, ...). ``None`` = mDPO's own corruption,
             a random crop keeping 1-20 % of the image, resized back. Drawn from torch's seeded
             RNG, the same corrupted image for policy and reference.
+        reference_model_name_or_path: Where the frozen reference comes from: ``None`` (default) the starting
+            policy, ``model_name_or_path`` (with LoRA: the same network with the adapters disabled, no copy); a
+            local folder or ``tiny:`` spec of the same architecture loads a separate frozen reference from it,
+            with LoRA too (``vpa rounds --reference initial``: a later round's policy against the original model).
         fsdp_rank0_load: Under Lightning's ``FSDPStrategy`` with more than one process, only global rank 0
             reads the weights (policy, full-fine-tuning reference); every other rank builds the same
             modules on the meta device (no weights on its host) and receives rank 0's weights, buffers
@@ -212,6 +216,7 @@ class VisionDPOModule(pl.LightningModule):
         pack_tokens: int | None = None,
         packed_attention: str = "auto",
         image_corruption: str | dict[str, Any] | list[Any] | None = None,
+        reference_model_name_or_path: str | None = None,
         fsdp_rank0_load: bool = True,
     ) -> None:
         super().__init__()
@@ -263,6 +268,7 @@ class VisionDPOModule(pl.LightningModule):
         self.packed = packed and not prefix_sharing  # two ways to share the prefix: prefix_sharing asked for explicitly
         self.pack_tokens = pack_tokens
         self.model_name_or_path = model_name_or_path
+        self.reference_source = reference_model_name_or_path
         self.use_lora = lora
         self.average_logps = self.loss_fn.average_logps
         self.learning_rate = learning_rate
@@ -359,9 +365,10 @@ class VisionDPOModule(pl.LightningModule):
 
     @property
     def _copies_reference(self) -> bool:
-        """Full fine-tuning needs a reference copy, unless the loss is reference-free or the data ships the
-        reference log-probs."""
-        return not self.use_lora and not self.loss_fn.reference_free and not self.ref_logps_from_data
+        """Full fine-tuning, or a reference of its own (``reference_model_name_or_path``), needs a reference copy,
+        unless the loss is reference-free or the data ships the reference log-probs."""
+        own = not self.use_lora or self.reference_source is not None
+        return own and not self.loss_fn.reference_free and not self.ref_logps_from_data
 
     def _create_reference(self, fresh: nn.Module | None = None) -> None:
         """``fresh``: the policy when this ``configure_model`` call has just read it from the source."""
@@ -375,10 +382,11 @@ class VisionDPOModule(pl.LightningModule):
         # FSDP's rank 0 with a policy just read from the source: until the wrap the reference's parameters are
         # the policy's tensors (no second copy on the host); the wrap gives each its own flat parameter (or
         # device copy) before any step, and nothing writes to the policy in between
-        share = empty is False and fresh is not None
+        share = empty is False and fresh is not None and self.reference_source is None and not self.use_lora
 
         def build() -> nn.Module:
-            reference = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name, empty=bool(empty) or share)
+            source = self.reference_source or self.model_name_or_path
+            reference = load_model(source, seed=self.seed, dtype=self.dtype_name, empty=bool(empty) or share)
             if share:
                 share_parameters(reference, fresh)
             return reference
@@ -487,7 +495,7 @@ class VisionDPOModule(pl.LightningModule):
         if self.reference_cache_dir is None:
             return None
         fingerprint = {
-            "model": self.model_name_or_path,
+            "model": self.reference_source or self.model_name_or_path,
             "seed": self.hparams.get("seed") if self.model_name_or_path.startswith(TINY_PREFIX) else None,
             "max_length": max_length,
             "method": self.logps_method,
@@ -502,7 +510,7 @@ class VisionDPOModule(pl.LightningModule):
         :func:`~vpa_lightning.models.logps.group_logps` (``token_logps``)."""
         if self.loss_fn.reference_free:
             raise RuntimeError(f"{type(self.loss_fn).__name__} is reference-free: no reference forward")
-        if self.use_lora:
+        if self.use_lora and self.reference_source is None:
             model, was_training = self.model, self.model.training
             model.eval()
             try:

@@ -110,3 +110,39 @@ def test_resume_warns_when_the_shards_changed(small_shards, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vpa_lightning.data.datamodule"):
         other.load_state_dict(data.state_dict())
     assert "num_workers" in caplog.text and other._resume is None
+
+
+def test_resume_from_the_checkpoint_written_as_an_epoch_ended_runs_the_next_epoch(small_shards, tmp_path):
+    """A 2-epoch fit killed in its second epoch resumes from the checkpoint Lightning's default ModelCheckpoint wrote
+    as the first epoch ended: the second epoch runs whole and the weights equal the uninterrupted run's. (Lightning
+    creates the loader there while current_epoch still names the finished epoch; replaying that epoch's stream to
+    its end gave the resumed epoch no batch, and the fit ended a whole epoch short, in silence.)"""
+    import lightning.pytorch as pl
+
+    from vpa_lightning import PreferenceDataModule, VisionDPOModule
+
+    def fit(root, ckpt=None, kill_at=None):
+        pl.seed_everything(0)
+        module = VisionDPOModule("tiny:llava", lora_r=4, lora_dropout=0.0, learning_rate=1e-2)
+        data = PreferenceDataModule(str(small_shards), batch_size=2, shuffle_buffer=4, max_length=128, seed=5)
+        steps = []
+
+        class Kill(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                steps.append(list(batch["keys"]))
+                if kill_at is not None and trainer.global_step == kill_at:
+                    raise KeyError("killed")
+
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, callbacks=[Kill()], limit_val_batches=0,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+        trainer.fit(module, data, ckpt_path=ckpt)
+        return steps, {k: v.detach().clone() for k, v in module.model.state_dict().items()}, trainer
+
+    straight, w_straight, t = fit(tmp_path / "a")
+    per_epoch = t.global_step // 2
+    with pytest.raises(KeyError, match="killed"):
+        fit(tmp_path / "b", kill_at=per_epoch + 1)
+    (ckpt,) = (tmp_path / "b").rglob("*.ckpt")
+    resumed, w_resumed, t2 = fit(tmp_path / "b", ckpt=str(ckpt))
+    assert t2.global_step == t.global_step and resumed == straight[per_epoch:]
+    assert all(torch.equal(w_resumed[k], w_straight[k]) for k in w_straight)

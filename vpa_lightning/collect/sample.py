@@ -272,8 +272,12 @@ def run_sample(
     cache_dir: str | None = None,
     max_pixels: int | None = 89_478_485,
     limit: int | None = None,
+    select: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
-    """Sample every prompt of ``sources`` with every model of ``pool``; returns the summary (see the module doc)."""
+    """Sample every prompt of ``sources`` with every model of ``pool``; returns the summary (see the module doc).
+    ``limit``: the first N prompts only. ``select = (seed, start, n)``: the prompts shuffled by ``seed`` (the same
+    order for every ``start``), then ``n`` of them from ``start`` on, wrapping round (fresh slices of a prompt set,
+    e.g. one per round)."""
     if not pool:
         raise ValueError("--model: the pool is empty")
     names = [m.name for m in pool]
@@ -286,6 +290,13 @@ def run_sample(
     records = len(prompts) + len(rejects)
     if limit is not None:
         prompts = prompts[:limit]
+    if select is not None and prompts:
+        import random
+
+        order = list(range(len(prompts)))
+        random.Random(select[0]).shuffle(order)
+        start, n = select[1], min(select[2], len(prompts))
+        prompts = [prompts[order[(start + i) % len(order)]] for i in range(n)]
     if not prompts:
         raise ValueError(f"no usable prompt in {', '.join(map(str, sources))} ({len(rejects)} rejected"
                          + (f"; first: {rejects[0].source}: {rejects[0].reason}" if rejects else "") + ")")

@@ -302,6 +302,8 @@ class PreferenceDataModule(pl.LightningDataModule):
         # resume state (see state_dict): the training examples the steps consumed so far, per stream
         self._consumed: dict[str, int] = {}
         self._batches: dict[str, int] = {}  # training batches each rank consumed in the epoch
+        self._finished_epoch: int | None = None  # the last epoch whose training stream ran out
+        self._epoch_floor = 0  # resumed after a finished epoch: the pass to come is the next one
         self._consumed_epoch: int | None = None
         self._resume: dict[str, Any] | None = None
         self._pending_rng: dict[str, Any] | None = None
@@ -467,13 +469,23 @@ class PreferenceDataModule(pl.LightningDataModule):
         loader = _TrainLoader(stream, **kwargs)
         loader.epoch_of = self._trainer_epoch
         loader.resume_of = lambda: self._resume
+        loader.on_exhausted = self._epoch_exhausted
         loader.max_skip_fraction = self.max_skip_fraction
         return loader
 
     def _trainer_epoch(self) -> int | None:
-        return int(self.trainer.current_epoch) if self._trainer_attached() else None
+        """The epoch of the pass about to start: the trainer's, or later after a resume from a checkpoint written as
+        an epoch ended. Lightning creates the loader there while ``current_epoch`` still names the finished epoch,
+        and never creates it again for the epoch it then runs: replaying the finished epoch's stream to its
+        checkpointed end would give that epoch no batch (an epoch skipped in silence)."""
+        if not self._trainer_attached():
+            return None
+        return max(int(self.trainer.current_epoch), self._epoch_floor)
 
     # -- exact resume ------------------------------------------------------------------------
+    def _epoch_exhausted(self, epoch: int) -> None:
+        self._finished_epoch = epoch
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count the training examples the steps consumed per stream, and the batches per rank (the checkpointed
         position); after a resume, restore the RNG state of the checkpointed run right before its next step."""
@@ -531,6 +543,8 @@ class PreferenceDataModule(pl.LightningDataModule):
             "epoch": self._consumed_epoch,
             "positions": consumed,
             "batches": batches,
+            # written as the epoch ended (every stream ran out): a resume starts the next epoch, nothing to replay
+            "finished": self._consumed_epoch is not None and self._finished_epoch == self._consumed_epoch,
             "fingerprint": self._fingerprint(),
             "rng": by_rank["0"],
             "rng_by_rank": by_rank,
@@ -550,7 +564,9 @@ class PreferenceDataModule(pl.LightningDataModule):
                 "; ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed if k != "shards") or "shard contents differ",
             )
         layout_same = not {"num_workers", "world_size"} & set(changed)
-        if state.get("epoch") is not None and layout_same:
+        if state.get("finished") and state.get("epoch") is not None:
+            self._epoch_floor = int(state["epoch"]) + 1
+        elif state.get("epoch") is not None and layout_same:
             batches = {str(k): int(v) for k, v in state.get("batches", {}).items()}
             workers = max(self.num_workers, 1)
             self._resume = {"epoch": int(state["epoch"]), "positions": dict(state.get("positions", {})),

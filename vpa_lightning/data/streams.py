@@ -285,6 +285,7 @@ class _TrainLoader(DataLoader):
 
     epoch_of: Any = None
     resume_of: Any = None
+    on_exhausted: Any = None  # called with the epoch once its batches ran out
     max_skip_fraction: float | None = None
     passes = 0
 
@@ -295,9 +296,16 @@ class _TrainLoader(DataLoader):
             self.dataset.resume = self.resume_of()
         self.passes += 1
         batches = super().__iter__()
-        if epoch is None or self.max_skip_fraction is None or self.max_skip_fraction >= 1:
+        if epoch is None:
             return batches  # no trainer: plain iteration never fails on skips
-        return _watch_skips(batches, self.max_skip_fraction, epoch)
+        if self.max_skip_fraction is not None and self.max_skip_fraction < 1:
+            batches = _watch_skips(batches, self.max_skip_fraction, epoch)
+        return self._until_exhausted(batches, epoch)
+
+    def _until_exhausted(self, batches: Iterator[dict[str, Any]], epoch: int) -> Iterator[dict[str, Any]]:
+        yield from batches
+        if self.on_exhausted is not None:
+            self.on_exhausted(epoch)
 
 
 #: Samples seen in an epoch before the skip share is checked batch by batch (it is always checked at the end).
