@@ -270,7 +270,7 @@ def test_ddp_settings_are_chosen_before_the_wrap(monkeypatch) -> None:
         env = LightningEnvironment()
         env.set_world_size(2)
         strategy = DDPStrategy(parallel_devices=[torch.device("cpu")] * 2, cluster_environment=env, **given)
-        monkeypatch.setattr(type(module), "trainer", property(lambda self: SimpleNamespace(strategy=strategy)))
+        monkeypatch.setattr(module, "_trainer", SimpleNamespace(strategy=strategy))
         module._ddp_settings()
         return strategy._ddp_kwargs
 
