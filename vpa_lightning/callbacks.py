@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 __all__ = [
-    "GREEDY_METRIC", "THROUGHPUT_METRICS", "GarbageCollection", "PreferenceReport", "ThroughputLog", "flop_params", "flops_per_token", "format_report",
+    "GREEDY_METRIC", "THROUGHPUT_METRICS", "EpochLine", "GarbageCollection", "PreferenceReport", "ThroughputLog", "flop_params", "flops_per_token", "format_report",
     "load_scorer", "peak_flops",
 ]
 
@@ -318,6 +318,38 @@ def flops_per_token(n_params: int, n_trainable: int, reference_free: bool = Fals
     (``N``: parameters outside the input embeddings; attention's ``T^2`` work left out, as in PaLM's MFU;
     recomputation under gradient checkpointing is not model work and is not counted)."""
     return 2 * n_params * (2 if reference_free else 3) + 2 * n_trainable
+
+
+class EpochLine(Callback):
+    """One line per epoch on stdout (epoch, step, loss and accuracy, seconds) when the progress bar is off, so a run
+    whose output goes to a file or a CI log shows it is alive; silent when Lightning's progress bar shows.
+
+    Args:
+        metrics: Logged metrics to show when present (the first of them found; others are skipped).
+    """
+
+    def __init__(self, metrics: tuple[str, ...] = ("train/loss", "train/rewards/accuracies", "val/loss",
+                                                    "val/rewards/accuracies")) -> None:
+        super().__init__()
+        self.metrics = tuple(metrics)
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        if trainer.progress_bar_callback is not None or trainer.global_rank != 0 or trainer.sanity_checking:
+            return
+        shown = trainer.callback_metrics
+        parts = [f"{name} {float(shown[name]):.4f}" for name in self.metrics
+                 if name in shown and getattr(shown[name], "numel", lambda: 1)() == 1]
+        total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        print(f"epoch {trainer.current_epoch + 1}{total}  step {trainer.global_step}  " + "  ".join(parts)
+              + f"  ({time.perf_counter() - self._start:.1f} s)", flush=True)
 
 
 class GarbageCollection(Callback):

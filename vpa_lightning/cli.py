@@ -29,7 +29,9 @@ trainer's own errors, a traceback for anything unexpected); 130 on Ctrl-C.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from typing import Any
 
 __all__ = ["COMMANDS", "TOOLS", "allocator_defaults", "cli_main", "console_main", "main", "overview"]
@@ -119,6 +121,31 @@ def _deepspeed_logs_to_stderr(args: list[str]) -> None:
             import deepspeed  # noqa: F401
 
 
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip")
+
+
+def quiet_framework() -> None:
+    """Hide framework messages a user cannot act on: Lightning's advertisements for its cloud products, its
+    warning when ``args`` are given from Python while ``sys.argv`` holds the calling tool's own arguments (``vpa
+    demo``, ``vpa rounds``), its use of a torch pytree API torch deprecated, and (output not on a terminal)
+    transformers' progress bars."""
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    if not sys.stderr.isatty():  # transformers' loading/saving bars are a wall of carriage returns in a log file
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is not None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+
+
 def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
     """Build (and by default run) the ``LightningCLI``.
 
@@ -133,9 +160,10 @@ def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
         The ``LightningCLI`` (``.model``, ``.datamodule``, ``.trainer``, ``.config``).
     """
     _deepspeed_logs_to_stderr(sys.argv[1:] if args is None else args)
+    quiet_framework()
     from lightning.pytorch.cli import LightningCLI
 
-    from vpa_lightning.callbacks import GarbageCollection, ThroughputLog
+    from vpa_lightning.callbacks import EpochLine, GarbageCollection, ThroughputLog
     from vpa_lightning.data.datamodule import PreferenceDataModule
     from vpa_lightning.errors import UsageError
     from vpa_lightning.module import VisionDPOModule
@@ -167,7 +195,9 @@ def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
     # throughput (tokens/s, pairs/s, samples/s, MFU on CUDA) in every run's logs; the garbage collector between steps
     defaults = dict(kwargs.get("trainer_defaults") or {})
     default_log, default_gc = ThroughputLog(), GarbageCollection()
-    defaults.setdefault("callbacks", [default_log, default_gc])
+    # a progress bar on a terminal; elsewhere (a file, a CI log) one line per epoch instead of carriage returns
+    defaults.setdefault("callbacks", [default_log, default_gc, EpochLine()])
+    defaults.setdefault("enable_progress_bar", sys.stdout.isatty())
     kwargs["trainer_defaults"] = defaults
     kwargs.setdefault("parser_kwargs", {"description": "Preference optimisation (DPO family) of vision-language models."})
     return VpaCLI(VisionDPOModule, PreferenceDataModule, args=args, run=run, **kwargs)

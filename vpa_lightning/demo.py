@@ -4,6 +4,7 @@
 
     pip install ".[train]" && vpa demo                 # OUT = ./vpa-demo, about a minute or two on CPU
     vpa demo --out /tmp/d --seed 1 --num-images 240    # smaller / other seed
+    vpa demo --rounds 3 --compare-offline              # on-policy rounds (vpa_lightning.loop.demo)
 
 Steps: write the embedded synthetic set (coloured shapes with rated answers, see
 :mod:`vpa_lightning.data.demo`) into ``OUT/data``, build it with the Rust core into
@@ -39,6 +40,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out for the before/after table (default 0.2)")
     p.add_argument("--max-epochs", type=int, default=None, help="training epochs (default: the config's, 10)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: no limit)")
+    rounds = p.add_argument_group("on-policy rounds (vpa rounds on the demo world, the rule judge; see vpa_lightning.loop.demo)")
+    rounds.add_argument("--rounds", type=int, default=0, help="run N on-policy rounds from a weak starting policy instead "
+                        "of the offline demo (default 0: the offline demo)")
+    rounds.add_argument("--k", type=int, default=4, help="--rounds: answers sampled per prompt and round (default 4)")
+    rounds.add_argument("--start-epochs", type=int, default=2, help="--rounds: epochs of the starting policy on the "
+                        "world's ratings (default 2: a weak model)")
+    rounds.add_argument("--round-epochs", type=int, default=3, help="--rounds: epochs of each round's fit (default 3)")
+    rounds.add_argument("--compare-offline", action="store_true", help="--rounds: also one offline round with the same "
+                        "number of rated answers (N x K per prompt) and epochs, from the same starting policy")
     p.add_argument("fit_args", nargs=argparse.REMAINDER, help="after `--`: more `vpa fit` options, e.g. -- --data.batch_size 8")
     return p
 
@@ -76,6 +86,23 @@ def main(argv: list[str] | None = None) -> Any:
     missing = [m for m in _TRAIN_EXTRA if _absent(m)]
     if missing:
         raise VpaError(f"the training extra is not installed (missing {', '.join(missing)}): pip install \"vpa[train]\" (or `pip install \".[train]\"` in a checkout)")
+
+    if a.rounds:
+        from vpa_lightning.loop.demo import run_demo_rounds
+
+        if a.max_epochs is not None or a.max_steps is not None:
+            raise UsageError("--rounds: use --start-epochs and --round-epochs (not --max-epochs / --max-steps)")
+        extra = list(a.fit_args)
+        try:
+            return run_demo_rounds(Path(a.out), num_rounds=a.rounds, k=a.k, num_images=a.num_images,
+                                   val_fraction=a.val_fraction, seed=a.seed, start_epochs=a.start_epochs,
+                                   round_epochs=a.round_epochs, compare_offline=a.compare_offline,
+                                   fit_args=extra[1:] if extra[:1] == ["--"] else extra, config=CONFIG)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        except RuntimeError as exc:  # a round that cannot go on (no pairs: every answer right or every one wrong)
+            raise VpaError(f"{exc}\n(a stronger starting policy answers some questions right: raise --start-epochs, "
+                           "--k or --num-images)") from exc
 
     from vpa_lightning.cli import cli_main
     from vpa_lightning.data import build

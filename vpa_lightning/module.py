@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import PurePath
 from typing import Any, Callable
 
@@ -55,6 +56,7 @@ from vpa_lightning.models.loading import (
     DTYPES,
     TINY_PREFIX,
     EmptyParamInit,
+    enable_activation_checkpointing,
     load_model,
     load_processor,
     load_vlm,
@@ -344,7 +346,7 @@ class VisionDPOModule(pl.LightningModule):
         model = load_model(self.model_name_or_path, seed=self.seed, dtype=self.dtype_name, empty=empty)
         _, vision = language_and_vision_modules(model)
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             model.config.use_cache = False
         unused = set(family_of(model).unused_parameters(model)) if not self.freeze_vision else set()
         if self.use_lora:
@@ -713,6 +715,13 @@ class VisionDPOModule(pl.LightningModule):
         strategy = getattr(self._trainer, "strategy", None)
         return (isinstance(strategy, DDPStrategy) and strategy.world_size > 1
                 and not any(k.__name__ == "DeepSpeedStrategy" for k in type(strategy).__mro__))
+
+    def on_fit_start(self) -> None:
+        # The frozen reference is in eval mode by design (no dropout); Lightning's warning about modules in eval
+        # mode is silenced for exactly that count, so a policy module left in eval mode still warns.
+        idle = [n for n, m in self.named_modules() if not m.training]
+        if idle and all(n == "reference_model" or n.startswith("reference_model.") for n in idle):
+            warnings.filterwarnings("ignore", message=rf"Found {len(idle)} module\(s\) in eval mode at the start of training")
 
     # -- a run that trained on nothing fails ---------------------------------------------------
     def on_train_start(self) -> None:

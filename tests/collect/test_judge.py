@@ -296,3 +296,34 @@ def test_a_reply_with_fewer_choices_than_asked_fails_the_run_clearly(demo_prompt
         server.server_close()
     assert proc.returncode == 1 and "1 choices for n=3" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_rule_judge_reads_each_records_choices(sampled, tmp_path) -> None:
+    """--choices-field: an answer may name only the right word of the kind asked; words of other kinds are fine (a
+    colour question answered "two red circles" is right), where one --choices list over every kind rejects it."""
+    from vpa_lightning.data.demo import NUMBERS
+
+    rows = _rows(sampled)
+    for row in rows:
+        truth = row["truth"]
+        full = f"There are {NUMBERS[truth['count']]} {truth['colour']} {truth['shape']}s."
+        row["completions"] = [{"model": "full", "response": full}]
+    rows[0]["truth"].pop("choices")  # a record without its choices: rejected by name, not rated
+    source = tmp_path / "full.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    per_record, one_list = tmp_path / "per-record.jsonl", tmp_path / "one-list.jsonl"
+    proc = _vpa("judge", str(source), "--judge", "rule", "--reference", "truth.answer", "--choices-field",
+                "truth.choices", "--out", str(per_record))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rated = [c["annotations"]["Verified"]["Rating"] for r in _rows(per_record)[1:] for c in r["completions"]]
+    assert rated and set(rated) == {1.0}
+    assert "no choices field 'truth.choices'" in Path(f"{per_record}.rejects.jsonl").read_text()
+    summary = json.loads(Path(f"{per_record}.summary.json").read_text())
+    assert (summary["rated"], summary["rejected"]) == (len(rows) - 1, 1)
+    proc = _vpa("judge", str(source), "--judge", "rule", "--reference", "truth.answer", "--choices", DEMO_CHOICES,
+                "--out", str(one_list))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {c["annotations"]["Verified"]["Rating"] for r in _rows(one_list) for c in r["completions"]} == {0.0}
+    proc = _vpa("judge", str(source), "--judge", "rule", "--reference", "truth.answer", "--choices", "red",
+                "--choices-field", "truth.choices", "--out", str(tmp_path / "both.jsonl"))
+    assert proc.returncode == 2 and "not both" in proc.stderr

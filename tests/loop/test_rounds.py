@@ -194,3 +194,27 @@ def test_bad_inputs_stop_the_round_with_a_reason(world, tmp_path, monkeypatch) -
     proc = subprocess.run([console_script("vpa"), "rounds", "--model", "tiny:llava", "--no_such_option", "1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
+    # through the console script: a clear message and exit status 2, no traceback
+    args = _args(world, tmp_path / "e")
+    args[args.index("--prompts") + 1] = json.dumps([str(empty)])
+    proc = subprocess.run([console_script("vpa"), "rounds", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no usable prompt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_pool_answers_instead_of_the_policy(world, tmp_path) -> None:
+    """Silkie-style distillation: ``pool`` models answer, the policy does not (``policy_in_pool: false``); each pool
+    entry keeps its own sampling settings; bad pool entries are named."""
+    from vpa_lightning.loop.cli import rounds
+
+    out = tmp_path / "distill"
+    pool = [{"name": "teacher-a", "model": "tiny:llava", "k": 2, "temperature": 1.0},
+            {"name": "teacher-b", "model": "tiny:llava", "k": 3}]
+    (summary,) = rounds(**{**_kwargs(world, out), "pool": pool, "policy_in_pool": False, "heldout_prompts": None})
+    rows = [json.loads(line) for line in (out / "round0" / "sample" / "sampled.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert sorted(c["model"] for c in row["completions"]) == ["teacher-a"] * 2 + ["teacher-b"] * 3
+    assert summary["completions"] == 5 * len(rows) and summary["pairs"] > 0
+    with pytest.raises(ValueError, match="--pool"):
+        rounds(**{**_kwargs(world, tmp_path / "a"), "policy_in_pool": False})
+    with pytest.raises(ValueError, match=r"--pool: unknown field\(s\) \['temprature'\]"):
+        rounds(**{**_kwargs(world, tmp_path / "b"), "pool": [{"name": "x", "model": "tiny:llava", "temprature": 1}]})

@@ -29,6 +29,42 @@ def test_vpa_demo_builds_trains_and_prints_the_table(tmp_path):
     before, after = (float(x) for x in accuracy.split("|")[1:])
     assert before == 0.0 and after > 0.0  # the policy moved away from its reference
     assert list((out / "runs").glob("**/checkpoints/*.ckpt")) and list((out / "reference-cache").iterdir())
+    # the newcomer's screen: nothing a user cannot act on, no progress bars' carriage returns in a log, and a line
+    # per epoch instead
+    screen = proc.stdout + proc.stderr
+    for noise in ("\N{ELECTRIC LIGHT BULB}", "LightningCLI's args", "module(s) in eval mode", "FutureWarning", "LeafSpec",
+                  "DeprecationWarning", "\r"):
+        assert noise not in screen, f"{noise!r} on the demo's screen:\n{screen[-3000:]}"
+    assert re.search(r"^epoch 1/10 +step \d+", proc.stdout, re.M)
+
+
+def test_vpa_demo_on_a_terminal_shows_a_progress_bar(tmp_path):
+    """On a terminal (a pseudo-terminal here) Lightning's progress bar shows; the per-epoch lines do not."""
+    import os
+    import pty
+    import select
+    import time
+
+    out = tmp_path / "demo"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the demo with its stdout and stderr on the terminal
+        os.execv(console_script("vpa"), ["vpa", "demo", "--out", str(out), "--num-images", "16", "--max-epochs", "1"])
+    chunks, deadline = [], time.monotonic() + 300
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, screen[-3000:]
+    assert re.search(r"Epoch 0\b", screen) and "it/s" in screen, screen[-3000:]  # Lightning's bar (tqdm or rich)
+    assert not re.search(r"^epoch 1/1 +step", screen, re.M)
 
 
 def test_packaged_demo_config_is_configs_demo_yaml():

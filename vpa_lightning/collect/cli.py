@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _pool(args: argparse.Namespace) -> list[Any]:
-    from vpa_lightning.collect.sample import PoolModel, SampleSettings
+    from vpa_lightning.collect.sample import PoolModel, SampleSettings, pool_models
 
     defaults = {"k": args.k, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed}
@@ -47,15 +47,11 @@ def _pool(args: argparse.Namespace) -> list[Any]:
 
         with open(args.pool, encoding="utf-8") as f:
             entries = yaml.safe_load(f)
-        if not isinstance(entries, list):
-            raise UsageError(f"--pool {args.pool}: expected a list of models")
-        for e in entries:
-            if not isinstance(e, dict) or "name" not in e or "model" not in e:
-                raise UsageError(f"--pool {args.pool}: every entry needs name and model, got {e!r}")
-            settings = SampleSettings(**{**defaults, **{k: e[k] for k in defaults if k in e}})
-            pool.append(PoolModel(name=str(e["name"]), model=str(e["model"]), backend=e.get("backend", args.backend),
-                                  base_url=e.get("base_url", args.base_url), dtype=e.get("dtype", args.dtype),
-                                  device=e.get("device", args.device), settings=settings))
+        try:
+            pool += pool_models(entries, defaults, f"--pool {args.pool}", backend=args.backend, base_url=args.base_url,
+                                dtype=args.dtype, device=args.device)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
     if not pool:
         raise UsageError("give at least one --model NAME=SPEC or a --pool file")
     return pool
@@ -124,6 +120,8 @@ def judge_main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rule", default="contains", choices=list(RULES), help="rule judge: how an answer is checked")
     p.add_argument("--reference", help="rule judge: dotted path to each record's ground truth (e.g. truth.answer)")
     p.add_argument("--choices", help="rule judge, contains: comma-separated values of which the answer may name only the reference")
+    p.add_argument("--choices-field", help="rule judge, contains: dotted path to each record's list of choices (instead "
+                   "of one --choices list), e.g. truth.choices")
     p.add_argument("--tolerance", type=float, default=0.0, help="rule judge, number: largest accepted difference")
     p.add_argument("--image-root", default=None, help="relative image paths are relative to this (default: the input's folder)")
     args = p.parse_args(argv)
@@ -132,7 +130,8 @@ def judge_main(argv: list[str] | None = None) -> dict[str, Any]:
         summary = run_judge(args.source, args.out, judge=args.judge, rubric=args.rubric, model=args.model,
                             base_url=args.base_url, cache_dir=args.cache_dir, max_concurrency=args.max_concurrency,
                             dtype=args.dtype, device=args.device, rule=args.rule, reference=args.reference,
-                            choices=choices, tolerance=args.tolerance, image_root=args.image_root)
+                            choices=choices, tolerance=args.tolerance, image_root=args.image_root,
+                            choices_field=args.choices_field)
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from exc
     except RuntimeError as exc:

@@ -14,8 +14,8 @@ Judges:
   parsing its free text, so a small model still gives a usable score; claims are its answer's sentences, each
   judged by p(yes) against p(no).
 * ``rule``: verifiable rewards against a ground-truth field of the record (``--reference truth.answer``, a dotted
-  path): ``exact`` (normalised text), ``contains`` (the reference as whole words; with ``--choices`` no other
-  choice may appear), ``yesno``, ``choice`` (the multiple-choice letter) and ``number`` (within ``--tolerance``).
+  path): ``exact`` (normalised text), ``contains`` (the reference as whole words; with ``--choices``, or each record's
+  ``--choices-field``, no other choice may appear), ``yesno``, ``choice`` (the multiple-choice letter) and ``number`` (within ``--tolerance``).
   Aspect ``Verified``, 1 or 0.
 
 A reply that gives no rating (unparseable, refused, off the scale) is kept in ``OUT.rejects.jsonl`` with the
@@ -227,17 +227,29 @@ class _HFJudge:
 
 
 class _RuleJudge:
-    def __init__(self, rule: str, reference: str, choices: list[str] | None, tolerance: float) -> None:
+    def __init__(self, rule: str, reference: str, choices: list[str] | None, tolerance: float,
+                 choices_field: str | None = None) -> None:
         if rule not in RULES:
             raise ValueError(f"--rule must be one of {RULES}, got {rule!r}")
+        if choices and choices_field:
+            raise ValueError("give --choices or --choices-field, not both")
         self.rule, self.reference, self.choices, self.tolerance = rule, reference, choices, tolerance
+        self.choices_field = choices_field
 
     def rate(self, prompt: Prompt, answers: list[str], record: dict[str, Any]) -> list[Any]:
         try:
             reference = _lookup(record, self.reference)
         except KeyError:
             return [RubricError(f"the record has no reference field {self.reference!r}")] * len(answers)
-        return [{RULE_ASPECT: (rule_rating(self.rule, a, reference, self.choices, self.tolerance),
+        choices = self.choices
+        if self.choices_field:
+            try:
+                choices = _lookup(record, self.choices_field)
+            except KeyError:
+                return [RubricError(f"the record has no choices field {self.choices_field!r}")] * len(answers)
+            if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+                return [RubricError(f"the choices field {self.choices_field!r} is not a list of strings")] * len(answers)
+        return [{RULE_ASPECT: (rule_rating(self.rule, a, reference, choices, self.tolerance),
                                f"{self.rule} against {self.reference}")} for a in answers]
 
 
@@ -259,6 +271,7 @@ def run_judge(
     choices: list[str] | None = None,
     tolerance: float = 0.0,
     image_root: str | None = None,
+    choices_field: str | None = None,
 ) -> dict[str, Any]:
     """Rate every completion of ``source`` into ``out`` (see the module doc); returns the summary."""
     source, out = Path(source), Path(out)
@@ -268,7 +281,7 @@ def run_judge(
     if judge == "rule":
         if not reference:
             raise ValueError("--judge rule needs --reference FIELD (a dotted path to the ground truth in each record)")
-        rater: Any = _RuleJudge(rule, reference, choices, tolerance)
+        rater: Any = _RuleJudge(rule, reference, choices, tolerance, choices_field)
         aspects: tuple[str, ...] = (RULE_ASPECT,)
     else:
         spec = load_rubric(rubric)
@@ -287,7 +300,7 @@ def run_judge(
             raise ValueError(f"--judge must be openai, hf or rule, got {judge!r}")
     root = Path(image_root) if image_root is not None else source.parent
     # a part is reused only by the same judge, rubric and input (other settings judge afresh)
-    settings = [judge, rubric if judge != "rule" else [rule, reference, choices, tolerance], model, base_url,
+    settings = [judge, rubric if judge != "rule" else [rule, reference, choices, tolerance, *([choices_field] if choices_field else [])], model, base_url,
                 str(source.resolve()), source.stat().st_size]
     part = out.with_name(out.name + ".parts") / f"judged-{settings_digest(settings)}.jsonl"
     part.parent.mkdir(parents=True, exist_ok=True)

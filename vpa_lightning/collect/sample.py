@@ -41,7 +41,7 @@ from typing import Any
 from vpa_lightning._io import write_text_atomic
 from vpa_lightning.collect.prompts import Prompt, image_digest, read_prompts
 
-__all__ = ["PoolModel", "SampleSettings", "hf_sample", "run_sample"]
+__all__ = ["PoolModel", "SampleSettings", "hf_sample", "pool_models", "run_sample"]
 
 
 @dataclass
@@ -86,6 +86,29 @@ class PoolModel:
         if self.backend not in ("hf", "openai"):
             raise ValueError(f"model {self.name!r}: backend must be hf or openai, got {self.backend!r}")
         self.settings.check(f"model {self.name!r}")
+
+
+def pool_models(entries: Any, defaults: dict[str, Any], where: str, **fallback: Any) -> list[PoolModel]:
+    """The :class:`PoolModel` of each entry of a pool list (``name``, ``model``, optional ``backend``, ``base_url``,
+    ``dtype``, ``device`` and sampling settings ``k``, ``temperature``, ``top_p``, ``max_new_tokens``, ``seed``);
+    ``defaults`` are the sampling settings, ``fallback`` the other fields, of an entry that does not set them.
+    Errors name ``where`` (the flag or file)."""
+    if not isinstance(entries, list):
+        raise ValueError(f"{where}: expected a list of models")
+    out = []
+    for e in entries:
+        if not isinstance(e, dict) or "name" not in e or "model" not in e:
+            raise ValueError(f"{where}: every entry needs name and model, got {e!r}")
+        unknown = set(e) - {"name", "model", "backend", "base_url", "dtype", "device", *SampleSettings.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)} in the entry of {e['name']!r}")
+        settings = SampleSettings(**{**defaults, **{k: e[k] for k in SampleSettings.__dataclass_fields__ if k in e}})
+        model = PoolModel(name=str(e["name"]), model=str(e["model"]), settings=settings,
+                          **{k: e.get(k, fallback.get(k)) for k in ("backend", "base_url", "dtype", "device")
+                             if e.get(k, fallback.get(k)) is not None})
+        model.check()
+        out.append(model)
+    return out
 
 
 def settings_digest(settings: Any) -> str:

@@ -114,7 +114,9 @@ def make_demo(directory: str | Path, *, num_images: int = 720, image_size: int =
                 "completions": completions,
                 # the right word for the question, for verifiable rewards (vpa judge --judge rule --reference truth.answer)
                 "truth": {"colour": colour, "shape": shape, "count": count, "kind": kind,
-                          "answer": {"colour": colour, "shape": shape, "count": NUMBERS[count]}[kind]},
+                          "answer": {"colour": colour, "shape": shape, "count": NUMBERS[count]}[kind],
+                          # the words an answer to this question may name: only the right one of them
+                          "choices": list(_VOCABULARY[kind])},
             })
     text = [json.dumps(line) for line in lines]
     if bad_records:

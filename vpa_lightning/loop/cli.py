@@ -30,6 +30,8 @@ def rounds(
     top_p: float = 0.9,
     max_new_tokens: int = 64,
     prompts_per_round: int | None = None,
+    pool: list[dict[str, Any]] | None = None,
+    policy_in_pool: bool = True,
     judge: Literal["rule", "hf", "openai"] = "rule",
     rubric: str = "vlfeedback",
     judge_model: str | None = None,
@@ -37,6 +39,7 @@ def rounds(
     rule: str = "contains",
     reference_field: str | None = None,
     choices: list[str] | None = None,
+    choices_field: str | None = None,
     tolerance: float = 0.0,
     strategy: str = "all-pairs",
     aspects: str | None = None,
@@ -73,6 +76,10 @@ def rounds(
         top_p: Nucleus mass of the policy's sampling.
         max_new_tokens: Longest answer (also for the held-out answers).
         prompts_per_round: Prompts per round, a fresh seeded slice of ``prompts`` each round; ``null``: all of them.
+        pool: More models that answer every prompt each round, as ``vpa sample``'s ``--pool`` entries (``name``,
+            ``model``, ``backend``, ``base_url``, ``k``, ``temperature``, ...): Silkie's distillation from a pool of
+            VLMs, or the policy against stronger models.
+        policy_in_pool: Whether the policy samples too (``false``: only ``pool`` answers, off-policy distillation).
         judge: ``rule`` (verifiable, against ``reference_field``), ``hf`` (a local labeler, ``judge_model``) or
             ``openai`` (``judge_model`` at ``judge_base_url``; the key from ``$VPA_JUDGE_API_KEY``).
         rubric: ``vlfeedback``, ``helpsteer``, ``claims`` (RLAIF-V) or a rubric file (``hf`` and ``openai`` judges).
@@ -81,6 +88,7 @@ def rounds(
         rule: ``rule`` judge: exact, contains, yesno, choice or number.
         reference_field: ``rule`` judge: the dotted path of each prompt's ground truth (e.g. ``truth.answer``).
         choices: ``rule`` judge, ``contains``: values of which an answer may name only the right one.
+        choices_field: ``rule`` judge, ``contains``: the dotted path of each prompt's own ``choices`` list instead.
         tolerance: ``rule`` judge, ``number``: largest accepted difference.
         strategy: The build's pair selection (``all-pairs``, ``best-vs-rest``, ``best-vs-worst``,
             ``min-probability`` for Bradley-Terry, ...); a group keeps all its answers for listwise losses.
@@ -121,11 +129,12 @@ def rounds(
         if judge == "rule" and not reference_field:
             raise ValueError("--judge rule needs --reference_field (the dotted path of each prompt's ground truth)")
         judge_options = ({"judge": "rule", "rule": rule, "reference": reference_field, "choices": choices,
-                          "tolerance": tolerance} if judge == "rule" else
+                          "choices_field": choices_field, "tolerance": tolerance} if judge == "rule" else
                          {"judge": judge, "rubric": rubric, "model": judge_model, "base_url": judge_base_url})
         data_stage = partial(sample_judge_build, prompts=list(prompts), judge=judge_options, aspects=aspects, k=k,
                              temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, strategy=strategy,
-                             val_fraction=val_fraction, prompts_per_round=prompts_per_round, backend=backend,
+                             val_fraction=val_fraction, prompts_per_round=prompts_per_round, pool=pool,
+                             policy_in_pool=policy_in_pool, backend=backend,
                              base_url=base_url, dtype=dtype, image_root=image_root, cache_dir=cache_dir)
         evaluate = (partial(_heldout, heldout_reward, prompts=list(heldout_prompts), judge=judge_options,
                             max_new_tokens=max_new_tokens, dtype=dtype, image_root=image_root, cache_dir=cache_dir)
@@ -142,7 +151,14 @@ def main(argv: list[str] | None = None) -> Any:
     """``vpa rounds [--config FILE] [options]``."""
     from jsonargparse import auto_cli
 
-    result = auto_cli(rounds, args=argv, as_positional=False)
+    from vpa_lightning.errors import UsageError, VpaError
+
+    try:
+        result = auto_cli(rounds, args=argv, as_positional=False)
+    except (ValueError, FileNotFoundError) as exc:  # a bad option or input: named, exit status 2
+        raise UsageError(str(exc)) from exc
+    except RuntimeError as exc:  # a round that cannot go on (no pairs, a fit that wrote nothing): exit status 1
+        raise VpaError(str(exc)) from exc
     rows = [{k: s.get(k) for k in ("round", "prompts", "mean_reward", "pairs", "all_tie_dropped")}
             | {"heldout_reward": s.get("eval", {}).get("heldout_reward")} for s in result]
     print(json.dumps(rows, indent=2, default=str))

@@ -84,25 +84,31 @@ def sample_judge_build(
     strategy: str = "all-pairs",
     val_fraction: float = 0.1,
     prompts_per_round: int | None = None,
+    pool: list[dict[str, Any]] | None = None,
+    policy_in_pool: bool = True,
     backend: str = "hf",
     base_url: str | None = None,
     dtype: str | None = None,
     image_root: str | None = None,
     cache_dir: str | None = None,
 ) -> dict[str, Any]:
-    """The ``sample`` source's data stage: the policy samples, the judge rates, the build ranks."""
+    """The ``sample`` source's data stage: the policy (and any ``pool`` models) samples, the judge rates, the build
+    ranks."""
     from vpa_lightning.collect.judge import run_judge
-    from vpa_lightning.collect.sample import PoolModel, SampleSettings, run_sample
+    from vpa_lightning.collect.sample import PoolModel, SampleSettings, pool_models, run_sample
     from vpa_lightning.data import build
     from vpa_lightning.data.shards import EmptyBuildError
 
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    pool = [PoolModel(name="policy", model=ctx.policy, backend=backend, base_url=base_url, dtype=dtype,
-                      settings=SampleSettings(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                              seed=ctx.seed))]
+    settings = SampleSettings(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=ctx.seed)
+    models = [PoolModel(name="policy", model=ctx.policy, backend=backend, base_url=base_url, dtype=dtype,
+                        settings=settings)] if policy_in_pool else []
+    models += pool_models(pool or [], vars(settings).copy(), "--pool", dtype=dtype)
+    if not models:
+        raise ValueError("--policy_in_pool false needs --pool models to sample from")
     select = (ctx.seed - ctx.round, ctx.round * prompts_per_round, prompts_per_round) if prompts_per_round else None
-    sampled = run_sample(prompts, pool, ctx.dir / "sample" / "sampled.jsonl", image_root=image_root, cache_dir=cache_dir,
+    sampled = run_sample(prompts, models, ctx.dir / "sample" / "sampled.jsonl", image_root=image_root, cache_dir=cache_dir,
                          select=select)
     times["sample"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -165,9 +171,10 @@ def run_rounds(
     benchmarks: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The loop (see the module doc); ``data_stage(ctx)`` returns the round's data summary with its ``shards``."""
-    from vpa_lightning.cli import cli_main
+    from vpa_lightning.cli import cli_main, quiet_framework
     from vpa_lightning.export import export
 
+    quiet_framework()
     if num_rounds < 1:
         raise ValueError(f"--num_rounds must be >= 1, got {num_rounds}")
     if not Path(fit_config).is_file():
@@ -198,10 +205,13 @@ def run_rounds(
             write_text_atomic(stages_path, json.dumps(stages, indent=2) + "\n")
 
         if "data" not in stages:
+            _say(f"round {r}/{num_rounds}: data from {policy}")
             t0 = time.perf_counter()
             info = data_stage(ctx)
             mark("data", {**info, "seconds": time.perf_counter() - t0})
+            _say(f"round {r}/{num_rounds}: data done: {_brief(stages['data'])}")
         if "train" not in stages:
+            _say(f"round {r}/{num_rounds}: train on {stages['data']['shards']}")
             t0 = time.perf_counter()
             args = ["fit", "--config", fit_config, f"--model.model_name_or_path={policy}",
                     f"--data.train_shards={stages['data']['shards']}", f"--trainer.default_root_dir={round_dir / 'train'}",
@@ -236,6 +246,7 @@ def run_rounds(
                 shutil.rmtree(round_dir / "eval")
             mark("eval", {**_evaluate(stages["export"]["model_out"], round_dir / "eval", evaluate, benchmarks),
                           "seconds": time.perf_counter() - t0})
+            _say(f"round {r}/{num_rounds}: eval done: {_brief(stages['eval'])}")
         data = {k: v for k, v in stages["data"].items() if k != "seconds"}
         summary = {
             "round": r, "model_in": policy, **data, "train_dir": os.fspath(round_dir / "train"),
@@ -249,6 +260,16 @@ def run_rounds(
         _report(out, summaries, initial)
     _report(out, summaries, initial)
     return summaries
+
+
+def _say(text: str) -> None:
+    print(f"[vpa rounds] {text}", flush=True)
+
+
+def _brief(values: dict[str, Any]) -> str:
+    """``name value`` for a stage's numbers (floats to 3 digits)."""
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 def _evaluate(model: str, out: Path, evaluate: Callable[[str, Path], dict[str, Any]] | None,

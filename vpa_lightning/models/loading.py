@@ -17,10 +17,20 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DTYPES", "TINY_PREFIX", "EmptyParamInit", "load_model", "load_processor", "load_vlm", "match_rank0_layout", "share_parameters"]
+__all__ = ["DTYPES", "TINY_PREFIX", "EmptyParamInit", "enable_activation_checkpointing", "load_model", "load_processor", "load_vlm", "match_rank0_layout", "share_parameters"]
 
 TINY_PREFIX = "tiny:"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant), by the name transformers 5 gives it
+    (``gradient_checkpointing_enable`` is a deprecated alias there that warns on every run)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers 4.x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _check_dtype(dtype: str | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 from torch import nn
 
@@ -72,4 +73,7 @@ def apply_lora(
     # dtype: PEFT's float32 upcast of bf16 adapters leaves ZeRO-3 with trainable partitions of two dtypes, which
     # its optimizer refuses (it keeps float32 master weights of its own).
     zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
-    return get_peft_model(model, config, autocast_adapter_dtype=not zero3)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` alias: nothing a user can change
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config, autocast_adapter_dtype=not zero3)
