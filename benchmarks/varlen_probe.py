@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
-import time
 
 import torch
 import torch.nn.functional as F

@@ -290,7 +290,7 @@ def test_build_memory_is_bounded_by_the_spill_budget_not_the_records(tmp_path):
     # costs). Each build runs in a subprocess so that its own peak (VmHWM) is read.
     from .test_containers import MEMORY_SCRIPT
 
-    growth, manifests = {}, {}
+    growth = {}
     for n in (10_000, 80_000):
         data = write_jsonl(tmp_path / f"in{n}.jsonl", [{"question": f"Q{i}?", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(n)])
         opts = {"inputs": [str(data)], "out": str(tmp_path / f"out{n}"), "val_fraction": 0, "spill_bucket_bytes": 8 << 20, "threads": 2}

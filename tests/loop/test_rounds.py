@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,43 @@ def test_a_pool_answers_instead_of_the_policy(world, tmp_path) -> None:
         rounds(**{**_kwargs(world, tmp_path / "a"), "policy_in_pool": False})
     with pytest.raises(ValueError, match=r"--pool: unknown field\(s\) \['temprature'\]"):
         rounds(**{**_kwargs(world, tmp_path / "b"), "pool": [{"name": "x", "model": "tiny:llava", "temprature": 1}]})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_served_policy_is_started_for_sampling_and_stopped(world, tmp_path, monkeypatch) -> None:
+    """--serve_command: the round's policy is served (here by `vpa serve`, as vLLM would) while the round samples
+    through the openai backend, and the server is gone before the fit; a server that dies or never answers stops
+    the round with its exit status or the timeout, and its log."""
+    from vpa_lightning.loop.cli import rounds
+    from vpa_lightning.loop.server import _ready
+
+    monkeypatch.setenv("VPA_SAMPLE_API_KEY", "EMPTY")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/v1"
+    out = tmp_path / "served"
+    command = f"{console_script('vpa')} serve {{model}} --port {port} --name policy"
+    (summary,) = rounds(**{**_kwargs(world, out), "backend": "openai", "base_url": base, "served_name": "policy",
+                           "serve_command": command, "heldout_prompts": None, "cache_dir": str(tmp_path / "cache")})
+    assert summary["pairs"] > 0 and not _ready(base)  # trained, and the server is stopped
+    stats = json.loads((out / "round0" / "sample" / "sampled.jsonl.summary.json").read_text())["models"]["policy"]
+    assert stats["backend"] == "openai" and stats["requests"]["requests_sent"] == summary["prompts"]
+    assert '"serving": "policy"' in (out / "round0" / "sample" / "serve.log").read_text()
+
+    dying = f"{sys.executable} -c 'import sys; print(\"no GPU\"); sys.exit(3)'"
+    with pytest.raises(RuntimeError, match=r"exited with status 3 .*serve\.log"):
+        rounds(**{**_kwargs(world, tmp_path / "dies"), "backend": "openai", "base_url": base,
+                  "serve_command": dying, "heldout_prompts": None})
+    assert "no GPU" in (tmp_path / "dies" / "round0" / "sample" / "serve.log").read_text()
+    silent = f"{sys.executable} -c 'import time; time.sleep(60)'"
+    with pytest.raises(RuntimeError, match="did not answer within 2 s"):
+        rounds(**{**_kwargs(world, tmp_path / "silent"), "backend": "openai", "base_url": base,
+                  "serve_command": silent, "serve_timeout": 2, "heldout_prompts": None})
+    with pytest.raises(ValueError, match="--serve_command needs --backend openai"):
+        rounds(**{**_kwargs(world, tmp_path / "hf"), "serve_command": silent, "heldout_prompts": None})

@@ -55,8 +55,6 @@ def test_mfu_with_a_given_peak_follows_the_flops_formula(demo_shards, tmp_path):
     FLOPs are counted on every token of the batch."""
     from vpa_lightning.callbacks import flops_per_token
 
-    from vpa_lightning.callbacks import flop_params
-
     module = VisionDPOModule("tiny:llava", lora_r=4, lora_alpha=8, packed=False)
     dm = PreferenceDataModule(str(demo_shards), batch_size=2, shuffle_buffer=8)
     callback = ThroughputLog(peak_tflops=0.5)

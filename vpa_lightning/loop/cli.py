@@ -50,6 +50,9 @@ def rounds(
     fit_args: list[str] | None = None,
     backend: Literal["hf", "openai"] = "hf",
     base_url: str | None = None,
+    served_name: str | None = None,
+    serve_command: str | None = None,
+    serve_timeout: float = 900.0,
     dtype: str | None = None,
     image_root: str | None = None,
     cache_dir: str | None = None,
@@ -102,6 +105,13 @@ def rounds(
         backend: How the policy samples: ``hf`` (its folder, here) or ``openai`` (a server that loads each round's
             ``model/merged`` or ``model/adapter``, at ``base_url``).
         base_url: ``openai`` backend: the server's ``/v1`` root.
+        served_name: ``openai`` backend: the name the server gives the policy (default: the round's policy folder,
+            the name ``vllm serve FOLDER`` gives it).
+        serve_command: ``openai`` backend: a command that serves the round's policy at ``base_url``, ``{model}``
+            replaced by its folder (e.g. ``vllm serve {model} --port 8000``); started before each round samples and
+            stopped after, so the GPU is free for the fit (see :mod:`vpa_lightning.loop.server`). Without it the
+            user's server must load each round's ``model/merged`` itself.
+        serve_timeout: Seconds ``serve_command`` may take to answer.
         dtype: Weight dtype for sampling (``bfloat16`` on GPUs).
         image_root: Relative image paths are relative to this (default: each prompt file's folder).
         cache_dir: The request cache of the ``openai`` backends.
@@ -134,8 +144,9 @@ def rounds(
         data_stage = partial(sample_judge_build, prompts=list(prompts), judge=judge_options, aspects=aspects, k=k,
                              temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, strategy=strategy,
                              val_fraction=val_fraction, prompts_per_round=prompts_per_round, pool=pool,
-                             policy_in_pool=policy_in_pool, backend=backend,
-                             base_url=base_url, dtype=dtype, image_root=image_root, cache_dir=cache_dir)
+                             policy_in_pool=policy_in_pool, backend=backend, base_url=base_url,
+                             served_name=served_name, serve_command=serve_command, serve_timeout=serve_timeout,
+                             dtype=dtype, image_root=image_root, cache_dir=cache_dir)
         evaluate = (partial(_heldout, heldout_reward, prompts=list(heldout_prompts), judge=judge_options,
                             max_new_tokens=max_new_tokens, dtype=dtype, image_root=image_root, cache_dir=cache_dir)
                     if heldout_prompts else None)

@@ -27,6 +27,7 @@ finished round's row, ``OUT/rounds.md`` the table and ``OUT/rounds.png`` the hel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vpa_lightning._io import write_text_atomic
+from vpa_lightning.loop.server import served
 
 __all__ = ["RoundContext", "heldout_reward", "run_rounds", "sample_judge_build"]
 
@@ -88,6 +90,9 @@ def sample_judge_build(
     policy_in_pool: bool = True,
     backend: str = "hf",
     base_url: str | None = None,
+    served_name: str | None = None,
+    serve_command: str | None = None,
+    serve_timeout: float = 900.0,
     dtype: str | None = None,
     image_root: str | None = None,
     cache_dir: str | None = None,
@@ -102,14 +107,21 @@ def sample_judge_build(
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     settings = SampleSettings(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=ctx.seed)
-    models = [PoolModel(name="policy", model=ctx.policy, backend=backend, base_url=base_url, dtype=dtype,
-                        settings=settings)] if policy_in_pool else []
+    # a served policy is asked for by its served name (default: its folder, vLLM's default name for it)
+    models = [PoolModel(name="policy", model=served_name if backend == "openai" and served_name else ctx.policy,
+                        backend=backend, base_url=base_url, dtype=dtype, settings=settings)] if policy_in_pool else []
     models += pool_models(pool or [], vars(settings).copy(), "--pool", dtype=dtype)
     if not models:
         raise ValueError("--policy_in_pool false needs --pool models to sample from")
     select = (ctx.seed - ctx.round, ctx.round * prompts_per_round, prompts_per_round) if prompts_per_round else None
-    sampled = run_sample(prompts, models, ctx.dir / "sample" / "sampled.jsonl", image_root=image_root, cache_dir=cache_dir,
-                         select=select)
+    serving: Any = contextlib.nullcontext()
+    if serve_command and policy_in_pool:
+        if backend != "openai" or not base_url:
+            raise ValueError("--serve_command needs --backend openai and --base_url (where the command serves)")
+        serving = served(serve_command, base_url, ctx.policy, ctx.dir / "sample" / "serve.log", timeout=serve_timeout)
+    with serving:
+        sampled = run_sample(prompts, models, ctx.dir / "sample" / "sampled.jsonl", image_root=image_root,
+                             cache_dir=cache_dir, select=select)
     times["sample"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # the sampled file names its images relative to itself
