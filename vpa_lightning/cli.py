@@ -187,16 +187,16 @@ def cli_main(args: list[str] | None = None, run: bool = True, **kwargs: Any):
                 raise UsageError(str(exc)) from exc
             # `--trainer.callbacks+=...ThroughputLog` appends to the default list: the user's replaces ours
             callbacks = self.trainer.callbacks
-            for kind, default in ((ThroughputLog, default_log), (GarbageCollection, default_gc)):
+            for kind, default in ((ThroughputLog, default_log), (GarbageCollection, default_gc), (EpochLine, default_line)):
                 if sum(isinstance(c, kind) for c in callbacks) > 1 and default in callbacks:
                     callbacks.remove(default)
 
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     # throughput (tokens/s, pairs/s, samples/s, MFU on CUDA) in every run's logs; the garbage collector between steps
     defaults = dict(kwargs.get("trainer_defaults") or {})
-    default_log, default_gc = ThroughputLog(), GarbageCollection()
+    default_log, default_gc, default_line = ThroughputLog(), GarbageCollection(), EpochLine()
     # a progress bar on a terminal; elsewhere (a file, a CI log) one line per epoch instead of carriage returns
-    defaults.setdefault("callbacks", [default_log, default_gc, EpochLine()])
+    defaults.setdefault("callbacks", [default_log, default_gc, default_line])
     defaults.setdefault("enable_progress_bar", sys.stdout.isatty())
     kwargs["trainer_defaults"] = defaults
     kwargs.setdefault("parser_kwargs", {"description": "Preference optimisation (DPO family) of vision-language models."})

@@ -364,3 +364,23 @@ def test_rlhf_v_and_spa_vl_parquet(tmp_path):
     }, tmp_path / "SPA-VL" / "data" / "train-00000-of-00001.parquet")
     s = one(build_and_read(tmp_path / "o2", spavl))
     assert (s["pairs"], s["images"]) == ([("I can't help with that.", "Use a tension wrench.")], [b])
+
+
+def test_records_with_a_video_are_rejected_by_name_not_built_text_only(tmp_path):
+    """A record whose answers describe a video (MM-RLHF's ``video`` frame folder, ms-swift's / LLaMA-Factory's
+    ``videos``) is rejected with its file, line and field: built from its text alone it would train a pair about a
+    video the model never sees. Records beside it build as before, and the counts add up."""
+    a = make_image(tmp_path / "a.jpg", fmt="JPEG")
+    rows = [
+        {"image": "a.jpg", "question": "What is in the image?", "chosen": "A red block.", "rejected": "A ball."},
+        {"video": "long/frames_0001", "image": "", "question": "What happens after the man sits down?",
+         "chosen": "He opens a book.", "rejected": "He leaves the room."},
+        {"videos": ["clip.mp4"], "question": "What is shown?", "chosen": "A cat jumping.", "rejected": "A dog."},
+    ]
+    s = one(build_and_read(tmp_path / "out", write_jsonl(tmp_path / "mixed.jsonl", rows)))
+    assert s["images"] == [a.read_bytes()] and s["pairs"] == [("A red block.", "A ball.")]
+    got = sorted((r["line"], r["field"]) for r in rejects(tmp_path / "out"))
+    assert got == [(2, "video"), (3, "videos")]
+    assert all("reads images only" in r["reason"] for r in rejects(tmp_path / "out"))
+    counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
+    assert counts["records_in"] == 3 and counts["records_used"] == 1 and counts["records_rejected"] == 2

@@ -68,11 +68,31 @@ impl<'a> Ctx<'a> {
 }
 
 
+/// Fields that hold a record's videos in published layouts (MM-RLHF's `video` frame folder, ms-swift's and
+/// LLaMA-Factory's `videos`).
+const VIDEO_FIELDS: [&str; 2] = ["video", "videos"];
+
+/// The video field a record fills, if any (null, an empty string, list or object fill none).
+pub fn video_field(o: &serde_json::Map<String, Value>) -> Option<&'static str> {
+    VIDEO_FIELDS.iter().copied().find(|k| match o.get(*k) {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) => !s.trim().is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(m)) => !m.is_empty(),
+        Some(_) => true,
+    })
+}
+
 /// Parse one record of a known layout.
 pub fn parse(v: &Value, format: Format, ctx: &Ctx) -> Parsed {
     let Some(o) = v.as_object() else {
         return record_reject(ctx, ("$".into(), format!("expected a JSON object, got {}", type_name(v))));
     };
+    // Its answers describe the video: built without it, the pair would silently train as a text-only one.
+    if let Some(field) = video_field(o) {
+        return record_reject(ctx, (field.into(), "the record has a video and this build reads images only: rejected \
+            rather than built as a text-only pair whose answers describe a video it lacks".into()));
+    }
     match format {
         Format::Vlfeedback => scored::vlfeedback(o, ctx),
         Format::Rated => scored::rated(o, ctx),

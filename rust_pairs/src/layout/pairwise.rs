@@ -79,4 +79,22 @@ mod tests {
         let r = parse(&v, Format::Pairwise, &ctx(&src, &[])).draft.unwrap_err();
         assert!(r.reason.contains("over the limit"));
     }
+
+    #[test]
+    fn a_record_with_a_video_is_rejected_not_built_text_only() {
+        let src = Source::line("f", 3);
+        // MM-RLHF's dpo_pairs rows name a frame folder in `video` (and no image)
+        let mmrlhf = json!({"video": "long/frames_0001", "image": "", "question": "What happens after the man sits?",
+            "chosen": "He opens a book.", "rejected": "He leaves."});
+        let r = parse(&mmrlhf, Format::Pairwise, &ctx(&src, &[])).draft.unwrap_err();
+        assert_eq!((r.field.as_str(), r.line), ("video", 3));
+        assert!(r.reason.contains("reads images only"));
+        let swift = json!({"messages": [{"role": "user", "content": "<video>What is shown?"}], "videos": ["a.mp4"],
+            "question": "What is shown?", "chosen": "a cat", "rejected": "a dog"});
+        assert_eq!(parse(&swift, Format::Pairwise, &ctx(&src, &[])).draft.unwrap_err().field, "videos");
+        for empty in [json!(null), json!(""), json!([]), json!({})] {  // no video in it: built as before
+            let v = json!({"image": "a.jpg", "question": "Q?", "chosen": "yes", "rejected": "no", "video": empty});
+            assert!(parse(&v, Format::Pairwise, &ctx(&src, &[])).draft.is_ok());
+        }
+    }
 }

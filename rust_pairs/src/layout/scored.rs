@@ -360,6 +360,9 @@ pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
     if ctx.aspects.is_empty() || ctx.image_template.is_some() {
         return None; // absent vs null annotations differ then; leave it to the Value path
     }
+    if text.contains("\"video") {
+        return None; // a record with a video is rejected by the Value path (see `super::video_field`)
+    }
     let row: FastRow = serde_json::from_str(text).ok()?;
     let (prompt, image_at) = place("prompt", &row.prompt?.0, 1).ok()?;
     check_text("prompt", &prompt, ctx).ok()?;
