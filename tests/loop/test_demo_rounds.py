@@ -23,6 +23,7 @@ def test_demo_rounds_run_print_their_table_and_resume(tmp_path) -> None:
             "--out", str(out))
     proc = _demo(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "round 0 (1 of 1): data" in proc.stdout and "starting policy:" in proc.stdout  # a line per stage
     table = proc.stdout[proc.stdout.index("on-policy rounds ("):]
     assert "| initial |" in table and "| 0 |" in table
     summary = json.loads((out / "rounds" / "rounds.json").read_text())
@@ -35,7 +36,7 @@ def test_demo_rounds_run_print_their_table_and_resume(tmp_path) -> None:
     assert summary["initial"]["heldout_prompts"] == len((out / "data" / "heldout.jsonl").read_text().splitlines())
     again = _demo(*args)  # everything is there: nothing is sampled or trained again
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "round 0/1: data" not in again.stdout and "starting policy:" not in again.stdout
+    assert "round 0 (1 of 1): data" not in again.stdout and "starting policy:" not in again.stdout
     assert json.loads((out / "rounds" / "rounds.json").read_text()) == summary
 
 

@@ -217,13 +217,13 @@ def run_rounds(
             write_text_atomic(stages_path, json.dumps(stages, indent=2) + "\n")
 
         if "data" not in stages:
-            _say(f"round {r}/{num_rounds}: data from {policy}")
+            _say(f"round {r} ({r + 1} of {num_rounds}): data from {policy}")
             t0 = time.perf_counter()
             info = data_stage(ctx)
             mark("data", {**info, "seconds": time.perf_counter() - t0})
-            _say(f"round {r}/{num_rounds}: data done: {_brief(stages['data'])}")
+            _say(f"round {r} ({r + 1} of {num_rounds}): data done: {_brief(stages['data'])}")
         if "train" not in stages:
-            _say(f"round {r}/{num_rounds}: train on {stages['data']['shards']}")
+            _say(f"round {r} ({r + 1} of {num_rounds}): train on {stages['data']['shards']}")
             t0 = time.perf_counter()
             args = ["fit", "--config", fit_config, f"--model.model_name_or_path={policy}",
                     f"--data.train_shards={stages['data']['shards']}", f"--trainer.default_root_dir={round_dir / 'train'}",
@@ -258,7 +258,7 @@ def run_rounds(
                 shutil.rmtree(round_dir / "eval")
             mark("eval", {**_evaluate(stages["export"]["model_out"], round_dir / "eval", evaluate, benchmarks),
                           "seconds": time.perf_counter() - t0})
-            _say(f"round {r}/{num_rounds}: eval done: {_brief(stages['eval'])}")
+            _say(f"round {r} ({r + 1} of {num_rounds}): eval done: {_brief(stages['eval'])}")
         data = {k: v for k, v in stages["data"].items() if k != "seconds"}
         summary = {
             "round": r, "model_in": policy, **data, "train_dir": os.fspath(round_dir / "train"),
