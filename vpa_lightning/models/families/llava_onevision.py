@@ -15,10 +15,10 @@ class LlavaOnevisionFamily(Family):
     model_types = ("llava_onevision",)
     processor_classes = ("LlavaOnevisionProcessor",)
 
-    def encode(self, processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    def encode(self, processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]], **kwargs: Any) -> dict[str, Any]:
         import torch
 
-        out = super().encode(processor, prompts, images)
+        out = super().encode(processor, prompts, images, **kwargs)
         if "batch_num_images" in out:
             out["batch_num_images"] = torch.tensor([len(r) for r in images], dtype=out["batch_num_images"].dtype)
         return out
