@@ -1,4 +1,4 @@
-"""Video groups (Qwen2-VL, Qwen2.5-VL): the placeholder where the prompt had it, the family's own template and
+"""Video groups (Qwen2-VL, Qwen2.5-VL; LLaVA-OneVision at the end): the placeholder where the prompt had it, the family's own template and
 processor tokens, log-probs equal to a per-sequence forward (vision once per group), the packed and the KV-cache
 prefix-sharing paths equal to the plain one (log-probs and gradients; temporal M-RoPE positions past the text's),
 truncation that never cuts video tokens, and families without video input refused with the families that have it."""
@@ -224,6 +224,41 @@ def test_families_without_video_are_refused_by_name(family) -> None:
     with pytest.raises(VideoUnsupportedError, match="qwen2_vl, qwen2_5_vl") as exc:
         build_group_batch(processor, [video_groups()[0]])
     assert type(processor).__name__ in str(exc.value)
-    assert video_model_types() == ["qwen2_vl", "qwen2_5_vl"]
-    for name in VIDEO_FAMILIES:
+    assert video_model_types() == ["llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+    for name in [*VIDEO_FAMILIES, "llava_onevision"]:
         assert family_of(name).takes_video(_tiny(name)[1])
+
+
+def onevision_groups() -> list[PreferenceGroup]:
+    """LLaVA-OneVision batches its videos as one tensor: every video here has 4 frames (of different sizes: the
+    processor resizes each frame to its fixed size)."""
+    return [
+        PreferenceGroup(None, "What moves? ", ["A red square moves right.", "Nothing moves.", "A bar."], id="video",
+                        images=[], videos=[clip(4, (28, 28))], video_offsets=[12]),
+        PreferenceGroup(None, "Compare  with .", ["They match.", "The clip shows more."], id="image+video",
+                        images=[_image(1)], image_offsets=[8], videos=[clip(4, (56, 28), seed=1)], video_offsets=[14]),
+        PreferenceGroup(None, "Say hello.", ["Hello there.", "No."], id="text", images=[]),
+    ]
+
+
+def test_llava_onevision_video_groups(no_pack_fallback) -> None:
+    """LLaVA-OneVision: the template's ``<video>`` after the images, expanded by the processor (frames x pooled
+    patches + a newline); log-probs equal each sequence's alone (vision once per group), the packed and the KV-cache
+    paths equal the plain one; a batch of videos with different frame counts is refused with the reason."""
+    model, processor = _tiny("llava_onevision")
+    groups = onevision_groups()
+    batch = build_group_batch(processor, groups)
+    assert batch.model_inputs["pixel_values_videos"].shape[:2] == (5, 4) and batch.video_counts.tolist() == [1] * 5 + [0] * 2
+    text = processor.tokenizer.decode(batch.model_inputs["input_ids"][3])
+    assert "<image>" * 10 + "<video>" * 5 + "\nCompare \n with \n." in text  # 4 frames x 1 pooled patch + newline
+    with torch.no_grad():
+        got = group_logps(model, batch).sum_logps
+        alone = [group_logps(model, build_group_batch(processor, [dataclasses.replace(g, responses=[r])])).sum_logps[0]
+                 for g in groups for r in g.responses]
+    torch.testing.assert_close(got, torch.stack(alone), rtol=1e-5, atol=1e-4)
+    plain = _grads(model, batch)
+    _assert_same(plain, _grads(model, batch, pack=True, pack_tokens=10_000))
+    _assert_same(plain, _grads(model, batch, share_prefix=True))
+    mixed = [groups[0], dataclasses.replace(groups[1], videos=[clip(2, (28, 28))])]
+    with pytest.raises(ValueError, match="one frame count"):
+        build_group_batch(processor, mixed)

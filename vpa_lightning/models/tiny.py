@@ -493,10 +493,12 @@ REAL_TEMPLATES: dict[str, str] = {
         "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ ' ' + c['text'] }}{% endfor %}"
         "{{ eos_token }}{% endif %}{% endfor %}"
     ),
-    # LLaVA-OneVision (Qwen2): "<|im_start|>user <image>\nWhat?<|im_end|>\n<|im_start|>assistant\n"
+    # LLaVA-OneVision (Qwen2): "<|im_start|>user <image>\nWhat?<|im_end|>\n<|im_start|>assistant\n" (images, then videos,
+    # then the text)
     "llava_onevision": (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
         "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+        "{% for c in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
         "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + c['text'] }}{% endfor %}"
         "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
@@ -803,7 +805,7 @@ def _build_llava_onevision(tokenizer, image_size: int = 28, vision_hidden: int =
         size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
     )
     processor = LlavaOnevisionProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(),
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(size={"height": image_size, "width": image_size}),
         num_image_tokens=(image_size // patch) ** 2, vision_feature_select_strategy="full",
         chat_template=REAL_TEMPLATES["llava_onevision"],
     )
