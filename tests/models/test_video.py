@@ -171,7 +171,7 @@ def test_video_logps_equal_a_forward_per_sequence(family) -> None:
 def test_packed_video_groups_equal_the_plain_path(family, truncate, no_pack_fallback) -> None:
     """Packed shared-prefix groups (each group's prompt + video once, its 2-4 answers after it) give the plain
     path's log-probs and gradients, with gradient checkpointing, several groups per row, and responses truncated;
-    so does prefix sharing over the KV cache. The video's temporal positions run past the text after it (the
+    so do prefix sharing over the KV cache and the varlen layout. The video's temporal positions run past the text after it (the
     responses continue from the prompt's last token, not from the largest position)."""
     model, processor = _tiny(family)
     groups = video_groups()
@@ -197,6 +197,8 @@ def test_packed_video_groups_equal_the_plain_path(family, truncate, no_pack_fall
         model.gradient_checkpointing_disable()
         model.eval()
     _assert_same(plain, _grads(model, batch, share_prefix=True))
+    # the variable-length layout of the packed path (here its per-sequence SDPA reference; flash attention on CUDA)
+    _assert_same(plain, _grads(model, batch, pack=True, pack_attention="varlen"))
 
 
 def test_truncation_never_cuts_video_tokens() -> None:
