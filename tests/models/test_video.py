@@ -204,7 +204,7 @@ def test_packed_video_groups_equal_the_plain_path(family, truncate, no_pack_fall
 def test_truncation_never_cuts_video_tokens() -> None:
     """With ``max_length`` the responses are cut, never the video: a prompt whose video tokens leave no room for an
     answer is refused (the data module skips it with the reason ``tokenisation``)."""
-    model, processor = _tiny("qwen2_vl")
+    _, processor = _tiny("qwen2_vl")
     group = video_groups()[0]
     full = build_group_batch(processor, [group])
     video_id = processor.video_token_id
