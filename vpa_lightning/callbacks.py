@@ -202,6 +202,8 @@ class PreferenceReport(Callback):
             return []
         rows = []  # (key, images, question, reference, image offsets)
         for example in datamodule.dataset(datamodule.val_urls, train=False):
+            if example.group.videos:  # greedy answers are generated from images and text only
+                continue
             rejected = {j for _, j in example.pairs}
             best = sorted(c for c, _ in example.pairs if c not in rejected)
             if best:

@@ -7,7 +7,10 @@ samples) exits with status 1. Both print one ``vpa <command>: error: ...`` line,
 
 from __future__ import annotations
 
-__all__ = ["BadShardsError", "MissingShardsError", "NothingTrainedError", "TooManySkippedError", "UsageError", "VpaError"]
+__all__ = [
+    "BadShardsError", "MissingShardsError", "NothingTrainedError", "TooManySkippedError", "UsageError",
+    "VideoUnsupportedError", "VpaError",
+]
 
 
 class VpaError(Exception):
@@ -34,3 +37,8 @@ class BadShardsError(VpaError, ValueError):
 
 class NothingTrainedError(VpaError, RuntimeError):
     """A fit (or an epoch of it) ran 0 training steps: no usable sample came from the data."""
+
+
+class VideoUnsupportedError(UsageError):
+    """The data has videos and the model's family takes none; the message names the families that do. Never a
+    skipped sample: the run stops at the first such batch (or at start-up, from the first training sample)."""

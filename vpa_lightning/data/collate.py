@@ -14,6 +14,7 @@ import torch
 
 from vpa_lightning.data.samples import PreferenceExample, unpaired_labels
 from vpa_lightning.data.streams import _SkipLog
+from vpa_lightning.models.families import family_of
 from vpa_lightning.models.logps import build_group_batch
 
 __all__ = ["GroupCollator"]
@@ -57,6 +58,10 @@ class GroupCollator:
         skips: Where dropped groups are counted (the data module's record).
         unpaired: ``parse_unpaired`` output: add ``response_label`` (KTO).
         mismatched_pairs: Add ``kl_inputs`` (KTO's reference point).
+        video_max_pixels: Passed to :func:`build_group_batch`.
+
+    A batch with a video for a family that takes none raises
+    :class:`~vpa_lightning.errors.VideoUnsupportedError` (the run stops; it is never a skipped sample).
     """
 
     def __init__(
@@ -67,8 +72,10 @@ class GroupCollator:
         unpaired: tuple[str, float] | None = None,
         mismatched_pairs: bool = False,
         score_trailing_newline: bool = False,
+        video_max_pixels: int | None = None,
     ) -> None:
         self.processor = processor
+        self.video_max_pixels = video_max_pixels
         self.max_length = max_length
         self.score_trailing_newline = score_trailing_newline
         self.skips = skips if skips is not None else _SkipLog()
@@ -77,6 +84,9 @@ class GroupCollator:
 
     def __call__(self, examples: Sequence[PreferenceExample]) -> dict[str, Any]:
         examples = list(examples)
+        with_video = next((e for e in examples if e.group.videos), None)
+        if with_video is not None:  # the model, not the sample, is wrong: stop instead of skipping every video
+            family_of(self.processor).check_video(self.processor, f"sample {with_video.key!r} has a video")
         skipped = [k for e in examples for k in e.skipped]
         reached: dict[tuple[str, int], int] = {}  # the furthest example of each stream in this batch
         for e in examples:
@@ -156,7 +166,8 @@ class GroupCollator:
 
     def _build(self, groups: Sequence[Any]) -> Any:
         return build_group_batch(
-            self.processor, groups, max_length=self.max_length, score_trailing_newline=self.score_trailing_newline
+            self.processor, groups, max_length=self.max_length, score_trailing_newline=self.score_trailing_newline,
+            video_max_pixels=self.video_max_pixels,
         )
 
     def _mismatched(self, examples: Sequence[PreferenceExample]) -> Any:

@@ -113,12 +113,28 @@ shards: every image before the text); a batch may mix them (see
 :func:`~vpa_lightning.models.logps.build_group_batch`). A family whose
 processor cannot take a sample (PaliGemma without an image) skips it with the
 reason ``tokenisation``.
+
+Videos
+------
+A sample's JSON may list ``videos`` (``{"kind": "file", "members": ["v0.mp4"], ...}`` or ``{"kind":
+"frames", "members": ["v0.f0000.jpg", ...], ...}``, each with the ``offset`` of its ``<video>``
+placeholder, like an image's). The data workers decode them (:mod:`vpa_lightning.data.video`: PyAV for
+files, Pillow for frame lists), sampled by ``video_fps`` / ``video_max_frames`` and capped at
+``video_max_pixels``; an undecodable, empty or oversized video skips its sample like an undecodable image
+(``malformed_sample``). A prompt whose video tokens leave no room for a response within ``max_length`` is
+skipped (``tokenisation``): video tokens, like image tokens, are never truncated. Videos train with the
+families that take video (:meth:`~vpa_lightning.models.families.Family.takes_video`: Qwen2-VL,
+Qwen2.5-VL, LLaVA-OneVision); any other stops at start-up when the first training sample has a video, else at the first
+batch with one (:class:`~vpa_lightning.errors.VideoUnsupportedError`). Samples without ``videos`` are
+read exactly as before.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import tarfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -146,6 +162,7 @@ from vpa_lightning.data.shardlist import (
     missing_shards,
     resolve_shards,
 )
+from vpa_lightning.data.video import VideoSampling
 from vpa_lightning.data.streams import (
     _MAX_SKIPS_WITHOUT_EXAMPLE,
     ExampleStream,
@@ -178,6 +195,21 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def _first_sample_with_video(path: str) -> str | None:
+    """The key of the first sample of a local shard when its JSON lists videos (``None``: it has none, or the
+    shard cannot be read here: reading reports that later)."""
+    try:
+        with tarfile.open(path, "r|*") as tf:
+            for member in tf:
+                if member.isfile() and member.name.endswith(".json"):
+                    meta = json.loads(tf.extractfile(member).read(1 << 24))
+                    return member.name.split(".", 1)[0] if isinstance(meta, dict) and meta.get("videos") else None
+    except (OSError, tarfile.TarError, ValueError):
+        return None
+    return None
+
 
 class PreferenceDataModule(pl.LightningDataModule):
     """Preference groups from ``vpa-shard`` WebDataset shards, tokenised with the model's processor.
@@ -238,6 +270,17 @@ class PreferenceDataModule(pl.LightningDataModule):
         score_trailing_newline: Also score what the chat template writes after a response's
             end-of-turn token (``<|im_end|>`` then ``"\\n"``), as TRL does. Off by default: a response
             is scored up to and including its end-of-turn token, where generation stops.
+        video_fps: Frames per second sampled from a sample's videos (decoded with PyAV in the data
+            workers; a frame list without its own ``fps`` counts as sampled at this rate already).
+            ``None``: every frame, up to ``video_max_frames``.
+        video_max_frames: Most frames of one video; a video with more (after ``video_fps``) gets this
+            many, evenly spaced over its length. ``None``: no limit (then ``video_fps`` must be set).
+        video_max_pixels: Most pixels (width x height) of a video frame: larger frames are scaled down
+            as they are decoded, and the processor's own video size argument gets the limit (Qwen2-VL:
+            ``size["longest_edge"]``). ``None``: the processor's setting (frames decoded at full size).
+            Videos train with the families that take video (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision); with any other, the
+            first video stops the run. A video that cannot be decoded, has no frame or frames over
+            ``max_image_pixels`` is skipped and counted like an undecodable image.
     """
 
     def __init__(
@@ -259,8 +302,20 @@ class PreferenceDataModule(pl.LightningDataModule):
         chat_template: str | None = None,
         max_skip_fraction: float = 0.05,
         score_trailing_newline: bool = False,
+        video_fps: float | None = 2.0,
+        video_max_frames: int | None = 16,
+        video_max_pixels: int | None = None,
     ) -> None:
         super().__init__()
+        if video_fps is not None and not (isinstance(video_fps, (int, float)) and math.isfinite(video_fps) and video_fps > 0):
+            raise UsageError(f"--data.video_fps must be a positive number of frames per second or null, got {video_fps!r}")
+        if video_max_frames is not None and video_max_frames < 1:
+            raise UsageError(f"--data.video_max_frames must be >= 1 or null, got {video_max_frames}")
+        if video_fps is None and video_max_frames is None:
+            raise UsageError("--data.video_fps and --data.video_max_frames are both null: set at least one (every frame "
+                             "of every video would be decoded and trained)")
+        if video_max_pixels is not None and video_max_pixels < 1:
+            raise UsageError(f"--data.video_max_pixels must be >= 1 or null, got {video_max_pixels}")
         if not 0.0 <= max_skip_fraction <= 1.0:
             raise UsageError(f"--data.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         if chat_template is not None and not Path(chat_template).is_file():
@@ -293,6 +348,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.chat_template = chat_template
         self.max_skip_fraction = max_skip_fraction
         self.score_trailing_newline = score_trailing_newline
+        self.video_fps = None if video_fps is None else float(video_fps)
+        self.video_max_frames = video_max_frames
+        self.video_max_pixels = video_max_pixels
         self._skips = _SkipLog()
         self._expected: dict[str, dict] = {}  # manifest entry of each shard a manifest named
         self.train_urls, self.val_urls, self.counts = resolve_shards(train_shards, val_shards, self._expected)
@@ -346,6 +404,27 @@ class PreferenceDataModule(pl.LightningDataModule):
                 )
             self.processor = processor
         self._check_chat_template(module)
+        if stage in (None, "fit"):
+            self._check_video_family()
+
+    @property
+    def video_sampling(self) -> VideoSampling:
+        """How the data workers sample videos (``--data.video_fps``, ``video_max_frames``, ``video_max_pixels``)."""
+        return VideoSampling(fps=self.video_fps, max_frames=self.video_max_frames, max_pixels=self.video_max_pixels,
+                             max_image_pixels=self.max_image_pixels)
+
+    def _check_video_family(self) -> None:
+        """At start-up: a model whose family takes no video, on shards whose first training sample has one, stops here
+        (naming the families that take video) rather than at the first batch. Local shards only; later samples
+        with videos stop the run at their batch (:class:`GroupCollator`)."""
+        family = family_of(self.processor)
+        if family.takes_video(self.processor):
+            return
+        urls = wds.shardlists.expand_urls(self.train_urls) if isinstance(self.train_urls, str) else list(self.train_urls or [])
+        local = _local_path(urls[0]) if urls else None
+        key = _first_sample_with_video(local) if local is not None else None
+        if key is not None:
+            family.check_video(self.processor, f"--data.train_shards: sample {key!r} of {local} has a video")
 
     def _check_chat_template(self, module: Any) -> None:
         """Install ``chat_template`` and render one prompt with the processor's template, so a
@@ -411,7 +490,8 @@ class PreferenceDataModule(pl.LightningDataModule):
                 )
         # shards read with replacement or round and round: a pass with nothing usable must fail, not spin
         bounded = per_worker is not None or (train and counts is not None)
-        decode = _DecodeStage(self._skips, self.max_image_pixels, _MAX_SKIPS_WITHOUT_EXAMPLE if bounded else None)
+        decode = _DecodeStage(self._skips, self.max_image_pixels, _MAX_SKIPS_WITHOUT_EXAMPLE if bounded else None,
+                              video_sampling=self.video_sampling)
         return ExampleStream(
             urls,
             decode,
@@ -453,7 +533,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             self.setup()
         collate = GroupCollator(
             self.processor, self.max_length, self._skips, unpaired=self.unpaired, mismatched_pairs=bool(self.mismatched_pairs),
-            score_trailing_newline=self.score_trailing_newline,
+            score_trailing_newline=self.score_trailing_newline, video_max_pixels=self.video_max_pixels,
         )
         stream = self.dataset(urls, train)
         kwargs: dict[str, Any] = dict(

@@ -37,6 +37,8 @@ class PreferenceExample:
         group: Image (RGB PIL; ``None`` unless the sample has exactly one), prompt and the K
             response texts; ``group.id == key``.
         images: Every image of the sample (RGB PIL), in ``<image>`` placeholder order.
+        videos: Every video of the sample (:class:`~vpa_lightning.models.video.VideoClip`: its sampled
+            frames), in ``<video>`` placeholder order; also ``group.videos``.
         pairs: ``(chosen, rejected)`` response indices.
         probability: Bradley-Terry probability of each pair (``nan`` when absent).
         margin: Score margin of each pair (``nan`` when absent).
@@ -57,6 +59,7 @@ class PreferenceExample:
     scores: list[float] = field(default_factory=list)
     strength: list[float] = field(default_factory=list)
     ref_logps: list[dict[str, Any] | None] = field(default_factory=list)
+    videos: list[Any] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     #: ``("rank/worker", epoch, n)``: this is the n-th example of that stream's pass (training; for resume).
     position: tuple[str, int, int] | None = None
@@ -80,11 +83,15 @@ def _index(value: Any) -> int:
     return value
 
 
-def decode_sample(sample: dict[str, Any], max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> PreferenceExample:
+def decode_sample(
+    sample: dict[str, Any], max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, video_sampling: Any = None
+) -> PreferenceExample:
     """Decode one raw WebDataset sample (``{"__key__", "json", "png"|...}`` bytes) or raise :class:`SampleError`.
 
     An image of more than ``max_image_pixels`` pixels (``None``: no limit) is refused from its
-    header, before any pixel is decoded."""
+    header, before any pixel is decoded. The JSON's ``videos`` (see :func:`_video_entries`) are decoded
+    in this process as ``video_sampling`` (a :class:`~vpa_lightning.data.video.VideoSampling`; ``None``:
+    its defaults) says; a sample without videos never imports the video decoder."""
     key = str(sample.get("__key__", "?"))
     raw = sample.get("json")
     if raw is None:
@@ -126,13 +133,26 @@ def decode_sample(sample: dict[str, Any], max_image_pixels: int | None = DEFAULT
         ref_logps.append(_shipped_ref_logps(p.get("ref_logps")))
     members, offsets = _image_members(sample, meta, prompt)
     images = [_decode_image(sample[m], m, max_image_pixels) for m in members]
+    entries = _video_entries(sample, meta, prompt)
+    videos: list[Any] = []
+    video_offsets: list[int] | None = None
+    if entries:
+        from vpa_lightning.data.video import VideoSampling, decode_video_file, decode_video_frames
+
+        sampling = video_sampling if video_sampling is not None else VideoSampling(max_image_pixels=max_image_pixels)
+        for kind, names, fps, _ in entries:
+            if kind == "file":
+                videos.append(decode_video_file(sample[names[0]], names[0], sampling))
+            else:
+                videos.append(decode_video_frames([sample[m] for m in names], names, sampling, fps))
+        video_offsets = [o for *_, o in entries] if all(o is not None for *_, o in entries) else None
     group = PreferenceGroup(
         image=images[0] if len(images) == 1 else None, prompt=prompt, responses=texts, id=key, images=images,
-        image_offsets=offsets,
+        image_offsets=offsets, videos=videos or None, video_offsets=video_offsets if videos else None,
     )
     return PreferenceExample(
         key=key, group=group, pairs=pairs, probability=probability, margin=margin, images=images,
-        scores=scores, strength=strength, ref_logps=ref_logps,
+        scores=scores, strength=strength, ref_logps=ref_logps, videos=videos,
     )
 
 
@@ -179,6 +199,50 @@ def _image_members(sample: dict[str, Any], meta: dict[str, Any], prompt: str = "
     if not (all(type(o) is int for o in offsets) and offsets_place_images(offsets, len(prompt))):
         raise SampleError(f"image offsets {offsets} do not place the images in a prompt of {len(prompt)} characters")
     return members, offsets
+
+
+def _video_entries(
+    sample: dict[str, Any], meta: dict[str, Any], prompt: str
+) -> list[tuple[str, list[str], float | None, int | None]]:
+    """The JSON's ``videos``, checked: per video ``(kind, members, fps, offset)`` in placeholder order.
+
+    An entry is ``{"kind": "file", "members": ["v0.mp4"], "sha256", "offset"}`` (one video file, any container
+    FFmpeg reads) or ``{"kind": "frames", "members": ["v0.f0000.jpg", ...], "sha256", "offset"}`` (the frames
+    in order, images of the types the shards hold; an optional ``"fps"`` says their rate). ``offset`` is where
+    the ``<video>`` placeholder sat in the stored prompt, as an image's. Absent or ``[]``: no video."""
+    listed = meta.get("videos")
+    if listed is None:
+        return []
+    if not isinstance(listed, list):
+        raise SampleError("'videos' is not a list")
+    out = []
+    for i, entry in enumerate(listed):
+        if not isinstance(entry, dict):
+            raise SampleError(f"video {i} is not an object: {entry!r}"[:300])
+        kind, members = entry.get("kind"), entry.get("members")
+        if kind not in ("file", "frames"):
+            raise SampleError(f"video {i} has kind {kind!r}, not 'file' or 'frames'")
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            raise SampleError(f"video {i} lists no members")
+        if kind == "file" and len(members) != 1:
+            raise SampleError(f"video {i} of kind 'file' lists {len(members)} members, not 1")
+        missing = [m for m in members if m not in sample]
+        if missing:
+            raise SampleError(f"video {i} member {missing[0]!r} listed in the JSON is not in the shard")
+        if kind == "frames":
+            bad = [m for m in members if m.rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS]
+            if bad:
+                raise SampleError(f"video {i} frame {bad[0]!r} is not one of the image types .{'/.'.join(IMAGE_EXTENSIONS)}")
+        fps = entry.get("fps")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0):
+            raise SampleError(f"video {i} has fps {fps!r}, not a positive number")
+        out.append((kind, list(members), None if fps is None else float(fps), entry.get("offset")))
+    offsets = [o for *_, o in out]
+    if any(o is not None for o in offsets) and not (
+        all(type(o) is int for o in offsets) and offsets_place_images(offsets, len(prompt))
+    ):
+        raise SampleError(f"video offsets {offsets} do not place the videos in a prompt of {len(prompt)} characters")
+    return out
 
 
 def _decode_image(data: bytes, member: str, max_image_pixels: int | None) -> Image.Image:

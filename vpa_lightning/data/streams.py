@@ -21,7 +21,7 @@ from vpa_lightning.data.samples import (
     SampleError,
     decode_sample,
 )
-from vpa_lightning.errors import TooManySkippedError
+from vpa_lightning.errors import TooManySkippedError, VpaError
 
 __all__ = ["ExampleStream", "even_quota"]
 
@@ -62,11 +62,13 @@ class _DecodeStage:
     """
 
     def __init__(
-        self, skips: _SkipLog, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, max_skips_without_example: int | None = None
+        self, skips: _SkipLog, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, max_skips_without_example: int | None = None,
+        video_sampling: Any = None,
     ) -> None:
         self.skips = skips
         self.max_image_pixels = max_image_pixels
         self.max_skips_without_example = max_skips_without_example
+        self.video_sampling = video_sampling  # a VideoSampling (None: its defaults)
 
     def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[PreferenceExample]:
         good, bad = 0, 0
@@ -74,7 +76,9 @@ class _DecodeStage:
             key = str(sample.get("__key__", "?"))
             what = f"sample {key!r} ({sample.get('__url__', '?')})"
             try:
-                example = decode_sample(sample, self.max_image_pixels)
+                example = decode_sample(sample, self.max_image_pixels, self.video_sampling)
+            except VpaError:  # not the sample's fault (e.g. no video decoder installed): every sample would fail
+                raise
             except Exception as exc:  # noqa: BLE001 - whatever a bad sample raises, it must not end the run
                 detail = str(exc) if isinstance(exc, SampleError) else f"{type(exc).__name__}: {exc}"[:500]
                 self.skips.skip(what, "malformed_sample", detail)

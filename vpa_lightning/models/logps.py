@@ -89,6 +89,11 @@ class PreferenceGroup:
             prompt before it (the shards' per-image ``offset``), non-decreasing. The user turn is then
             the prompt cut at those points with an image part in each cut (see :func:`prompt_messages`).
             ``None`` (default): every image part before the text.
+        videos: The group's videos (:class:`~vpa_lightning.models.video.VideoClip`, sampled frames), in
+            ``<video>`` placeholder order; ``None`` or ``[]``: none. Only families that take video
+            (:meth:`~vpa_lightning.models.families.Family.takes_video`) accept them.
+        video_offsets: Where each video sits in a text ``prompt``, as ``image_offsets``; ``None``: every
+            video part before the text (after the images).
     """
 
     image: Any
@@ -97,6 +102,8 @@ class PreferenceGroup:
     id: str | None = None
     images: Sequence[Any] | None = None
     image_offsets: Sequence[int] | None = None
+    videos: Sequence[Any] | None = None
+    video_offsets: Sequence[int] | None = None
 
     @property
     def all_images(self) -> list[Any]:
@@ -104,6 +111,11 @@ class PreferenceGroup:
         if self.images is not None:
             return list(self.images)
         return [] if self.image is None else [self.image]
+
+    @property
+    def all_videos(self) -> list[Any]:
+        """The group's videos in placeholder order (``[]``: none)."""
+        return list(self.videos) if self.videos else []
 
 
 @dataclass
@@ -123,6 +135,10 @@ class GroupBatch:
             per image or per crop/patch rather than one entry per row (``None``: one entry per row).
         image_inputs: Names of the model inputs with one entry per image (``image_sizes``,
             ``image_grid_thw``); every other non-token input has one entry per row.
+        video_counts: ``[N]`` videos of each row (``None``: a batch without videos).
+        video_pixel_rows: ``[N]`` rows of ``pixel_values_videos`` each row owns (flat patches, Qwen2-VL).
+        video_inputs: Names of the model inputs with one entry per video (``video_grid_thw``,
+            ``second_per_grid_ts``).
     """
 
     model_inputs: dict[str, Any]
@@ -134,6 +150,9 @@ class GroupBatch:
     image_counts: Tensor | None = None
     pixel_rows: Tensor | None = None
     image_inputs: tuple[str, ...] = ()
+    video_counts: Tensor | None = None
+    video_pixel_rows: Tensor | None = None
+    video_inputs: tuple[str, ...] = ()
 
     def to(self, device: torch.device | str) -> GroupBatch:
         """Move all tensors to ``device`` (returns a new object)."""
@@ -151,6 +170,9 @@ class GroupBatch:
             image_counts=move(self.image_counts),
             pixel_rows=move(self.pixel_rows),
             image_inputs=self.image_inputs,
+            video_counts=move(self.video_counts),
+            video_pixel_rows=move(self.video_pixel_rows),
+            video_inputs=self.video_inputs,
         )
 
 
@@ -177,6 +199,10 @@ def select_rows(batch: GroupBatch, rows: Tensor) -> GroupBatch:
     for key, value in batch.model_inputs.items():
         if key == "pixel_values" and batch.pixel_rows is not None:
             inputs[key] = value[_ranges(batch.pixel_rows.cpu(), picked).to(value.device)]
+        elif key == "pixel_values_videos" and batch.video_pixel_rows is not None:
+            inputs[key] = value[_ranges(batch.video_pixel_rows.cpu(), picked).to(value.device)]
+        elif key in batch.video_inputs and batch.video_counts is not None:
+            inputs[key] = value[_ranges(batch.video_counts.cpu(), picked).to(value.device)]
         elif key in batch.image_inputs:
             inputs[key] = value[_ranges(counts.cpu(), picked).to(value.device)]
         elif isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
@@ -194,6 +220,9 @@ def select_rows(batch: GroupBatch, rows: Tensor) -> GroupBatch:
         image_counts=None if batch.image_counts is None else batch.image_counts[rows],
         pixel_rows=None if batch.pixel_rows is None else batch.pixel_rows[rows],
         image_inputs=batch.image_inputs,
+        video_counts=None if batch.video_counts is None else batch.video_counts[rows],
+        video_pixel_rows=None if batch.video_pixel_rows is None else batch.video_pixel_rows[rows],
+        video_inputs=batch.video_inputs,
     )
 
 
@@ -244,16 +273,23 @@ def offsets_place_images(offsets: Sequence[int], prompt_length: int) -> bool:
 
 
 def prompt_messages(
-    prompt: str | list[dict[str, Any]], n_images: int = 1, offsets: Sequence[int] | None = None
+    prompt: str | list[dict[str, Any]], n_images: int = 1, offsets: Sequence[int] | None = None,
+    n_videos: int = 0, video_offsets: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Chat messages for a prompt: a plain string becomes one user turn ``[image] * n_images + [text]``
     (no image part for a text-only prompt), or with ``offsets`` (characters of the prompt before
     each image, non-decreasing) the prompt cut at those points with an image part in each cut:
     ``"Compare  with : which?"`` at ``[8, 14]`` gives ``[text "Compare ", image, text " with ",
     image, text ": which?"]`` (no empty text parts), so the chat template puts each image where the
-    prompt had it. A message list is used as it is."""
+    prompt had it. A message list is used as it is.
+
+    ``n_videos`` videos get ``{"type": "video"}`` parts the same way, at ``video_offsets`` (``None``: before
+    the text, after the images); an image and a video at the same offset keep images first. Without videos
+    the messages are exactly as above."""
     if not isinstance(prompt, str):
         return list(prompt)
+    if n_videos:
+        return _media_messages(prompt, n_images, offsets, n_videos, video_offsets)
     if offsets is None:
         return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
     offsets = [int(o) for o in offsets]
@@ -274,6 +310,31 @@ def prompt_messages(
     return [{"role": "user", "content": content}]
 
 
+def _media_messages(
+    prompt: str, n_images: int, offsets: Sequence[int] | None, n_videos: int, video_offsets: Sequence[int] | None
+) -> list[dict[str, Any]]:
+    """:func:`prompt_messages` of a prompt with videos: image and video parts cut into the text at their offsets."""
+    media: list[tuple[int, int, str]] = []  # (offset, images before videos, kind)
+    for kind, count, at in (("image", n_images, offsets), ("video", n_videos, video_offsets)):
+        places = [0] * count if at is None else [int(o) for o in at]
+        if len(places) != count or not offsets_place_images(places, len(prompt)):
+            raise ValueError(
+                f"{kind} offsets {places} do not place {count} {kind}(s) in a prompt of {len(prompt)} characters "
+                f"(one non-decreasing offset in [0, len(prompt)] per {kind})"
+            )
+        media += [(o, 0 if kind == "image" else 1, kind) for o in places]
+    content: list[dict[str, Any]] = []
+    start = 0
+    for at, _, kind in sorted(media, key=lambda m: (m[0], m[1])):  # stable: each kind keeps its order
+        if at > start:
+            content.append({"type": "text", "text": prompt[start:at]})
+        content.append({"type": kind})
+        start = at
+    if start < len(prompt):
+        content.append({"type": "text", "text": prompt[start:]})
+    return [{"role": "user", "content": content}]
+
+
 def _group_name(group: PreferenceGroup, index: int) -> str:
     return f"group {index}" + (f" (id={group.id!r})" if group.id is not None else "")
 
@@ -285,6 +346,7 @@ def build_group_batch(
     response_suffix: str | None = None,
     response_fill: Mapping[str, int] | None = None,
     score_trailing_newline: bool = False,
+    video_max_pixels: int | None = None,
 ) -> GroupBatch:
     """Tokenise groups into one right-padded batch of ``sum(K)`` sequences.
 
@@ -307,6 +369,10 @@ def build_group_batch(
         score_trailing_newline: Also score what the template writes after the end-of-turn token
             (a newline for most templates, e.g. ``<|im_end|>\\n``), as TRL does. Off by default:
             generation stops at the end-of-turn token, so the newline is never produced.
+        video_max_pixels: Pixels per video frame at most, given to the processor's own video size
+            argument (:meth:`~vpa_lightning.models.families.Family.video_arguments`); ``None``: the
+            processor's setting. Groups with videos need a family that takes video (else
+            :class:`~vpa_lightning.errors.VideoUnsupportedError`).
 
     Returns:
         A :class:`GroupBatch`.
@@ -322,13 +388,17 @@ def build_group_batch(
 
     prompts: list[str] = []
     images: list[list[Any]] = []
+    videos: list[list[Any]] = []
     responses: list[list[int]] = []
     owners: list[int] = []
     for g, group in enumerate(groups):
         if len(group.responses) < 1:
             raise ValueError(f"{_group_name(group, g)} has no responses")
         group_images = group.all_images
-        messages = prompt_messages(group.prompt, len(group_images), group.image_offsets)
+        group_videos = group.all_videos
+        if group_videos:
+            family.check_video(processor, f"{_group_name(group, g)} has {len(group_videos)} video(s)")
+        messages = prompt_messages(group.prompt, len(group_images), group.image_offsets, len(group_videos), group.video_offsets)
         text = family.prompt_text(processor, messages)
         for r, response in enumerate(group.responses):
             if suffix_ids is None:  # the template's own assistant turn, end-of-turn token included
@@ -342,10 +412,13 @@ def build_group_batch(
                 raise ValueError(f"{_group_name(group, g)}: response {r} is empty after tokenisation")
             prompts.append(text)
             images.append(group_images)
+            videos.append(group_videos)
             responses.append(ids)
             owners.append(g)
 
-    enc = family.encode(processor, prompts, images)
+    has_videos = any(videos)
+    # a batch without videos calls the family exactly as before videos existed
+    enc = family.encode(processor, prompts, images, **({"videos": videos, "video_max_pixels": video_max_pixels} if has_videos else {}))
     input_ids: Tensor = enc.pop("input_ids")
     attention_mask: Tensor = enc.pop("attention_mask")
     # per-token processor outputs (mm_token_type_ids, token_type_ids, ...) follow input_ids
@@ -369,8 +442,9 @@ def build_group_batch(
         room = len(resp) if max_length is None else max_length - n_prompt
         if room < 1:
             g = owners[i]
+            what = "image and video tokens" if videos[i] else "image tokens"
             raise ValueError(
-                f"{_group_name(groups[g], g)}: the prompt takes {n_prompt} tokens (image tokens included, "
+                f"{_group_name(groups[g], g)}: the prompt takes {n_prompt} tokens ({what} included, "
                 f"which are never truncated) and leaves no room for the response within max_length={max_length}"
             )
         resp_ids = torch.tensor(resp[:room], dtype=ids.dtype)
@@ -394,6 +468,7 @@ def build_group_batch(
 
     model_inputs = {"input_ids": batch_ids, "attention_mask": batch_mask, **batch_tok, **enc}
     image_counts = torch.tensor([len(row) for row in images], dtype=torch.long)
+    video_counts = torch.tensor([len(row) for row in videos], dtype=torch.long) if has_videos else None
     return GroupBatch(
         model_inputs=model_inputs,
         labels=labels,
@@ -404,6 +479,9 @@ def build_group_batch(
         image_counts=image_counts,
         pixel_rows=family.pixel_rows(processor, enc, input_ids, image_counts),
         image_inputs=tuple(k for k in family.image_inputs if k in enc),
+        video_counts=video_counts,
+        video_pixel_rows=family.video_pixel_rows(processor, enc, video_counts) if has_videos else None,
+        video_inputs=tuple(k for k in family.video_inputs if k in enc) if has_videos else (),
     )
 
 
@@ -435,22 +513,24 @@ def _picks(counts: Tensor, first: Tensor, owners: list[int]) -> list[int]:
 
 @contextmanager
 def encode_images_once(model: nn.Module, batch: GroupBatch) -> Iterator[None]:
-    """Within this context, ``model``'s vision tower encodes each group's image once.
+    """Within this context, ``model``'s vision tower encodes each group's images (and videos) once.
 
     The rows of a group carry the same image inputs. The decoder-side ``*Model`` (e.g.
     ``LlavaModel``, ``Qwen2VLModel``, ``Idefics3Model``) gets an instance-level
     ``get_image_features`` that runs the original on the first row of every group (picked
     with :func:`select_rows`) and hands back its per-image features (``pooler_output``, one
     entry per row in transformers >= 5) repeated for each row, so the model's own checks and
-    scattering of image features run unchanged. Features are shared tensors, so gradients of
+    scattering of image features run unchanged; ``get_video_features`` likewise for a batch with
+    videos (per-video features, Qwen2-VL). Features are shared tensors, so gradients of
     all K rows flow into the one vision pass. A model without ``get_image_features``, a batch
     with one row per group, or an output of another shape runs as usual.
     """
     inner = _unwrap_peft(model)
     base = getattr(inner, "model", None)
-    original = getattr(base, "get_image_features", None)
     index = batch.group_index
-    if original is None or "pixel_values" not in batch.model_inputs or index.numel() == 0:
+    wanted = [name for name, key in (("get_image_features", "pixel_values"), ("get_video_features", "pixel_values_videos"))
+              if key in batch.model_inputs and getattr(base, name, None) is not None]
+    if not wanted or index.numel() == 0:
         yield
         return
     groups, inverse = torch.unique(index, return_inverse=True)
@@ -466,24 +546,46 @@ def encode_images_once(model: nn.Module, batch: GroupBatch) -> Iterator[None]:
         yield
         return
     owners = inverse.tolist()
-    counts = batch.image_counts if batch.image_counts is not None else torch.ones_like(index)
+    for name in wanted:
+        if name == "get_image_features":
+            counts = batch.image_counts if batch.image_counts is not None else torch.ones_like(index)
+            once = _once_per_group(getattr(base, name), unique, _IMAGE_KWARGS, counts, batch.pixel_rows, first, owners,
+                                   groups.numel(), family_of(model).pixel_values_per_row)
+        else:
+            counts = batch.video_counts if batch.video_counts is not None else torch.ones_like(index)
+            once = _once_per_group(getattr(base, name), unique, _VIDEO_KWARGS, counts, batch.video_pixel_rows, first,
+                                   owners, groups.numel(), False)
+        setattr(base, name, once)  # instance attribute: shadows the method for this forward only
+    try:
+        yield
+    finally:
+        for name in wanted:
+            delattr(base, name)
+
+
+_VIDEO_KWARGS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def _once_per_group(original: Any, unique: Mapping[str, Any], kwarg_names: Sequence[str], counts: Tensor,
+                    pixel_rows: Tensor | None, first: Tensor, owners: list[int], n_groups: int, per_row: bool) -> Any:
+    """``original`` (``get_image_features`` / ``get_video_features``) run on each group's first row (``unique``'s
+    inputs), its features handed back for every row (see :func:`encode_images_once`)."""
     # every image (and every pixel_values row) of the batch -> the same one among the first rows'
     image_picks = _picks(counts.cpu(), first.cpu(), owners)
-    pixel_picks = _picks(batch.pixel_rows.cpu(), first.cpu(), owners) if batch.pixel_rows is not None else None
+    pixel_picks = _picks(pixel_rows.cpu(), first.cpu(), owners) if pixel_rows is not None else None
     n_unique_images = int(counts[first].sum())
-    per_row = family_of(model).pixel_values_per_row
     positional = [p.name for p in inspect.signature(original).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
 
     def once(*args: Any, **kwargs: Any) -> Any:
         # all by keyword: the method's decorators fill config defaults by keyword
         call = {**dict(zip(positional, args)), **kwargs}
-        for name in _IMAGE_KWARGS:
+        for name in kwarg_names:
             if call.get(name) is not None and name in unique:
                 call[name] = unique[name]
         out = original(**call)
         features = getattr(out, "pooler_output", None)
         if per_row:  # one entry per row with all its images (Idefics3 / SmolVLM)
-            if not isinstance(features, (list, tuple)) or len(features) != groups.numel():
+            if not isinstance(features, (list, tuple)) or len(features) != n_groups:
                 return original(*args, **kwargs)
             out.pooler_output = [features[g] for g in owners]
             return out
@@ -500,11 +602,7 @@ def encode_images_once(model: nn.Module, batch: GroupBatch) -> Iterator[None]:
                     out[name] = [[layer[i] for i in image_picks] for layer in value]
         return out
 
-    base.get_image_features = once  # instance attribute: shadows the method for this forward only
-    try:
-        yield
-    finally:
-        del base.get_image_features
+    return once
 
 
 def _split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
@@ -738,13 +836,16 @@ def _prefix_shared_logps(
     prefix = {k: _take_columns(inputs[k][first], src, valid) for k in per_token}
     prefix_mask = valid.to(mask.dtype)
     image_inputs = {k: v for k, v in select_rows(batch, first).model_inputs.items() if k not in per_token and k != "attention_mask"}
-    rope_index = _rope_index(model) if "image_grid_thw" in image_inputs else None
+    rope_index = _rope_index(model) if "image_grid_thw" in image_inputs or "video_grid_thw" in image_inputs else None
     if rope_index is not None:
+        from vpa_lightning.models.packed import _rope_media
+
         position_ids, _ = rope_index(
-            prefix["input_ids"], mm_token_type_ids=prefix.get("mm_token_type_ids"),
-            image_grid_thw=image_inputs["image_grid_thw"], attention_mask=prefix_mask,
+            prefix["input_ids"], mm_token_type_ids=prefix.get("mm_token_type_ids"), attention_mask=prefix_mask,
+            **_rope_media(image_inputs),
         )  # [3, G, width]
-        next_position = position_ids.masked_fill(~valid[None], 0).amax(dim=(0, 2)) + 1  # [G]
+        # after the prompt's last token (every prompt ends at column width - 1), as in the plain forward
+        next_position = position_ids[0, :, -1] + 1  # [G]
     else:
         position_ids = (prefix_mask.cumsum(-1) - 1).clamp(min=0) + start
         next_position = g_len + start

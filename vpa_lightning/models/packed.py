@@ -90,6 +90,18 @@ class PackedBatch:
     attention: str = "mask"
 
 
+def _rope_media(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The image and video arguments of an M-RoPE model's ``get_rope_index`` from the (first rows') inputs:
+    ``image_grid_thw``, ``video_grid_thw`` and Qwen2.5-VL's ``second_per_grid_ts`` (``None`` where absent)."""
+    out: dict[str, Any] = {}
+    for key in ("image_grid_thw", "video_grid_thw"):
+        value = inputs.get(key)
+        out[key] = value if value is not None and value.shape[0] else None
+    if inputs.get("second_per_grid_ts") is not None:
+        out["second_per_grid_ts"] = inputs["second_per_grid_ts"]
+    return out
+
+
 def _text_config(model: nn.Module) -> Any:
     config = _unwrap_peft(model).config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -278,13 +290,15 @@ def pack_groups(model: nn.Module, batch: GroupBatch, max_tokens: int | None = No
         cols = torch.arange(p_max, device=device)
         valid = cols[None, :] < torch.tensor([s["prefix"] for s in segs], device=device)[:, None]
         prefix_ids = ids[natural, :p_max].masked_fill(~valid, int(ids[segs[0]["first"], 0]))
-        grids = select_rows(batch, natural).model_inputs.get("image_grid_thw")
         mm = inputs.get("mm_token_type_ids")
         rope_pos, _ = rope_index(
             prefix_ids, mm_token_type_ids=None if mm is None else mm[natural, :p_max] * valid,
-            image_grid_thw=grids if grids is not None and grids.shape[0] else None, attention_mask=valid.long(),
+            attention_mask=valid.long(), **_rope_media(select_rows(batch, natural).model_inputs),
         )  # [3, G, p_max]
-        rope_next = (rope_pos.masked_fill(~valid[None], 0).amax(dim=(0, 2)) + 1).tolist()
+        # responses continue after the prefix's last token (text: its three positions are equal), as in the plain
+        # forward; not after the largest position, which a video's temporal positions can exceed
+        last = torch.tensor([s["prefix"] - 1 for s in segs], device=device)
+        rope_next = (rope_pos[0].gather(1, last[:, None])[:, 0] + 1).tolist()
     start = family.first_position  # PaliGemma counts positions from 1
 
     # the layout, on the host: per packed position its source in the [N, T] batch, group, response, position

@@ -115,6 +115,13 @@ _END = "<|end|>"
 _PAD = "<|pad|>"
 _BOS = "<|begin|>"
 
+#: What a ``{"type": "video"}`` part renders as in the templates of the families that take video (as their
+#: published templates write it).
+_VIDEO_PLACEHOLDER = {
+    "qwen2_vl": "<|vision_start|><|video_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|video_pad|><|vision_end|>",
+}
+
 _IMAGE_PLACEHOLDER = {
     "llava": "<image>",
     "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
@@ -149,21 +156,23 @@ _NAMED_TOKENS = {
 }
 
 
-def chat_template(image_placeholder: str) -> str:
+def chat_template(image_placeholder: str, video_placeholder: str | None = None) -> str:
     """A minimal Jinja chat template.
 
     Renders ``<|role|>\\n`` + content + ``<|end|>\\n`` per message; content is a
     string or a list of ``{"type": "image"}`` / ``{"type": "text", "text": ...}``
     parts, an image part becoming ``image_placeholder``. With
     ``add_generation_prompt`` it ends with ``<|assistant|>\\n``, so a response is
-    scored as ``response text + <|end|>``.
+    scored as ``response text + <|end|>``. With ``video_placeholder`` a ``{"type": "video"}`` part
+    becomes it (Qwen2-VL's ``<|vision_start|><|video_pad|><|vision_end|>``).
     """
+    video = "" if video_placeholder is None else "{% elif part['type'] == 'video' %}" + video_placeholder
     return (
         "{% for message in messages %}"
         "<|{{ message['role'] }}|>\n"
         "{% if message['content'] is string %}{{ message['content'] }}"
         "{% else %}{% for part in message['content'] %}"
-        "{% if part['type'] == 'image' %}" + image_placeholder + ""
+        "{% if part['type'] == 'image' %}" + image_placeholder + video +
         "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
         "{% endfor %}{% endif %}"
         "<|end|>\n"
@@ -362,7 +371,7 @@ def _build_qwen2_vl(tokenizer, image_size: int = 56, vision_hidden: int = 32, te
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
-        chat_template=chat_template(_IMAGE_PLACEHOLDER["qwen2_vl"]),
+        chat_template=chat_template(_IMAGE_PLACEHOLDER["qwen2_vl"], _VIDEO_PLACEHOLDER["qwen2_vl"]),
     )
     return Qwen2VLForConditionalGeneration(config), processor
 
@@ -411,8 +420,11 @@ _CONTENT = (
 )
 
 
-def _content(image: str) -> str:
-    return _CONTENT.replace("IMAGE", image)
+def _content(image: str, video: str | None = None) -> str:
+    out = _CONTENT.replace("IMAGE", image)
+    if video is not None:
+        out = out.replace("{% elif part['type'] == 'text' %}", "{% elif part['type'] == 'video' %}" + video + "{% elif part['type'] == 'text' %}")
+    return out
 
 
 REAL_TEMPLATES: dict[str, str] = {
@@ -455,7 +467,8 @@ REAL_TEMPLATES: dict[str, str] = {
     "qwen2_5_vl": (
         "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-        "<|im_start|>{{ message['role'] }}\n" + _content("<|vision_start|><|image_pad|><|vision_end|>") + "<|im_end|>\n"
+        "<|im_start|>{{ message['role'] }}\n"
+        + _content("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>") + "<|im_end|>\n"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
     # Qwen3-VL: no default system prompt
@@ -480,10 +493,12 @@ REAL_TEMPLATES: dict[str, str] = {
         "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ ' ' + c['text'] }}{% endfor %}"
         "{{ eos_token }}{% endif %}{% endfor %}"
     ),
-    # LLaVA-OneVision (Qwen2): "<|im_start|>user <image>\nWhat?<|im_end|>\n<|im_start|>assistant\n"
+    # LLaVA-OneVision (Qwen2): "<|im_start|>user <image>\nWhat?<|im_end|>\n<|im_start|>assistant\n" (images, then videos,
+    # then the text)
     "llava_onevision": (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
         "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+        "{% for c in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
         "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + c['text'] }}{% endfor %}"
         "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
@@ -790,7 +805,7 @@ def _build_llava_onevision(tokenizer, image_size: int = 28, vision_hidden: int =
         size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
     )
     processor = LlavaOnevisionProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(),
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(size={"height": image_size, "width": image_size}),
         num_image_tokens=(image_size // patch) ** 2, vision_feature_select_strategy="full",
         chat_template=REAL_TEMPLATES["llava_onevision"],
     )

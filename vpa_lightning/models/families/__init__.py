@@ -19,7 +19,7 @@ from typing import Any
 
 from .base import Family
 
-__all__ = ["Family", "families", "family_of"]
+__all__ = ["Family", "families", "family_of", "video_model_types"]
 
 
 @lru_cache(maxsize=1)
@@ -50,3 +50,8 @@ def family_of(obj: Any) -> Family:
         return family_of(model_type)
     names = {k.__name__ for k in type(obj).__mro__}
     return next((f for f in families() if names & set(f.processor_classes)), _GENERIC)
+
+
+def video_model_types() -> list[str]:
+    """The ``model_type`` s that take video input (for messages and the README)."""
+    return [t for f in families() for t in f.video_model_types]

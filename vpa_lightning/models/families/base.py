@@ -43,6 +43,10 @@ class Family:
             ``token_type_ids``: ``"image"`` = each run of ``token_type_ids == 1`` (Gemma 3's images),
             ``"prefix"`` = every ``token_type_ids == 0`` token (PaliGemma's image + prompt); ``None``:
             causal only. Packed groups (:mod:`~vpa_lightning.models.packed`) rebuild it per segment.
+        video_model_types: The ``model_type`` s of the family that take video input (see :meth:`takes_video`);
+            empty: none does, and a sample with a video stops the run (:meth:`check_video`).
+        video_processor_classes: Class names of their processors.
+        video_inputs: Model inputs with one entry per video (not per row).
     """
 
     name: str = "generic"
@@ -58,6 +62,9 @@ class Family:
     pixel_values_per_row: bool = False
     bidirectional_blocks: str | None = None
     unused_vision_modules: tuple[str, ...] = ()
+    video_model_types: tuple[str, ...] = ()
+    video_processor_classes: tuple[str, ...] = ()
+    video_inputs: tuple[str, ...] = ("video_grid_thw", "second_per_grid_ts")
 
     # -- text ------------------------------------------------------------------------------
     def prompt_text(self, processor: Any, messages: Sequence[dict[str, Any]]) -> str:
@@ -109,17 +116,69 @@ class Family:
             return {"add_special_tokens": False}
         return {}
 
-    def encode(self, processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    def encode(
+        self, processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]],
+        videos: Sequence[Sequence[Any]] | None = None, video_max_pixels: int | None = None,
+    ) -> dict[str, Any]:
         """Processor outputs (``return_tensors="pt"``, padded) of ``prompts[i]`` with ``images[i]``
         (0..N images per prompt; a batch may mix text-only, one- and several-image prompts), less
-        :attr:`dropped_inputs`."""
+        :attr:`dropped_inputs`; with ``videos[i]`` (0..N videos per prompt) too, through
+        :meth:`video_arguments`."""
         rows = [list(r) for r in images]
         kwargs = self.processor_kwargs(processor, prompts)
+        if videos is not None and any(videos):
+            kwargs.update(self.video_arguments(processor, [v for row in videos for v in row], video_max_pixels))
         out = processor(
             text=list(prompts), images=self.images_argument(rows) if any(rows) else None,
             return_tensors="pt", padding=True, **kwargs,
         )
         return {k: v for k, v in out.items() if k not in self.dropped_inputs}
+
+    # -- videos ----------------------------------------------------------------------------
+    def takes_video(self, obj: Any) -> bool:
+        """Whether ``obj`` (a processor, or a model, PEFT-wrapped or not) takes video input here."""
+        inner = obj.get_base_model() if hasattr(obj, "get_base_model") else obj
+        model_type = getattr(getattr(inner, "config", None), "model_type", None)
+        if model_type is not None:
+            return model_type in self.video_model_types
+        return type(obj).__name__ in self.video_processor_classes
+
+    def check_video(self, obj: Any, what: str = "the data has videos") -> None:
+        """Raise :class:`~vpa_lightning.errors.VideoUnsupportedError`, naming the families that take video,
+        unless ``obj`` (processor or model) takes video input."""
+        if self.takes_video(obj):
+            return
+        from vpa_lightning.errors import VideoUnsupportedError
+
+        from . import video_model_types
+
+        name = getattr(getattr(obj, "config", None), "model_type", None) or type(obj).__name__
+        raise VideoUnsupportedError(
+            f"{what}, and {name} ({self.name} family) takes no video input in vpa; the model types that do: "
+            f"{', '.join(video_model_types())}. Use one of them (--model.model_name_or_path), or shards without videos"
+        )
+
+    def video_arguments(self, processor: Any, videos: Sequence[Any], max_pixels: int | None) -> dict[str, Any]:
+        """Processor arguments for ``videos`` (:class:`~vpa_lightning.models.video.VideoClip`, every video of the
+        batch in order); ``max_pixels`` (pixels per frame at most, ``None``: the processor's own) mapped to the
+        processor's video size argument. The frames go as arrays with their metadata, sampling off: the processor
+        never loads or samples anything itself."""
+        raise NotImplementedError(f"{self.name}: no video input")
+
+    def video_pixel_rows(self, processor: Any, inputs: Mapping[str, Any], video_counts: Any) -> Any:
+        """``[N]`` rows of ``pixel_values_videos`` per row: each video's ``t x h x w`` patches where the processor
+        gives ``video_grid_thw`` (flat patches, Qwen2-VL), else one entry per video."""
+        import torch
+
+        grid = inputs.get("video_grid_thw")
+        per_video = grid.prod(dim=-1) if grid is not None else torch.ones(int(video_counts.sum()), dtype=torch.long)
+        if inputs.get("pixel_values_videos") is not None and int(per_video.sum()) != inputs["pixel_values_videos"].shape[0]:
+            raise ValueError(
+                f"{self.name}: pixel_values_videos has {inputs['pixel_values_videos'].shape[0]} rows, expected "
+                f"{int(per_video.sum())} for {int(video_counts.sum())} videos"
+            )
+        owner = torch.repeat_interleave(torch.arange(len(video_counts)), video_counts)
+        return torch.zeros(len(video_counts), dtype=torch.long).index_add(0, owner, per_video.long())
 
     # -- images ----------------------------------------------------------------------------
     def images_argument(self, images: list[list[Any]]) -> Any:

@@ -1,6 +1,14 @@
 """LLaVA-OneVision: ``batch_num_images`` counts the images of each prompt that has any (a single image
 gets "anyres" patches, several get the base view only); it is recomputed with a 0 for text-only
-prompts so that it has one entry per row, like the other per-row inputs (same patching)."""
+prompts so that it has one entry per row, like the other per-row inputs (same patching).
+
+Video: a ``{"type": "video"}`` part renders as ``<video>`` (the template puts a turn's images, then its videos,
+then its text, wherever the prompt had them); the processor gets the decoded frames, sampling off, resizes each
+frame to its fixed size and gives ``pixel_values_videos`` ``[videos, frames, 3, H, W]``: one tensor, so the videos
+of a batch must have one frame count (a batch that mixes counts raises, and the data module trains the groups
+that fit together, skipping the others with the reason ``tokenisation``; equal counts come from videos longer
+than ``video_max_frames / video_fps`` seconds, or from ``--data.batch_size 1``). ``video_max_pixels`` bounds the
+decoded frames only: the processor's fixed frame size is the checkpoint's."""
 
 from __future__ import annotations
 
@@ -14,11 +22,23 @@ class LlavaOnevisionFamily(Family):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
     processor_classes = ("LlavaOnevisionProcessor",)
+    video_model_types = ("llava_onevision",)
+    video_processor_classes = ("LlavaOnevisionProcessor",)
 
-    def encode(self, processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    def video_arguments(self, processor: Any, videos: Sequence[Any], max_pixels: int | None) -> dict[str, Any]:
+        counts = sorted({v.num_frames for v in videos})
+        if len(counts) > 1:
+            raise ValueError(
+                f"LLaVA-OneVision takes the videos of a batch as one tensor: they need one frame count, got {counts} "
+                "(see --data.video_max_frames / --data.video_fps, or --data.batch_size 1)"
+            )
+        return {"videos": [v.frames for v in videos],
+                "videos_kwargs": {"do_sample_frames": False, "video_metadata": [v.metadata() for v in videos]}}
+
+    def encode(self, processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]], **kwargs: Any) -> dict[str, Any]:
         import torch
 
-        out = super().encode(processor, prompts, images)
+        out = super().encode(processor, prompts, images, **kwargs)
         if "batch_num_images" in out:
             out["batch_num_images"] = torch.tensor([len(r) for r in images], dtype=out["batch_num_images"].dtype)
         return out

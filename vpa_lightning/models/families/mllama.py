@@ -24,14 +24,14 @@ class MllamaFamily(Family):
     nested_images = True
     pixel_values_per_row = True
 
-    def encode(self, processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    def encode(self, processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]], **kwargs: Any) -> dict[str, Any]:
         with_images = sum(1 for r in images if len(r))
         if 0 < with_images < len(images):
             raise ValueError(
                 "Mllama cannot batch text-only prompts with image prompts (its cross-attention layers would "
                 "attend to padding images for the text-only rows): keep them in separate batches"
             )
-        return super().encode(processor, prompts, images)
+        return super().encode(processor, prompts, images, **kwargs)
 
 
 FAMILY = MllamaFamily()
