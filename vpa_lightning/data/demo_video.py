@@ -5,7 +5,8 @@ frame the shape changes colour. Two questions: which way the shape moves, and wh
 Frame 0 alone tells neither (the start is the centre up to a pixel or two, and the colour changes only at the end),
 so a model that sees only the first frame cannot learn them; one that sees the clip can. Each record is a preference
 pair in ms-swift's layout (``messages`` with the user turn and the chosen answer, ``rejected_response``, ``videos``);
-the rejected answer is the wrong direction, or the colour of the first frame (what a first-frame model would say).
+the rejected answer is another direction, or a colour that is neither the last frame's nor the first frame's, so a
+model that sees only the first frame cannot tell the chosen answer from the rejected one (preference accuracy 0.5).
 ``truth`` holds the right word and the words of its kind (``vpa judge --judge rule --reference truth.answer
 --choices-field truth.choices``). Clips are mp4 (H.264, written with PyAV) or, with ``as_frames``, folders of PNG
 frames (the LLaVA-Hound layout).
@@ -98,7 +99,9 @@ def make_video_demo(directory: str | Path, *, num_clips: int = 240, frames: int 
             wrong = rng.choice([d for d in DIRECTIONS if d != direction])
             chosen, rejected, answer = f"The shape moves {direction}.", f"The shape moves {wrong}.", direction
         else:
-            chosen, rejected, answer = f"It is {last} in the last frame.", f"It is {colour} in the last frame.", last
+            # neither the first frame's colour (a first-frame model could learn "not what I see") nor the right one
+            wrong = rng.choice([c for c in COLOURS if c not in (colour, last)])
+            chosen, rejected, answer = f"It is {last} in the last frame.", f"It is {wrong} in the last frame.", last
         rows.append({
             "id": f"video-demo-{i}-{kind}",
             "messages": [{"role": "user", "content": "<video>" + VIDEO_QUESTIONS[kind]},
