@@ -278,6 +278,24 @@ def test_declared_video_field_in_the_mapped_layout(tmp_path):
     assert (s["json"]["prompt"], s["videos"], s["json"]["videos"][0]["offset"]) == ("What falls  first?", [[clip]], 11)
 
 
+def test_parquet_rows_with_embedded_video_bytes(tmp_path):
+    """A Parquet file whose ``video`` column is the ``datasets`` ``Video()`` struct ``{bytes, path}``:
+    the embedded bytes are checked and stored as they are, the type from the bytes (an AVI named .mp4)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    clip = make_video(tmp_path / "src" / "c.avi", "avi").read_bytes()
+    video_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"video": pa.array([{"bytes": clip, "path": "c.mp4"}, {"bytes": clip[:200], "path": "cut.mp4"}], type=video_t),
+                      "prompt": ["Which way does it move?", "Is it cut?"], "chosen": ["Down.", "Yes."], "rejected": ["Up.", "No."]})
+    (tmp_path / "data").mkdir()
+    pq.write_table(table, tmp_path / "data" / "train-00000-of-00001.parquet")
+    (s,) = build_and_read(tmp_path / "out", tmp_path / "data")
+    assert s["videos"] == [[clip]] and s["json"]["videos"][0]["members"] == ["v0.avi"]
+    (bad,) = rejects(tmp_path / "out")
+    assert (bad["line"], bad["field"]) == (2, "video") and "truncated" in bad["reason"], bad
+
+
 def test_dedup_and_the_split_key_include_the_videos(tmp_path):
     """Two records with the same prompt on different videos are two groups; on the same video
     (bytes, whatever the path) one group with both sources. The split keeps a video on one side."""
