@@ -2,8 +2,8 @@
 //!
 //! 1. **Validate**: read each JSONL file in chunks; parse and validate text, ratings and images
 //!    in parallel (on a wider I/O pool: each record reads an image file); append the validated
-//!    image bytes once to a scratch blob (a video file is copied, by the thread that checked it,
-//!    into a second scratch blob at a range of its own); spill valid records to buckets by a key that every
+//!    image bytes once to a scratch blob (a video's file or frames are copied, by the thread that
+//!    checked them, into a second scratch blob at a range of their own); spill valid records to buckets by a key that every
 //!    record of a group shares (the group's shuffle key; with near-duplicate merging, its image)
 //!    and rejects to `rejects.jsonl`.
 //! 2. **Group and rank**: per bucket, deduplicate into groups, fit Bradley-Terry, select pairs.
@@ -209,7 +209,7 @@ pub fn frame_member(i: usize, j: usize, ext: &str) -> String {
 }
 
 /// One media member of a finished sample: its name after `{key}.`, which scratch blob holds its
-/// bytes (the video blob for video files, else the image blob) and where.
+/// bytes (the video blob for a video's file or frames, the image blob for images) and where.
 #[derive(Serialize, Deserialize)]
 struct Media {
     member: String,
@@ -235,9 +235,9 @@ enum Line {
     Blank,
     OtherPartition,
     Rejected(Vec<Reject>),
-    /// A valid record, its response rejects, its images' bytes (in order) and, per video, its
-    /// frames' bytes (none for a video file, already in the video blob).
-    Kept(Box<Record>, Vec<Reject>, Vec<Vec<u8>>, Vec<Vec<Vec<u8>>>),
+    /// A valid record, its response rejects, and its images' bytes (in order); its videos are in
+    /// the video blob already.
+    Kept(Box<Record>, Vec<Reject>, Vec<Vec<u8>>),
     /// Writing a scratch blob failed: the build stops with this error.
     Fatal(Error),
 }
@@ -366,8 +366,9 @@ fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs
         if fc.cancel.load(Ordering::Relaxed) {
             return Line::Blank;
         }
-        match video::read(v, &fc.image_root, fc.cfg.max_video_bytes, blobs) {
+        match video::read(v, &fc.image_root, fc.cfg.max_video_bytes, blobs, fc.cancel) {
             Ok(r) => vids.push(r),
+            Err(_) if fc.cancel.load(Ordering::Relaxed) => return Line::Blank,
             Err(reason) => return unowned_reject(response_rejects, Reject::record(&src, vfield(i), reason)),
         }
     }
@@ -400,28 +401,29 @@ fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs
         offset: 0,
         len: i.bytes.len() as u64,
     };
+    // Into the video blob now, from this thread: a record's video bytes are never held in flight
+    // with the chunk (a frame folder can be many megabytes).
     let mut videos = Vec::with_capacity(vids.len());
-    let mut frame_bytes = Vec::with_capacity(vids.len());
     for (i, v) in vids.into_iter().enumerate() {
-        match v {
-            VideoRead::File(f) => match fc.videos.put(&f, fc.cancel) {
-                Ok(offset) => {
-                    let kind = VideoKind::File { ext: f.ext.to_string(), offset, len: f.len };
-                    videos.push(VideoRef { path: f.label.to_string_lossy().to_string(), sha256: f.sha256, kind });
-                    frame_bytes.push(vec![]);
-                }
-                Err(PutError::Reject(reason)) => {
-                    response_rejects.push(Reject::record(&src, vfield(i), reason));
-                    return Line::Rejected(response_rejects);
-                }
-                Err(PutError::Output(path, e)) => return Line::Fatal(Error::output(&path, e)),
-                Err(PutError::Cancelled) => return Line::Blank,
-            },
-            VideoRead::Frames { label, frames, sha256 } => {
-                let kind = VideoKind::Frames(frames.iter().map(image_ref).collect());
-                videos.push(VideoRef { path: label.to_string_lossy().to_string(), sha256, kind });
-                frame_bytes.push(frames.into_iter().map(|f| f.bytes).collect());
+        let put = match v {
+            VideoRead::File(f) => fc.videos.put(&f, fc.cancel).map(|offset| {
+                let kind = VideoKind::File { ext: f.ext.to_string(), offset, len: f.len };
+                VideoRef { path: f.label.to_string_lossy().to_string(), sha256: f.sha256, kind }
+            }),
+            VideoRead::Frames { label, frames, sha256 } => frames
+                .iter()
+                .map(|f| fc.videos.put_bytes(&f.bytes).map(|offset| ImageRef { offset, ..image_ref(f) }))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map(|refs| VideoRef { path: label.to_string_lossy().to_string(), sha256, kind: VideoKind::Frames(refs) }),
+        };
+        match put {
+            Ok(v) => videos.push(v),
+            Err(PutError::Reject(reason)) => {
+                response_rejects.push(Reject::record(&src, vfield(i), reason));
+                return Line::Rejected(response_rejects);
             }
+            Err(PutError::Output(path, e)) => return Line::Fatal(Error::output(&path, e)),
+            Err(PutError::Cancelled) => return Line::Blank,
         }
     }
     let images = imgs.iter().map(image_ref).collect();
@@ -438,7 +440,7 @@ fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs
         pair_ref_logps: draft.pair_ref_logps,
         source: src,
     };
-    Line::Kept(Box::new(record), response_rejects, imgs.into_iter().map(|i| i.bytes).collect(), frame_bytes)
+    Line::Kept(Box::new(record), response_rejects, imgs.into_iter().map(|i| i.bytes).collect())
 }
 
 /// Records a layout is detected from at most, and the largest one parsed for it: a file's layout
@@ -772,7 +774,7 @@ fn sample_media(g: &Group) -> Vec<Media> {
                 frames
                     .iter()
                     .enumerate()
-                    .map(|(j, f)| Media { member: frame_member(i, j, &f.ext), in_video_blob: false, offset: f.offset, len: f.len }),
+                    .map(|(j, f)| Media { member: frame_member(i, j, &f.ext), in_video_blob: true, offset: f.offset, len: f.len }),
             ),
         }
     }
@@ -1124,16 +1126,12 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
                                 counts.responses_rejected += rs.iter().filter(|r| r.kind == crate::record::RejectKind::Response).count() as u64;
                                 write_rejects(&rs, &mut rejects);
                             }
-                            Line::Kept(mut rec, rs, images, frames) => {
+                            Line::Kept(mut rec, rs, images) => {
                                 counts.records_in += 1;
                                 per_file.get_mut(&fc.label).expect("file registered").records_in += 1;
                                 counts.responses_rejected += rs.len() as u64;
                                 write_rejects(&rs, &mut rejects);
-                                let frame_refs = rec.videos.iter_mut().zip(&frames).flat_map(|(v, fb)| match &mut v.kind {
-                                    VideoKind::Frames(refs) => refs.iter_mut().zip(fb).collect::<Vec<_>>(),
-                                    VideoKind::File { .. } => vec![],
-                                });
-                                for (im, bytes) in rec.images.iter_mut().zip(&images).chain(frame_refs) {
+                                for (im, bytes) in rec.images.iter_mut().zip(&images) {
                                     im.offset = blob_len;
                                     blob.write_all(bytes).map_err(|e| Error::output(&blob_path, e))?;
                                     blob_len += bytes.len() as u64;

@@ -118,7 +118,7 @@ pub struct VideoRef {
 pub enum VideoKind {
     /// A container file (`ext` from its structure), its bytes in the build's video scratch blob.
     File { ext: String, offset: u64, len: u64 },
-    /// Frame images in order, their bytes in the image scratch blob (as a record's images).
+    /// Frame images in order, their bytes (`offset`, `len`) in the video scratch blob too.
     Frames(Vec<ImageRef>),
 }
 

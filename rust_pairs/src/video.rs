@@ -188,9 +188,10 @@ pub fn frames_sha256<'a>(shas: impl IntoIterator<Item = &'a str>) -> String {
 
 /// Read one video (`blobs` are the row's embedded bytes; the one used is taken). A file over
 /// `max_bytes` is rejected from its size before a byte is read; frames count against it together.
-pub fn read(src: &VideoSrc, root: &Path, max_bytes: u64, blobs: &mut [Vec<u8>]) -> Result<VideoRead, String> {
+/// When `cancel` is set while a file is read, reading stops with [`CANCELLED`].
+pub fn read(src: &VideoSrc, root: &Path, max_bytes: u64, blobs: &mut [Vec<u8>], cancel: &AtomicBool) -> Result<VideoRead, String> {
     match src {
-        VideoSrc::Path(p) => read_path(&image::resolve(p, root), max_bytes),
+        VideoSrc::Path(p) => read_path(&image::resolve(p, root), max_bytes, cancel),
         VideoSrc::Frames(paths) => {
             let files: Vec<PathBuf> = paths.iter().map(|p| image::resolve(p, root)).collect();
             let label = PathBuf::from(src.label());
@@ -209,7 +210,8 @@ pub fn read(src: &VideoSrc, root: &Path, max_bytes: u64, blobs: &mut [Vec<u8>]) 
             if len > max_bytes {
                 return Err(over_limit(&label, len, max_bytes));
             }
-            let (ext, sha256) = check_container(&mut Cursor::new(&bytes[..]), len, &head_of(&bytes)).map_err(|e| format!("video {}: {e}", label.display()))?;
+            let (ext, sha256) =
+                check_container(&mut Cursor::new(&bytes[..]), len, &head_of(&bytes), cancel).map_err(|e| format!("video {}: {e}", label.display()))?;
             Ok(VideoRead::File(VideoFile { label, ext, sha256, len, body: Body::Bytes(bytes) }))
         }
     }
@@ -226,7 +228,10 @@ fn head_of(b: &[u8]) -> [u8; 12] {
     h
 }
 
-fn read_path(path: &Path, max_bytes: u64) -> Result<VideoRead, String> {
+/// The reason a read stopped because the build was interrupted (the record is discarded).
+pub const CANCELLED: &str = "interrupted";
+
+fn read_path(path: &Path, max_bytes: u64, cancel: &AtomicBool) -> Result<VideoRead, String> {
     // Never blocks on a FIFO (see crate::regular); a directory opens and is a frame folder.
     let f = crate::regular::open_nonblocking(path).map_err(|e| format!("video {} is missing or unreadable: {e}", path.display()))?;
     let meta = f.metadata().map_err(|e| format!("video {} is unreadable: {e}", path.display()))?;
@@ -248,7 +253,7 @@ fn read_path(path: &Path, max_bytes: u64) -> Result<VideoRead, String> {
     let n = read_at_most(&f, &mut head, 0).map_err(|e| format!("video {} is unreadable: {e}", path.display()))?;
     head[n..].fill(0);
     let mut r = &f;
-    let (ext, sha256) = check_container(&mut r, len, &head).map_err(|e| format!("video {}: {e}", path.display()))?;
+    let (ext, sha256) = check_container(&mut r, len, &head, cancel).map_err(|e| format!("video {}: {e}", path.display()))?;
     Ok(VideoRead::File(VideoFile { label: path.to_path_buf(), ext, sha256, len, body: Body::File(f) }))
 }
 
@@ -370,14 +375,18 @@ struct Walk<'r> {
     len: u64,
     hasher: Sha256,
     buf: Vec<u8>,
+    cancel: &'r AtomicBool,
 }
 
 impl<'r> Walk<'r> {
-    fn new(src: &'r mut dyn Read, len: u64) -> Self {
-        Walk { src, pos: 0, len, hasher: Sha256::new(), buf: vec![0; 1 << 20] }
+    fn new(src: &'r mut dyn Read, len: u64, cancel: &'r AtomicBool) -> Self {
+        Walk { src, pos: 0, len, hasher: Sha256::new(), buf: vec![0; len.clamp(16, 1 << 20) as usize], cancel }
     }
 
     fn fill(&mut self, n: usize) -> Result<(), String> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(CANCELLED.into());
+        }
         let mut got = 0;
         while got < n {
             match self.src.read(&mut self.buf[got..n]) {
@@ -440,13 +449,13 @@ pub fn detect(head: &[u8; 12]) -> Option<&'static str> {
 
 /// Check the container structure of `len` bytes read from `src` (whose first bytes are `head`)
 /// and hash them; returns the shard extension and the sha256. Never decodes a frame.
-pub fn check_container(src: &mut dyn Read, len: u64, head: &[u8; 12]) -> Result<(&'static str, String), String> {
+pub fn check_container(src: &mut dyn Read, len: u64, head: &[u8; 12], cancel: &AtomicBool) -> Result<(&'static str, String), String> {
     let Some(kind) = detect(head) else {
         return Err("not a recognised video container (mp4/mov start with an 'ftyp' box, webm/mkv with the EBML magic \
                     1A 45 DF A3, avi with RIFF....AVI)"
             .into());
     };
-    let mut w = Walk::new(src, len);
+    let mut w = Walk::new(src, len, cancel);
     let ext = match kind {
         "mp4" | "mov" => mp4(&mut w).map(|()| kind)?,
         "webm" => ebml(&mut w)?,
@@ -703,6 +712,13 @@ impl VideoBlob {
         &self.path
     }
 
+    /// Put bytes already in memory and checked (a frame) in; returns their offset.
+    pub fn put_bytes(&self, b: &[u8]) -> Result<u64, PutError> {
+        let at = self.next.fetch_add(b.len() as u64, Ordering::Relaxed);
+        self.file.write_all_at(b, at).map_err(|e| PutError::Output(self.path.clone(), e))?;
+        Ok(at)
+    }
+
     /// Copy a checked video in; returns its offset. The bytes are hashed again as they are
     /// copied: a file that changed since it was checked is a reject, not a shard member.
     pub fn put(&self, v: &VideoFile, cancel: &AtomicBool) -> Result<u64, PutError> {
@@ -794,7 +810,7 @@ pub mod tests {
     }
 
     fn check(b: &[u8]) -> Result<&'static str, String> {
-        check_container(&mut Cursor::new(b), b.len() as u64, &head_of(b)).map(|(ext, sha)| {
+        check_container(&mut Cursor::new(b), b.len() as u64, &head_of(b), &AtomicBool::new(false)).map(|(ext, sha)| {
             assert_eq!(sha, image::sha256_hex(b));
             ext
         })
@@ -869,19 +885,19 @@ pub mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("empty")).unwrap();
         std::fs::write(d.path().join("empty/notes.txt"), b"x").unwrap();
-        let e = read(&VideoSrc::Path("empty".into()), d.path(), 1 << 20, &mut []).unwrap_err();
+        let e = read(&VideoSrc::Path("empty".into()), d.path(), 1 << 20, &mut [], &AtomicBool::new(false)).unwrap_err();
         assert!(e.contains("holds no frame images"), "{e}");
         std::fs::write(d.path().join("a.mp4"), mp4_bytes()).unwrap();
-        let e = read(&VideoSrc::Path("a.mp4".into()), d.path(), 10, &mut []).unwrap_err();
+        let e = read(&VideoSrc::Path("a.mp4".into()), d.path(), 10, &mut [], &AtomicBool::new(false)).unwrap_err();
         assert!(e.contains("over the limit of 10 (--max-video-bytes)"), "{e}");
-        let ok = read(&VideoSrc::Path("a.mp4".into()), d.path(), 1 << 20, &mut []).unwrap();
+        let ok = read(&VideoSrc::Path("a.mp4".into()), d.path(), 1 << 20, &mut [], &AtomicBool::new(false)).unwrap();
         assert_eq!((ok.sha256(), ok.bytes()), (image::sha256_hex(&mp4_bytes()).as_str(), mp4_bytes().len() as u64));
         let fifo = d.path().join("pipe.mp4");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let (tx, rx) = std::sync::mpsc::channel();
         let root = d.path().to_path_buf();
-        std::thread::spawn(move || tx.send(read(&VideoSrc::Path("pipe.mp4".into()), &root, 1 << 20, &mut []).map(|_| ())).unwrap());
+        std::thread::spawn(move || tx.send(read(&VideoSrc::Path("pipe.mp4".into()), &root, 1 << 20, &mut [], &AtomicBool::new(false)).map(|_| ())).unwrap());
         let res = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("reading a FIFO blocked");
         assert!(res.unwrap_err().contains("not a regular file (a FIFO)"));
     }
@@ -891,7 +907,7 @@ pub mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a.mp4");
         std::fs::write(&p, mp4_bytes()).unwrap();
-        let VideoRead::File(v) = read(&VideoSrc::Path("a.mp4".into()), d.path(), 1 << 20, &mut []).unwrap() else { panic!() };
+        let VideoRead::File(v) = read(&VideoSrc::Path("a.mp4".into()), d.path(), 1 << 20, &mut [], &AtomicBool::new(false)).unwrap() else { panic!() };
         let blob = VideoBlob::create(&d.path().join("videos.bin")).unwrap();
         let stop = AtomicBool::new(false);
         assert_eq!(blob.put(&v, &stop).ok(), Some(0));
