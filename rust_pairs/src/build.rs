@@ -2,7 +2,8 @@
 //!
 //! 1. **Validate**: read each JSONL file in chunks; parse and validate text, ratings and images
 //!    in parallel (on a wider I/O pool: each record reads an image file); append the validated
-//!    image bytes once to a scratch blob; spill valid records to buckets by a key that every
+//!    image bytes once to a scratch blob (a video's file or frames are copied, by the thread that
+//!    checked them, into a second scratch blob at a range of their own); spill valid records to buckets by a key that every
 //!    record of a group shares (the group's shuffle key; with near-duplicate merging, its image)
 //!    and rejects to `rejects.jsonl`.
 //! 2. **Group and rank**: per bucket, deduplicate into groups, fit Bradley-Terry, select pairs.
@@ -24,13 +25,14 @@ use crate::manifest::{Counts, FileCounts, Manifest, FORMAT_VERSION};
 use crate::layout::{self, Ctx};
 use crate::outdir::OutDir;
 use crate::rank::{fit, sigmoid, Comparisons};
-use crate::record::{anchor, image_key, ImageRef, Record, Reject, Source};
+use crate::record::{anchor, media_key, ImageRef, Record, Reject, Source, VideoKind, VideoRef};
 use crate::row::ImageSrc;
 use crate::report::Stats;
 use crate::select::{self, Dropped, GroupView, Params};
 use crate::shard::{encode_member, write_atomic, ShardWriter};
 use crate::spill::{buckets_for, Spill};
 use crate::text::{prompt_key, with_spaces_at};
+use crate::video::{self, PutError, VideoBlob, VideoRead};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -87,22 +89,30 @@ pub fn is_val(image_sha256: &str, val_fraction: f64) -> bool {
     val_fraction > 0.0 && (hash64(&[b"split", image_sha256.as_bytes()]) as f64 / 2f64.powi(64)) < val_fraction
 }
 
-/// The split of a group: a single image goes by its hash ([`is_val`], as in format 1); a text-only
-/// group by its anchor (its prompt); a multi-image group goes where all its images go, and when
-/// its images fall on both sides it is dropped (`Err`, with the reason), so that no image is ever
-/// in both train and val.
-fn split_of(images: &[ImageRef], anchor: &str, val_fraction: f64) -> std::result::Result<bool, String> {
-    if images.is_empty() {
+/// The split of a group: a single image (or video) goes by its hash ([`is_val`], as in format 1);
+/// a text-only group by its anchor (its prompt); a group with several images and videos goes where
+/// all of them go, and when they fall on both sides it is dropped (`Err`, with the reason), so
+/// that no image or video is ever in both train and val.
+fn split_of(images: &[ImageRef], videos: &[VideoRef], anchor: &str, val_fraction: f64) -> std::result::Result<bool, String> {
+    let units: Vec<&str> = images.iter().map(|i| i.sha256.as_str()).chain(videos.iter().map(|v| v.sha256.as_str())).collect();
+    if units.is_empty() {
         return Ok(is_val(anchor, val_fraction));
     }
-    let val = images.iter().filter(|i| is_val(&i.sha256, val_fraction)).count();
-    if val == 0 || val == images.len() {
+    let val = units.iter().filter(|sha| is_val(sha, val_fraction)).count();
+    if val == 0 || val == units.len() {
         Ok(val > 0)
-    } else {
+    } else if videos.is_empty() {
         Err(format!(
             "its {} images fall on both sides of the train/val split ({val} held out by --val-fraction): \
              a multi-image sample must lie wholly in one split so that no image is in both",
             images.len()
+        ))
+    } else {
+        Err(format!(
+            "its {} images and {} videos fall on both sides of the train/val split ({val} held out by --val-fraction): \
+             a sample must lie wholly in one split so that no image or video is in both",
+            images.len(),
+            videos.len()
         ))
     }
 }
@@ -154,6 +164,17 @@ struct ImageOut<'a> {
     offset: usize,
 }
 
+/// One video of a sample: `file` (one member, the container as it came) or `frames` (a member
+/// per frame image, in order); the sha256 of the file's bytes, or over the frames' sha256 hex
+/// digests joined by newlines; and where it sits in the prompt, as an image's `offset`.
+#[derive(Serialize)]
+struct VideoOut<'a> {
+    kind: &'static str,
+    members: Vec<String>,
+    sha256: &'a str,
+    offset: usize,
+}
+
 #[derive(Serialize)]
 struct SampleOut<'a> {
     key: &'a str,
@@ -161,6 +182,9 @@ struct SampleOut<'a> {
     /// The first image's sha256 (`null` for a text-only sample); `images` lists them all.
     image_sha256: Option<&'a str>,
     images: Vec<ImageOut<'a>>,
+    /// Absent for a sample without videos (whose JSON stays as it was before videos existed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    videos: Vec<VideoOut<'a>>,
     responses: Vec<ResponseOut<'a>>,
     pairs: Vec<PairOut<'a>>,
     source: Vec<serde_json::Value>,
@@ -173,6 +197,27 @@ pub fn image_member(i: usize, ext: &str) -> String {
     format!("{i}.{ext}")
 }
 
+/// Tar member name (after `{key}.`) of a sample's video `i` stored as a file: `v0.mp4`, ...
+pub fn video_member(i: usize, ext: &str) -> String {
+    format!("v{i}.{ext}")
+}
+
+/// Tar member name (after `{key}.`) of frame `j` of a sample's video `i`: `v0.f0000.jpg`, ...
+/// (still one sample for the WebDataset reader, which splits at the first dot).
+pub fn frame_member(i: usize, j: usize, ext: &str) -> String {
+    format!("v{i}.f{j:04}.{ext}")
+}
+
+/// One media member of a finished sample: its name after `{key}.`, which scratch blob holds its
+/// bytes (the video blob for a video's file or frames, the image blob for images) and where.
+#[derive(Serialize, Deserialize)]
+struct Media {
+    member: String,
+    in_video_blob: bool,
+    offset: u64,
+    len: u64,
+}
+
 /// A finished sample on its way to a shard.
 #[derive(Serialize, Deserialize)]
 struct Finished {
@@ -180,8 +225,8 @@ struct Finished {
     key: String,
     val: bool,
     json: String,
-    /// (extension, offset in the scratch blob, length) of each image, in order.
-    images: Vec<(String, u64, u64)>,
+    /// Its images', then its videos' members, in order.
+    media: Vec<Media>,
     pairs: u64,
     responses: u64,
 }
@@ -190,8 +235,11 @@ enum Line {
     Blank,
     OtherPartition,
     Rejected(Vec<Reject>),
-    /// A valid record, its response rejects, and its images' bytes (in order).
+    /// A valid record, its response rejects, and its images' bytes (in order); its videos are in
+    /// the video blob already.
     Kept(Box<Record>, Vec<Reject>, Vec<Vec<u8>>),
+    /// Writing a scratch blob failed: the build stops with this error.
+    Fatal(Error),
 }
 
 struct FileCtx<'a> {
@@ -201,6 +249,8 @@ struct FileCtx<'a> {
     rating_scale: Option<crate::config::RatingScale>,
     image_root: PathBuf,
     cfg: &'a BuildConfig,
+    /// Where checked video files are copied (see [`VideoBlob`]).
+    videos: &'a VideoBlob,
     /// Set on Ctrl-C: records not yet checked are skipped (their chunk is discarded).
     cancel: &'a AtomicBool,
 }
@@ -223,6 +273,7 @@ fn validate_item(item: container::Item, fc: &FileCtx) -> Line {
         fields: &fc.cfg.fields,
         image_template: fc.cfg.image_template.as_deref(),
         rating_scale: fc.rating_scale,
+        n_videos: 0,
     };
     let (draft, response_rejects, mut blobs) = match item.body {
         Body::Blank => return Line::Blank,
@@ -275,7 +326,8 @@ fn r_src(r: &Reject) -> Source {
     Source { file: r.file.clone(), line: r.line, index: r.index, row_group: r.row_group, row: r.row }
 }
 
-/// Read, own and check a parsed record's images; `blobs` are its row's embedded bytes (taken).
+/// Read, own and check a parsed record's images and videos; `blobs` are its row's embedded bytes
+/// (taken). A checked video file is copied into the video blob here, on the validating thread.
 fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs: &mut [Vec<u8>], src: Source, fc: &FileCtx) -> Line {
     if fc.cancel.load(Ordering::Relaxed) {
         return Line::Blank; // interrupted: the chunk is discarded, so skip the image work
@@ -308,9 +360,25 @@ fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs
             Err(reason) => return unowned_reject(response_rejects, Reject::record(&src, field(i), reason)),
         }
     }
-    // Keyed as the prompt was written (a placeholder counts as a space), wherever its images sit.
-    let prompt_norm = prompt_key(&with_spaces_at(&draft.prompt, &draft.image_at), fc.cfg.dedup_mode());
-    let key = image_key(imgs.iter().map(|i| i.sha256.as_str()));
+    let vfield = |i: usize| draft.video_fields.get(i).cloned().unwrap_or_else(|| format!("videos[{i}]"));
+    let mut vids: Vec<VideoRead> = Vec::with_capacity(draft.videos.len());
+    for (i, v) in draft.videos.iter().enumerate() {
+        if fc.cancel.load(Ordering::Relaxed) {
+            return Line::Blank;
+        }
+        match video::read(v, &fc.image_root, fc.cfg.max_video_bytes, blobs, fc.cancel) {
+            Ok(r) => vids.push(r),
+            Err(_) if fc.cancel.load(Ordering::Relaxed) => return Line::Blank,
+            Err(reason) => return unowned_reject(response_rejects, Reject::record(&src, vfield(i), reason)),
+        }
+    }
+    // Keyed as the prompt was written (a placeholder counts as a space), wherever its media sit.
+    let mut at: Vec<usize> = draft.image_at.iter().chain(&draft.video_at).copied().collect();
+    at.sort_unstable();
+    let prompt_norm = prompt_key(&with_spaces_at(&draft.prompt, &at), fc.cfg.dedup_mode());
+    let image_shas: Vec<&str> = imgs.iter().map(|i| i.sha256.as_str()).collect();
+    let video_shas: Vec<&str> = vids.iter().map(VideoRead::sha256).collect();
+    let key = media_key(&image_shas, &video_shas);
     if owner_of_image(&anchor(&key, &prompt_norm), parts) != part {
         return Line::OtherPartition;
     }
@@ -320,15 +388,52 @@ fn validate_draft(draft: layout::Draft, mut response_rejects: Vec<Reject>, blobs
             return Line::Rejected(response_rejects);
         }
     }
-    let images = imgs
-        .iter()
-        .map(|i| ImageRef { path: i.path.to_string_lossy().to_string(), sha256: i.sha256.clone(), ext: i.ext.to_string(), offset: 0, len: i.bytes.len() as u64 })
-        .collect();
+    for (i, v) in vids.iter().enumerate() {
+        if let Err(reason) = video::check_frames(v, fc.cfg.image_check, fc.cfg.max_image_pixels) {
+            response_rejects.push(Reject::record(&src, vfield(i), reason));
+            return Line::Rejected(response_rejects);
+        }
+    }
+    let image_ref = |i: &image::ImageFile| ImageRef {
+        path: i.path.to_string_lossy().to_string(),
+        sha256: i.sha256.clone(),
+        ext: i.ext.to_string(),
+        offset: 0,
+        len: i.bytes.len() as u64,
+    };
+    // Into the video blob now, from this thread: a record's video bytes are never held in flight
+    // with the chunk (a frame folder can be many megabytes).
+    let mut videos = Vec::with_capacity(vids.len());
+    for (i, v) in vids.into_iter().enumerate() {
+        let put = match v {
+            VideoRead::File(f) => fc.videos.put(&f, fc.cancel).map(|offset| {
+                let kind = VideoKind::File { ext: f.ext.to_string(), offset, len: f.len };
+                VideoRef { path: f.label.to_string_lossy().to_string(), sha256: f.sha256, kind }
+            }),
+            VideoRead::Frames { label, frames, sha256 } => frames
+                .iter()
+                .map(|f| fc.videos.put_bytes(&f.bytes).map(|offset| ImageRef { offset, ..image_ref(f) }))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map(|refs| VideoRef { path: label.to_string_lossy().to_string(), sha256, kind: VideoKind::Frames(refs) }),
+        };
+        match put {
+            Ok(v) => videos.push(v),
+            Err(PutError::Reject(reason)) => {
+                response_rejects.push(Reject::record(&src, vfield(i), reason));
+                return Line::Rejected(response_rejects);
+            }
+            Err(PutError::Output(path, e)) => return Line::Fatal(Error::output(&path, e)),
+            Err(PutError::Cancelled) => return Line::Blank,
+        }
+    }
+    let images = imgs.iter().map(image_ref).collect();
     let record = Record {
         prompt_norm,
         prompt: draft.prompt,
         image_at: draft.image_at,
         images,
+        videos,
+        video_at: draft.video_at,
         image_key: key,
         responses: draft.responses,
         explicit_pairs: draft.explicit_pairs,
@@ -444,9 +549,9 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
         ));
     }
     // A text-only group is split by its key (its normalised prompt).
-    let val = match split_of(&g.images, &format!("text\0{}", g.key), cfg.val_fraction) {
+    let val = match split_of(&g.images, &g.videos, &format!("text\0{}", g.key), cfg.val_fraction) {
         Ok(v) => v,
-        Err(why) => return Ranked::Dropped("images", why),
+        Err(why) => return Ranked::Dropped(if g.videos.is_empty() { "images" } else { "videos" }, why),
     };
     let mut comp = Comparisons::new(n);
     let score = cfg.score_mode();
@@ -623,6 +728,18 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
             .enumerate()
             .map(|(i, im)| ImageOut { member: image_member(i, &im.ext), sha256: &im.sha256, offset: g.image_at.get(i).copied().unwrap_or(0) })
             .collect(),
+        videos: g
+            .videos
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let (kind, members) = match &v.kind {
+                    VideoKind::File { ext, .. } => ("file", vec![video_member(i, ext)]),
+                    VideoKind::Frames(frames) => ("frames", frames.iter().enumerate().map(|(j, f)| frame_member(i, j, &f.ext)).collect()),
+                };
+                VideoOut { kind, members, sha256: &v.sha256, offset: g.video_at.get(i).copied().unwrap_or(0) }
+            })
+            .collect(),
         responses: order
             .iter()
             .map(|&i| ResponseOut { text: &g.responses[i].text, model: g.responses[i].model.as_deref(), scores: &all_scores[i], strength: theta[i] })
@@ -636,10 +753,32 @@ fn rank_group(g: &Group, cfg: &BuildConfig, w: &Weights, counts: &mut Counts, st
         key: g.key.clone(),
         val,
         json: serde_json::to_string(&sample).expect("sample serialises"),
-        images: g.images.iter().map(|i| (i.ext.clone(), i.offset, i.len)).collect(),
+        media: sample_media(g),
         pairs: npairs,
         responses: n as u64,
     })
+}
+
+/// A group's media members in shard order: its images, then each video's file or frames.
+fn sample_media(g: &Group) -> Vec<Media> {
+    let mut out: Vec<Media> = g
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, im)| Media { member: image_member(i, &im.ext), in_video_blob: false, offset: im.offset, len: im.len })
+        .collect();
+    for (i, v) in g.videos.iter().enumerate() {
+        match &v.kind {
+            VideoKind::File { ext, offset, len } => out.push(Media { member: video_member(i, ext), in_video_blob: true, offset: *offset, len: *len }),
+            VideoKind::Frames(frames) => out.extend(
+                frames
+                    .iter()
+                    .enumerate()
+                    .map(|(j, f)| Media { member: frame_member(i, j, &f.ext), in_video_blob: true, offset: f.offset, len: f.len }),
+            ),
+        }
+    }
+    out
 }
 
 /// The reference log-probs an input shipped for the explicit pair `(c, r)` (either direction).
@@ -737,12 +876,15 @@ pub fn build_cancellable(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manif
 }
 
 /// The build's last step: finished samples, a bucket at a time in shuffle order, into the train
-/// and val shards; each sample's images are read from the scratch blob into its tar members.
+/// and val shards; each sample's images and videos are read from the scratch blobs into its tar
+/// members.
 struct SampleWriter<'a> {
     train: ShardWriter,
     val: ShardWriter,
     blob: File,
     blob_path: &'a Path,
+    video_blob: File,
+    video_blob_path: &'a Path,
     out: &'a Path,
     /// The pool to read the blob on: the I/O pool when the build read image files (reading their
     /// bytes back may wait on the disk as validation did); else the build's (CPU-bound).
@@ -757,6 +899,7 @@ impl<'a> SampleWriter<'a> {
         suffix: &str,
         outdir: &Arc<OutDir>,
         blob_path: &'a Path,
+        video_blob_path: &'a Path,
         io_pool: Option<&'a rayon::ThreadPool>,
     ) -> Result<Self> {
         let shards = |split| {
@@ -770,6 +913,8 @@ impl<'a> SampleWriter<'a> {
             val: shards("val"),
             blob: File::open(blob_path).map_err(|e| Error::output(blob_path, e))?,
             blob_path,
+            video_blob: File::open(video_blob_path).map_err(|e| Error::output(video_blob_path, e))?,
+            video_blob_path,
             out,
             io_pool,
             pb: ProgressBar::hidden(),
@@ -781,21 +926,23 @@ impl<'a> SampleWriter<'a> {
     fn write_bucket(&mut self, mut items: Vec<Finished>, stop: &(dyn Fn() -> Result<()> + Sync)) -> Result<()> {
         items.sort_by(|a, b| (a.order, &a.key).cmp(&(b.order, &b.key)));
         let (blob, blob_path, out, io_pool) = (&self.blob, self.blob_path, self.out, self.io_pool);
+        let (video_blob, video_blob_path) = (&self.video_blob, self.video_blob_path);
         let encode = |batch: &[Finished]| -> Vec<Result<Vec<u8>>> {
             let work = || {
                 batch
                     .par_iter()
                     .map(|f| {
-                        // Images are read from the scratch blob straight into the tar buffer.
+                        // Images and videos are read from the scratch blobs straight into the tar buffer.
                         let json = f.json.as_bytes();
-                        let image_bytes: u64 = f.images.iter().map(|i| i.2).sum();
-                        let mut enc = Vec::with_capacity((2 + 2 * f.images.len()) * 512 + image_bytes as usize + json.len());
-                        for (i, (ext, offset, len)) in f.images.iter().enumerate() {
+                        let media_bytes: u64 = f.media.iter().map(|m| m.len).sum();
+                        let mut enc = Vec::with_capacity((2 + 2 * f.media.len()) * 512 + media_bytes as usize + json.len());
+                        for m in &f.media {
+                            let (src, src_path) = if m.in_video_blob { (video_blob, video_blob_path) } else { (blob, blob_path) };
                             let mut read = Ok(());
-                            let name = format!("{}.{}", f.key, image_member(i, ext));
-                            encode_member(&mut enc, &name, *len as usize, |buf| read = blob.read_exact_at(buf, *offset))
+                            let name = format!("{}.{}", f.key, m.member);
+                            encode_member(&mut enc, &name, m.len as usize, |buf| read = src.read_exact_at(buf, m.offset))
                                 .map_err(|e| Error::output(out, e))?;
-                            read.map_err(|e| Error::output(blob_path, e))?;
+                            read.map_err(|e| Error::output(src_path, e))?;
                         }
                         encode_member(&mut enc, &format!("{}.json", f.key), json.len(), |buf| buf.copy_from_slice(json))
                             .map_err(|e| Error::output(out, e))?;
@@ -811,7 +958,7 @@ impl<'a> SampleWriter<'a> {
         // Pipeline: batch k is appended (and hashed, sequentially) while batch k+1 is encoded.
         let (train, val, pb) = (&mut self.train, &mut self.val, &self.pb);
         let mut pending: Option<(&[Finished], Vec<Result<Vec<u8>>>)> = None;
-        let mut batches = items.chunks(512);
+        let mut batches = batches(&items).into_iter();
         loop {
             stop()?;
             let next = batches.next();
@@ -835,6 +982,27 @@ impl<'a> SampleWriter<'a> {
             }
         }
     }
+}
+
+/// Samples encoded at once: at most 512 samples and 256 MiB of members (a larger sample is a batch
+/// of its own), so writing holds two batches in memory, not 512 samples' videos.
+fn batches(items: &[Finished]) -> Vec<&[Finished]> {
+    const MAX_SAMPLES: usize = 512;
+    const MAX_BYTES: u64 = 256 << 20;
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, f) in items.iter().enumerate() {
+        let b = f.media.iter().map(|m| m.len).sum::<u64>() + f.json.len() as u64;
+        if i > start && (i - start == MAX_SAMPLES || bytes + b > MAX_BYTES) {
+            out.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += b;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
 }
 
 fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
@@ -897,6 +1065,8 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
     let blob_path = spill_dir.join("images.bin");
     let mut blob = BufWriter::with_capacity(4 << 20, File::create(&blob_path).map_err(|e| Error::output(&blob_path, e))?);
     let mut blob_len = 0u64;
+    let video_blob_path = spill_dir.join("videos.bin");
+    let video_blob = VideoBlob::create(&video_blob_path).map_err(|e| Error::output(&video_blob_path, e))?;
     let pb = progress(cfg, total_bytes, "validate");
     for input in &files {
         let format = match cfg.format {
@@ -915,6 +1085,7 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
             rating_scale: cfg.rating_scale_for(format.unwrap_or(Format::Auto)),
             image_root,
             cfg,
+            videos: &video_blob,
             cancel,
         };
         per_file.insert(
@@ -967,6 +1138,7 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
                                 }
                                 kept.push((bucket_key(&rec, cfg), *rec));
                             }
+                            Line::Fatal(e) => return Err(e),
                         }
                     }
                     spill.put_many(kept)?;
@@ -1014,7 +1186,7 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
             Some(Spill::new(&spill_dir, "samples", nb_samples, cfg.spill_bucket_bytes)?)
         }
     };
-    let mut writer = SampleWriter::new(cfg, &out, &suffix, &outdir, &blob_path, image_files.then_some(&io_pool))?;
+    let mut writer = SampleWriter::new(cfg, &out, &suffix, &outdir, &blob_path, &video_blob_path, image_files.then_some(&io_pool))?;
     let pb = progress(cfg, spill.len(), "rank");
     while let Some(records) = spill.next_bucket()? {
         stop()?;
@@ -1036,6 +1208,8 @@ fn build_inner(cfg: &BuildConfig, cancel: &AtomicBool) -> Result<Manifest> {
                     match rank_group(g, cfg, &w, &mut c, &mut s) {
                         Ranked::Sample(f) => {
                             c.records_used += 1;
+                            c.videos += g.videos.len() as u64;
+                            c.video_bytes += g.videos.iter().map(VideoRef::bytes).sum::<u64>();
                             c.records_deduplicated += g.sources.len() as u64 - 1;
                             for (k, src) in g.sources.iter().enumerate() {
                                 fd.entry(src.file.as_str()).or_default()[if k == 0 { 0 } else { 1 }] += 1;
@@ -1161,14 +1335,19 @@ mod tests {
         let shas: Vec<String> = (0..64).map(|i| format!("{i:064x}")).collect();
         let val = shas.iter().find(|s| is_val(s, 0.5)).unwrap();
         let train = shas.iter().find(|s| !is_val(s, 0.5)).unwrap();
-        assert_eq!(split_of(&[img(val)], "a", 0.5), Ok(true));
-        assert_eq!(split_of(&[img(train)], "a", 0.5), Ok(false));
+        assert_eq!(split_of(&[img(val)], &[], "a", 0.5), Ok(true));
+        assert_eq!(split_of(&[img(train)], &[], "a", 0.5), Ok(false));
         let val2 = shas.iter().filter(|s| is_val(s, 0.5)).nth(1).unwrap();
-        assert_eq!(split_of(&[img(val), img(val2)], "a", 0.5), Ok(true));
-        assert!(split_of(&[img(val), img(train)], "a", 0.5).unwrap_err().contains("both sides"));
-        assert_eq!(split_of(&[img(val), img(train)], "a", 0.0), Ok(false));
+        assert_eq!(split_of(&[img(val), img(val2)], &[], "a", 0.5), Ok(true));
+        assert!(split_of(&[img(val), img(train)], &[], "a", 0.5).unwrap_err().contains("both sides"));
+        assert_eq!(split_of(&[img(val), img(train)], &[], "a", 0.0), Ok(false));
         // Text-only: by its anchor, deterministic.
-        assert_eq!(split_of(&[], "text\0q", 0.5), Ok(is_val("text\0q", 0.5)));
+        assert_eq!(split_of(&[], &[], "text\0q", 0.5), Ok(is_val("text\0q", 0.5)));
+        // A video is a unit of the split like an image: a sample lies wholly on one side.
+        let vid = |sha: &str| VideoRef { path: String::new(), sha256: sha.into(), kind: VideoKind::File { ext: "mp4".into(), offset: 0, len: 0 } };
+        assert_eq!(split_of(&[], &[vid(val)], "a", 0.5), Ok(true));
+        assert_eq!(split_of(&[img(val)], &[vid(val2)], "a", 0.5), Ok(true));
+        assert!(split_of(&[img(val)], &[vid(train)], "a", 0.5).unwrap_err().contains("images and 1 videos fall on both sides"));
     }
 
     #[test]

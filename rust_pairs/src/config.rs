@@ -22,12 +22,15 @@ pub enum Format {
     Povid,
     /// LLaVA-RLHF human preference: `conversations`, `output_1`, `output_2`, `preference`.
     LlavaRlhf,
+    /// ms-swift's RLHF rows: `messages` (user turn, chosen assistant turn), `rejected_response`
+    /// (or `rejected_messages`), `images`, `videos`.
+    MsSwift,
     /// Any row through `--field NAME=PATH` declarations.
     Mapped,
 }
 
 impl Format {
-    pub const ALL: [Format; 9] = [
+    pub const ALL: [Format; 10] = [
         Format::Auto,
         Format::Vlfeedback,
         Format::Rated,
@@ -36,6 +39,7 @@ impl Format {
         Format::Mmdpo,
         Format::Povid,
         Format::LlavaRlhf,
+        Format::MsSwift,
         Format::Mapped,
     ];
 
@@ -49,13 +53,14 @@ impl Format {
             Format::Mmdpo => "mmdpo",
             Format::Povid => "povid",
             Format::LlavaRlhf => "llava-rlhf",
+            Format::MsSwift => "ms-swift",
             Format::Mapped => "mapped",
         }
     }
 }
 
 /// The fields `--field NAME=PATH` may map.
-pub const FIELD_NAMES: [&str; 5] = ["prompt", "image", "chosen", "rejected", "id"];
+pub const FIELD_NAMES: [&str; 6] = ["prompt", "image", "video", "chosen", "rejected", "id"];
 
 /// Check `--field` declarations (`("prompt", "question")`, `("chosen", "answers.good")`).
 pub fn check_fields(fields: &[(String, String)]) -> Result<()> {
@@ -217,6 +222,9 @@ pub struct BuildConfig {
     /// Images with more pixels (width x height, read from the header before any decode) are
     /// rejected in every check mode; Pillow's `MAX_IMAGE_PIXELS` default.
     pub max_image_pixels: u64,
+    /// Videos larger than this (a container file's size from `fstat`, before it is read; a frame
+    /// sequence's frames together) are rejected; 2 GiB by default.
+    pub max_video_bytes: u64,
     /// Memory budget of one spill bucket: at most this many bytes of spilled records and one
     /// record per 2 KiB of it (see [`crate::spill`]); bounds memory whatever the input.
     pub spill_bucket_bytes: u64,
@@ -227,7 +235,7 @@ pub struct BuildConfig {
     /// fsync every shard before it is renamed into place (power-loss durability; slower).
     pub fsync: bool,
     pub progress: bool,
-    /// `--field NAME=PATH`: where a row keeps prompt, image, chosen, rejected, id.
+    /// `--field NAME=PATH`: where a row keeps prompt, image, video, chosen, rejected, id.
     pub fields: Vec<(String, String)>,
     /// `--image-template`: the image path built from the row's fields, e.g. `merged_images/{id}.jpg`.
     pub image_template: Option<String>,
@@ -267,6 +275,7 @@ impl Default for BuildConfig {
             max_record_bytes: 64 << 20,
             image_check: ImageCheck::Structure,
             max_image_pixels: 89_478_485,
+            max_video_bytes: crate::video::DEFAULT_MAX_VIDEO_BYTES,
             spill_bucket_bytes: 64 << 20,
             threads: None,
             io_threads: 16,
@@ -430,6 +439,13 @@ impl BuildConfig {
         }
         if self.max_image_pixels == 0 {
             return bad("--max-image-pixels must be >= 1".into());
+        }
+        if !(1..=crate::video::MAX_VIDEO_BYTES_LIMIT).contains(&self.max_video_bytes) {
+            return bad(format!(
+                "--max-video-bytes must be in 1..={} (a tar member holds less than 8 GiB), got {}",
+                crate::video::MAX_VIDEO_BYTES_LIMIT,
+                self.max_video_bytes
+            ));
         }
         if !(2..=65_536).contains(&self.max_responses) {
             return bad(format!("--max-responses must be in 2..=65536, got {}", self.max_responses));

@@ -8,7 +8,7 @@
 
 use crate::config::Dedup;
 use crate::image::sha256_hex;
-use crate::record::{ImageRef, Record, RefLogps, Response, Source};
+use crate::record::{ImageRef, Record, RefLogps, Response, Source, VideoRef};
 use crate::text::response_key;
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -23,7 +23,10 @@ pub struct Group {
     /// Where they sit in `prompt`: the first record's, with its prompt (a merged record that
     /// placed them elsewhere in an otherwise equal prompt merges all the same).
     pub image_at: Vec<usize>,
-    /// See [`crate::record::image_key`]; `""` for a text-only group.
+    /// The videos of the group's first record, and where they sit in `prompt`.
+    pub videos: Vec<VideoRef>,
+    pub video_at: Vec<usize>,
+    /// See [`crate::record::media_key`]; `""` for a text-only group.
     pub image_key: String,
     pub responses: Vec<Response>,
     /// (chosen, rejected) over `responses`, one entry per source comparison.
@@ -102,6 +105,8 @@ fn merge(key: String, recs: Vec<Record>, mode: Dedup) -> Group {
         prompt: first.prompt.clone(),
         images: first.images.clone(),
         image_at: first.image_at.clone(),
+        videos: first.videos.clone(),
+        video_at: first.video_at.clone(),
         image_key: first.image_key.clone(),
         responses: vec![],
         explicit_pairs: vec![],
@@ -244,6 +249,8 @@ mod tests {
             prompt_norm: normalize(prompt),
             images: vec![ImageRef { path: format!("/{img}.png"), sha256: img.into(), ext: "png".into(), offset: 0, len: 0 }],
             image_at: vec![0],
+            videos: vec![],
+            video_at: vec![],
             image_key: img.into(),
             responses: texts
                 .iter()

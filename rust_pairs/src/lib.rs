@@ -10,6 +10,7 @@ pub mod alloc;
 pub mod config;
 pub mod error;
 pub mod image;
+pub mod video;
 pub mod regular;
 pub mod layout;
 pub mod record;

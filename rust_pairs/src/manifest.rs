@@ -54,6 +54,10 @@ counts! {
     pairs_dropped_excluded,
     /// Groups rejected because their pairwise annotations contradict each other (a cycle).
     groups_contradictory,
+    /// Videos in the written samples (a file or a frame sequence each).
+    videos,
+    /// Bytes of those videos (files, or their frames) in the shards.
+    video_bytes,
 }
 
 impl Counts {

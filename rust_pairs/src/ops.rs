@@ -18,28 +18,34 @@ struct Seen {
     json: Option<Value>,
 }
 
-/// A sample is whole when it has its JSON and exactly the image members the JSON lists.
+/// A sample is whole when it has its JSON and exactly the image and video members the JSON lists.
 fn close(cur: Option<Seen>, problems: &mut Vec<String>) {
     let Some(s) = cur else { return };
     let Some(js) = &s.json else {
         problems.push(format!("sample {} lacks its json", s.key));
         return;
     };
-    let mut want: Vec<String> = js["images"].as_array().map_or_else(Vec::new, |a| a.iter().filter_map(|i| i["member"].as_str().map(String::from)).collect());
+    let images: Vec<String> = js["images"].as_array().map_or_else(Vec::new, |a| a.iter().filter_map(|i| i["member"].as_str().map(String::from)).collect());
+    let videos = js["videos"].as_array().cloned().unwrap_or_default();
+    let mut want: Vec<String> = images.clone();
+    want.extend(videos.iter().flat_map(|v| v["members"].as_array().cloned().unwrap_or_default()).filter_map(|m| m.as_str().map(String::from)));
     let mut have: Vec<String> = s.members.into_iter().filter(|m| m != "json").collect();
     want.sort();
     have.sort();
     if want != have {
-        problems.push(format!("sample {} has image members {have:?}, its json lists {want:?}", s.key));
+        problems.push(format!("sample {} has members {have:?}, its json lists {want:?}", s.key));
     }
-    // Image offsets (absent in older shards) place each image in the prompt: chars, non-decreasing.
-    let offsets: Vec<&Value> = js["images"].as_array().map_or_else(Vec::new, |a| a.iter().map(|i| &i["offset"]).filter(|o| !o.is_null()).collect());
-    if !offsets.is_empty() {
-        let len = js["prompt"].as_str().map_or(0, |p| p.chars().count()) as u64;
+    // Offsets (absent in older shards) place each image and video in the prompt: chars, non-decreasing per kind.
+    let len = js["prompt"].as_str().map_or(0, |p| p.chars().count()) as u64;
+    for (what, entries) in [("image", js["images"].as_array().cloned().unwrap_or_default()), ("video", videos)] {
+        let offsets: Vec<&Value> = entries.iter().map(|i| &i["offset"]).filter(|o| !o.is_null()).collect();
+        if offsets.is_empty() {
+            continue;
+        }
         let at: Vec<Option<u64>> = offsets.iter().map(|o| o.as_u64()).collect();
-        let ok = offsets.len() == want.len() && at.iter().all(|o| o.is_some_and(|o| o <= len)) && at.windows(2).all(|w| w[0] <= w[1]);
+        let ok = offsets.len() == entries.len() && at.iter().all(|o| o.is_some_and(|o| o <= len)) && at.windows(2).all(|w| w[0] <= w[1]);
         if !ok {
-            problems.push(format!("sample {}: image offsets {offsets:?} do not place its {} images in a prompt of {len} chars", s.key, want.len()));
+            problems.push(format!("sample {}: {what} offsets {offsets:?} do not place its {} {what}s in a prompt of {len} chars", s.key, entries.len()));
         }
     }
 }

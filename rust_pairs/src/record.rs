@@ -73,7 +73,12 @@ pub struct Record {
     pub prompt_norm: String,
     /// The record's images in placeholder order (0..N; none for a text-only record).
     pub images: Vec<ImageRef>,
-    /// Identity of the image list (see [`image_key`]): the dedup, partition and bucket key.
+    /// The record's videos in `<video>` placeholder order (0..N).
+    pub videos: Vec<VideoRef>,
+    /// Where each video sits in `prompt` (char offsets, as `image_at`).
+    pub video_at: Vec<usize>,
+    /// Identity of the media (see [`media_key`]: the image list's [`image_key`] when the record
+    /// has no video): the dedup, partition and bucket key.
     pub image_key: String,
     pub responses: Vec<Response>,
     /// Explicit preferences (chosen index, rejected index) from pairwise inputs.
@@ -96,6 +101,45 @@ pub struct ImageRef {
     /// and the shard gets exactly the bytes that were validated).
     pub offset: u64,
     pub len: u64,
+}
+
+/// One validated video of a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VideoRef {
+    /// The path it was read from, or the label of embedded bytes (provenance only).
+    pub path: String,
+    /// sha256 of the file's bytes; of a frame sequence, sha256 over its frames' sha256 hex
+    /// digests joined by newlines (see [`crate::video::frames_sha256`]).
+    pub sha256: String,
+    pub kind: VideoKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VideoKind {
+    /// A container file (`ext` from its structure), its bytes in the build's video scratch blob.
+    File { ext: String, offset: u64, len: u64 },
+    /// Frame images in order, their bytes (`offset`, `len`) in the video scratch blob too.
+    Frames(Vec<ImageRef>),
+}
+
+impl VideoRef {
+    /// Bytes the video puts into a shard.
+    pub fn bytes(&self) -> u64 {
+        match &self.kind {
+            VideoKind::File { len, .. } => *len,
+            VideoKind::Frames(f) => f.iter().map(|i| i.len).sum(),
+        }
+    }
+}
+
+/// Identity of a record's media: without videos, its image list's [`image_key`] (so keys, splits
+/// and partitions of image data do not change); with videos, sha256 of the images' and the
+/// videos' sha256s in order (the same prompt on other videos is another group).
+pub fn media_key(images: &[&str], videos: &[&str]) -> String {
+    if videos.is_empty() {
+        return image_key(images.iter().copied());
+    }
+    crate::image::sha256_hex(format!("images:{}\nvideos:{}", images.join(","), videos.join(",")).as_bytes())
 }
 
 /// Identity of a record's image list: one image → its sha256 (as in format 1, so keys, splits and

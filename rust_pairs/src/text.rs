@@ -13,23 +13,36 @@ pub const IMAGE_MARKER: &str = "<image>";
 /// Python's `prompt[:offset]` is the text before the image). Placeholders in the whitespace at
 /// either end land at 0 / at the end.
 pub fn place_images(s: &str) -> (String, Vec<usize>) {
-    if !s.contains(IMAGE_MARKER) {
+    let (prompt, at) = place_markers(s, &[IMAGE_MARKER]);
+    (prompt, at.into_iter().map(|(_, o)| o).collect())
+}
+
+/// [`place_images`] for several kinds of placeholder at once (`<image>` and `<video>`): every one
+/// removed, and for each, in the order they stand, which marker it was (its index in `markers`)
+/// and its char offset in the trimmed prompt.
+pub fn place_markers(s: &str, markers: &[&str]) -> (String, Vec<(usize, usize)>) {
+    if !markers.iter().any(|m| s.contains(m)) {
         return (s.trim().to_string(), vec![]);
     }
     let mut out = String::with_capacity(s.len());
-    let mut at = Vec::new(); // char offsets into `out` (before trimming)
+    let mut at = Vec::new(); // (marker, char offset into `out` before trimming)
     let mut chars = 0usize;
-    for (i, piece) in s.split(IMAGE_MARKER).enumerate() {
-        if i > 0 {
-            at.push(chars);
-        }
-        out.push_str(piece);
-        chars += piece.chars().count();
+    let mut rest = s;
+    loop {
+        let next = markers.iter().enumerate().filter_map(|(k, m)| rest.find(m).map(|i| (i, k, m.len()))).min();
+        let Some((i, k, len)) = next else {
+            out.push_str(rest);
+            break;
+        };
+        out.push_str(&rest[..i]);
+        chars += rest[..i].chars().count();
+        at.push((k, chars));
+        rest = &rest[i + len..];
     }
     let lead = out.chars().take_while(|c| c.is_whitespace()).count();
     let trimmed = out.trim().to_string();
     let len = trimmed.chars().count();
-    (trimmed, at.into_iter().map(|o| o.saturating_sub(lead).min(len)).collect())
+    (trimmed, at.into_iter().map(|(k, o)| (k, o.saturating_sub(lead).min(len))).collect())
 }
 
 /// The prompt as [`collapse`] and [`normalize`] saw it before placeholders had positions: the
@@ -39,6 +52,7 @@ pub fn with_spaces_at(prompt: &str, offsets: &[usize]) -> String {
     if offsets.is_empty() {
         return prompt.to_string();
     }
+    debug_assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "offsets are sorted");
     let mut out = String::with_capacity(prompt.len() + offsets.len());
     let mut next = offsets.iter().peekable();
     for (i, c) in prompt.chars().enumerate() {
@@ -139,6 +153,14 @@ mod tests {
             assert_eq!(collapse(&with_spaces_at(&p, &at)), collapse(raw), "{raw:?}");
             assert_eq!(normalize(&with_spaces_at(&p, &at)), normalize(raw), "{raw:?}");
         }
+    }
+
+    #[test]
+    fn images_and_videos_are_placed_together() {
+        let (p, at) = place_markers("<video>\nWhat happens after <image>?", &[IMAGE_MARKER, "<video>"]);
+        assert_eq!((p.as_str(), at), ("What happens after ?", vec![(1, 0), (0, 19)]));
+        let (p, at) = place_markers("Q <video>", &[IMAGE_MARKER]);
+        assert_eq!((p.as_str(), at), ("Q <video>", vec![]));
     }
 
     #[test]

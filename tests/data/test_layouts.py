@@ -366,21 +366,32 @@ def test_rlhf_v_and_spa_vl_parquet(tmp_path):
     assert (s["pairs"], s["images"]) == ([("I can't help with that.", "Use a tension wrench.")], [b])
 
 
-def test_records_with_a_video_are_rejected_by_name_not_built_text_only(tmp_path):
+def test_records_with_a_video_are_built_with_it_or_rejected_by_name_never_text_only(tmp_path):
     """A record whose answers describe a video (MM-RLHF's ``video`` frame folder, ms-swift's / LLaMA-Factory's
-    ``videos``) is rejected with its file, line and field: built from its text alone it would train a pair about a
-    video the model never sees. Records beside it build as before, and the counts add up."""
+    ``videos``) is built with its video (here MM-RLHF's frames, stored as ``v0.f0000.png``, ...), or, when the video
+    cannot be read, rejected with its file, line, field and reason: never built from its text alone, which would
+    train a pair about a video the model never sees. Records beside it build as before, and the counts add up."""
     a = make_image(tmp_path / "a.jpg", fmt="JPEG")
+    frames = [make_image(tmp_path / "long" / "frames_0001" / f"{j}.png", colour=(9 * j, 0, 0)).read_bytes() for j in (1, 2, 10)]
     rows = [
         {"image": "a.jpg", "question": "What is in the image?", "chosen": "A red block.", "rejected": "A ball."},
         {"video": "long/frames_0001", "image": "", "question": "What happens after the man sits down?",
          "chosen": "He opens a book.", "rejected": "He leaves the room."},
         {"videos": ["clip.mp4"], "question": "What is shown?", "chosen": "A cat jumping.", "rejected": "A dog."},
     ]
-    s = one(build_and_read(tmp_path / "out", write_jsonl(tmp_path / "mixed.jsonl", rows)))
-    assert s["images"] == [a.read_bytes()] and s["pairs"] == [("A red block.", "A ball.")]
-    got = sorted((r["line"], r["field"]) for r in rejects(tmp_path / "out"))
-    assert got == [(2, "video"), (3, "videos")]
-    assert all("reads images only" in r["reason"] for r in rejects(tmp_path / "out"))
-    counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
-    assert counts["records_in"] == 3 and counts["records_used"] == 1 and counts["records_rejected"] == 2
+    urls_out = tmp_path / "out"
+    by_prompt = {s["json"]["prompt"]: s for s in build_and_read(urls_out, write_jsonl(tmp_path / "mixed.jsonl", rows))}
+    assert by_prompt["What is in the image?"]["images"] == [a.read_bytes()]
+    assert "videos" not in by_prompt["What is in the image?"]["json"]
+    video = by_prompt["What happens after the man sits down?"]
+    assert video["images"] == [] and video["pairs"] == [("He opens a book.", "He leaves the room.")]
+    members = video["json"]["videos"][0]["members"]
+    assert members == ["v0.f0000.png", "v0.f0001.png", "v0.f0002.png"]
+    urls = sorted(str(p) for p in urls_out.glob("train-*.tar"))
+    raw = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+    assert [raw[video["json"]["key"]][m] for m in members] == frames
+    (bad,) = rejects(urls_out)
+    assert (bad["line"], bad["field"]) == (3, "videos[0]")
+    assert "clip.mp4 is missing or unreadable" in bad["reason"]
+    counts = json.loads((urls_out / "manifest.json").read_text())["counts"]
+    assert (counts["records_in"], counts["records_used"], counts["records_rejected"], counts["videos"]) == (3, 2, 1, 1)

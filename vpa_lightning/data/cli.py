@@ -39,7 +39,7 @@ SUMMARY_KEYS = (
     "responses_collapsed", "prompts_near_duplicate", "records_other_partitions", "groups", "groups_train",
     "groups_val", "pairs", "pairs_train", "pairs_val", "pairs_dropped_identical", "pairs_dropped_ties",
     "pairs_dropped_margin", "pairs_dropped_probability", "pairs_dropped_conflicting",
-    "pairs_dropped_excluded", "groups_contradictory",
+    "pairs_dropped_excluded", "groups_contradictory", "videos", "video_bytes",
 )
 
 
@@ -74,7 +74,7 @@ def _add_build_args(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
         p.add_argument("--format", default="auto", choices=shards.formats(),
                        help="input layout (default: detected per file from its first records)")
         p.add_argument("--field", action="append", default=[], metavar="NAME=PATH",
-                       help="declare where a row keeps prompt, image, chosen, rejected or id (dotted paths, e.g. chosen=answers.good); implies --format mapped")
+                       help="declare where a row keeps prompt, image, video, chosen, rejected or id (dotted paths, e.g. chosen=answers.good); implies --format mapped")
         p.add_argument("--image-template", default=None, metavar="TEMPLATE",
                        help='image path built from the row\'s fields, e.g. "merged_images/{id}.jpg"')
         p.add_argument("--ref-logp-model", default=None, metavar="NAME",
@@ -109,6 +109,8 @@ def _add_build_args(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
                    help="structure (default: container checks that catch truncated/corrupt files), decode (full pixel decode) or header")
     p.add_argument("--max-image-pixels", type=int, default=89_478_485,
                    help="reject images with more pixels (width x height, from the header, in every check mode; default 89478485 as Pillow)")
+    p.add_argument("--max-video-bytes", type=int, default=2 << 30,
+                   help="reject a video file larger than this, from its size before it is read (a frame sequence: its frames together; default 2 GiB)")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     p.add_argument("--io-threads", type=int, default=16, help="threads validating records and reading images (default 16)")
     p.add_argument("--fsync", action="store_true", help="fsync each shard before renaming it into place (power-loss durability)")
@@ -121,7 +123,7 @@ def _build_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         strategy=a.strategy, min_margin=a.min_margin, min_probability=a.min_probability, aspects=a.aspects, rating_range=a.rating_range,
         val_fraction=a.val_fraction, seed=a.seed, max_samples_per_shard=a.max_samples_per_shard,
         max_shard_bytes=a.max_shard_bytes, partition=a.partition, near_dup=a.near_dup, bt_prior=a.bt_prior,
-        max_text_chars=a.max_text_chars, max_record_bytes=a.max_record_bytes, max_responses=a.max_responses, image_check=a.image_check, max_image_pixels=a.max_image_pixels, threads=a.threads, io_threads=a.io_threads, fsync=a.fsync,
+        max_text_chars=a.max_text_chars, max_record_bytes=a.max_record_bytes, max_responses=a.max_responses, image_check=a.image_check, max_image_pixels=a.max_image_pixels, max_video_bytes=a.max_video_bytes, threads=a.threads, io_threads=a.io_threads, fsync=a.fsync,
         progress=not a.no_progress and sys.stderr.isatty(),
         recipe=a.recipe, score=a.score, dedup=a.dedup, exclude_chosen_models=a.exclude_chosen_model,
     )

@@ -19,7 +19,7 @@ from vpa_lightning import rust_pairs as _rp
 from vpa_lightning.rust_pairs import ConfigError, InputFileError, ManifestError, OutputError, RustPairsError
 
 PathLike = Union[str, "os.PathLike[str]"]
-Format = Literal["auto", "vlfeedback", "rated", "pairwise", "trl", "mmdpo", "povid", "llava-rlhf", "mapped"]
+Format = Literal["auto", "vlfeedback", "rated", "pairwise", "trl", "mmdpo", "povid", "llava-rlhf", "ms-swift", "mapped"]
 
 __all__ = [
     "ConfigError",
@@ -151,6 +151,7 @@ def build_options(
     max_record_bytes: int = 64 << 20,
     image_check: Literal["structure", "decode", "header"] = "structure",
     max_image_pixels: int = 89_478_485,
+    max_video_bytes: int = 2 << 30,
     spill_bucket_bytes: int = 64 << 20,
     threads: int | None = None,
     io_threads: int = 16,
@@ -189,6 +190,7 @@ def build_options(
         "max_record_bytes": max_record_bytes,
         "image_check": image_check,
         "max_image_pixels": max_image_pixels,
+        "max_video_bytes": max_video_bytes,
         "spill_bucket_bytes": spill_bucket_bytes,
         "threads": threads,
         "io_threads": io_threads,
@@ -219,7 +221,8 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, *, allow_empty: 
         image_root: Directory that relative image paths are relative to (default: each input
             file's directory).
         format: ``auto`` or a layout: ``vlfeedback``, ``rated``, ``pairwise`` (RLAIF-V, RLHF-V,
-            SPA-VL, SeVa), ``trl``, ``mmdpo``, ``povid``, ``llava-rlhf``, ``mapped`` (``fields``).
+            SPA-VL, SeVa; LLaMA-Factory sharegpt preference rows; LLaVA-Hound and MM-RLHF video rows),
+            ``trl``, ``mmdpo``, ``povid``, ``llava-rlhf``, ``ms-swift``, ``mapped`` (``fields``).
         strategy: Pair selection: ``all-pairs`` (Silkie), ``best-vs-rest`` (MM-DPO),
             ``best-vs-worst``, ``best-vs-random`` (UltraFeedback), ``min-probability``.
         min_margin: Minimum weighted-mean-score gap of a pair (default: the strategy's own, 2 for
@@ -248,6 +251,8 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, *, allow_empty: 
         max_image_pixels: Images with more pixels (width x height, read from the header before
             any decode) are rejected in every check mode (default 89,478,485, Pillow's
             ``MAX_IMAGE_PIXELS``): a guard against decompression bombs.
+        max_video_bytes: A video file larger than this is rejected from its size before it is read
+            (a frame folder or frame list: its frames together; default 2 GiB, at most 8 GiB - 1).
         threads: Worker threads (default: all cores).
         io_threads: Threads that validate records, each reading image files (default 16: many
             small reads in flight).
@@ -257,7 +262,7 @@ def build(inputs: Sequence[PathLike] | PathLike, out: PathLike, *, allow_empty: 
             Without it a killed build is still safe: shards only appear once complete.
         progress: Draw progress bars on stderr.
         fields: ``--field`` declarations, ``{"prompt": "question", "chosen": "answers.good"}``
-            or ``["prompt=question", ...]``: where a row keeps prompt, image, chosen, rejected
+            or ``["prompt=question", ...]``: where a row keeps prompt, image, video, chosen, rejected
             (dotted paths); implies ``format="mapped"``.
         image_template: The image path built from the row's fields, ``"merged_images/{id}.jpg"``.
         dedup: ``exact`` (default: merge only exact duplicates), ``normalized`` (also case and

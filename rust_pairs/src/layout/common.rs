@@ -3,7 +3,8 @@
 use super::{Ctx, Draft, Parsed};
 use crate::record::{Reject, RefLogps, Response};
 use crate::row::{image_refs, ImageSrc};
-use crate::text::{place_images, IMAGE_MARKER};
+use crate::text::{place_markers, IMAGE_MARKER};
+use crate::video::VIDEO_MARKER;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
@@ -52,26 +53,41 @@ pub fn image_field(o: &Map<String, Value>) -> Result<Vec<ImageSrc>, FieldErr> {
     }
 }
 
+/// Where a record's images and videos sit in its stored prompt (see [`place`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub prompt: String,
+    pub image_at: Vec<usize>,
+    pub video_at: Vec<usize>,
+}
+
 /// The stored prompt of `raw` (field `field`) and the char offset of each of its `n_images`
-/// images in it (see [`place_images`]). Placeholders name the images in order; a prompt without
-/// any places every image before its text (offset 0, LLaVA's convention: its training code puts
-/// `<image>\n` first when the prompt has none). A prompt with placeholders must have one per
-/// image: a different count is rejected (as transformers' processors refuse a mismatch between
-/// image tokens and images), never guessed.
-pub fn place(field: &str, raw: &str, n_images: usize) -> Result<(String, Vec<usize>), FieldErr> {
-    let (prompt, at) = place_images(raw);
-    match at.len() {
-        0 => Ok((prompt, vec![0; n_images])),
-        k if k == n_images => Ok((prompt, at)),
-        k => err(
-            field,
-            format!(
-                "{k} {IMAGE_MARKER} placeholder{} in the prompt but {n_images} image{}: each placeholder names one image",
-                if k == 1 { "" } else { "s" },
-                if n_images == 1 { "" } else { "s" }
+/// images and `n_videos` videos in it (see [`place_markers`]). `<image>` placeholders name the
+/// images in order and `<video>` placeholders the videos; a prompt without any placeholder of a
+/// kind places every item of that kind before its text (offset 0, LLaVA's convention: its training
+/// code puts `<image>\n` first when the prompt has none). A prompt with placeholders of a kind
+/// must have one per item: a different count is rejected (as transformers' processors refuse a
+/// mismatch between image or video tokens and the media), never guessed.
+pub fn place(field: &str, raw: &str, n_images: usize, n_videos: usize) -> Result<Placed, FieldErr> {
+    let (prompt, at) = place_markers(raw, &[IMAGE_MARKER, VIDEO_MARKER]);
+    let of = |kind: usize, n: usize, marker: &str, what: &str| -> Result<Vec<usize>, FieldErr> {
+        let found: Vec<usize> = at.iter().filter(|(k, _)| *k == kind).map(|(_, o)| *o).collect();
+        match found.len() {
+            0 => Ok(vec![0; n]),
+            k if k == n => Ok(found),
+            k => err(
+                field,
+                format!(
+                    "{k} {marker} placeholder{} in the prompt but {n} {what}{}: each placeholder names one {what}",
+                    if k == 1 { "" } else { "s" },
+                    if n == 1 { "" } else { "s" }
+                ),
             ),
-        ),
-    }
+        }
+    };
+    let image_at = of(0, n_images, IMAGE_MARKER, "image")?;
+    let video_at = of(1, n_videos, VIDEO_MARKER, "video")?;
+    Ok(Placed { prompt, image_at, video_at })
 }
 
 pub fn record_reject(ctx: &Ctx, (field, reason): FieldErr) -> Parsed {
@@ -174,15 +190,17 @@ pub fn image_of(o: &Map<String, Value>, ctx: &Ctx, default_template: Option<&str
         Some(t) if first(o, &IMAGE_KEYS).is_none() => fill_template(t, o).map(|p| vec![ImageSrc::Path(p)]).map_err(|(_, why)| {
             ("image".to_string(), format!("missing field (expected one of {}), and the layout's default image path cannot be built: {why}", IMAGE_KEYS.join(", ")))
         }),
+        // MM-RLHF-style video rows may carry an empty image beside the video: that names no image.
+        _ if ctx.n_videos > 0 && first(o, &IMAGE_KEYS).is_some_and(|(_, v)| v.as_str().is_some_and(|s| s.trim().is_empty())) => Ok(vec![]),
         _ => image_field(o),
     }
 }
 
 /// Text of a message's content: a string, or the text blocks of a list of
 /// `{type: text|image, ...}` blocks (TRL, OpenAI-style), consecutive text blocks joined by
-/// newlines. With `images`, each image block becomes an `<image>` placeholder where it stands (no
-/// separator: the blocks render back to back), so [`place`] records its position; without, image
-/// blocks are skipped (answers).
+/// newlines. With `images`, each image block becomes an `<image>` placeholder and each video block
+/// a `<video>` placeholder where it stands (no separator: the blocks render back to back), so
+/// [`place`] records its position; without, media blocks are skipped (answers).
 pub fn content_text(v: &Value, images: bool) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
@@ -205,7 +223,11 @@ pub fn content_text(v: &Value, images: bool) -> Option<String> {
                             out.push_str(IMAGE_MARKER);
                             after_text = false;
                         }
-                        Some(_) => {} // video placeholders, or images of an answer
+                        Some("video") if images => {
+                            out.push_str(VIDEO_MARKER);
+                            after_text = false;
+                        }
+                        Some(_) => {} // images or videos of an answer, audio, ...
                         None => text(&mut out, m.get("text").and_then(Value::as_str)?, &mut after_text),
                     },
                     _ => return None,
@@ -283,7 +305,7 @@ pub fn pair_draft(
     models: (Option<String>, Option<String>),
     ref_logps: Option<RefLogps>,
 ) -> Result<Draft, FieldErr> {
-    let (prompt, image_at) = place(pk, prompt, images.len())?;
+    let Placed { prompt, image_at, video_at } = place(pk, prompt, images.len(), ctx.n_videos)?;
     check_text(pk, &prompt, ctx)?;
     check_text(ck, &chosen, ctx)?;
     check_text(rk, &rejected, ctx)?;
@@ -291,7 +313,7 @@ pub fn pair_draft(
         Response { text: chosen, model: models.0, scores: BTreeMap::new() },
         Response { text: rejected, model: models.1, scores: BTreeMap::new() },
     ];
-    Ok(Draft { prompt, images, image_at, responses, explicit_pairs: vec![(0, 1)], pair_ref_logps: vec![ref_logps] })
+    Ok(Draft { prompt, images, image_at, video_at, responses, explicit_pairs: vec![(0, 1)], pair_ref_logps: vec![ref_logps], ..Draft::default() })
 }
 
 pub fn finish(ctx: &Ctx, res: Result<Draft, FieldErr>) -> Parsed {
@@ -307,12 +329,25 @@ mod tests {
 
     #[test]
     fn placeholders_name_one_image_each() {
-        assert_eq!(place("q", "<image>\nWhat?", 1), Ok(("What?".into(), vec![0])));
-        assert_eq!(place("q", "What?", 2), Ok(("What?".into(), vec![0, 0])));
-        assert_eq!(place("q", "What?", 0), Ok(("What?".into(), vec![])));
-        let (field, why) = place("question", "<image> and <image>?", 1).unwrap_err();
+        let p = |raw, n| place("q", raw, n, 0).map(|p| (p.prompt, p.image_at));
+        assert_eq!(p("<image>\nWhat?", 1), Ok(("What?".into(), vec![0])));
+        assert_eq!(p("What?", 2), Ok(("What?".into(), vec![0, 0])));
+        assert_eq!(p("What?", 0), Ok(("What?".into(), vec![])));
+        let (field, why) = place("question", "<image> and <image>?", 1, 0).unwrap_err();
         assert_eq!(field, "question");
         assert!(why.contains("2 <image> placeholders in the prompt but 1 image"), "{why}");
-        assert!(place("q", "<image> What?", 0).unwrap_err().1.contains("but 0 images"));
+        assert!(p("<image> What?", 0).unwrap_err().1.contains("but 0 images"));
+    }
+
+    #[test]
+    fn placeholders_name_one_video_each_beside_images() {
+        let got = place("q", "Compare <image> with <video>: same scene?", 1, 1).unwrap();
+        assert_eq!((got.prompt.as_str(), got.image_at, got.video_at), ("Compare  with : same scene?", vec![8], vec![14]));
+        // Videos without a placeholder go first, whatever the images do.
+        let got = place("q", "<image>\nWhat moves?", 1, 2).unwrap();
+        assert_eq!((got.image_at, got.video_at), (vec![0], vec![0, 0]));
+        let (_, why) = place("q", "<video>\nWhat?", 0, 0).unwrap_err();
+        assert!(why.contains("1 <video> placeholder in the prompt but 0 videos"), "{why}");
+        assert!(place("q", "<video><video> Q", 0, 1).unwrap_err().1.contains("2 <video> placeholders in the prompt but 1 video:"));
     }
 }

@@ -123,6 +123,22 @@ mod tests {
     }
 
     #[test]
+    fn trl_video_blocks_are_placed_where_they_stand() {
+        let src = Source::line("f", 1);
+        let v = json!({"videos": ["clip.mp4"], "images": ["a.jpg"],
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is this in"}, {"type": "video"},
+                {"type": "text", "text": "?"}]}],
+            "chosen": [{"role": "assistant", "content": "Yes."}], "rejected": [{"role": "assistant", "content": "No."}]});
+        let d = parse(&v, Format::Trl, &Ctx::plain(&src, &[], 1000)).draft.unwrap();
+        assert_eq!((d.prompt.as_str(), d.image_at.clone(), d.video_at.clone()), ("Is this in?", vec![0], vec![10]));
+        // A video block without a video is a reject, not a text-only prompt.
+        let mut none = v.clone();
+        none.as_object_mut().unwrap().remove("videos");
+        let r = parse(&none, Format::Trl, &Ctx::plain(&src, &[], 1000)).draft.unwrap_err();
+        assert!(r.field == "prompt" && r.reason.contains("1 <video> placeholder in the prompt but 0 videos"), "{}", r.reason);
+    }
+
+    #[test]
     fn trl_text_prompt_with_full_conversations() {
         // UltraFeedback-binarised style: a plain prompt, chosen/rejected as whole conversations.
         let v = json!({"prompt": "Name a colour.",

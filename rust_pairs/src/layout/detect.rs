@@ -34,12 +34,16 @@ pub fn detect(v: &Value) -> Option<Format> {
         Some(Format::Rated)
     } else if has("response") && (has("prompt") || has("question")) && !has("chosen") && !has("rejected") {
         Some(Format::Rated) // one rated response per row (HelpSteer as released)
+    } else if has("messages") && (has("rejected_response") || has("rejected_messages")) {
+        Some(Format::MsSwift)
     } else if has("output_1") && has("output_2") && has("preference") {
         Some(Format::LlavaRlhf)
     } else if has("rejected_conversations") {
         Some(Format::Povid)
     } else if o.get("prompt").is_some_and(is_messages) || o.get("chosen").is_some_and(is_messages) {
         Some(Format::Trl)
+    } else if has("conversations") && !has("question") && !has("ref_win_logp") && o.get("chosen").is_some_and(is_turn) {
+        Some(Format::Pairwise) // LLaMA-Factory's sharegpt preference rows: chosen / rejected are single turns
     } else if has("ref_win_logp")
         || ["question", "chosen", "rejected"].iter().any(|k| o.get(*k).is_some_and(|v| is_turn(v) || python_turn(v)))
         || (!has("question") && !has("conversations") && o.get("chosen").is_some_and(is_turns))

@@ -1,8 +1,9 @@
 //! Any row through declared fields: `--field prompt=question --field image=image_id
 //! --field chosen=answers.good --field rejected=answers.bad` (dotted paths into nested objects;
 //! numbers index lists). `prompt`, `chosen` and `rejected` are required; the image comes from
-//! `--image-template`, else `--field image=...`, else the usual image keys. Values may be plain
-//! strings or chat turns.
+//! `--image-template`, else `--field image=...`, else the usual image keys; the videos from
+//! `--field video=...`, else the usual video keys (read in [`super::video_of`]). Values may be
+//! plain strings or chat turns.
 
 use super::common::*;
 use crate::row::image_refs;
@@ -58,5 +59,23 @@ mod tests {
         assert!(r.reason.contains("--field rejected=answers.1"));
         let no_id = json!({"q": {"text": "Why?"}, "answers": ["good", "bad"], "meta": {}});
         assert_eq!(parse(&no_id, Format::Mapped, &c).draft.unwrap_err().field, "meta.id");
+    }
+
+    #[test]
+    fn a_declared_video_field() {
+        use crate::video::VideoSrc;
+        let src = Source::line("f", 2);
+        let fields: Vec<(String, String)> = [("prompt", "q"), ("chosen", "good"), ("rejected", "bad"), ("video", "media.clip")]
+            .iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let c = Ctx { fields: &fields, ..Ctx::plain(&src, &[], 1000) };
+        let v = json!({"q": "What falls <video> first?", "good": "The cup.", "bad": "The plate.", "media": {"clip": "clips/7.webm"}});
+        let d = parse(&v, Format::Mapped, &c).draft.unwrap();
+        assert_eq!((d.prompt.as_str(), d.videos.clone(), d.video_at.clone()), ("What falls  first?", vec![VideoSrc::Path("clips/7.webm".into())], vec![11]));
+        assert_eq!(d.video_fields, vec!["media.clip".to_string()]);
+        // A frame list is one video; a declared field a row lacks is a reject naming it.
+        let frames = json!({"q": "Q", "good": "a", "bad": "b", "media": {"clip": [["f/1.jpg", "f/2.jpg"]]}});
+        assert_eq!(parse(&frames, Format::Mapped, &c).draft.unwrap().videos, vec![VideoSrc::Frames(vec!["f/1.jpg".into(), "f/2.jpg".into()])]);
+        let r = parse(&json!({"q": "Q", "good": "a", "bad": "b"}), Format::Mapped, &c).draft.unwrap_err();
+        assert!(r.field == "media.clip" && r.reason.contains("--field video=media.clip"), "{}", r.reason);
     }
 }

@@ -2,7 +2,11 @@
 //!
 //! `{image, question, chosen, rejected}` as RLAIF-V and SPA-VL publish it; SeVa's DPO file
 //! (`{chosen, reject, question, image_id}`); RLHF-V's `text` object (or JSON string) holding question/chosen/rejected;
-//! LLaVA-style `conversations` as the prompt and chosen/rejected as turns.
+//! LLaVA-style `conversations` as the prompt and chosen/rejected as turns (LLaMA-Factory's sharegpt
+//! preference rows: `conversations`, `chosen` and `rejected` `{from, value}` turns, `images`,
+//! `videos`); ShareGPT-Video / LLaVA-Hound's DPO rows (`{id, prompt, answer, chosen, rejected,
+//! chosen_score, rejected_score, video}`, `video` a frame folder) and MM-RLHF's `dpo_pairs.jsonl`
+//! rows (`{video or image, prompt, chosen, rejected, chosen_reason, ...}`).
 
 use super::common::*;
 use super::{Ctx, Draft, Parsed};
@@ -29,7 +33,13 @@ pub fn parse(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
             Some((k, Value::String(s))) => (k, s.clone()),
             Some((k, other)) => return err(k, format!("expected a string, got {}", type_name(other))),
             None => match o.get("conversations") {
-                Some(c) => ("conversations", conversation_prompt(c)?),
+                Some(c) => {
+                    // LLaMA-Factory's sharegpt rows keep a system prompt beside the conversation.
+                    if o.get("system").and_then(Value::as_str).is_some_and(|s| !s.trim().is_empty()) {
+                        return err("system", "a system prompt: the sample holds one user prompt, a system prompt would be lost");
+                    }
+                    ("conversations", conversation_prompt(c)?)
+                }
                 None => return err("question", "missing field (expected question, prompt or conversations)"),
             },
         };
@@ -81,20 +91,48 @@ mod tests {
     }
 
     #[test]
-    fn a_record_with_a_video_is_rejected_not_built_text_only() {
+    fn records_with_videos_are_parsed_with_them_and_unreadable_video_fields_rejected() {
+        use crate::video::VideoSrc;
         let src = Source::line("f", 3);
-        // MM-RLHF's dpo_pairs rows name a frame folder in `video` (and no image)
-        let mmrlhf = json!({"video": "long/frames_0001", "image": "", "question": "What happens after the man sits?",
-            "chosen": "He opens a book.", "rejected": "He leaves."});
-        let r = parse(&mmrlhf, Format::Pairwise, &ctx(&src, &[])).draft.unwrap_err();
-        assert_eq!((r.field.as_str(), r.line), ("video", 3));
-        assert!(r.reason.contains("reads images only"));
-        let swift = json!({"messages": [{"role": "user", "content": "<video>What is shown?"}], "videos": ["a.mp4"],
-            "question": "What is shown?", "chosen": "a cat", "rejected": "a dog"});
-        assert_eq!(parse(&swift, Format::Pairwise, &ctx(&src, &[])).draft.unwrap_err().field, "videos");
+        // MM-RLHF's dpo_pairs rows name a frame folder in `video` (an empty `image` beside it names no image)
+        let mmrlhf = json!({"video": "long/frames_0001", "image": "", "prompt": "What happens after the man sits?",
+            "chosen": "He opens a book.", "rejected": "He leaves.", "chosen_reason": "r", "rejected_reason": "r"});
+        assert_eq!(detect(&mmrlhf), Some(Format::Pairwise));
+        let d = parse(&mmrlhf, Format::Pairwise, &ctx(&src, &[])).draft.unwrap();
+        assert_eq!((d.images.len(), d.videos.clone(), d.video_at.clone()), (0, vec![VideoSrc::Path("long/frames_0001".into())], vec![0]));
+        assert_eq!(d.video_fields, vec!["video".to_string()]);
+        // LLaVA-Hound (ShareGPT-Video) sft_dpo_17k rows
+        let hound = json!({"id": "v_123_0", "prompt": "<video>\nWhat is the person doing?", "answer": "Cooking.",
+            "chosen": "The person is cooking pasta.", "rejected": "The person is dancing.", "chosen_score": 5.0, "rejected_score": 2.0,
+            "video": "v_123"});
+        let d = parse(&hound, Format::Pairwise, &ctx(&src, &[])).draft.unwrap();
+        assert_eq!((d.prompt.as_str(), d.video_at.clone()), ("What is the person doing?", vec![0]));
+        // LLaMA-Factory's sharegpt preference rows: turns, `videos`, `<video>` where it stands
+        let lf = json!({"conversations": [{"from": "human", "value": "Watch <video> and say what falls."}],
+            "chosen": {"from": "gpt", "value": "A cup."}, "rejected": {"from": "gpt", "value": "A plate."}, "videos": ["a.mp4"]});
+        assert_eq!(detect(&lf), Some(Format::Pairwise));
+        let d = parse(&lf, Format::Pairwise, &ctx(&src, &[])).draft.unwrap();
+        assert_eq!((d.prompt.as_str(), d.video_at.clone(), d.responses[0].text.as_str()), ("Watch  and say what falls.", vec![6], "A cup."));
+        let mut with_system = lf.clone();
+        with_system["system"] = json!("You are a video assistant.");
+        assert_eq!(parse(&with_system, Format::Pairwise, &ctx(&src, &[])).draft.unwrap_err().field, "system");
+        // A video field that cannot be read is a reject naming it, never a text-only record.
+        for (bad, field, why) in [
+            (json!({"video": 3}), "video", "got number"),
+            (json!({"videos": ["a.mp4", ""]}), "videos", "item 1: empty video path"),
+            (json!({"videos": ["a.mp4"], "video": "b"}), "video", "ambiguous"),
+            (json!({"videos": [["f1.jpg", 7]]}), "videos", "frame 1"),
+        ] {
+            let mut v = json!({"image": "a.jpg", "question": "Q?", "chosen": "yes", "rejected": "no"});
+            v.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+            let r = parse(&v, Format::Pairwise, &ctx(&src, &[])).draft.unwrap_err();
+            assert_eq!((r.field.as_str(), r.line), (field, 3), "{}", r.reason);
+            assert!(r.reason.contains(why), "{}", r.reason);
+        }
         for empty in [json!(null), json!(""), json!([]), json!({})] {  // no video in it: built as before
             let v = json!({"image": "a.jpg", "question": "Q?", "chosen": "yes", "rejected": "no", "video": empty});
-            assert!(parse(&v, Format::Pairwise, &ctx(&src, &[])).draft.is_ok());
+            let d = parse(&v, Format::Pairwise, &ctx(&src, &[])).draft.unwrap();
+            assert!(d.videos.is_empty() && d.video_at.is_empty());
         }
     }
 }

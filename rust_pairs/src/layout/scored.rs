@@ -89,10 +89,10 @@ fn one_response_row(o: &Map<String, Value>, ctx: &Ctx) -> Parsed {
     let res = (|| -> Result<Draft, FieldErr> {
         let (pk, prompt) = string_field(o, &PROMPT_KEYS, "prompt")?;
         let images = image_of(o, ctx, None)?;
-        let (prompt, image_at) = place(pk, prompt, images.len())?;
+        let Placed { prompt, image_at, video_at } = place(pk, prompt, images.len(), ctx.n_videos)?;
         check_text(pk, &prompt, ctx)?;
         let r = rated_response(o, "$", ctx).map_err(|(f, why)| (f.trim_start_matches("$.").to_string(), why))?;
-        Ok(Draft { prompt, images, image_at, responses: vec![r], explicit_pairs: vec![], pair_ref_logps: vec![] })
+        Ok(Draft { prompt, images, image_at, video_at, responses: vec![r], ..Draft::default() })
     })();
     finish(ctx, res)
 }
@@ -159,16 +159,16 @@ fn rows<'v>(v: &'v Value, key: &str) -> Result<Vec<Cow<'v, Map<String, Value>>>,
 }
 
 fn scored(o: &Map<String, Value>, ctx: &Ctx, key: &'static str, parse_one: ResponseParser, default_image: Option<&str>) -> Parsed {
-    type Head<'a> = (String, Vec<crate::row::ImageSrc>, Vec<usize>, Vec<Cow<'a, Map<String, Value>>>);
+    type Head<'a> = (Placed, Vec<crate::row::ImageSrc>, Vec<Cow<'a, Map<String, Value>>>);
     let head = (|| -> Result<Head, FieldErr> {
         let (pk, prompt) = string_field(o, &PROMPT_KEYS, "prompt")?;
         let images = image_of(o, ctx, default_image)?;
-        let (prompt, image_at) = place(pk, prompt, images.len())?;
-        check_text(pk, &prompt, ctx)?;
+        let placed = place(pk, prompt, images.len(), ctx.n_videos)?;
+        check_text(pk, &placed.prompt, ctx)?;
         let list = o.get(key).ok_or_else(|| (key.to_string(), "missing field".to_string()))?;
-        Ok((prompt, images, image_at, rows(list, key)?))
+        Ok((placed, images, rows(list, key)?))
     })();
-    let (prompt, images, image_at, items) = match head {
+    let (Placed { prompt, image_at, video_at }, images, items) = match head {
         Ok(h) => h,
         Err(e) => return record_reject(ctx, e),
     };
@@ -184,7 +184,7 @@ fn scored(o: &Map<String, Value>, ctx: &Ctx, key: &'static str, parse_one: Respo
         let why = if items.is_empty() { "no responses" } else { "no rankable response (all were rejected)" };
         Err(Reject::record(ctx.src, key, why))
     } else {
-        Ok(Draft { prompt, images, image_at, responses, explicit_pairs: vec![], pair_ref_logps: vec![] })
+        Ok(Draft { prompt, images, image_at, video_at, responses, ..Draft::default() })
     };
     Parsed { draft, response_rejects }
 }
@@ -361,10 +361,10 @@ pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
         return None; // absent vs null annotations differ then; leave it to the Value path
     }
     if text.contains("\"video") {
-        return None; // a record with a video is rejected by the Value path (see `super::video_field`)
+        return None; // a record with a video field: the Value path reads it (see `super::video_of`)
     }
     let row: FastRow = serde_json::from_str(text).ok()?;
-    let (prompt, image_at) = place("prompt", &row.prompt?.0, 1).ok()?;
+    let Placed { prompt, image_at, .. } = place("prompt", &row.prompt?.0, 1, 0).ok()?;
     check_text("prompt", &prompt, ctx).ok()?;
     let image = row.img_path?.0;
     if image.trim().is_empty() {
@@ -395,7 +395,7 @@ pub fn vlfeedback_fast(text: &str, ctx: &Ctx) -> Option<Draft> {
     // The skipped fields must be valid JSON by the Value path's rules too, or the two paths
     // would disagree on a record (issue 13: lone surrogates in rationales).
     serde_json::from_str::<Strict>(text).ok()?;
-    Some(Draft { prompt, images: vec![crate::row::ImageSrc::Path(image.into_owned())], image_at, responses, explicit_pairs: vec![], pair_ref_logps: vec![] })
+    Some(Draft { prompt, images: vec![crate::row::ImageSrc::Path(image.into_owned())], image_at, responses, ..Draft::default() })
 }
 
 /// Whether the fast path and the `Value` path agree on `text`: where the fast path answers, the
