@@ -147,6 +147,8 @@ pub struct VideoFile {
     pub ext: &'static str,
     pub sha256: String,
     pub len: u64,
+    /// The frame size the container records for its video track (width, height), where it does.
+    pub picture: Option<(u64, u64)>,
     pub body: Body,
 }
 
@@ -210,9 +212,8 @@ pub fn read(src: &VideoSrc, root: &Path, max_bytes: u64, blobs: &mut [Vec<u8>], 
             if len > max_bytes {
                 return Err(over_limit(&label, len, max_bytes));
             }
-            let (ext, sha256) =
-                check_container(&mut Cursor::new(&bytes[..]), len, &head_of(&bytes), cancel).map_err(|e| format!("video {}: {e}", label.display()))?;
-            Ok(VideoRead::File(VideoFile { label, ext, sha256, len, body: Body::Bytes(bytes) }))
+            let c = check_container(&mut Cursor::new(&bytes[..]), len, &head_of(&bytes), cancel).map_err(|e| format!("video {}: {e}", label.display()))?;
+            Ok(VideoRead::File(VideoFile { label, ext: c.ext, sha256: c.sha256, len, picture: c.picture, body: Body::Bytes(bytes) }))
         }
     }
 }
@@ -253,8 +254,8 @@ fn read_path(path: &Path, max_bytes: u64, cancel: &AtomicBool) -> Result<VideoRe
     let n = read_at_most(&f, &mut head, 0).map_err(|e| format!("video {} is unreadable: {e}", path.display()))?;
     head[n..].fill(0);
     let mut r = &f;
-    let (ext, sha256) = check_container(&mut r, len, &head, cancel).map_err(|e| format!("video {}: {e}", path.display()))?;
-    Ok(VideoRead::File(VideoFile { label: path.to_path_buf(), ext, sha256, len, body: Body::File(f) }))
+    let c = check_container(&mut r, len, &head, cancel).map_err(|e| format!("video {}: {e}", path.display()))?;
+    Ok(VideoRead::File(VideoFile { label: path.to_path_buf(), ext: c.ext, sha256: c.sha256, len, picture: c.picture, body: Body::File(f) }))
 }
 
 fn read_at_most(f: &File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
@@ -357,11 +358,26 @@ fn read_frames(label: PathBuf, files: &[PathBuf], max_bytes: u64) -> Result<Vide
     Ok(VideoRead::Frames { label, frames, sha256 })
 }
 
-/// Check a video's frames as images (see [`image::check`]); the first failure names the frame.
+/// Check a video's frames as images (see [`image::check`]; the first failure names the frame), or
+/// a video file's recorded frame size against the same pixel limit: a frame over it would be a
+/// decompression bomb for every decoder downstream, found here without decoding one.
 pub fn check_frames(v: &VideoRead, mode: crate::config::ImageCheck, max_pixels: u64) -> Result<(), String> {
-    if let VideoRead::Frames { label, frames, .. } = v {
-        for (j, f) in frames.iter().enumerate() {
-            image::check(f, mode, max_pixels).map_err(|e| format!("frame {j} of {}: {e}", label.display()))?;
+    match v {
+        VideoRead::Frames { label, frames, .. } => {
+            for (j, f) in frames.iter().enumerate() {
+                image::check(f, mode, max_pixels).map_err(|e| format!("frame {j} of {}: {e}", label.display()))?;
+            }
+        }
+        VideoRead::File(f) => {
+            if let Some((w, h)) = f.picture {
+                let pixels = w.saturating_mul(h);
+                if pixels > max_pixels {
+                    return Err(format!(
+                        "video {} has {w}x{h} = {pixels} pixels per frame, over the limit of {max_pixels} (--max-image-pixels)",
+                        f.label.display()
+                    ));
+                }
+            }
         }
     }
     Ok(())
@@ -447,24 +463,124 @@ pub fn detect(head: &[u8; 12]) -> Option<&'static str> {
     }
 }
 
+/// What [`check_container`] found: the shard extension, the sha256 of the bytes, and the frame
+/// size of the video track where the container records it (mp4/mov: the sample description or
+/// the track header; webm/mkv: the track's PixelWidth/PixelHeight; avi: the main header).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub ext: &'static str,
+    pub sha256: String,
+    pub picture: Option<(u64, u64)>,
+}
+
 /// Check the container structure of `len` bytes read from `src` (whose first bytes are `head`)
-/// and hash them; returns the shard extension and the sha256. Never decodes a frame.
-pub fn check_container(src: &mut dyn Read, len: u64, head: &[u8; 12], cancel: &AtomicBool) -> Result<(&'static str, String), String> {
+/// and hash them. Never decodes a frame. Beyond the structure, a container whose headers say it
+/// has no frames (a video track of 0 samples, an empty `movi` list) or no video track at all (only
+/// audio tracks) is rejected.
+pub fn check_container(src: &mut dyn Read, len: u64, head: &[u8; 12], cancel: &AtomicBool) -> Result<Checked, String> {
     let Some(kind) = detect(head) else {
         return Err("not a recognised video container (mp4/mov start with an 'ftyp' box, webm/mkv with the EBML magic \
                     1A 45 DF A3, avi with RIFF....AVI)"
             .into());
     };
     let mut w = Walk::new(src, len, cancel);
-    let ext = match kind {
-        "mp4" | "mov" => mp4(&mut w).map(|()| kind)?,
+    let (ext, picture) = match kind {
+        "mp4" | "mov" => (kind, mp4(&mut w)?),
         "webm" => ebml(&mut w)?,
-        _ => avi(&mut w).map(|()| kind)?,
+        _ => (kind, avi(&mut w)?),
     };
     if w.pos != len {
         return Err(format!("the structure ends at byte {}, the file has {len} bytes", w.pos));
     }
-    Ok((ext, w.finish()))
+    Ok(Checked { ext, sha256: w.finish(), picture })
+}
+
+/// Headers larger than this are walked but not parsed for the frame size (a movie header of a long
+/// video can hold megabytes of sample tables; the size is then left to the trainer's decoder).
+const MAX_HEADER_PARSE: u64 = 64 << 20;
+
+fn be32(b: &[u8], at: usize) -> Option<u64> {
+    b.get(at..at + 4).map(|x| u32::from_be_bytes(x.try_into().unwrap()) as u64)
+}
+
+fn le32(b: &[u8], at: usize) -> Option<u64> {
+    b.get(at..at + 4).map(|x| u32::from_le_bytes(x.try_into().unwrap()) as u64)
+}
+
+/// The boxes of an MP4 box's payload: (type, payload) each. `parent` names it in errors.
+fn child_boxes<'b>(b: &'b [u8], parent: &str) -> Result<Vec<(&'b [u8], &'b [u8])>, String> {
+    let mut out = Vec::new();
+    let mut i = 0usize;
+    // Fewer than 8 bytes left is padding (some writers end a list with a 4-byte zero terminator).
+    while b.len() - i >= 8 {
+        let typ = &b[i + 4..i + 8];
+        let (size, header) = match be32(b, i).unwrap() {
+            0 => ((b.len() - i) as u64, 8),
+            1 => (b.get(i + 8..i + 16).map(|x| u64::from_be_bytes(x.try_into().unwrap())).unwrap_or(0), 16),
+            n => (n, 8),
+        };
+        if size < header || size > (b.len() - i) as u64 {
+            return Err(format!("corrupt: box '{}' inside '{parent}' declares {size} bytes, past its parent", fourcc(typ)));
+        }
+        out.push((typ, &b[i + header as usize..i + size as usize]));
+        i += size as usize;
+    }
+    Ok(out)
+}
+
+fn child<'b>(boxes: &[(&[u8], &'b [u8])], typ: &[u8; 4]) -> Option<&'b [u8]> {
+    boxes.iter().find(|(t, _)| *t == typ).map(|(_, p)| *p)
+}
+
+/// The movie header (`moov` payload): the frame size of its video tracks, and whether it records
+/// that they have no samples. A fragmented movie (`mvex`) keeps its samples in `moof` boxes, so
+/// its empty sample tables say nothing.
+fn mp4_movie(moov: &[u8]) -> Result<Option<(u64, u64)>, String> {
+    let top = child_boxes(moov, "moov")?;
+    let fragmented = child(&top, b"mvex").is_some();
+    let (mut tracks, mut video, mut samples, mut picture) = (0, 0, Some(0u64), None::<(u64, u64)>);
+    for (_, trak) in top.iter().filter(|(t, _)| *t == b"trak") {
+        tracks += 1;
+        let tb = child_boxes(trak, "trak")?;
+        let Some(mdia) = child(&tb, b"mdia") else { continue };
+        let mb = child_boxes(mdia, "mdia")?;
+        // hdlr: version/flags, pre_defined, then the handler type
+        if child(&mb, b"hdlr").and_then(|h| h.get(8..12)) != Some(b"vide") {
+            continue;
+        }
+        video += 1;
+        let stbl = match child(&mb, b"minf").map(|m| child_boxes(m, "minf")).transpose()? {
+            Some(minf) => child(&minf, b"stbl").map(|s| child_boxes(s, "stbl")).transpose()?,
+            None => None,
+        };
+        // stsd: version/flags, entry count, then a visual sample entry: size, format, 6 reserved,
+        // data reference index, 16 bytes of pre-defined/reserved, width and height (16 bits each)
+        let coded = stbl.as_ref().and_then(|s| child(s, b"stsd")).and_then(|d| {
+            let e = d.get(8 + 32..8 + 36)?;
+            Some((u16::from_be_bytes([e[0], e[1]]) as u64, u16::from_be_bytes([e[2], e[3]]) as u64))
+        });
+        // tkhd: the display size, 16.16 fixed point after the matrix (version 1 has 64-bit times)
+        let shown = child(&tb, b"tkhd").and_then(|t| {
+            let at = if t.first() == Some(&1) { 88 } else { 76 };
+            Some((be32(t, at)? >> 16, be32(t, at + 4)? >> 16))
+        });
+        if let Some((w, h)) = coded.filter(|&(w, h)| w > 0 && h > 0).or(shown.filter(|&(w, h)| w > 0 && h > 0)) {
+            picture = Some(picture.map_or((w, h), |(pw, ph)| if pw * ph >= w * h { (pw, ph) } else { (w, h) }));
+        }
+        // stsz / stz2: version/flags, sample size (or reserved + field size), sample count
+        let count = stbl.as_ref().and_then(|s| child(s, b"stsz").or(child(s, b"stz2"))).and_then(|z| be32(z, 8));
+        samples = match (samples, count) {
+            (Some(a), Some(c)) => Some(a + c),
+            _ => None,
+        };
+    }
+    if tracks > 0 && video == 0 {
+        return Err(format!("no video track: its {tracks} track(s) have no 'vide' handler (audio only?)"));
+    }
+    if video > 0 && samples == Some(0) && !fragmented {
+        return Err("its video track has 0 samples: a video without frames".into());
+    }
+    Ok(picture)
 }
 
 fn fourcc(b: &[u8]) -> String {
@@ -476,9 +592,11 @@ fn fourcc(b: &[u8]) -> String {
 }
 
 /// MP4 / QuickTime: the top-level boxes, `ftyp` first, each size consistent with the file; a
-/// `moov` (the movie header) and an `mdat` (the media data) among them.
-fn mp4(w: &mut Walk) -> Result<(), String> {
+/// `moov` (the movie header) and an `mdat` (the media data) among them. Returns the video frame
+/// size the movie header records (see [`mp4_movie`]).
+fn mp4(w: &mut Walk) -> Result<Option<(u64, u64)>, String> {
     let (mut moov, mut mdat, mut first) = (false, false, true);
+    let mut picture = None;
     while w.pos < w.len {
         let start = w.pos;
         let h = w.take(8, "a box header")?;
@@ -500,9 +618,13 @@ fn mp4(w: &mut Walk) -> Result<(), String> {
             return Err(format!("the first box is '{name}', not 'ftyp'"));
         }
         first = false;
-        moov |= typ == b"moov";
         mdat |= typ == b"mdat";
         let end = start.checked_add(size).ok_or_else(|| format!("corrupt: box '{name}' at byte {start} declares {size} bytes"))?;
+        if typ == b"moov" && !moov && size - header <= MAX_HEADER_PARSE && end <= w.len {
+            let body = w.take((size - header) as usize, "the 'moov' box")?;
+            picture = mp4_movie(&body)?;
+        }
+        moov |= typ == b"moov";
         w.skip_to(end, &format!("box '{name}' at byte {start} ({size} bytes)"))?;
     }
     if !moov {
@@ -511,7 +633,7 @@ fn mp4(w: &mut Walk) -> Result<(), String> {
     if !mdat {
         return Err("no 'mdat' box (the media data): a video without frames".into());
     }
-    Ok(())
+    Ok(picture)
 }
 
 /// An EBML variable-length integer: (value, unknown size). IDs keep their marker bits.
@@ -551,10 +673,67 @@ const SEGMENT: u64 = 0x1853_8067;
 const TRACKS: u64 = 0x1654_AE6B;
 const CLUSTER: u64 = 0x1F43_B675;
 
+const TRACK_ENTRY: u64 = 0xAE;
+const TRACK_TYPE: u64 = 0x83;
+const TRACK_VIDEO: u64 = 0xE0;
+const PIXEL_WIDTH: u64 = 0xB0;
+const PIXEL_HEIGHT: u64 = 0xBA;
+
+/// The child elements (id, payload) of an EBML master element's payload.
+fn ebml_children(b: &[u8]) -> Result<Vec<(u64, &[u8])>, String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let (id, a) = vint_in(&b[i..], true).ok_or("corrupt: a malformed element in the Tracks")?;
+        let (size, n) = vint_in(&b[i + a..], false).ok_or("corrupt: a malformed element size in the Tracks")?;
+        let start = i + a + n;
+        let end = start
+            .checked_add(usize::try_from(size).unwrap_or(usize::MAX))
+            .filter(|&e| e <= b.len() && size != (1u64 << (7 * n)) - 1)
+            .ok_or_else(|| format!("corrupt: element 0x{id:X} in the Tracks declares {size} bytes, past its parent"))?;
+        out.push((id, &b[start..end]));
+        i = end;
+    }
+    Ok(out)
+}
+
+fn ebml_uint(b: &[u8]) -> u64 {
+    b.iter().take(8).fold(0, |v, x| (v << 8) | *x as u64)
+}
+
+/// The Tracks element's payload: the frame size of its video tracks. Tracks that all declare a
+/// type and none of them video (type 1) make a file without a video track.
+fn webm_tracks(tracks: &[u8]) -> Result<Option<(u64, u64)>, String> {
+    let (mut entries, mut typed, mut video, mut picture) = (0, 0, 0, None::<(u64, u64)>);
+    for (_, entry) in ebml_children(tracks)?.into_iter().filter(|(id, _)| *id == TRACK_ENTRY) {
+        entries += 1;
+        let c = ebml_children(entry)?;
+        let kind = c.iter().find(|(id, _)| *id == TRACK_TYPE).map(|(_, v)| ebml_uint(v));
+        typed += kind.is_some() as usize;
+        let v = c.iter().find(|(id, _)| *id == TRACK_VIDEO).map(|(_, v)| *v);
+        if kind != Some(1) && v.is_none() {
+            continue;
+        }
+        video += 1;
+        if let Some(v) = v {
+            let vc = ebml_children(v)?;
+            let get = |want: u64| vc.iter().find(|(id, _)| *id == want).map(|(_, x)| ebml_uint(x));
+            if let (Some(w), Some(h)) = (get(PIXEL_WIDTH), get(PIXEL_HEIGHT)) {
+                picture = Some(picture.map_or((w, h), |(pw, ph): (u64, u64)| if pw.saturating_mul(ph) >= w.saturating_mul(h) { (pw, ph) } else { (w, h) }));
+            }
+        }
+    }
+    if entries > 0 && typed == entries && video == 0 {
+        return Err(format!("no video track: its {entries} track(s) are of other types (audio only?)"));
+    }
+    Ok(picture)
+}
+
 /// WebM / Matroska: the EBML header and its DocType (`webm` or `matroska`), then the Segment,
 /// its size within the file and its top-level elements' sizes within it, a `Tracks` and a
 /// `Cluster` among them. A live-written element of unknown size ends the size checks there.
-fn ebml(w: &mut Walk) -> Result<&'static str, String> {
+/// Returns the extension and the video frame size the Tracks record.
+fn ebml(w: &mut Walk) -> Result<(&'static str, Option<(u64, u64)>), String> {
     let (id, _) = vint(w, true, "the EBML header")?;
     if id != EBML_HEADER {
         return Err("missing the EBML header".into());
@@ -583,6 +762,7 @@ fn ebml(w: &mut Walk) -> Result<&'static str, String> {
         None => return Err("the EBML header names no DocType".into()),
     };
     let (mut segment, mut tracks, mut cluster) = (false, false, false);
+    let mut picture = None;
     while w.pos < w.len {
         let start = w.pos;
         let (id, _) = vint(w, true, "an element header")?;
@@ -614,6 +794,9 @@ fn ebml(w: &mut Walk) -> Result<&'static str, String> {
             let cend = w.pos.checked_add(csize).filter(|&e| e <= end).ok_or_else(|| {
                 format!("truncated or corrupt: element 0x{cid:X} at byte {cstart} declares {csize} bytes, past the end of its Segment (byte {end})")
             })?;
+            if cid == TRACKS && picture.is_none() && csize <= MAX_HEADER_PARSE {
+                picture = webm_tracks(&w.take(csize as usize, "the Tracks")?)?;
+            }
             w.skip_to(cend, &format!("element 0x{cid:X} at byte {cstart}"))?;
         }
     }
@@ -626,12 +809,14 @@ fn ebml(w: &mut Walk) -> Result<&'static str, String> {
     if !cluster {
         return Err("the Segment has no Cluster (no frames): a video without frames".into());
     }
-    Ok(ext)
+    Ok((ext, picture))
 }
 
 /// AVI: the `RIFF ... AVI ` chunk within the file, its chunks within it (`LIST hdrl`, the
 /// header, and `LIST movi`, the frames, among them), then any OpenDML `RIFF ... AVIX` chunks.
-fn avi(w: &mut Walk) -> Result<(), String> {
+/// Returns the frame size of the main header (`avih`).
+fn avi(w: &mut Walk) -> Result<Option<(u64, u64)>, String> {
+    let mut picture = None;
     let h = w.take(12, "the RIFF header")?;
     let size = u32::from_le_bytes(h[4..8].try_into().unwrap()) as u64;
     let riff_end = 8 + size;
@@ -656,6 +841,17 @@ fn avi(w: &mut Walk) -> Result<(), String> {
                 return Err(format!("corrupt: the LIST chunk at byte {start} has {csize} bytes"));
             }
             let t = w.take(4, "a LIST type")?;
+            if &t[..] == b"movi" && csize == 4 {
+                return Err(format!("its 'movi' list at byte {start} is empty: a video without frames"));
+            }
+            if &t[..] == b"hdrl" && !hdrl && csize - 4 <= MAX_HEADER_PARSE {
+                // the first chunk of the header list is the main header: dwWidth and dwHeight at 32 and 36
+                let body = w.take((csize - 4) as usize, "the 'hdrl' list")?;
+                if body.get(..4) == Some(&b"avih"[..]) {
+                    let (width, height) = (le32(&body, 8 + 32), le32(&body, 8 + 36));
+                    picture = width.zip(height).filter(|&(w, h)| w > 0 && h > 0);
+                }
+            }
             hdrl |= &t[..] == b"hdrl";
             movi |= &t[..] == b"movi";
         }
@@ -680,7 +876,7 @@ fn avi(w: &mut Walk) -> Result<(), String> {
     if !movi {
         return Err("no 'movi' list (the frames): a video without frames".into());
     }
-    Ok(())
+    Ok(picture)
 }
 
 /// The build's scratch file for video bytes: each checked container file is copied in at its
@@ -810,10 +1006,100 @@ pub mod tests {
     }
 
     fn check(b: &[u8]) -> Result<&'static str, String> {
-        check_container(&mut Cursor::new(b), b.len() as u64, &head_of(b), &AtomicBool::new(false)).map(|(ext, sha)| {
-            assert_eq!(sha, image::sha256_hex(b));
-            ext
+        check_container(&mut Cursor::new(b), b.len() as u64, &head_of(b), &AtomicBool::new(false)).map(|c| {
+            assert_eq!(c.sha256, image::sha256_hex(b));
+            c.ext
         })
+    }
+
+    fn bx(typ: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        let mut v = ((8 + body.len()) as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(typ);
+        v.extend_from_slice(body);
+        v
+    }
+
+    /// An MP4 whose movie header has one track of `handler` ('vide', 'soun'): a `width` x `height`
+    /// visual sample entry, `samples` samples; `mvex` makes it fragmented.
+    fn mp4_with_track(handler: &[u8; 4], width: u16, height: u16, samples: u32, mvex: bool) -> Vec<u8> {
+        let mut hdlr = vec![0u8; 8];
+        hdlr.extend_from_slice(handler);
+        hdlr.extend_from_slice(&[0u8; 13]);
+        let mut entry = vec![0u8; 6 + 2 + 16];
+        entry.extend_from_slice(&width.to_be_bytes());
+        entry.extend_from_slice(&height.to_be_bytes());
+        entry.extend_from_slice(&[0u8; 50]);
+        let mut stsd = vec![0, 0, 0, 0, 0, 0, 0, 1];
+        stsd.extend(bx(b"avc1", &entry));
+        let mut stsz = vec![0u8; 8];
+        stsz.extend_from_slice(&samples.to_be_bytes());
+        let stbl = [bx(b"stsd", &stsd), bx(b"stsz", &stsz)].concat();
+        let minf = bx(b"stbl", &stbl);
+        let mdia = [bx(b"hdlr", &hdlr), bx(b"minf", &minf)].concat();
+        let mut tkhd = vec![0u8; 76];
+        tkhd.extend_from_slice(&((width as u32) << 16).to_be_bytes());
+        tkhd.extend_from_slice(&((height as u32) << 16).to_be_bytes());
+        let trak = [bx(b"tkhd", &tkhd), bx(b"mdia", &mdia)].concat();
+        let mut moov = bx(b"mvhd", &[0u8; 8]);
+        moov.extend(bx(b"trak", &trak));
+        if mvex {
+            moov.extend(bx(b"mvex", &[]));
+        }
+        [bx(b"ftyp", b"isom\0\0\x02\0isomiso2mp41"), bx(b"moov", &moov), bx(b"mdat", &[7u8; 40])].concat()
+    }
+
+    fn picture(b: &[u8]) -> Result<Option<(u64, u64)>, String> {
+        check_container(&mut Cursor::new(b), b.len() as u64, &head_of(b), &AtomicBool::new(false)).map(|c| c.picture)
+    }
+
+    #[test]
+    fn the_frame_size_is_read_from_the_headers_and_frameless_or_audio_only_files_are_rejected() {
+        assert_eq!(picture(&mp4_with_track(b"vide", 640, 360, 3, false)), Ok(Some((640, 360))));
+        assert_eq!(picture(&mp4_bytes()), Ok(None)); // no track recorded: no size, not a reject
+        let e = picture(&mp4_with_track(b"vide", 640, 360, 0, false)).unwrap_err();
+        assert!(e.contains("0 samples"), "{e}");
+        // fragmented: the samples are in 'moof' boxes, so an empty sample table is no evidence
+        assert_eq!(picture(&mp4_with_track(b"vide", 64, 48, 0, true)), Ok(Some((64, 48))));
+        let e = picture(&mp4_with_track(b"soun", 0, 0, 9, false)).unwrap_err();
+        assert!(e.contains("no video track"), "{e}");
+
+        let el = ebml_el;
+        let video = [el(&[0xB0], &[0x07, 0x80]), el(&[0xBA], &[0x04, 0x38])].concat();
+        let entry = |kind: u8, body: &[u8]| el(&[0xAE], &[el(&[0x83], &[kind]), body.to_vec()].concat());
+        let webm = |tracks: Vec<u8>| {
+            let header = el(&[0x42, 0x82], b"webm");
+            let mut seg = el(&[0x16, 0x54, 0xAE, 0x6B], &tracks);
+            seg.extend(el(&[0x1F, 0x43, 0xB6, 0x75], &[0xE7, 0x81, 0x00]));
+            [el(&[0x1A, 0x45, 0xDF, 0xA3], &header), el(&[0x18, 0x53, 0x80, 0x67], &seg)].concat()
+        };
+        let tracks = [entry(2, &[]), entry(1, &el(&[0xE0], &video))].concat();
+        assert_eq!(picture(&webm(tracks)), Ok(Some((1920, 1080))));
+        let e = picture(&webm(entry(2, &[]))).unwrap_err();
+        assert!(e.contains("no video track"), "{e}");
+        assert_eq!(picture(&webm_bytes("webm")), Ok(None));
+
+        let avi = |avih: &[u8], movi: &[u8]| {
+            let list = |t: &[u8; 4], body: &[u8]| [b"LIST".to_vec(), ((4 + body.len()) as u32).to_le_bytes().to_vec(), t.to_vec(), body.to_vec()].concat();
+            let inner = [b"AVI ".to_vec(), list(b"hdrl", avih), list(b"movi", movi)].concat();
+            [b"RIFF".to_vec(), (inner.len() as u32).to_le_bytes().to_vec(), inner].concat()
+        };
+        let mut main = vec![0u8; 56];
+        main[32..36].copy_from_slice(&320u32.to_le_bytes());
+        main[36..40].copy_from_slice(&240u32.to_le_bytes());
+        let avih = [b"avih".to_vec(), 56u32.to_le_bytes().to_vec(), main].concat();
+        assert_eq!(picture(&avi(&avih, b"00dc\x03\0\0\0xyz\0")), Ok(Some((320, 240))));
+        let e = picture(&avi(&avih, b"")).unwrap_err();
+        assert!(e.contains("'movi' list") && e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn a_video_file_over_the_pixel_limit_is_rejected_from_its_headers() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("big.mp4"), mp4_with_track(b"vide", 8000, 8000, 1, false)).unwrap();
+        let v = read(&VideoSrc::Path("big.mp4".into()), d.path(), 1 << 20, &mut [], &AtomicBool::new(false)).unwrap();
+        let e = check_frames(&v, crate::config::ImageCheck::Structure, 1 << 20).unwrap_err();
+        assert!(e.contains("8000x8000 = 64000000 pixels per frame") && e.contains("--max-image-pixels"), "{e}");
+        assert!(check_frames(&v, crate::config::ImageCheck::Structure, 64_000_000).is_ok());
     }
 
     #[test]

@@ -369,6 +369,45 @@ def test_bad_videos_are_rejected_with_file_line_field_and_reason(tmp_path):
     assert c["records_rejected"] == len(cases) - 1
 
 
+def test_frame_size_from_the_container_headers_is_held_to_the_pixel_limit(tmp_path):
+    """A video file's frame size is read from its headers (mp4/mov sample description, Matroska/WebM
+    PixelWidth/Height, AVI main header), never by decoding, and held to ``--max-image-pixels`` like an
+    image: one pixel over the limit rejects each container with its size, the limit itself builds them.
+    An audio-only MP4 is rejected as having no video track."""
+    files = []
+    for name, container, codec in [("a.mp4", "mp4", "libx264"), ("a.mov", "mov", "libx264"), ("a.mkv", "matroska", "libx264"),
+                                   ("a.webm", "webm", "libvpx-vp9"), ("a.avi", "avi", "mpeg4")]:
+        with av.open(str(tmp_path / name), "w", format=container) as c:
+            s = c.add_stream(codec, rate=4)
+            s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"  # not square: width and height must not swap
+            for t in range(3):
+                for pk in s.encode(av.VideoFrame.from_ndarray(np.full((32, 48, 3), 40 * t, np.uint8), format="rgb24")):
+                    c.mux(pk)
+            for pk in s.encode():
+                c.mux(pk)
+        files.append(name)
+    with av.open(str(tmp_path / "audio.mp4"), "w", format="mp4") as c:
+        s = c.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for pk in [*s.encode(frame), *s.encode()]:
+            c.mux(pk)
+    row = lambda v: {"messages": [{"role": "user", "content": f"<video>What is in {v}?"}, {"role": "assistant", "content": "A."}],  # noqa: E731
+                     "rejected_response": "B.", "videos": [v]}
+    rows = write_jsonl(tmp_path / "rows.jsonl", [row(v) for v in [*files, "audio.mp4"]])
+    over = build(tmp_path / "over", rows, "--image-root", tmp_path, "--max-image-pixels", "1535", ok=False)
+    assert over.returncode != 0  # nothing was built: a run that did nothing fails
+    got = {r["line"]: r for r in rejects(tmp_path / "over")}
+    assert sorted(got) == list(range(1, len(files) + 2))
+    for line, name in enumerate(files, 1):
+        assert got[line]["field"] == "videos[0]"
+        assert f"{name} has 48x32 = 1536 pixels per frame, over the limit of 1535 (--max-image-pixels)" in got[line]["reason"]
+    assert "no video track" in got[len(files) + 1]["reason"]
+    build(tmp_path / "at", rows, "--image-root", tmp_path, "--max-image-pixels", "1536")
+    assert [r["line"] for r in rejects(tmp_path / "at")] == [len(files) + 1]
+    assert counts(tmp_path / "at")["videos"] == len(files)
+
+
 def test_the_guard_flag_is_checked(tmp_path):
     f = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}])
     proc = build(tmp_path / "out", f, "--max-video-bytes", "0", ok=False)
