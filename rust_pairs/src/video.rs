@@ -1048,6 +1048,33 @@ pub mod tests {
         [bx(b"ftyp", b"isom\0\0\x02\0isomiso2mp41"), bx(b"moov", &moov), bx(b"mdat", &[7u8; 40])].concat()
     }
 
+    /// A track entry of `kind` (1 video, 2 audio) with more children `body`.
+    fn track_entry(kind: u8, body: &[u8]) -> Vec<u8> {
+        ebml_el(&[0xAE], &[ebml_el(&[0x83], &[kind]), body.to_vec()].concat())
+    }
+
+    /// A WebM whose Tracks payload is `tracks`, with one Cluster.
+    fn webm_with_tracks(tracks: Vec<u8>) -> Vec<u8> {
+        let mut seg = ebml_el(&[0x16, 0x54, 0xAE, 0x6B], &tracks);
+        seg.extend(ebml_el(&[0x1F, 0x43, 0xB6, 0x75], &[0xE7, 0x81, 0x00]));
+        [ebml_el(&[0x1A, 0x45, 0xDF, 0xA3], &ebml_el(&[0x42, 0x82], b"webm")), ebml_el(&[0x18, 0x53, 0x80, 0x67], &seg)].concat()
+    }
+
+    /// An AVI main header chunk (`avih`) of a `width` x `height` video.
+    fn avi_main_header(width: u32, height: u32) -> Vec<u8> {
+        let mut main = vec![0u8; 56];
+        main[32..36].copy_from_slice(&width.to_le_bytes());
+        main[36..40].copy_from_slice(&height.to_le_bytes());
+        [b"avih".to_vec(), 56u32.to_le_bytes().to_vec(), main].concat()
+    }
+
+    /// An AVI whose `hdrl` list holds `hdrl` and whose `movi` list holds `movi`.
+    fn avi_with(hdrl: &[u8], movi: &[u8]) -> Vec<u8> {
+        let list = |t: &[u8; 4], body: &[u8]| [b"LIST".to_vec(), ((4 + body.len()) as u32).to_le_bytes().to_vec(), t.to_vec(), body.to_vec()].concat();
+        let inner = [b"AVI ".to_vec(), list(b"hdrl", hdrl), list(b"movi", movi)].concat();
+        [b"RIFF".to_vec(), (inner.len() as u32).to_le_bytes().to_vec(), inner].concat()
+    }
+
     fn picture(b: &[u8]) -> Result<Option<(u64, u64)>, String> {
         check_container(&mut Cursor::new(b), b.len() as u64, &head_of(b), &AtomicBool::new(false)).map(|c| c.picture)
     }
@@ -1063,32 +1090,14 @@ pub mod tests {
         let e = picture(&mp4_with_track(b"soun", 0, 0, 9, false)).unwrap_err();
         assert!(e.contains("no video track"), "{e}");
 
-        let el = ebml_el;
-        let video = [el(&[0xB0], &[0x07, 0x80]), el(&[0xBA], &[0x04, 0x38])].concat();
-        let entry = |kind: u8, body: &[u8]| el(&[0xAE], &[el(&[0x83], &[kind]), body.to_vec()].concat());
-        let webm = |tracks: Vec<u8>| {
-            let header = el(&[0x42, 0x82], b"webm");
-            let mut seg = el(&[0x16, 0x54, 0xAE, 0x6B], &tracks);
-            seg.extend(el(&[0x1F, 0x43, 0xB6, 0x75], &[0xE7, 0x81, 0x00]));
-            [el(&[0x1A, 0x45, 0xDF, 0xA3], &header), el(&[0x18, 0x53, 0x80, 0x67], &seg)].concat()
-        };
-        let tracks = [entry(2, &[]), entry(1, &el(&[0xE0], &video))].concat();
-        assert_eq!(picture(&webm(tracks)), Ok(Some((1920, 1080))));
-        let e = picture(&webm(entry(2, &[]))).unwrap_err();
+        let tracks = [track_entry(2, &[]), track_entry(1, &ebml_el(&[0xE0], &[ebml_el(&[0xB0], &[0x07, 0x80]), ebml_el(&[0xBA], &[0x04, 0x38])].concat()))].concat();
+        assert_eq!(picture(&webm_with_tracks(tracks)), Ok(Some((1920, 1080))));
+        let e = picture(&webm_with_tracks(track_entry(2, &[]))).unwrap_err();
         assert!(e.contains("no video track"), "{e}");
         assert_eq!(picture(&webm_bytes("webm")), Ok(None));
-
-        let avi = |avih: &[u8], movi: &[u8]| {
-            let list = |t: &[u8; 4], body: &[u8]| [b"LIST".to_vec(), ((4 + body.len()) as u32).to_le_bytes().to_vec(), t.to_vec(), body.to_vec()].concat();
-            let inner = [b"AVI ".to_vec(), list(b"hdrl", avih), list(b"movi", movi)].concat();
-            [b"RIFF".to_vec(), (inner.len() as u32).to_le_bytes().to_vec(), inner].concat()
-        };
-        let mut main = vec![0u8; 56];
-        main[32..36].copy_from_slice(&320u32.to_le_bytes());
-        main[36..40].copy_from_slice(&240u32.to_le_bytes());
-        let avih = [b"avih".to_vec(), 56u32.to_le_bytes().to_vec(), main].concat();
-        assert_eq!(picture(&avi(&avih, b"00dc\x03\0\0\0xyz\0")), Ok(Some((320, 240))));
-        let e = picture(&avi(&avih, b"")).unwrap_err();
+        let avih = avi_main_header(320, 240);
+        assert_eq!(picture(&avi_with(&avih, b"00dc\x03\0\0\0xyz\0")), Ok(Some((320, 240))));
+        let e = picture(&avi_with(&avih, b"")).unwrap_err();
         assert!(e.contains("'movi' list") && e.contains("empty"), "{e}");
     }
 
@@ -1143,7 +1152,9 @@ pub mod tests {
     #[test]
     fn no_cut_or_flipped_byte_panics() {
         // Every prefix and many single-byte changes of each container: an error or Ok, never a panic.
-        for b in [mp4_bytes(), webm_bytes("webm"), avi_bytes()] {
+        let webm_video = webm_with_tracks(track_entry(1, &ebml_el(&[0xE0], &[ebml_el(&[0xB0], &[0x40]), ebml_el(&[0xBA], &[0x30])].concat())));
+        let with_headers = [mp4_with_track(b"vide", 64, 48, 3, false), webm_video, avi_with(&avi_main_header(64, 48), b"00dc\x03\0\0\0xyz\0")];
+        for b in [mp4_bytes(), webm_bytes("webm"), avi_bytes()].into_iter().chain(with_headers) {
             for cut in 0..=b.len() {
                 let _ = check(&b[..cut]);
             }
