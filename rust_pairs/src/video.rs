@@ -507,8 +507,13 @@ fn le32(b: &[u8], at: usize) -> Option<u64> {
     b.get(at..at + 4).map(|x| u32::from_le_bytes(x.try_into().unwrap()) as u64)
 }
 
+/// (type, payload) of each box in a payload.
+type Boxes<'b> = Vec<(&'b [u8], &'b [u8])>;
+/// A video track's frame size (width, height) where the headers record it.
+type Picture = Option<(u64, u64)>;
+
 /// The boxes of an MP4 box's payload: (type, payload) each. `parent` names it in errors.
-fn child_boxes<'b>(b: &'b [u8], parent: &str) -> Result<Vec<(&'b [u8], &'b [u8])>, String> {
+fn child_boxes<'b>(b: &'b [u8], parent: &str) -> Result<Boxes<'b>, String> {
     let mut out = Vec::new();
     let mut i = 0usize;
     // Fewer than 8 bytes left is padding (some writers end a list with a 4-byte zero terminator).
@@ -733,7 +738,7 @@ fn webm_tracks(tracks: &[u8]) -> Result<Option<(u64, u64)>, String> {
 /// its size within the file and its top-level elements' sizes within it, a `Tracks` and a
 /// `Cluster` among them. A live-written element of unknown size ends the size checks there.
 /// Returns the extension and the video frame size the Tracks record.
-fn ebml(w: &mut Walk) -> Result<(&'static str, Option<(u64, u64)>), String> {
+fn ebml(w: &mut Walk) -> Result<(&'static str, Picture), String> {
     let (id, _) = vint(w, true, "the EBML header")?;
     if id != EBML_HEADER {
         return Err("missing the EBML header".into());
