@@ -169,3 +169,34 @@ def test_openai_chat_of_a_video_prompt(video_prompts) -> None:
     assert base64.b64decode(url.split(",", 1)[1]) == (video_prompts.parent / "clips" / "a.mp4").read_bytes()
     (turn,) = chat_messages(prompts["folder"])  # a frame folder: its frames as images, in order
     assert [p["type"] for p in turn["content"]] == ["text"] + ["image_url"] * 4 + ["text"]
+
+
+def test_openai_backend_video_prompts_through_vpa_serve(video_prompts, tmp_path) -> None:
+    """``vpa sample --backend openai`` against ``vpa serve``'s server over a tiny Qwen2-VL: video files go as
+    ``video_url`` data URLs and are answered on their frames; frame folders as their frames' images."""
+    import threading
+
+    from vpa_lightning.collect.sample import PoolModel, run_sample
+    from vpa_lightning.collect.serve import make_server, request_prompt
+    from vpa_lightning.models import build_tiny_vlm
+
+    model, processor = build_tiny_vlm("qwen2_vl")
+    prompts = {p.id: p for p in read_prompts([video_prompts])[0]}
+    served = request_prompt(chat_messages(prompts["both"]))
+    assert served.videos == [(video_prompts.parent / "clips" / "a.mp4").read_bytes()]
+    assert (served.question, served.offsets, served.video_offsets) == ("Is  in ?", [3], [7])
+    server = make_server(model.eval(), processor, "tiny-qwen")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        spec = PoolModel(name="q", model="tiny-qwen", backend="openai",
+                         base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="EMPTY")
+        spec.settings.k, spec.settings.max_new_tokens = 2, 4
+        summary = run_sample([str(video_prompts)], [spec], tmp_path / "o.jsonl", cache_dir=str(tmp_path / "cache"),
+                             video_sampling=VideoSampling(max_frames=4))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (summary["sampled"], summary["rejected"], summary["completions"]) == (4, 2, 8)
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert all(len(r["completions"]) == 2 and r["videos"] for r in rows)
