@@ -104,11 +104,6 @@ def corrupt_clip(frames: Tensor, augmentation: AugmentationSpec, *, seed: int, m
                       for frame in frames]).to(frames.dtype)
 
 
-def _video_processor_geometry(processor: Any) -> tuple[Any, dict[str, int]]:
-    vp = getattr(processor, "video_processor", None) or getattr(processor, "image_processor", processor)
-    return vp, {k: int(getattr(vp, k)) for k in ("patch_size", "merge_size", "temporal_patch_size")}
-
-
 def _corrupt_videos(inputs: dict[str, Any], processor: Any, aug: AugmentationSpec, seed: int) -> Tensor:
     """``pixel_values_videos`` with every clip corrupted by :func:`corrupt_clip` (video ``i`` with ``seed + i``)."""
     pv = inputs["pixel_values_videos"]
@@ -119,7 +114,7 @@ def _corrupt_videos(inputs: dict[str, Any], processor: Any, aug: AugmentationSpe
         if pv.dim() != 5:
             raise ValueError(f"cannot corrupt pixel_values_videos of shape {tuple(pv.shape)} (no video_grid_thw)")
         return torch.stack([corrupt_clip(clip, aug, seed=seed + i, mean=mean, std=std) for i, clip in enumerate(pv)])
-    _, geo = _video_processor_geometry(processor)
+    geo = {k: int(getattr(vp, k)) for k in ("patch_size", "merge_size", "temporal_patch_size")}
     out, start = [], 0
     for i, (gt, gh, gw) in enumerate(grid.tolist()):
         n = gt * gh * gw
