@@ -200,30 +200,38 @@ class PreferenceReport(Callback):
         if datamodule is None or not hasattr(datamodule, "dataset") or getattr(datamodule, "val_urls", None) is None:
             log.warning("PreferenceReport: answer_scorer needs a PreferenceDataModule with validation shards; no greedy answers")
             return []
-        rows = []  # (key, images, question, reference, image offsets)
+        from vpa_lightning.models.families import family_of
+
+        # video samples are answered by families that take video; any other skips them (training them stopped at
+        # start-up already, see VideoUnsupportedError)
+        takes_video = family_of(pl_module.processor).takes_video(pl_module.processor)
+        rows = []  # (key, images, question, reference, image offsets, videos, video offsets)
         for example in datamodule.dataset(datamodule.val_urls, train=False):
-            if example.group.videos:  # greedy answers are generated from images and text only
+            group = example.group
+            if group.videos and not takes_video:
                 continue
             rejected = {j for _, j in example.pairs}
             best = sorted(c for c, _ in example.pairs if c not in rejected)
             if best:
-                rows.append((example.key, example.group.all_images, example.group.prompt, example.group.responses[best[0]],
-                             example.group.image_offsets))
+                rows.append((example.key, group.all_images, group.prompt, group.responses[best[0]], group.image_offsets,
+                             group.all_videos, group.video_offsets))
             if self.max_batches is not None and len(rows) >= self.max_batches * datamodule.batch_size:
                 break
         answers = (
             generate_answers(pl_module.model, pl_module.processor, [r[1] for r in rows], [r[2] for r in rows],
                              max_new_tokens=self.max_new_tokens, batch_size=max(datamodule.batch_size, 1),
-                             offsets=[r[4] for r in rows])
+                             offsets=[r[4] for r in rows], videos=[r[5] for r in rows],
+                             video_offsets=[r[6] for r in rows],
+                             video_max_pixels=getattr(datamodule, "video_max_pixels", None))
             if rows
             else []
         )
-        correct = sum(bool(self.scorer(q, a, ref)) for (_, _, q, ref, _), a in zip(rows, answers))
+        correct = sum(bool(self.scorer(q, a, ref)) for (_, _, q, ref, *_), a in zip(rows, answers))
         sums = torch.tensor([float(correct), float(len(rows))], dtype=torch.float64, device=pl_module.device)
         sums = trainer.strategy.reduce(sums, reduce_op="sum").double().cpu()
         if sums[1] > 0:
             into[GREEDY_METRIC] = float(sums[0] / sums[1])
-        return [(key, q, ref, a) for (key, _, q, ref, _), a in zip(rows, answers)]
+        return [(key, q, ref, a) for (key, _, q, ref, *_), a in zip(rows, answers)]
 
     def _batch_sums(self, pl_module: pl.LightningModule, batch: dict[str, Any], n_names: int) -> torch.Tensor:
         out = pl_module.compute_loss(batch)

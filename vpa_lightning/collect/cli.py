@@ -57,6 +57,37 @@ def _pool(args: argparse.Namespace) -> list[Any]:
     return pool
 
 
+def add_video_flags(p: argparse.ArgumentParser) -> None:
+    """``--video-fps``, ``--video-max-frames``, ``--video-max-pixels``: how video prompts are decoded (the trainer's
+    ``--data.video_*`` defaults)."""
+    p.add_argument("--video-fps", type=float, default=2.0, help="video prompts: frames sampled per second of video "
+                   "(0: every frame, up to --video-max-frames; default 2, as the trainer)")
+    p.add_argument("--video-max-frames", type=int, default=16, help="video prompts: most frames of one video, evenly "
+                   "spaced over it (0: no limit; default 16, as the trainer)")
+    p.add_argument("--video-max-pixels", type=int, default=None, help="video prompts: most pixels of a frame (larger "
+                   "ones scaled down as decoded, and the processor's video size argument; default: the processor's)")
+
+
+def video_sampling(args: argparse.Namespace, max_image_pixels: int | None = 89_478_485) -> Any:
+    """The :class:`~vpa_lightning.data.video.VideoSampling` of :func:`add_video_flags`' flags (a bad value raises
+    :class:`~vpa_lightning.errors.UsageError` naming its flag)."""
+    import math
+
+    from vpa_lightning.data.video import VideoSampling
+
+    if not (math.isfinite(args.video_fps) and args.video_fps >= 0):
+        raise UsageError(f"--video-fps must be a number >= 0 (0: every frame), got {args.video_fps}")
+    if args.video_max_frames < 0:
+        raise UsageError(f"--video-max-frames must be >= 0 (0: no limit), got {args.video_max_frames}")
+    if args.video_fps == 0 and args.video_max_frames == 0:
+        raise UsageError("--video-fps 0 and --video-max-frames 0: set at least one (every frame of a long video "
+                         "would not fit in memory)")
+    if args.video_max_pixels is not None and args.video_max_pixels < 1:
+        raise UsageError(f"--video-max-pixels must be >= 1, got {args.video_max_pixels}")
+    return VideoSampling(fps=args.video_fps or None, max_frames=args.video_max_frames or None,
+                         max_pixels=args.video_max_pixels, max_image_pixels=max_image_pixels)
+
+
 def sample_main(argv: list[str] | None = None) -> dict[str, Any]:
     """``vpa sample``: K answers per prompt from a pool of models (see :mod:`vpa_lightning.collect.sample`)."""
     p = _Parser(prog="vpa sample", description="Sample K answers per prompt from a pool of VLMs into one "
@@ -77,16 +108,19 @@ def sample_main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0, help="seed; each prompt's draws are seeded by it, the model and the prompt id")
     p.add_argument("--dtype", default=None, help="hf: weight dtype (auto, bfloat16, float16, float32)")
     p.add_argument("--device", default=None, help="hf: device (default cuda when available, else cpu)")
-    p.add_argument("--image-root", default=None, help="relative image paths are relative to this (default: each file's folder)")
+    p.add_argument("--image-root", default=None, help="relative image and video paths are relative to this (default: each "
+                   "file's folder)")
     p.add_argument("--cache-dir", default=None, help="openai: the request cache folder (default ~/.cache/vpa/judge)")
     p.add_argument("--limit", type=int, default=None, help="sample only the first N prompts")
+    add_video_flags(p)
     args = p.parse_args(argv)
     from vpa_lightning.collect.sample import run_sample
 
+    sampling = video_sampling(args)
     try:
         pool = _pool(args)
         summary = run_sample(args.sources, pool, args.out, image_root=args.image_root, cache_dir=args.cache_dir,
-                             limit=args.limit)
+                             limit=args.limit, video_sampling=sampling)
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from exc
     except RuntimeError as exc:

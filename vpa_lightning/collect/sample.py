@@ -5,23 +5,28 @@ tokens, seed). Backends:
 
 * ``hf``: a local transformers folder or a ``tiny:`` model, ``generate`` with the K samples of a prompt as one batch
   whose image is encoded once (the vision tower runs once per prompt, its features shared by the K rows:
-  :func:`~vpa_lightning.models.logps.encode_images_once`). Sampling draws from a generator seeded by (seed, model,
+  :func:`~vpa_lightning.models.logps.encode_images_once`); a video prompt's videos likewise, decoded once per prompt
+  (``--video-fps``, ``--video-max-frames``, ``--video-max-pixels``; families that take video only). Sampling draws from a generator seeded by (seed, model,
   prompt id), so a prompt's answers do not depend on which prompts ran before it: a resumed run writes what an
   uninterrupted one would.
 * ``openai``: any OpenAI-compatible chat server serving a VLM (vLLM, SGLang, ``vpa serve``): images go as data URLs,
+  video files as ``video_url`` data URLs (vLLM's format), frame folders and frame lists as their frames' image URLs,
   ``n=K`` in one request, through :class:`~vpa_lightning.eval.judge.JudgeClient` (retries, deadlines, reply caps, no
   key across origins) and its SQLite cache, so a rerun pays nothing twice.
 
 Output (``--out FILE``): one JSON-lines file in VLFeedback's layout, one row per prompt, ``vpa-shard build`` reads
 it as it is once rated (``vpa judge``)::
 
-    {"id", "prompt": "<image>\\nQuestion", "img_path": "images/x.png" (a list for several, none for text-only),
+    {"id", "prompt": "<image>\\nQuestion", "img_path": "images/x.png" (a list for several, [] for none),
      "models": [...], "completions": [{"model": name, "response": text}, ...], ...the prompt's other fields}
 
 While it runs, each model's answers go to ``FILE.parts/<model>-<settings digest>.jsonl``, a line per prompt as soon
 as it is sampled (flushed); a killed run started again with the same settings skips the prompts already there (a
 torn last line is cut), so no prompt is lost or sampled twice (other settings sample afresh). The output is written (atomically) once every model has answered every prompt.
-Embedded images (Parquet, shards) are written once to ``FILE.images/``. Prompts that cannot be used are in
+Embedded images (Parquet, shards) are written once to ``FILE.images/``. A prompt's videos are kept as ``"videos": [...]``
+(each a video file's or frame folder's path relative to the output's folder, or a list of frame paths; embedded
+videos written once to ``FILE.videos/``), with ``<video>`` placeholders in ``prompt`` where they sit, which
+``vpa judge`` passes along and ``vpa-shard build`` reads. Prompts that cannot be used are in
 ``FILE.rejects.jsonl`` with file, line and reason; ``FILE.summary.json`` has the counts (``prompts_in = sampled +
 rejected``) and the throughput per model (prompts/s, generated tokens/s).
 """
@@ -122,9 +127,10 @@ def prompt_seed(seed: int, model: str, prompt_id: str) -> int:
 
 
 # ----------------------------------------------------------------------------- hf
-def _single_batch(processor: Any, prompt: Prompt, images: list[Any]) -> Any:
+def _single_batch(processor: Any, prompt: Prompt, images: list[Any], videos: list[Any] | None = None,
+                  video_max_pixels: int | None = None) -> Any:
     """The prompt as a one-row :class:`~vpa_lightning.models.logps.GroupBatch` (no response), for expanding to K
-    rows with the image inputs laid out as the family lays them out."""
+    rows with the image (and video) inputs laid out as the family lays them out."""
     import torch
 
     from vpa_lightning.models.families import family_of
@@ -132,23 +138,33 @@ def _single_batch(processor: Any, prompt: Prompt, images: list[Any]) -> Any:
     from vpa_lightning.models.logps import IGNORE_INDEX, GroupBatch
 
     family = family_of(processor)
-    enc = encode_for_generation(processor, [images], [prompt.question], [prompt.offsets])
+    videos = list(videos or [])
+    enc = encode_for_generation(processor, [images], [prompt.question], [prompt.offsets], videos=[videos],
+                                video_offsets=[prompt.video_offsets], video_max_pixels=video_max_pixels)
     enc = {k: v for k, v in enc.items() if k not in family.dropped_inputs}
     ids = enc["input_ids"]
     counts = torch.tensor([len(images)])
+    video_counts = torch.tensor([len(videos)]) if videos else None
     return GroupBatch(
         model_inputs=enc, labels=torch.full_like(ids, IGNORE_INDEX), group_index=torch.zeros(1, dtype=torch.long),
         group_sizes=[1], prompt_lengths=torch.tensor([ids.shape[1]]), truncated=torch.zeros(1, dtype=torch.bool),
         image_counts=counts, pixel_rows=family.pixel_rows(processor, enc, ids, counts),
         image_inputs=tuple(k for k in family.image_inputs if k in enc),
+        video_counts=video_counts,
+        video_pixel_rows=family.video_pixel_rows(processor, enc, video_counts) if videos else None,
+        video_inputs=tuple(k for k in family.video_inputs if k in enc) if videos else (),
     )
 
 
 def hf_sample(model: Any, processor: Any, prompt: Prompt, settings: SampleSettings, seed: int,
-              images: list[Any] | None = None) -> list[tuple[str, int]]:
+              images: list[Any] | None = None, videos: list[Any] | None = None,
+              video_sampling: Any = None) -> list[tuple[str, int]]:
     """``settings.k`` sampled answers to ``prompt`` as ``(text, generated tokens)``: one ``generate`` over the K rows,
-    the image encoded once for all of them, the draws seeded by ``seed`` alone. ``images``: the prompt's images
-    already loaded (``None``: loaded here; a bad image raises ``ValueError``)."""
+    the images and videos encoded once for all of them (the vision tower's ``get_image_features`` /
+    ``get_video_features`` run on one row), the draws seeded by ``seed`` alone. ``images`` / ``videos``: the prompt's
+    images and :class:`~vpa_lightning.models.video.VideoClip` s already loaded (``None``: loaded here, videos as
+    ``video_sampling`` says; a bad one raises ``ValueError``). A video prompt needs a family that takes video
+    (else :class:`~vpa_lightning.errors.VideoUnsupportedError`)."""
     from contextlib import nullcontext
 
     import torch
@@ -156,11 +172,13 @@ def hf_sample(model: Any, processor: Any, prompt: Prompt, settings: SampleSettin
     from vpa_lightning.models.logps import encode_images_once, select_rows
 
     images = prompt.load_images() if images is None else images
+    videos = prompt.load_videos(video_sampling) if videos is None else videos
     if settings.temperature == 0 and settings.k > 1:  # greedy: the K answers are one answer K times
         from dataclasses import replace
 
-        return hf_sample(model, processor, prompt, replace(settings, k=1), seed, images) * settings.k
-    one = _single_batch(processor, prompt, images)
+        return hf_sample(model, processor, prompt, replace(settings, k=1), seed, images, videos, video_sampling) * settings.k
+    max_pixels = getattr(video_sampling, "max_pixels", None)
+    one = _single_batch(processor, prompt, images, videos, max_pixels)
     supports = getattr(model, "_supports_mm_encoder_outputs", None)
     if callable(supports) and supports():
         # transformers (>= 5.25) encodes the images before it expands the prompt to the K returned sequences
@@ -172,7 +190,7 @@ def hf_sample(model: Any, processor: Any, prompt: Prompt, settings: SampleSettin
     batch = batch.to(param.device)
     if context is None:
         context = encode_images_once(model, batch)
-    inputs = {k: (v.to(param.dtype) if k == "pixel_values" and v.is_floating_point() else v)
+    inputs = {k: (v.to(param.dtype) if k.startswith("pixel_values") and v.is_floating_point() else v)
               for k, v in batch.model_inputs.items()}
     tok = getattr(processor, "tokenizer", processor)
     sampling = ({"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
@@ -202,16 +220,48 @@ def _data_url(image: str | bytes) -> str:
     return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
 
+def _video_type(data: bytes) -> str:
+    """The MIME type of a video file from its first bytes (the container, as the data core checks it)."""
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "video/webm"
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return "video/x-msvideo"
+    if data[4:12] == b"ftypqt  ":
+        return "video/quicktime"
+    return "video/mp4"
+
+
+def _video_parts(video: Any) -> list[dict[str, Any]]:
+    """One video as OpenAI chat parts: a video file as one ``video_url`` data URL (vLLM's format; the server samples
+    its frames), a frame folder or frame list as its frames' ``image_url`` parts, in order."""
+    if isinstance(video, list):
+        return [{"type": "image_url", "image_url": {"url": _data_url(f)}} for f in video]
+    if isinstance(video, str) and Path(video).is_dir():
+        from vpa_lightning.data.video import folder_frames
+
+        return [{"type": "image_url", "image_url": {"url": _data_url(str(f))}} for f in folder_frames(video)]
+    data = Path(video).read_bytes() if isinstance(video, str) else video
+    return [{"type": "video_url", "video_url": {"url": f"data:{_video_type(data)};base64,{base64.b64encode(data).decode('ascii')}"}}]
+
+
 def chat_messages(prompt: Prompt, images: list[str | bytes] | None = None) -> list[dict[str, Any]]:
-    """The prompt as an OpenAI chat: one user turn of text and ``image_url`` parts, each image where it sits."""
+    """The prompt as an OpenAI chat: one user turn of text, ``image_url`` parts and video parts (a video file as
+    ``{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}``, vLLM's format; a frame folder or
+    frame list as its frames' ``image_url`` parts), each where it sits (at one offset images first)."""
     images = prompt.images if images is None else images
-    parts: list[dict[str, Any]] = []
     offsets = prompt.offsets if prompt.offsets is not None else [0] * len(images)
+    video_offsets = prompt.video_offsets if prompt.video_offsets is not None else [0] * len(prompt.videos)
+    media = sorted([(at, 0, i) for i, at in enumerate(offsets[: len(images)])]
+                   + [(at, 1, i) for i, at in enumerate(video_offsets)])
+    parts: list[dict[str, Any]] = []
     last = 0
-    for image, at in zip(images, offsets):
+    for at, kind, i in media:
         if prompt.question[last:at]:
             parts.append({"type": "text", "text": prompt.question[last:at]})
-        parts.append({"type": "image_url", "image_url": {"url": _data_url(image)}})
+        if kind == 0:
+            parts.append({"type": "image_url", "image_url": {"url": _data_url(images[i])}})
+        else:
+            parts.extend(_video_parts(prompt.videos[i]))
         last = at
     parts.append({"type": "text", "text": prompt.question[last:]})
     return [{"role": "user", "content": parts}]
@@ -278,6 +328,46 @@ def _image_files(prompt: Prompt, out: Path) -> list[str]:
     return names
 
 
+def _video_files(prompt: Prompt, out: Path) -> list[str | list[str]]:
+    """The prompt's videos as the output names them (``vpa-shard build`` reads them back): given paths (video files,
+    frame folders, frame lists) relative to the output's folder; embedded videos written once under ``OUT.videos/``
+    (a file as ``<digest>.<ext>``, frames from a shard as a frame folder ``<digest>/f0000.jpg``, ...)."""
+    folder = out.parent
+    store = out.with_name(out.name + ".videos")
+
+    def rel(path: Path) -> str:
+        try:
+            return os.path.relpath(path, folder)
+        except ValueError:  # another drive
+            return str(path)
+
+    def write_once(path: Path, data: bytes) -> None:
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+
+    names: list[str | list[str]] = []
+    for video in prompt.videos:
+        if isinstance(video, bytes):
+            ext = {"video/webm": "webm", "video/x-msvideo": "avi", "video/quicktime": "mov"}.get(_video_type(video), "mp4")
+            path = store / f"{image_digest(video)}.{ext}"
+            write_once(path, video)
+            names.append(rel(path))
+        elif isinstance(video, list) and video and isinstance(video[0], bytes):
+            digest = image_digest(b"".join(hashlib.sha256(f).digest() for f in video))
+            for j, frame in enumerate(video):
+                ext = "jpg" if frame[:3] == b"\xff\xd8\xff" else "webp" if frame[8:12] == b"WEBP" else "png"
+                write_once(store / digest / f"f{j:04d}.{ext}", frame)
+            names.append(rel(store / digest))
+        elif isinstance(video, list):
+            names.append([rel(Path(f)) for f in video])
+        else:
+            names.append(rel(Path(video)))
+    return names
+
+
 def _progress(total: int, desc: str) -> Any:
     if sys.stderr.isatty():
         from tqdm import tqdm
@@ -296,8 +386,11 @@ def run_sample(
     max_pixels: int | None = 89_478_485,
     limit: int | None = None,
     select: tuple[int, int, int] | None = None,
+    video_sampling: Any = None,
 ) -> dict[str, Any]:
     """Sample every prompt of ``sources`` with every model of ``pool``; returns the summary (see the module doc).
+    ``video_sampling``: how video prompts' videos are decoded (a :class:`~vpa_lightning.data.video.VideoSampling`;
+    ``None``: the trainer's defaults, 2 fps, at most 16 frames).
     ``limit``: the first N prompts only. ``select = (seed, start, n)``: the prompts shuffled by ``seed`` (the same
     order for every ``start``), then ``n`` of them from ``start`` on, wrapping round (fresh slices of a prompt set,
     e.g. one per round)."""
@@ -327,7 +420,14 @@ def run_sample(
     parts.mkdir(parents=True, exist_ok=True)
     per_model: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}  # prompt id -> reason (its image could not be loaded, ...)
-    part_of = {spec.name: parts / f"{spec.name}-{settings_digest([spec.model, spec.backend, spec.base_url, spec.dtype, asdict(spec.settings)])}.jsonl"
+    has_videos = any(p.videos for p in prompts)
+    if has_videos and video_sampling is None:
+        from vpa_lightning.data.video import VideoSampling
+
+        video_sampling = VideoSampling(max_image_pixels=max_pixels)
+    # the video sampling shapes the answers too; image-only runs keep their earlier digest (and resume)
+    sampled_as = [asdict(video_sampling)] if has_videos else []
+    part_of = {spec.name: parts / f"{spec.name}-{settings_digest([spec.model, spec.backend, spec.base_url, spec.dtype, asdict(spec.settings), *sampled_as])}.jsonl"
                for spec in pool}  # other settings (a new temperature, say) sample afresh
     for spec in pool:
         part = part_of[spec.name]
@@ -336,19 +436,25 @@ def run_sample(
         stats = {"resumed": len(done), "sampled": 0, "tokens": 0, "seconds": 0.0}
         if todo:
             sampler, processor = _open(spec, cache_dir)
+            if spec.backend == "hf" and any(p.videos for p in todo):  # refused at once, not after the image prompts
+                from vpa_lightning.models.families import family_of
+
+                family_of(processor).check_video(processor, f"--model {spec.name}: the prompts have videos")
             bar = _progress(len(todo), spec.name)
             t0 = time.perf_counter()
             try:
                 with open(part, "a", encoding="utf-8") as f:
                     for prompt in todo:
                         seed = prompt_seed(spec.settings.seed, spec.name, prompt.id)
-                        try:  # the prompt's own problem (a missing or undecodable image): rejected, the run goes on
+                        try:  # the prompt's own problem (a missing or undecodable image or video): rejected, the run goes on
                             images = prompt.load_images(max_pixels)
+                            videos = prompt.load_videos(video_sampling)  # decoded for openai too: a bad video is a reject here
                         except ValueError as exc:
                             failed[prompt.id] = str(exc)
                             continue
                         if spec.backend == "hf":
-                            answers = hf_sample(sampler, processor, prompt, spec.settings, seed, images)
+                            answers = hf_sample(sampler, processor, prompt, spec.settings, seed, images, videos,
+                                                video_sampling)
                         else:
                             answers = sampler.sample(prompt, seed)
                         f.write(json.dumps({"id": prompt.id, "completions": [a for a, _ in answers],
@@ -378,8 +484,10 @@ def run_sample(
         completions = [{"model": n, "response": text} for n in names for text in answered[n][prompt.id]["completions"]]
         row = {"id": prompt.id, "prompt": prompt.prompt_text(), **prompt.extra, "models": names, "completions": completions}
         files = _image_files(prompt, out)
-        if files:
-            row["img_path"] = files[0] if len(files) == 1 else files
+        # no image: [] (not absent: the VLFeedback layout reads a row without img_path as merged_images/{id}.jpg)
+        row["img_path"] = files[0] if len(files) == 1 else files
+        if prompt.videos:
+            row["videos"] = _video_files(prompt, out)
         lines.append(json.dumps(row, ensure_ascii=False))
     all_rejects = [asdict(r) for r in rejects] + [{"source": next(p.source for p in prompts if p.id == i), "reason": why}
                                                    for i, why in failed.items()]

@@ -2,7 +2,8 @@
 and ``vpa judge --judge openai`` without vLLM, and for their tests).
 
 ``POST /v1/chat/completions`` (``/chat/completions`` too) takes the OpenAI body: ``messages`` (the last user turn's
-text and ``image_url`` parts, images as ``data:`` URLs only: nothing is fetched), ``n``, ``temperature``,
+text, ``image_url`` parts and, for a model that takes video, ``video_url`` parts (vLLM's; images and video files
+as ``data:`` URLs only: nothing is fetched; a video's frames sampled at 2 fps, at most 16), ``n``, ``temperature``,
 ``top_p``, ``max_tokens``, ``seed``; it answers with ``n`` choices sampled by :func:`~vpa_lightning.collect.sample.hf_sample`
 (the image encoded once for the n), and ``usage``. ``GET /v1/models`` lists the model. A malformed request gets a 400
 with ``error.message``; a body over ``--max-request-mb`` a 413. One request is generated at a time (a lock); the
@@ -30,16 +31,16 @@ class BadRequest(ValueError):
     pass
 
 
-def _image_bytes(url: Any) -> bytes:
+def _image_bytes(url: Any, what: str = "image") -> bytes:
     if not isinstance(url, str) or not url.startswith("data:"):
-        raise BadRequest("images must be data: URLs (this server fetches nothing)")
+        raise BadRequest(f"{what}s must be data: URLs (this server fetches nothing)")
     head, _, data = url.partition(",")
     if ";base64" not in head:
-        raise BadRequest("image data URLs must be base64")
+        raise BadRequest(f"{what} data URLs must be base64")
     try:
         return base64.b64decode(data, validate=True)
     except ValueError as exc:
-        raise BadRequest(f"bad base64 image: {exc}") from exc
+        raise BadRequest(f"bad base64 {what}: {exc}") from exc
 
 
 def request_prompt(messages: Any) -> Prompt:
@@ -57,6 +58,8 @@ def request_prompt(messages: Any) -> Prompt:
     if not isinstance(parts, list):
         raise BadRequest("user content must be a string or a list of parts")
     question, images, offsets = (system + "\n") if system else "", [], []
+    videos: list[bytes] = []
+    video_offsets: list[int] = []
     for part in parts:
         if not isinstance(part, dict):
             raise BadRequest("a content part is not an object")
@@ -65,14 +68,18 @@ def request_prompt(messages: Any) -> Prompt:
         elif part.get("type") == "image_url":
             images.append(_image_bytes((part.get("image_url") or {}).get("url")))
             offsets.append(len(question))
+        elif part.get("type") == "video_url":  # vLLM's video part: a video file as a data URL
+            videos.append(_image_bytes((part.get("video_url") or {}).get("url"), "video"))
+            video_offsets.append(len(question))
         else:
             raise BadRequest(f"unsupported content part {str(part.get('type'))[:40]!r}")
     if not question.strip():
         raise BadRequest("no text in the user message")
-    first = all(o == 0 for o in offsets)
+    first = all(o == 0 for o in [*offsets, *video_offsets])
     digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
     return Prompt(id=digest, question=question.strip() if first else question, images=images,
-                  offsets=None if first else offsets)
+                  offsets=None if first else offsets, videos=list(videos),
+                  video_offsets=None if first or not videos else video_offsets)
 
 
 def make_server(model: Any, processor: Any, name: str, host: str = "127.0.0.1", port: int = 0,
@@ -128,7 +135,7 @@ def make_server(model: Any, processor: Any, name: str, host: str = "127.0.0.1", 
             try:
                 with lock:
                     answers = hf_sample(model, processor, prompt, settings, seed)
-            except ValueError as exc:  # an image that does not decode
+            except ValueError as exc:  # an image or video that does not decode, a video to a model without video
                 self._send(400, {"error": {"message": str(exc)[:500], "type": "invalid_request_error"}})
                 return
             prompt_tokens = 0

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +35,13 @@ from vpa_lightning.data.samples import SampleError, _decode_image
 from vpa_lightning.errors import VpaError
 from vpa_lightning.models.video import VideoClip
 
-__all__ = ["DECODE_SECONDS", "VideoSampling", "decode_video_file", "decode_video_frames", "sample_indices"]
+__all__ = [
+    "DECODE_SECONDS", "FRAME_EXTENSIONS", "VideoSampling", "decode_video_file", "decode_video_frames", "folder_frames",
+    "load_video", "sample_indices",
+]
+
+#: File types of a frame folder's frames (as the data core's ``rust_pairs/src/video.rs``).
+FRAME_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 
 #: Wall-clock budget of decoding one video; past it the sample is skipped (a hostile or broken stream must not
 #: hold a data worker).
@@ -188,3 +197,59 @@ def decode_video_frames(datas: Sequence[bytes], members: Sequence[str], sampling
         frames.append(np.asarray(image, dtype=np.uint8))
     return VideoClip(frames=np.stack(frames), fps=source_fps, total_frames=total, indices=indices,
                      name=members[0] if members else "")
+
+
+def _natural_key(name: str) -> tuple[Any, ...]:
+    """Natural order of names, as the data core's ``natural_cmp``: digit runs by value (``frame_2`` before
+    ``frame_10``), more leading zeros after, then the names themselves."""
+    parts = re.split(r"(\d+)", name)
+    key = tuple((0, int(p), len(p)) if i % 2 else (1, p, 0) for i, p in enumerate(parts) if p)
+    return key, name
+
+
+def folder_frames(folder: str | os.PathLike[str]) -> list[Path]:
+    """A frame folder's frames (the LLaVA-Hound / ShareGPT-Video layout): its image files (hidden files and
+    sub-folders left out) in natural order of their names, as ``vpa-shard build`` orders them."""
+    folder = Path(folder)
+    names = [e.name for e in folder.iterdir() if not e.name.startswith(".")
+             and e.name.rsplit(".", 1)[-1].lower() in FRAME_EXTENSIONS and "." in e.name and not e.is_dir()]
+    return [folder / n for n in sorted(names, key=_natural_key)]
+
+
+def load_video(video: str | os.PathLike[str] | bytes | Sequence[Any], sampling: VideoSampling,
+               name: str | None = None) -> VideoClip:
+    """Decode one video given as the prompt files give it: a video file's path, a frame folder's path, a list of
+    frame image paths (in order) or of frame bytes, or a video file's bytes. Frame lists count as taken at
+    ``sampling.fps`` (see :func:`decode_video_frames`). Raises :class:`~vpa_lightning.data.samples.SampleError`
+    naming the video (missing, no frames, undecodable)."""
+    if isinstance(video, (bytes, bytearray)):
+        return decode_video_file(bytes(video), name or "embedded video", sampling)
+    if isinstance(video, (str, os.PathLike)):
+        path = Path(video)
+        if path.is_dir():
+            frames = folder_frames(path)
+            if not frames:
+                raise SampleError(f"frame folder {path} holds no frame images (*.{', *.'.join(FRAME_EXTENSIONS)})")
+            return load_video(frames, sampling, name or str(path))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise SampleError(f"video {path}: {exc.strerror or exc}") from exc
+        return decode_video_file(data, name or str(path), sampling)
+    items = list(video)
+    if not items:
+        raise SampleError(f"video {name or ''} has no frames".replace("  ", " "))
+    datas, members = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, (bytes, bytearray)):
+            datas.append(bytes(item))
+            members.append(f"{name or 'video'} frame {i}")
+            continue
+        try:
+            datas.append(Path(item).read_bytes())
+        except OSError as exc:
+            raise SampleError(f"video frame {item}: {exc.strerror or exc}") from exc
+        members.append(str(item))
+    clip = decode_video_frames(datas, members, sampling)
+    clip.name = name or members[0]
+    return clip

@@ -48,8 +48,12 @@ def generate(
     val_fraction: float = 0.0,
     dtype: str | None = None,
     device: str | None = None,
+    video_fps: float | None = 2.0,
+    video_max_frames: int | None = 16,
+    video_max_pixels: int | None = None,
 ) -> dict[str, Any]:
-    """Generate SeVa pairs (answer on the original image = chosen, on the augmented one = rejected) into shards.
+    """Generate SeVa pairs (answer on the original image = chosen, on the augmented one = rejected) into shards; video
+    prompts (``video`` / ``videos`` fields) likewise, every frame of the clip augmented alike.
 
     Args:
         model: Policy: a local transformers VLM folder, a cached hub id, or ``tiny:llava`` /
@@ -67,6 +71,9 @@ def generate(
         val_fraction: Share of images held out in ``val-*`` shards.
         dtype: Weight dtype (``bfloat16`` on GPUs); ``None`` = float32.
         device: ``cuda``, ``cuda:1``, ``cpu``...; default: ``cuda:$LOCAL_RANK`` when CUDA is available, else CPU.
+        video_fps: Video prompts: frames sampled per second (``null``: every frame, up to ``video_max_frames``).
+        video_max_frames: Video prompts: most frames of one video, evenly spaced (``null``: no limit).
+        video_max_pixels: Video prompts: most pixels of a frame (``null``: the processor's own size).
     """
     from vpa_lightning.seva.generate import generate_pairs
 
@@ -86,6 +93,9 @@ def generate(
         val_fraction=val_fraction,
         dtype=dtype,
         device=device,
+        video_fps=video_fps,
+        video_max_frames=video_max_frames,
+        video_max_pixels=video_max_pixels,
     )
 
 

@@ -22,6 +22,16 @@ Prompts (``prompts_file``):
   question; entries without an image are rejected;
 * JSONL rows ``{"image", "question"}`` (``"id"`` optional).
 
+Video prompts (for a policy that takes video: Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision): a ``video`` or ``videos``
+field as ``vpa-shard build`` reads it (one video or a list of them; a video is a video file's path, a frame
+folder's path, or a list of frame image paths), relative to ``image_root``, with or without an image; ``<video>`` placeholders are removed (the videos go
+first, as the build puts a prompt without placeholders). The rejected answer is generated on the augmented clip:
+**every frame gets the same augmentation** (the same random parameters and noise,
+:func:`vpa_lightning.augment.pixels.corrupt_clip`), applied to the processor's ``pixel_values_videos`` as images
+are. The pair rows keep the video field as given, so the shards of every round hold the videos. Videos are
+decoded as ``video_fps`` / ``video_max_frames`` / ``video_max_pixels`` say (the trainer's defaults: 2 fps, at most
+16 frames); one that cannot be decoded rejects its prompt with the reason.
+
 A ``.json`` file (or any file whose first non-blank character is ``[``) is read as the JSON list,
 anything else as JSONL. A prompt whose image is missing or cannot be decoded, or whose row is
 malformed, is rejected with a reason (``line N`` / ``id X``) and counted; it never stops the run.
@@ -83,27 +93,53 @@ def _is_json_list(path: Path) -> bool:
 
 
 def _strip_image_token(text: str) -> str:
-    return text.replace("<image>", "").strip()
+    return text.replace("<image>", "").replace("<video>", "").strip()
+
+
+def _video_field(row: dict[str, Any]) -> tuple[Any, str]:
+    """``(value, field name)`` of a row's ``videos`` or ``video`` field (``(None, "video")`` for none)."""
+    for name in ("videos", "video"):
+        if row.get(name) not in (None, "", [], {}):
+            return row[name], name
+    return None, "video"
+
+
+def _load_videos(image_root: Path, prompt: dict[str, Any], sampling: Any) -> list[Any]:
+    """The prompt's videos as :class:`~vpa_lightning.models.video.VideoClip` (``[]`` for none), its ``video`` /
+    ``videos`` field read as ``vpa-shard build`` reads it (one video or a list; a video is a path or a list of
+    frame paths), so the pairs' shards hold the videos the answers saw."""
+    from vpa_lightning.collect.prompts import _videos
+    from vpa_lightning.data.video import load_video
+
+    value, field = _video_field(prompt)
+    return [load_video(v, sampling) for v in _videos(value, image_root, field)] if value is not None else []
 
 
 def read_prompts(
     prompts_file: PathLike,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(prompts, rejects)``: prompts are ``{"image", "question", "source"}``, rejects are
-    ``{"source", "reason"}``; ``source`` is ``"line N"`` (JSONL) or ``"id X"`` / ``"index N"`` (JSON)."""
+    ``{"source", "reason"}``; ``source`` is ``"line N"`` (JSONL) or ``"id X"`` / ``"index N"`` (JSON). A video
+    prompt also has its ``video`` or ``videos`` field as given (``image`` may then be absent)."""
     path = Path(prompts_file)
     prompts: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
 
-    def accept(source: str, image: Any, question: Any, no_question: str) -> None:
-        # The checks both formats share: a non-empty image path and a question left after
-        # removing the <image> placeholder.
-        if not isinstance(image, str) or not image:
+    def accept(source: str, image: Any, question: Any, no_question: str, videos: Any = None, field: str = "video") -> None:
+        # The checks both formats share: a non-empty image path (or a video) and a question left after
+        # removing the <image> / <video> placeholders.
+        has_video = videos not in (None, "", [], {})
+        if not has_video and (not isinstance(image, str) or not image):
             rejects.append({"source": source, "reason": "no image"})
+        elif has_video and image is not None and (not isinstance(image, str) or not image):
+            rejects.append({"source": source, "reason": "image is not a path"})
         elif not isinstance(question, str) or not _strip_image_token(question):
             rejects.append({"source": source, "reason": no_question})
         else:
-            prompts.append({"image": image, "question": _strip_image_token(question), "source": source})
+            prompt = {"image": image, "question": _strip_image_token(question), "source": source}
+            if has_video:
+                prompt[field] = videos
+            prompts.append(prompt)
 
     if _is_json_list(path):
         with open(path, encoding="utf-8") as f:
@@ -117,7 +153,7 @@ def read_prompts(
                 continue
             turns = entry.get("conversations") or []
             question = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
-            accept(source, entry.get("image"), question, "no human turn")
+            accept(source, entry.get("image"), question, "no human turn", *_video_field(entry))
     else:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, start=1):
@@ -132,7 +168,7 @@ def read_prompts(
                 if not isinstance(row, dict):
                     rejects.append({"source": source, "reason": "row is not an object"})
                     continue
-                accept(source, row.get("image"), row.get("question"), "no question")
+                accept(source, row.get("image"), row.get("question"), "no question", *_video_field(row))
     return prompts, rejects
 
 
@@ -172,6 +208,9 @@ def generate_pairs(
     barrier_timeout: float = 3600.0,
     dtype: str | None = None,
     device: str | None = None,
+    video_fps: float | None = 2.0,
+    video_max_frames: int | None = 16,
+    video_max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Generate SeVa pairs for this rank's share of ``prompts_file`` and shard them.
 
@@ -192,6 +231,9 @@ def generate_pairs(
         dtype: Passed to ``load_vlm`` when ``model`` is a name.
         device: Where to generate; ``None`` = ``cuda:LOCAL_RANK`` when CUDA is available, else
             the model's current device (CPU for a freshly loaded one).
+        video_fps, video_max_frames, video_max_pixels: How video prompts' videos are sampled (frames per
+            second, most frames, most pixels per frame; ``None``: no limit of that kind), as the trainer's
+            ``--data.video_*``.
 
     Returns:
         The counts (also written to ``out_dir/seva-rank{rank}.json``).
@@ -205,6 +247,15 @@ def generate_pairs(
         )
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
+    if video_fps is not None and not video_fps > 0:
+        raise ValueError(f"--video_fps must be > 0 or null, got {video_fps}")
+    if video_max_frames is not None and video_max_frames < 1:
+        raise ValueError(f"--video_max_frames must be >= 1 or null, got {video_max_frames}")
+    if video_fps is None and video_max_frames is None:
+        raise ValueError("--video_fps and --video_max_frames are both null: set at least one")
+    from vpa_lightning.data.video import VideoSampling
+
+    sampling = VideoSampling(fps=video_fps, max_frames=video_max_frames, max_pixels=video_max_pixels)
     aug = build_augmentation(augmentation)
     if isinstance(model, (str, os.PathLike)):
         from vpa_lightning.module import load_vlm
@@ -229,39 +280,35 @@ def generate_pairs(
     mine = [p for i, p in enumerate(all_prompts) if i % world_size == rank]
     prompts_in = len(mine) + len(rejects)
 
-    loaded: list[tuple[dict[str, Any], Any]] = []
+    if any("video" in p or "videos" in p for p in mine):  # refused at once, naming the families that take video
+        from vpa_lightning.models.families import family_of
+
+        family_of(processor).check_video(processor, f"{prompts_file} has video prompts")
+    loaded: list[tuple[dict[str, Any], list[Any], list[Any]]] = []
     for p in mine:
         try:
-            loaded.append((p, _load_image(image_root, p["image"])))
-        except Exception as exc:  # noqa: BLE001 - any unreadable image is a counted reject
-            rejects.append(
-                {
-                    "source": p["source"],
-                    "image": p["image"],
-                    "reason": f"{type(exc).__name__}: {exc}",
-                }
-            )
+            image = [_load_image(image_root, p["image"])] if p.get("image") else []
+            loaded.append((p, image, _load_videos(image_root, p, sampling)))
+        except Exception as exc:  # noqa: BLE001 - any unreadable image or video is a counted reject
+            what = {k: p[k] for k in ("image", "video", "videos") if p.get(k) is not None}
+            rejects.append({"source": p["source"], **what, "reason": f"{type(exc).__name__}: {exc}"})
 
     rows: list[dict[str, Any]] = []
     for b, start in enumerate(range(0, len(loaded), batch_size)):
         chunk = loaded[start : start + batch_size]
         inputs = encode_for_generation(
-            processor, [im for _, im in chunk], [p["question"] for p, _ in chunk]
+            processor, [im for _, im, _ in chunk], [p["question"] for p, _, _ in chunk],
+            videos=[v for _, _, v in chunk], video_max_pixels=video_max_pixels,
         )
         # on the model's device, so the augmentation (Kornia, diffusion noise) runs on the GPU too
         inputs = {k: v.to(model_device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         chosen = greedy_generate(model, processor, inputs, max_new_tokens)
+        # images and videos alike; each clip's frames with one set of random parameters
         corrupted = corrupt_pixel_values(inputs, processor, aug, seed=seed + b)
         rejected = greedy_generate(model, processor, corrupted, max_new_tokens)
-        for (p, _), c, r in zip(chunk, chosen, rejected):
-            rows.append(
-                {
-                    "image": p["image"],
-                    "question": p["question"],
-                    "chosen": c,
-                    "rejected": r,
-                }
-            )
+        for (p, _, _), c, r in zip(chunk, chosen, rejected):
+            media = {k: p[k] for k in ("image", "video", "videos") if p.get(k) is not None}
+            rows.append({**media, "question": p["question"], "chosen": c, "rejected": r})
 
     pairs_file = out / f"pairs-rank{rank}.jsonl"
     write_text_atomic(
