@@ -284,18 +284,25 @@ def generate_pairs(
         from vpa_lightning.models.families import family_of
 
         family_of(processor).check_video(processor, f"{prompts_file} has video prompts")
-    loaded: list[tuple[dict[str, Any], list[Any], list[Any]]] = []
-    for p in mine:
-        try:
-            image = [_load_image(image_root, p["image"])] if p.get("image") else []
-            loaded.append((p, image, _load_videos(image_root, p, sampling)))
-        except Exception as exc:  # noqa: BLE001 - any unreadable image or video is a counted reject
-            what = {k: p[k] for k in ("image", "video", "videos") if p.get(k) is not None}
-            rejects.append({"source": p["source"], **what, "reason": f"{type(exc).__name__}: {exc}"})
+    def batches() -> Any:
+        # Decoded a batch at a time (a rank's clips decoded up front would not fit in memory); the batches are
+        # those of the readable prompts in order, as if the unreadable ones had been removed first.
+        chunk: list[tuple[dict[str, Any], list[Any], list[Any]]] = []
+        for p in mine:
+            try:
+                image = [_load_image(image_root, p["image"])] if p.get("image") else []
+                chunk.append((p, image, _load_videos(image_root, p, sampling)))
+            except Exception as exc:  # noqa: BLE001 - any unreadable image or video is a counted reject
+                what = {k: p[k] for k in ("image", "video", "videos") if p.get(k) is not None}
+                rejects.append({"source": p["source"], **what, "reason": f"{type(exc).__name__}: {exc}"})
+            if len(chunk) == batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
     rows: list[dict[str, Any]] = []
-    for b, start in enumerate(range(0, len(loaded), batch_size)):
-        chunk = loaded[start : start + batch_size]
+    for b, chunk in enumerate(batches()):
         inputs = encode_for_generation(
             processor, [im for _, im, _ in chunk], [p["question"] for p, _, _ in chunk],
             videos=[v for _, _, v in chunk], video_max_pixels=video_max_pixels,
