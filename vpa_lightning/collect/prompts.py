@@ -177,18 +177,27 @@ def _split_placeholders(text: str, n_images: int, n_videos: int = 0) -> tuple[st
             places[VIDEO_PLACEHOLDER] if VIDEO_PLACEHOLDER in marks else None)
 
 
+def _embedded(item: Any) -> tuple[bytes | None, Any]:
+    """``(bytes, None)`` for a ``{"bytes", "path"}`` struct with bytes (as ``datasets`` embeds media), else
+    ``(None, what names the file)``: the struct's ``path``, or the item itself."""
+    if isinstance(item, dict):
+        data = item.get("bytes")
+        if isinstance(data, (bytes, bytearray)) and data:
+            return bytes(data), None
+        return None, item.get("path")
+    return None, item
+
+
 def _images(value: Any, root: Path) -> list[str | bytes]:
     if value is None:
         return []
     items = value if isinstance(value, list) else [value]
     out: list[str | bytes] = []
     for item in items:
-        if isinstance(item, dict):
-            data = item.get("bytes")
-            if isinstance(data, (bytes, bytearray)) and data:
-                out.append(bytes(data))
-                continue
-            item = item.get("path")
+        data, item = _embedded(item)
+        if data is not None:
+            out.append(data)
+            continue
         if not isinstance(item, str) or not item:
             raise ValueError(f"image entry {str(item)[:100]!r} is neither a path nor embedded bytes")
         path = _local(item, root, "image")
@@ -213,12 +222,10 @@ def _videos(value: Any, root: Path, field_name: str) -> list[VideoSource]:
     out: list[VideoSource] = []
     for i, item in enumerate(items):
         where = f"{field_name}[{i}]" if isinstance(value, list) else field_name
-        if isinstance(item, dict):
-            data = item.get("bytes")
-            if isinstance(data, (bytes, bytearray)) and data:
-                out.append(bytes(data))
-                continue
-            item = item.get("path")
+        data, item = _embedded(item)
+        if data is not None:
+            out.append(data)
+            continue
         if isinstance(item, list):
             if not item or not all(isinstance(f, str) and f.strip() for f in item):
                 raise ValueError(f"{where}: a frame list must be a non-empty list of frame image paths")
