@@ -77,7 +77,7 @@ COMMANDS: dict[str, str] = {
     "validate": "one evaluation pass over the validation shards",
     "test": "one evaluation pass over the test shards",
     "predict": "per-pair rewards of a checkpoint over the test shards",
-    "demo": "build the demo shards and train the tiny demo model end to end (about a minute on CPU)",
+    "demo": "build the demo shards and train the tiny demo model end to end on CPU (--video: clips; --rounds N: on-policy rounds)",
     "seva": "SeVa: generate augmented-image pairs (seva generate) or run the rounds (seva rounds)",
     "eval": "evaluate a model or checkpoint on a benchmark (POPE, MME, MMBench, MM-Vet, ...)",
     "report": "tables and plots of evaluation results",
