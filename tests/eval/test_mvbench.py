@@ -263,11 +263,27 @@ def _config(tmp_path: Path, root: Path, model: str) -> Path:
     return path
 
 
-def test_vpa_eval_console_script_with_tiny_qwen2_vl(tmp_path: Path, mvbench_root: Path, capsys) -> None:
+@pytest.mark.parametrize("answer", [None, "(A)"])
+def test_vpa_eval_console_script_with_tiny_qwen2_vl(
+    tmp_path: Path, mvbench_root: Path, capsys, monkeypatch, answer: str | None
+) -> None:
+    """The real tiny model answers (gibberish: a random model), or answers "(A)" after really generating from the
+    frames (the answers swapped after ``generate``), so the table holds known numbers."""
     pytest.importorskip("torchvision")  # the Qwen2-VL processors need a video processor
+    import vpa_lightning.models.generation as generation
     from vpa_lightning.cli import console_main
 
+    generate = generation.greedy_generate
+    frames_seen = []
+
+    def spy(model, processor, inputs, max_new_tokens):
+        frames_seen.append(int(inputs["video_grid_thw"][:, 0].sum()))  # the clips reached the model's inputs
+        out = generate(model, processor, inputs, max_new_tokens)
+        return out if answer is None else [answer] * len(out)
+
+    monkeypatch.setattr(generation, "greedy_generate", spy)
     assert console_main(["eval", "--config", str(_config(tmp_path, mvbench_root, "tiny:qwen2_vl"))]) == 0
+    assert len(frames_seen) == 3 and all(n > 0 for n in frames_seen)  # batches of 2, 2, 1
     table = capsys.readouterr().out
     for task in TASKS:
         assert f"mvbench/accuracy/{task}" in table
@@ -282,6 +298,12 @@ def test_vpa_eval_console_script_with_tiny_qwen2_vl(tmp_path: Path, mvbench_root
         assert m[f"accuracy/{task}"] == pytest.approx(sum(mine) / len(mine))
     assert m["accuracy"] == pytest.approx(sum(right.values()) / 5)
     assert m["unparsed"] == pytest.approx(sum(r["parsed"] is None for r in rows) / 5)
+    if answer is not None:  # "A" is right for action_sequence/2 and object_existence/2 only
+        assert [r["parsed"] for r in rows] == ["A"] * 5
+        assert (m["accuracy/action_sequence"], m["accuracy/object_existence"], m["accuracy/episodic_reasoning"]) == (
+            0.5, 0.5, 0.0)
+        assert m["accuracy"] == pytest.approx(2 / 5) and m["unparsed"] == 0.0
+        assert "mvbench/accuracy/action_sequence     0.5000" in table
 
 
 def test_vpa_eval_refuses_a_model_without_video(tmp_path: Path, mvbench_root: Path, capsys) -> None:
