@@ -79,7 +79,7 @@ COMMANDS: dict[str, str] = {
     "predict": "per-pair rewards of a checkpoint over the test shards",
     "demo": "build the demo shards and train the tiny demo model end to end on CPU (--video: clips; --rounds N: on-policy rounds)",
     "seva": "SeVa: generate augmented-image pairs (seva generate) or run the rounds (seva rounds)",
-    "eval": "evaluate a model or checkpoint on a benchmark (POPE, MME, MMBench, MM-Vet, ...)",
+    "eval": "evaluate a model or checkpoint on a benchmark (POPE, MME, MMBench, MVBench, MM-Vet, ...)",
     "report": "tables and plots of evaluation results",
     "export": "export a checkpoint's LoRA adapter or merged model in transformers' format",
     "sample": "sample K answers per prompt from a pool of VLMs (hf or an OpenAI-compatible server), resumable",

@@ -16,6 +16,7 @@ from vpa_lightning.eval.benchmarks import (
     MME,
     POPE,
     MMBench,
+    MVBench,
     build_benchmark,
 )
 
@@ -210,7 +211,7 @@ def write_mmbench_tsv(path: Path) -> Path:
 
 
 def test_registry() -> None:
-    assert BENCHMARKS == {"pope": POPE, "mme": MME, "mmbench": MMBench}
+    assert BENCHMARKS == {"pope": POPE, "mme": MME, "mmbench": MMBench, "mvbench": MVBench}
     b = build_benchmark({"name": "pope", "file": "x/coco_pope_adversarial.json"})
     assert (
         isinstance(b, POPE)

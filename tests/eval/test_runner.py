@@ -295,7 +295,7 @@ def test_shipped_configs_parse(path: Path) -> None:
     from vpa_lightning.eval.benchmarks import build_benchmark
 
     assert all(
-        build_benchmark(b).name in ("pope", "mme", "mmbench", "mmvet", "llava_bench", "mmhal")
+        build_benchmark(b).name in ("pope", "mme", "mmbench", "mvbench", "mmvet", "llava_bench", "mmhal")
         for b in opts["benchmarks"]
     )
 

@@ -37,7 +37,7 @@ from vpa_lightning.models.video import VideoClip
 
 __all__ = [
     "DECODE_SECONDS", "FRAME_EXTENSIONS", "VideoSampling", "decode_video_file", "decode_video_frames", "folder_frames",
-    "load_video", "sample_indices",
+    "load_video", "sample_indices", "segment",
 ]
 
 #: File types of a frame folder's frames (as the data core's ``rust_pairs/src/video.rs``).
@@ -109,8 +109,32 @@ def _count_frames(av: Any, data: bytes, deadline: float) -> int:
     return n
 
 
-def decode_video_file(data: bytes, member: str, sampling: VideoSampling) -> VideoClip:
-    """Decode a video file's sampled frames from its bytes (any container and codec FFmpeg reads)."""
+def segment(total: int, source_fps: float | None, bound: tuple[float, float] | None, member: str) -> tuple[int, int]:
+    """``(first, count)``: the frames of ``total`` at ``source_fps`` within ``bound`` = ``(start, end)`` seconds
+    (``None``: all of them). A start before 0 counts from 0 and an end past the video stops at its last frame, as
+    MVBench's own reader does; a start past the last frame, an end before the start, or a bound on a video of
+    unknown frame rate raises :class:`~vpa_lightning.data.samples.SampleError`."""
+    if bound is None:
+        return 0, total
+    start, end = float(bound[0]), float(bound[1])
+    if end < start:
+        raise SampleError(f"video {member}: its bound ends ({end} s) before it starts ({start} s)")
+    if not source_fps:
+        raise SampleError(f"video {member} has no frame rate, so its bound [{start}, {end}] s cannot be placed")
+    first = max(0, round(start * source_fps))
+    if first >= total:
+        raise SampleError(
+            f"video {member}: its bound starts at {start} s, past its end ({total} frames at {source_fps:g} fps)"
+        )
+    last = min(max(first, round(end * source_fps)), total - 1)
+    return first, last - first + 1
+
+
+def decode_video_file(data: bytes, member: str, sampling: VideoSampling,
+                      bound: tuple[float, float] | None = None) -> VideoClip:
+    """Decode a video file's sampled frames from its bytes (any container and codec FFmpeg reads); ``bound``:
+    only the ``(start, end)`` seconds of it (see :func:`segment`), which the clip then counts as its whole source
+    (``total_frames`` and ``indices`` relative to the segment, so its sampled frame rate stays right)."""
     av = _av()
     deadline = time.monotonic() + sampling.decode_seconds
     try:
@@ -132,14 +156,16 @@ def decode_video_file(data: bytes, member: str, sampling: VideoSampling) -> Vide
             total = _count_frames(av, data, deadline)
         if total < 1:
             raise SampleError(f"video {member} has no frames")
-        wanted = sample_indices(total, source_fps, sampling.fps, sampling.max_frames)
+        first, count = segment(total, source_fps, bound, member)
+        wanted = [first + i for i in sample_indices(count, source_fps, sampling.fps, sampling.max_frames)]
         frames, decoded = _decode_at(av, data, wanted, sampling.max_pixels, deadline)
         if len(frames) < len(wanted):  # the stream ended early (the container's count was wrong, a truncated file)
             if decoded < 1:
                 raise SampleError(f"video {member} has no decodable frame")
             total = decoded
-            frames, _ = _decode_at(av, data, sample_indices(total, source_fps, sampling.fps, sampling.max_frames),
-                                   sampling.max_pixels, deadline)
+            first, count = segment(total, source_fps, bound, member)
+            wanted = [first + i for i in sample_indices(count, source_fps, sampling.fps, sampling.max_frames)]
+            frames, _ = _decode_at(av, data, wanted, sampling.max_pixels, deadline)
         indices = sorted(frames)
         if not indices:
             raise SampleError(f"video {member} has no decodable frame")
@@ -148,7 +174,7 @@ def decode_video_file(data: bytes, member: str, sampling: VideoSampling) -> Vide
         raise
     except Exception as exc:  # noqa: BLE001 - FFmpeg reports corrupt data with many error types
         raise SampleError(f"cannot decode video {member}: {type(exc).__name__}: {exc}") from exc
-    return VideoClip(frames=array, fps=source_fps, total_frames=total, indices=indices, name=member)
+    return VideoClip(frames=array, fps=source_fps, total_frames=count, indices=[i - first for i in indices], name=member)
 
 
 def _decode_at(av: Any, data: bytes, wanted: list[int], max_pixels: int | None, deadline: float) -> tuple[dict[int, Any], int]:

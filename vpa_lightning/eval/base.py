@@ -22,15 +22,18 @@ class EvalItem:
     Attributes:
         item_id: Unique within the benchmark file (``question_id``, or ``"<id>#rot<k>"`` for an
             MMBench rotation); keys caches and answer files.
-        image: Path of the image (absolute, resolved against the image root).
+        image: Path of the image (absolute, resolved against the image root); ``None`` for a video item.
         question: Full text prompt given to the model (options, answer-format hint included).
         meta: Whatever the benchmark needs to score the answer (label, category, options, ...).
+        video: The item's video (an :class:`~vpa_lightning.eval.video.EvalVideo`, decoded by the runner a
+            batch at a time), or ``None``.
     """
 
     item_id: str
-    image: Path
+    image: Path | None
     question: str
     meta: dict[str, Any] = field(default_factory=dict)
+    video: Any = None
 
 
 @dataclass

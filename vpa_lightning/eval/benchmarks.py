@@ -1,4 +1,4 @@
-"""Rule-scored benchmarks: POPE, MME and MMBench (circular), read from local files.
+"""Rule-scored benchmarks: POPE, MME, MMBench (circular) and MVBench (video), read from local files.
 
 Every class takes the benchmark file, an optional ``image_root`` (relative image paths are
 resolved against it; default: the benchmark file's folder) and an answer-format hint appended to
@@ -9,7 +9,7 @@ unreadable image, duplicate id) becomes a :class:`~vpa_lightning.eval.base.Rejec
 limited: an MME image's two questions, an MMBench question's rotations) and
 ``meta["file"]`` / ``meta["line"]``.
 
-:data:`BENCHMARKS` maps the YAML name (``pope``, ``mme``, ``mmbench``) to the class; other
+:data:`BENCHMARKS` maps the YAML name (``pope``, ``mme``, ``mmbench``, ``mvbench``) to the class; other
 modules add theirs with :func:`register`.
 """
 
@@ -18,16 +18,31 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import string
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from vpa_lightning.eval.base import Benchmark, EvalItem, Reject
-from vpa_lightning.eval.metrics import mmbench_metrics, mme_metrics, pope_metrics
+from vpa_lightning.eval.metrics import (
+    mmbench_metrics,
+    mme_metrics,
+    mvbench_metrics,
+    pope_metrics,
+)
 from vpa_lightning.eval.parsing import parse_choice, parse_yes_no
 
-__all__ = ["BENCHMARKS", "MME", "POPE", "MMBench", "build_benchmark", "register"]
+__all__ = [
+    "BENCHMARKS",
+    "MME",
+    "MVBENCH_TASKS",
+    "POPE",
+    "MMBench",
+    "MVBench",
+    "build_benchmark",
+    "register",
+]
 
 SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
 CHOICE_HINT = "Answer with the option's letter from the given choices directly."
@@ -401,4 +416,235 @@ class MMBench(_FileBenchmark):
             [it.meta["index"] for it in items],
             [it.meta["rotation"] for it in items],
             [it.meta["category"] for it in items],
+        )
+
+
+#: MVBench's 20 tasks as published (huggingface.co/datasets/OpenGVLab/MVBench; the task table of Ask-Anything's
+#: ``video_chat2/mvbench.ipynb``): task (its ``json/<task>.json``) -> (folder of its videos under ``video/``, data
+#: type, whether its entries have a ``start``/``end`` bound in seconds). ``frame``: each ``video`` is a folder of
+#: 1-based ``00001.jpg`` ... frames extracted at 3 fps.
+MVBENCH_TASKS: dict[str, tuple[str, str, bool]] = {
+    "action_sequence": ("star/Charades_v1_480", "video", True),
+    "action_prediction": ("star/Charades_v1_480", "video", True),
+    "action_antonym": ("ssv2_video", "video", False),
+    "fine_grained_action": ("Moments_in_Time_Raw/videos", "video", False),
+    "unexpected_action": ("FunQA_test/test", "video", False),
+    "object_existence": ("clevrer/video_validation", "video", False),
+    "object_interaction": ("star/Charades_v1_480", "video", True),
+    "object_shuffle": ("perception/videos", "video", False),
+    "moving_direction": ("clevrer/video_validation", "video", False),
+    "action_localization": ("sta/sta_video", "video", True),
+    "scene_transition": ("scene_qa/video", "video", False),
+    "action_count": ("perception/videos", "video", False),
+    "moving_count": ("clevrer/video_validation", "video", False),
+    "moving_attribute": ("clevrer/video_validation", "video", False),
+    "state_change": ("perception/videos", "video", False),
+    "fine_grained_pose": ("nturgbd", "video", False),
+    "character_order": ("perception/videos", "video", False),
+    "egocentric_navigation": ("vlnqa", "video", False),
+    "episodic_reasoning": ("tvqa/frames_fps3_hq", "frame", True),
+    "counterfactual_inference": ("clevrer/video_validation", "video", False),
+}
+
+_WS = re.compile(r"\s*")
+
+
+def _json_list(text: str) -> Iterator[tuple[int, int, Any, str]]:
+    """``(line, entry, value, error)`` per entry of a JSON list, ``line`` where the entry starts (1-based),
+    ``entry`` its 1-based position. A syntax error ends the list: one row with the error at its line (the
+    entries before it are kept; nothing after a broken entry can be told apart reliably)."""
+    decoder = json.JSONDecoder()
+    line, counted = 1, 0
+
+    def line_at(pos: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return line
+
+    pos = _WS.match(text, 0).end()
+    if not text.startswith("[", pos):
+        yield line_at(pos), 0, None, "not a JSON list of entries"
+        return
+    pos = _WS.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        return
+    entry = 0
+    while True:
+        entry += 1
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            yield line_at(e.pos), entry, None, f"malformed JSON: {e.msg} (entry {entry}; the rest of the file is not read)"
+            return
+        yield line_at(pos), entry, value, ""
+        pos = _WS.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = _WS.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            return
+        else:
+            yield line_at(pos), entry + 1, None, "malformed JSON: expected ',' or ']' (the rest of the file is not read)"
+            return
+
+
+def _scalar_text(value: Any, what: str) -> str:
+    # MVBench's candidates are strings; numbers are taken as written, anything else is a malformed entry
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+        raise _Bad(f"{what} must be a non-empty string, got {value!r}")
+    return str(value).strip()
+
+
+def _seconds(row: dict[str, Any], key: str) -> float:
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _Bad(f"{'missing field' if value is None else 'bad'} {key!r} (seconds): {value!r}")
+    return float(value)
+
+
+@register
+class MVBench(Benchmark):
+    """MVBench (Li et al., "MVBench: A Comprehensive Multi-modal Video Understanding Benchmark", CVPR 2024):
+    20 temporal tasks of multiple-choice questions about short videos, in its published layout::
+
+        <root>/json/<task>.json            [{"video", "question", "candidates", "answer"[, "start", "end"]}, ...]
+        <root>/video/<task folder>/<video> a video file (mp4, webm, avi, gif ...) or a frame folder
+
+    with the task folders of :data:`MVBENCH_TASKS`. ``answer`` is the text of the correct candidate. The
+    question is asked as ``Question: ...`` / ``Options:`` / ``(A) ...`` lines (MVBench's own template) plus
+    ``prompt_hint``; the letter is read from the answer by
+    :func:`~vpa_lightning.eval.parsing.parse_choice`. Tasks with a bound (action_sequence, action_prediction,
+    object_interaction, action_localization, episodic_reasoning) use only their ``start``..``end`` seconds of
+    the video, sampled at the run's ``video_fps`` / ``video_max_frames`` like a whole video elsewhere; other
+    tasks' ``start``/``end`` are ignored, as MVBench's script does. Frame folders (episodic_reasoning) count as
+    taken at ``frame_fps``.
+
+    Rejected with the line where the entry starts and its entry number: malformed JSON, an entry that is not
+    an object, a missing field, fewer than 2 or repeated candidates, an answer not among them, a missing or
+    bad bound, a missing video or an empty frame folder (a video that fails to decode is rejected by the
+    runner when its batch comes). A task's missing JSON file is one reject (line 0).
+    Items alternate between tasks (the first of every task, then the second ...), so ``--limit N`` samples
+    every task. Metrics: see :func:`~vpa_lightning.eval.metrics.mvbench_metrics`.
+    """
+
+    name = "mvbench"
+
+    def __init__(
+        self,
+        root: str,
+        tasks: list[str] | None = None,
+        json_dir: str = "json",
+        video_dir: str = "video",
+        frame_fps: float = 3.0,
+        prompt_hint: str = CHOICE_HINT,
+    ) -> None:
+        """
+        Args:
+            root: The MVBench folder (as downloaded: ``json/`` and ``video/`` in it).
+            tasks: Tasks to evaluate (keys of :data:`MVBENCH_TASKS`, e.g. ``action_sequence``); ``None``: all 20.
+            json_dir: Folder of the task files, relative to ``root`` (or absolute).
+            video_dir: Folder of the task video folders, relative to ``root`` (or absolute).
+            frame_fps: Frames per second of the frame-folder tasks' frames (MVBench's TVQA frames: 3).
+            prompt_hint: Answer-format instruction appended after the options.
+        """
+        unknown = sorted(set(tasks or ()) - set(MVBENCH_TASKS))
+        if unknown:
+            raise ValueError(f"unknown MVBench task(s) {unknown}; known: {sorted(MVBENCH_TASKS)}")
+        if tasks is not None and not tasks:
+            raise ValueError("tasks: give at least one task, or null for all")
+        if not frame_fps > 0:
+            raise ValueError(f"frame_fps must be > 0, got {frame_fps}")
+        self.root = Path(root)
+        self.file = str(self.root)  # the runner names rejects without an item by it
+        self.tasks = list(dict.fromkeys(tasks)) if tasks is not None else list(MVBENCH_TASKS)
+        self.json_dir = self.root / json_dir
+        self.video_dir = self.root / video_dir
+        self.frame_fps = float(frame_fps)
+        self.prompt_hint = prompt_hint
+
+    @property
+    def display_name(self) -> str:
+        return self.name
+
+    def load(self) -> tuple[list[EvalItem], list[Reject]]:
+        per_task: list[list[EvalItem]] = []
+        rejects: list[Reject] = []
+        for task in self.tasks:
+            file = self.json_dir / f"{task}.json"
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                rejects.append(Reject(str(file), 0, f"cannot read file: {e}"))
+                continue
+            items = []
+            for line, entry, row, error in _json_list(text):
+                try:
+                    if error:
+                        raise _Bad(error)
+                    if not isinstance(row, dict):
+                        raise _Bad(f"entry {entry} is not a JSON object")
+                    item = self._item(task, entry, row)
+                except _Bad as e:
+                    reason = str(e) if error else f"entry {entry}: {e}"
+                    rejects.append(Reject(str(file), line, reason))
+                    continue
+                item.meta.update(file=str(file), line=line)
+                items.append(item)
+            per_task.append(items)
+        # round robin over the tasks: a limited run still covers every task
+        ordered = [it for rank in range(max(map(len, per_task), default=0))
+                   for items in per_task if rank < len(items) for it in (items[rank],)]
+        return ordered, rejects
+
+    def _item(self, task: str, entry: int, row: dict[str, Any]) -> EvalItem:
+        folder, data_type, bounded = MVBENCH_TASKS[task]
+        video = str(_FileBenchmark._field(row, "video"))
+        question = str(_FileBenchmark._field(row, "question")).strip()
+        candidates = row.get("candidates")
+        if not isinstance(candidates, list) or len(candidates) < 2:
+            raise _Bad(f"'candidates' must be a list of at least 2 options, got {candidates!r}")
+        if len(candidates) > len(string.ascii_uppercase):
+            raise _Bad(f"{len(candidates)} candidates: more than there are letters")
+        texts = [_scalar_text(c, "each candidate") for c in candidates]
+        if len(set(texts)) < len(texts):
+            raise _Bad(f"candidates repeat: {texts}")
+        answer = _scalar_text(_FileBenchmark._field(row, "answer"), "'answer'")
+        if answer not in texts:
+            raise _Bad(f"answer {answer!r} is not among the candidates {texts}")
+        bound = (_seconds(row, "start"), _seconds(row, "end")) if bounded else None
+        if bound is not None and bound[1] < bound[0]:
+            raise _Bad(f"bound ends ({bound[1]} s) before it starts ({bound[0]} s)")
+        path = Path(video)
+        path = path if path.is_absolute() else (self.video_dir / folder / path).absolute()
+        frames = data_type == "frame" or path.is_dir()
+        if frames:
+            from vpa_lightning.data.video import folder_frames
+
+            if not path.is_dir():
+                raise _Bad(f"frame folder not found: {path}")
+            if not folder_frames(path):
+                raise _Bad(f"frame folder holds no frame images: {path}")
+        elif not path.is_file():
+            raise _Bad(f"video not found: {path}")
+        from vpa_lightning.eval.video import EvalVideo
+
+        letters = string.ascii_uppercase[: len(texts)]
+        options = dict(zip(letters, texts))
+        body = "\n".join(f"({k}) {t}" for k, t in options.items())
+        prompt = f"Question: {question}\nOptions:\n{body}"
+        if self.prompt_hint:
+            prompt += f"\n{self.prompt_hint}"
+        item_id = f"{task}/{entry}"
+        meta = {"task": task, "answer": letters[texts.index(answer)], "options": options, "group": item_id}
+        clip = EvalVideo(path, bound, self.frame_fps if frames else None)
+        return EvalItem(item_id, None, prompt, meta, video=clip)
+
+    def parse(self, item: EvalItem, answer: str) -> str | None:
+        return parse_choice(answer, item.meta["options"])
+
+    def score(self, items: list[EvalItem], answers: list[str]) -> dict[str, float]:
+        return mvbench_metrics(
+            [parse_choice(a, it.meta["options"]) for it, a in zip(items, answers)],
+            [it.meta["answer"] for it in items],
+            [it.meta["task"] for it in items],
         )

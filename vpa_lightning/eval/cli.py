@@ -7,7 +7,7 @@ Usage::
     vpa eval --help
 
 ``models`` is a list of :class:`~vpa_lightning.eval.runner.ModelSpec` (``name`` plus ``path``
-[+ ``adapter``] or ``checkpoint``). ``benchmarks`` is a list of mappings: ``{name: pope|mme|mmbench,
+[+ ``adapter``] or ``checkpoint``). ``benchmarks`` is a list of mappings: ``{name: pope|mme|mmbench|mvbench,
 <init args>}`` (see :data:`~vpa_lightning.eval.benchmarks.BENCHMARKS`) or ``{class_path:
 pkg.mod.Class, init_args: {...}}`` for any other :class:`~vpa_lightning.eval.base.Benchmark`.
 Nothing heavy (torch, transformers) is imported until the run starts.
@@ -31,6 +31,9 @@ def run_eval(
     seed: int = 0,
     limit: int | None = None,
     device: str = "auto",
+    video_fps: float | None = 2.0,
+    video_max_frames: int | None = 16,
+    video_max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate every model on every benchmark and write ``OUT_DIR/results.json`` and ``OUT_DIR/answers/``.
 
@@ -40,7 +43,8 @@ def run_eval(
             folder on top of ``path``) and ``dtype``; or ``checkpoint`` (a ``vpa fit`` ``.ckpt``) instead of ``path``.
         benchmarks: Benchmarks: ``{name: pope, file: ..., image_root: ..., split: ...}``,
             ``{name: mme, file: ..., image_root: ...}``, ``{name: mmbench, file: ..., image_root: ..., circular: true}``,
-            judge-scored ``{name: mmvet | llava_bench | mmhal, file: ..., image_root: ..., judge: {model: ...,
+            ``{name: mvbench, root: ..., tasks: [...]}`` (video; see
+            :class:`~vpa_lightning.eval.benchmarks.MVBench`), judge-scored ``{name: mmvet | llava_bench | mmhal, file: ..., image_root: ..., judge: {model: ...,
             max_concurrency: 8, cache_dir: ...}}`` (endpoint and key from ``VPA_JUDGE_BASE_URL`` /
             ``VPA_JUDGE_API_KEY``), or ``{class_path: pkg.mod.Class, init_args: {...}}``.
         out_dir: Output folder (``results.json``, ``answers/<model>/<benchmark>.jsonl``).
@@ -50,10 +54,17 @@ def run_eval(
         limit: At most this many questions per benchmark (smoke runs); MME image pairs and MMBench
             rotations stay together. ``null`` = all.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+        video_fps: Video benchmarks: frames per second sampled from each video (``null``: every frame),
+            as the trainer's ``--data.video_fps``.
+        video_max_frames: Video benchmarks: at most this many frames per video, evenly spaced (``null``: no limit).
+        video_max_pixels: Video benchmarks: pixels per frame at most (larger frames are scaled down; ``null``:
+            the processor's own limit).
     """
     from vpa_lightning.eval.runner import evaluate
 
-    specs, benches = _check(models, benchmarks, batch_size, max_new_tokens, limit)
+    specs, benches = _check(
+        models, benchmarks, batch_size, max_new_tokens, limit, video_fps, video_max_frames, video_max_pixels
+    )
     return evaluate(
         specs,
         benches,
@@ -63,6 +74,9 @@ def run_eval(
         seed=seed,
         limit=limit,
         device=device,
+        video_fps=video_fps,
+        video_max_frames=video_max_frames,
+        video_max_pixels=video_max_pixels,
     )
 
 
@@ -72,6 +86,9 @@ def _check(
     batch_size: int,
     max_new_tokens: int,
     limit: int | None,
+    video_fps: float | None = None,
+    video_max_frames: int | None = None,
+    video_max_pixels: int | None = None,
 ) -> tuple[list[ModelSpec], list[Any]]:
     """Validated specs and built benchmarks; ``ValueError`` messages name the flag."""
     from vpa_lightning.eval.benchmarks import build_benchmark
@@ -103,6 +120,11 @@ def _check(
         raise ValueError(f"--max_new_tokens: must be >= 1, got {max_new_tokens}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit: must be >= 1 or null, got {limit}")
+    if video_fps is not None and not video_fps > 0:
+        raise ValueError(f"--video_fps: must be > 0 or null, got {video_fps}")
+    for flag, value in (("--video_max_frames", video_max_frames), ("--video_max_pixels", video_max_pixels)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: must be >= 1 or null, got {value}")
     return specs, benches
 
 
@@ -151,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             opts["batch_size"],
             opts["max_new_tokens"],
             opts["limit"],
+            opts["video_fps"],
+            opts["video_max_frames"],
+            opts["video_max_pixels"],
         )
     except ValueError as e:
         parser.error(str(e))

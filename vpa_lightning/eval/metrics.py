@@ -1,4 +1,4 @@
-"""Rule-based metrics of POPE, MME and MMBench (circular), on parsed answers, with torchmetrics.
+"""Rule-based metrics of POPE, MME, MMBench (circular) and MVBench, on parsed answers, with torchmetrics.
 
 All functions take the *parsed* predictions (``None`` = the parser could not read the answer)
 and return flat ``{name: float}`` dicts. An unparseable answer is always wrong:
@@ -8,7 +8,7 @@ and return flat ``{name: float}`` dicts. An unparseable answer is always wrong:
   also precision or recall. The original POPE script instead maps every answer that does not
   contain "no"/"not" to yes, which rewards a model that babbles; ``unparsed`` reports how often
   it happened. ``yes_ratio`` is the fraction of answers *parsed* as yes.
-* MME and MMBench: it matches no label, like the official scripts' "other" answers.
+* MME, MMBench and MVBench: it matches no label, like the official scripts' "other" answers.
 
 POPE values are fractions in [0, 1]; MME scores follow the paper's scale (per category
 (acc + acc+) * 100, i.e. 0..200; perception sums 10 categories, cognition 4).
@@ -24,6 +24,7 @@ __all__ = [
     "MME_PERCEPTION",
     "mmbench_metrics",
     "mme_metrics",
+    "mvbench_metrics",
     "pope_metrics",
 ]
 
@@ -199,4 +200,32 @@ def mmbench_metrics(
         out[f"vanilla_acc/{cat}"] = _mean([float(vanilla[q]) for q in qs])
     out["unparsed"] = _mean([float(p is None) for p in preds])
     out["n"] = float(len(all_right))
+    return out
+
+
+def mvbench_metrics(
+    preds: Sequence[str | None], answers: Sequence[str], tasks: Sequence[str]
+) -> dict[str, float]:
+    """MVBench accuracy: ``accuracy`` over all questions (the official script's "avg"), ``task_mean`` (the
+    mean of the per-task accuracies: the same number on the full set, 200 questions per task; not on a
+    subset), ``accuracy/<task>``, ``unparsed``, ``n``.
+
+    ``preds[i]``: the option letter parsed from the answer (``None``: unparsed, wrong); ``answers[i]``: the
+    correct letter; ``tasks[i]``: the question's task.
+    """
+    if not len(preds) == len(answers) == len(tasks):
+        raise ValueError("preds, answers and tasks must have the same length")
+    if not preds:
+        return {"n": 0.0}
+    per_task: dict[str, list[float]] = defaultdict(list)
+    right = []
+    for pred, ans, task in zip(preds, answers, tasks):
+        ok = float(pred is not None and pred.upper() == ans.upper())
+        right.append(ok)
+        per_task[task].append(ok)
+    by_task = {t: _mean(per_task[t]) for t in sorted(per_task)}
+    out = {"accuracy": _mean(right), "task_mean": _mean(list(by_task.values()))}
+    out.update({f"accuracy/{t}": v for t, v in by_task.items()})
+    out["unparsed"] = _mean([float(p is None) for p in preds])
+    out["n"] = float(len(preds))
     return out

@@ -12,6 +12,13 @@ Output in ``out_dir``:
 * ``answers/<model>/<benchmark>.jsonl``: ``item_id``, ``question``, ``answer``, ``parsed`` (from the
   benchmark's optional ``parse(item, answer)`` method, else ``null``).
 
+Video items (``item.video``, an :class:`~vpa_lightning.eval.video.EvalVideo`) are decoded a batch at a time
+while their model answers (never a benchmark's clips all at once), sampled at ``video_fps`` /
+``video_max_frames`` / ``video_max_pixels``; a video that fails to decode rejects its item (for every model).
+A model whose family takes no video stops the run before it answers anything
+(:class:`~vpa_lightning.errors.VideoUnsupportedError`, naming the model types that do); models given by
+``path`` are checked by their processor before the first model loads.
+
 The runner relies on the :class:`~vpa_lightning.eval.base.Benchmark` contract only, so
 judge-scored benchmarks work too. Optional attributes it uses when present: ``display_name``
 (results key; default ``name``), ``parse``, ``file``, and items' ``meta["group"]`` / ``meta["line"]``.
@@ -133,6 +140,10 @@ def _load_images(
 
     kept, images, rejects = [], [], []
     for i, it in enumerate(items):
+        if it.image is None:  # a video (or text-only) item
+            kept.append(it)
+            images.append([])
+            continue
         path = Path(it.image)
         if path not in cache:
             try:
@@ -154,6 +165,77 @@ def _load_images(
         kept.append(it)
         images.append(img)
     return kept, images, rejects
+
+
+def _has_video(items: list[EvalItem]) -> bool:
+    return any(it.video is not None for it in items)
+
+
+def _check_video_specs(specs: list[ModelSpec], what: str) -> None:
+    """Refuse, before any model loads, a model given by ``path`` whose processor takes no video."""
+    from vpa_lightning.models.families import family_of
+    from vpa_lightning.models.loading import load_processor
+
+    for i, spec in enumerate(specs):
+        if spec.path is not None:  # a checkpoint's base model is known once it loads: checked then
+            processor = load_processor(spec.path)
+            family_of(processor).check_video(processor, f"--models[{i}] {spec.name}: {what}")
+
+
+def _answer_videos(
+    model: Any,
+    processor: Any,
+    bench: Benchmark,
+    items: list[EvalItem],
+    images: list[Any],
+    sampling: Any,
+    failed: dict[str, Reject],
+    batch_size: int,
+    max_new_tokens: int,
+    video_max_pixels: int | None,
+) -> tuple[list[EvalItem], list[str]]:
+    """``(answered items, answers)``: the clips decoded one batch at a time, each batch answered before the next
+    is decoded; an item whose video fails to decode goes to ``failed`` (by id) and is skipped by later models."""
+    from vpa_lightning.data.samples import SampleError
+    from vpa_lightning.models.generation import generate_answers
+
+    def batches() -> Any:
+        chunk: list[tuple[EvalItem, Any, Any]] = []
+        for i, (it, image) in enumerate(zip(items, images)):
+            if it.item_id in failed:
+                continue
+            clip = None
+            if it.video is not None:
+                try:
+                    clip = it.video.load(sampling)
+                except SampleError as e:
+                    file = str(it.meta.get("file", getattr(bench, "file", _bench_name(bench))))
+                    failed[it.item_id] = Reject(file, int(it.meta.get("line", i + 1)), f"video failed to load: {e}")
+                    continue
+            chunk.append((it, image, clip))
+            if len(chunk) == batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    kept: list[EvalItem] = []
+    answers: list[str] = []
+    for chunk in batches():
+        answers.extend(
+            generate_answers(
+                model,
+                processor,
+                [image for _, image, _ in chunk],
+                [it.question for it, _, _ in chunk],
+                max_new_tokens=max_new_tokens,
+                batch_size=len(chunk),
+                videos=[None if clip is None else [clip] for _, _, clip in chunk],
+                video_max_pixels=video_max_pixels,
+            )
+        )
+        kept.extend(it for it, _, _ in chunk)
+    return kept, answers
 
 
 def _fmt(value: float | None) -> str:
@@ -206,6 +288,9 @@ def evaluate(
     limit: int | None = None,
     device: str = "auto",
     print_table: bool = True,
+    video_fps: float | None = 2.0,
+    video_max_frames: int | None = 16,
+    video_max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate every model on every benchmark; write ``results.json`` and the answers; return the results.
 
@@ -221,6 +306,10 @@ def evaluate(
             question's rotations count once and stay together).
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ...
         print_table: Print the side-by-side table.
+        video_fps: Frames per second sampled from a video item's video (``None``: every frame).
+        video_max_frames: At most this many frames per video, evenly spaced (``None``: no limit).
+        video_max_pixels: Pixels per frame at most (larger frames are scaled down; ``None``: the
+            processor's own limit).
     """
     import gc
 
@@ -254,23 +343,45 @@ def evaluate(
         counts[key] = {"lines": lines, "items": len(items), "rejected": len(all_bad)}
         loaded.append((key, bench, items, images))
 
+    video_benches = [key for key, _, items, _ in loaded if _has_video(items)]
+    sampling = None
+    if video_benches:
+        from vpa_lightning.data.video import VideoSampling
+        from vpa_lightning.models.families import family_of
+
+        sampling = VideoSampling(fps=video_fps, max_frames=video_max_frames, max_pixels=video_max_pixels)
+        what = f"benchmark {video_benches[0]} has videos"
+        _check_video_specs(specs, what)
+    failed: dict[str, dict[str, Reject]] = {key: {} for key, _, _, _ in loaded}
+
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for spec in specs:
+    for i, spec in enumerate(specs):
         model, processor = load_model(spec, seed=seed, device=dev)
+        if video_benches:  # before any answer: a checkpoint's family is known only now
+            family_of(processor).check_video(processor, f"--models[{i}] {spec.name}: {what}")
         results[spec.name] = {}
         for key, bench, items, images in loaded:
             if not items:
                 results[spec.name][key] = {}
                 continue
             torch.manual_seed(seed)
-            answers = generate_answers(
-                model,
-                processor,
-                images,
-                [it.question for it in items],
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-            )
+            if key in video_benches:
+                items, answers = _answer_videos(
+                    model, processor, bench, items, images, sampling, failed[key],
+                    batch_size, max_new_tokens, video_max_pixels,
+                )
+                if not items:
+                    results[spec.name][key] = {}
+                    continue
+            else:
+                answers = generate_answers(
+                    model,
+                    processor,
+                    images,
+                    [it.question for it in items],
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                )
             results[spec.name][key] = {
                 k: float(v) for k, v in bench.score(items, answers).items()
             }
@@ -292,6 +403,11 @@ def evaluate(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    for key, bad in failed.items():  # videos that failed to decode, once per item whatever the models
+        rejects[key].extend(r.to_dict() for r in bad.values())
+        counts[key]["items"] -= len(bad)
+        counts[key]["rejected"] += len(bad)
 
     report = {"models": results, "rejects": rejects, "counts": counts}
     write_text_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
