@@ -439,7 +439,8 @@ def run_sample(
             if spec.backend == "hf" and any(p.videos for p in todo):  # refused at once, not after the image prompts
                 from vpa_lightning.models.families import family_of
 
-                family_of(processor).check_video(processor, f"--model {spec.name}: the prompts have videos")
+                family_of(processor).check_video(processor, f"--model {spec.name}: the prompts have videos",
+                                                 "Sample with one of them (--model), or prompts without videos")
             bar = _progress(len(todo), spec.name)
             t0 = time.perf_counter()
             try:

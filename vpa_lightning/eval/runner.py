@@ -179,7 +179,8 @@ def _check_video_specs(specs: list[ModelSpec], what: str) -> None:
     for i, spec in enumerate(specs):
         if spec.path is not None:  # a checkpoint's base model is known once it loads: checked then
             processor = load_processor(spec.path)
-            family_of(processor).check_video(processor, f"--models[{i}] {spec.name}: {what}")
+            family_of(processor).check_video(processor, f"--models[{i}] {spec.name}: {what}",
+                                                     "Evaluate one of them (--models), or drop the video benchmarks")
 
 
 def _answer_videos(
@@ -358,7 +359,8 @@ def evaluate(
     for i, spec in enumerate(specs):
         model, processor = load_model(spec, seed=seed, device=dev)
         if video_benches:  # before any answer: a checkpoint's family is known only now
-            family_of(processor).check_video(processor, f"--models[{i}] {spec.name}: {what}")
+            family_of(processor).check_video(processor, f"--models[{i}] {spec.name}: {what}",
+                                                     "Evaluate one of them (--models), or drop the video benchmarks")
         results[spec.name] = {}
         for key, bench, items, images in loaded:
             if not items:

@@ -67,7 +67,8 @@ def encode_for_generation(
     if len(clips) != len(rows):
         raise ValueError(f"{len(clips)} video entries for {len(rows)} questions")
     if any(clips):
-        family.check_video(processor, f"a generation prompt has {sum(map(len, clips))} video(s)")
+        family.check_video(processor, f"a generation prompt has {sum(map(len, clips))} video(s)",
+                           "Generate with one of them, or prompts without videos")
     tok = getattr(processor, "tokenizer", processor)
     old_side = tok.padding_side
     tok.padding_side = "left"

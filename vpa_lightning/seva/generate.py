@@ -283,7 +283,8 @@ def generate_pairs(
     if any("video" in p or "videos" in p for p in mine):  # refused at once, naming the families that take video
         from vpa_lightning.models.families import family_of
 
-        family_of(processor).check_video(processor, f"{prompts_file} has video prompts")
+        family_of(processor).check_video(processor, f"{prompts_file} has video prompts",
+                                             "Use one of them (--model), or prompts without videos")
     def batches() -> Any:
         # Decoded a batch at a time (a rank's clips decoded up front would not fit in memory); the batches are
         # those of the readable prompts in order, as if the unreadable ones had been removed first.

@@ -143,9 +143,11 @@ class Family:
             return model_type in self.video_model_types
         return type(obj).__name__ in self.video_processor_classes
 
-    def check_video(self, obj: Any, what: str = "the data has videos") -> None:
+    def check_video(self, obj: Any, what: str = "the data has videos",
+                    fix: str = "Use one of them (--model.model_name_or_path), or shards without videos") -> None:
         """Raise :class:`~vpa_lightning.errors.VideoUnsupportedError`, naming the families that take video,
-        unless ``obj`` (processor or model) takes video input."""
+        unless ``obj`` (processor or model) takes video input. ``what``: the videos met; ``fix``: what the user
+        can do, in the command's own flags (the default is the trainer's)."""
         if self.takes_video(obj):
             return
         from vpa_lightning.errors import VideoUnsupportedError
@@ -155,7 +157,7 @@ class Family:
         name = getattr(getattr(obj, "config", None), "model_type", None) or type(obj).__name__
         raise VideoUnsupportedError(
             f"{what}, and {name} ({self.name} family) takes no video input in vpa; the model types that do: "
-            f"{', '.join(video_model_types())}. Use one of them (--model.model_name_or_path), or shards without videos"
+            f"{', '.join(video_model_types())}. {fix}"
         )
 
     def video_arguments(self, processor: Any, videos: Sequence[Any], max_pixels: int | None) -> dict[str, Any]:
