@@ -186,7 +186,7 @@ def test_bad_inputs_stop_the_round_with_a_reason(world, tmp_path, monkeypatch) -
     from vpa_lightning.collect import judge as judge_module
     from vpa_lightning.collect.rubrics import RubricError
 
-    monkeypatch.setattr(judge_module._HFJudge, "rate", lambda self, prompt, answers: [RubricError("refused")] * len(answers))
+    monkeypatch.setattr(judge_module._HFJudge, "rate", lambda self, prompt, answers, *media: [RubricError("refused")] * len(answers))
     with pytest.raises(RuntimeError, match="no completion was rated"):
         rounds(**_kwargs(world, tmp_path / "c"))
     assert not (tmp_path / "c" / "round0" / "round.json").exists()

@@ -157,15 +157,18 @@ def judge_main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--choices-field", help="rule judge, contains: dotted path to each record's list of choices (instead "
                    "of one --choices list), e.g. truth.choices")
     p.add_argument("--tolerance", type=float, default=0.0, help="rule judge, number: largest accepted difference")
-    p.add_argument("--image-root", default=None, help="relative image paths are relative to this (default: the input's folder)")
+    p.add_argument("--image-root", default=None, help="relative image and video paths are relative to this (default: "
+                   "the input's folder)")
+    add_video_flags(p)  # hf: the frames the judge sees; openai: the check that a row's videos can be read
     args = p.parse_args(argv)
     choices = [c.strip() for c in args.choices.split(",") if c.strip()] if args.choices else None
+    sampling = video_sampling(args)
     try:
         summary = run_judge(args.source, args.out, judge=args.judge, rubric=args.rubric, model=args.model,
                             base_url=args.base_url, cache_dir=args.cache_dir, max_concurrency=args.max_concurrency,
                             dtype=args.dtype, device=args.device, rule=args.rule, reference=args.reference,
                             choices=choices, tolerance=args.tolerance, image_root=args.image_root,
-                            choices_field=args.choices_field)
+                            choices_field=args.choices_field, video_sampling=sampling)
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from exc
     except RuntimeError as exc:

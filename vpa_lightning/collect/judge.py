@@ -8,11 +8,20 @@ the form ``vpa-shard build`` reads (``--recipe silkie`` for the ``vlfeedback`` r
 Judges:
 
 * ``openai``: a GPT-4V-class model behind any OpenAI-compatible server
-  (:class:`~vpa_lightning.eval.judge.JudgeClient`: cache, retries, bounds), the images sent with each request.
+  (:class:`~vpa_lightning.eval.judge.JudgeClient`: cache, retries, bounds), the images sent with each request, and
+  a row's videos (``videos`` / ``video``, as ``vpa sample`` writes them) as ``vpa sample`` sends them: a video file
+  as a ``video_url`` data URL (vLLM's format), a frame folder or frame list as its frames' ``image_url`` parts.
 * ``hf``: a local VLM as labeler, scored by the probabilities of its next token over the rating values (the
   expected rating, renormalised over them; ``p_scale`` in the rationale is the mass those tokens had), never by
   parsing its free text, so a small model still gives a usable score; claims are its answer's sentences, each
-  judged by p(yes) against p(no).
+  judged by p(yes) against p(no). A row's videos are decoded as ``vpa sample`` decodes them (``--video-fps``,
+  ``--video-max-frames``, ``--video-max-pixels``) and go through the family's processor with the request, so the
+  rating tokens are conditioned on the frames; a judge model whose family takes no video stops the run before
+  anything is rated (:class:`~vpa_lightning.errors.VideoUnsupportedError`, naming the families that do).
+
+A video prompt's images and videos sit where the prompt had them (at their places in the question inside the
+request); an image-only prompt's images come first, as they always did. A row whose video (or, for ``hf``, image)
+cannot be read is rejected with its file, line and reason, and the other rows are rated.
 * ``rule``: verifiable rewards against a ground-truth field of the record (``--reference truth.answer``, a dotted
   path): ``exact`` (normalised text), ``contains`` (the reference as whole words; with ``--choices``, or each record's
   ``--choices-field``, no other choice may appear), ``yesno``, ``choice`` (the multiple-choice letter) and ``number`` (within ``--tolerance``).
@@ -31,12 +40,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from vpa_lightning._io import write_text_atomic
-from vpa_lightning.collect.prompts import Prompt, _record
+from vpa_lightning.collect.prompts import _VIDEO_KEYS, Prompt, _record
 from vpa_lightning.collect.rubrics import (
     CLAIMS_ASPECT,
     CLAIMS_CHECK,
@@ -49,7 +61,7 @@ from vpa_lightning.collect.rubrics import (
     quote,
     split_sentences,
 )
-from vpa_lightning.collect.sample import _data_url, _progress, _read_part, settings_digest
+from vpa_lightning.collect.sample import _progress, _read_part, chat_messages, settings_digest
 
 __all__ = ["RULES", "rule_rating", "run_judge"]
 
@@ -102,31 +114,59 @@ def rule_rating(rule: str, answer: str, reference: Any, choices: list[str] | Non
     raise ValueError(f"--rule must be one of {RULES}, got {rule!r}")
 
 
+def _placed(prompt: Prompt, request: Callable[[str], str]) -> tuple[str, list[int] | None, list[int] | None]:
+    """``(text, image offsets, video offsets)`` of a judge request ``request(question)`` about ``prompt``: a video
+    prompt's images and videos where the prompt had them (their offsets in the question, moved to where the question
+    sits in the request); otherwise ``None`` offsets, the media before the text (image prompts are asked exactly as
+    before, so the ``openai`` cache still answers them)."""
+    if not prompt.videos or (prompt.offsets is None and prompt.video_offsets is None):
+        return request(prompt.question), None, None
+    mark = f"\x00question-{secrets.token_hex(8)}\x00"  # never in an answer: it cannot move the media into one
+    marked = request(mark)
+    if marked.count(mark) != 1:  # a rubric without the question (or with it twice): the media first
+        return request(prompt.question), None, None
+    at = marked.index(mark)
+    text = marked.replace(mark, prompt.question)
+    return (text, [at + o for o in (prompt.offsets if prompt.offsets is not None else [0] * len(prompt.images))],
+            [at + o for o in (prompt.video_offsets if prompt.video_offsets is not None else [0] * len(prompt.videos))])
+
+
 class _OpenAIJudge:
-    def __init__(self, rubric: Rubric | str, client: Any) -> None:
-        self.rubric, self.client = rubric, client
+    """A judge behind an OpenAI-compatible server: images as ``image_url`` parts, a video file as a ``video_url``
+    data URL (vLLM's format), a frame folder or frame list as its frames' ``image_url`` parts (what ``vpa sample``
+    sends: :func:`~vpa_lightning.collect.sample.chat_messages`)."""
 
-    def _chat(self, system: str, text: str, images: list[str | bytes]) -> list[dict[str, Any]]:
-        parts = [{"type": "image_url", "image_url": {"url": _data_url(i)}} for i in images] + [{"type": "text", "text": text}]
+    def __init__(self, rubric: Rubric | str, client: Any, video_sampling: Any = None) -> None:
+        self.rubric, self.client, self.video_sampling = rubric, client, video_sampling
+
+    def load(self, prompt: Prompt) -> None:
+        """Decode the prompt's videos once, only to reject a row whose video cannot be read (as ``vpa sample``
+        does) rather than send it; the server gets the files themselves."""
+        prompt.load_videos(self.video_sampling)
+
+    def _chat(self, system: str, prompt: Prompt, request: Callable[[str], str]) -> list[dict[str, Any]]:
+        text, offsets, video_offsets = _placed(prompt, request)
+        (turn,) = chat_messages(replace(prompt, question=text, offsets=offsets, video_offsets=video_offsets))
         chat = [{"role": "system", "content": system}] if system else []
-        return chat + [{"role": "user", "content": parts}]
+        return chat + [turn]
 
-    def rate(self, prompt: Prompt, answers: list[str]) -> list[dict[str, tuple[float, str]] | RubricError]:
+    def rate(self, prompt: Prompt, answers: list[str], media: Any = None) -> list[dict[str, tuple[float, str]] | RubricError]:
         from vpa_lightning.collect.rubrics import _GUARD
 
-        if isinstance(self.rubric, Rubric):
-            replies = self.client.judge_many([self._chat(self.rubric.system(), self.rubric.request(prompt.question, a),
-                                                         prompt.images) for a in answers])
+        rubric = self.rubric
+        if isinstance(rubric, Rubric):
+            replies = self.client.judge_many([self._chat(rubric.system(), prompt, lambda q, a=a: rubric.request(q, a))
+                                              for a in answers])
             out: list[Any] = []
             for reply in replies:
                 try:
-                    out.append(self.rubric.parse(reply))
+                    out.append(rubric.parse(reply))
                 except RubricError as exc:
                     out.append(RubricError(f"{exc} (reply: {reply[:200]!r})"))
             return out
         # claims: split each answer, then ask about every claim
-        splits = self.client.judge_many([self._chat(_GUARD, CLAIMS_SPLIT.format(question=prompt.question, answer=quote(a)),
-                                                    prompt.images) for a in answers])
+        splits = self.client.judge_many([self._chat(_GUARD, prompt, lambda q, a=a: CLAIMS_SPLIT.format(question=q, answer=quote(a)))
+                                         for a in answers])
         claims: list[list[str] | RubricError] = []
         for reply in splits:
             try:
@@ -134,7 +174,7 @@ class _OpenAIJudge:
             except RubricError as exc:
                 claims.append(exc)
         asks = [(i, c) for i, cs in enumerate(claims) if not isinstance(cs, RubricError) for c in cs]
-        checks = self.client.judge_many([self._chat("", CLAIMS_CHECK.format(claim=c), prompt.images) for _, c in asks])
+        checks = self.client.judge_many([self._chat("", prompt, lambda q, c=c: CLAIMS_CHECK.format(claim=c)) for _, c in asks])
         verdicts: dict[int, list[bool]] = {}
         errors: dict[int, RubricError] = {}
         for (i, _), reply in zip(asks, checks):
@@ -157,12 +197,13 @@ class _OpenAIJudge:
 class _HFJudge:
     """A local VLM scored by its next-token probabilities over the rating values (or yes/no)."""
 
-    def __init__(self, rubric: Rubric | str, model_spec: str, dtype: str | None, device: str | None) -> None:
+    def __init__(self, rubric: Rubric | str, model_spec: str, dtype: str | None, device: str | None,
+                 video_sampling: Any = None) -> None:
         import torch
 
         from vpa_lightning.models.loading import load_vlm
 
-        self.rubric = rubric
+        self.rubric, self.video_sampling = rubric, video_sampling
         model, self.processor = load_vlm(model_spec, dtype=dtype)
         self.model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
         tok = self.processor.tokenizer
@@ -187,38 +228,51 @@ class _HFJudge:
             return None
         return ids[0]
 
-    def _next_token_probs(self, prompt: Prompt, texts: list[str], images: list[Any]) -> Any:
+    def load(self, prompt: Prompt) -> tuple[list[Any], list[Any]]:
+        """The prompt's images and videos (:class:`~vpa_lightning.models.video.VideoClip`, sampled as ``vpa sample``
+        samples them); one that cannot be read raises ``ValueError`` naming it (the row is rejected)."""
+        return prompt.load_images(), prompt.load_videos(self.video_sampling)
+
+    def _next_token_probs(self, prompt: Prompt, requests: list[Callable[[str], str]], media: tuple[list[Any], list[Any]]) -> Any:
+        """Next-token probabilities after each request, every row conditioned on the prompt's images and videos."""
         import torch
 
-        from vpa_lightning.models.generation import encode_for_generation
+        from vpa_lightning.models.generation import encode_for_generation, to_model
 
+        images, videos = media
+        placed = [_placed(prompt, r) for r in requests]
+        enc = encode_for_generation(
+            self.processor, [images] * len(placed), [t for t, _, _ in placed], [o for _, o, _ in placed],
+            # a batch without videos calls the family exactly as before videos existed
+            **({"videos": [videos] * len(placed), "video_offsets": [v for _, _, v in placed],
+                "video_max_pixels": getattr(self.video_sampling, "max_pixels", None)} if videos else {}))
         param = next(self.model.parameters())
-        enc = encode_for_generation(self.processor, [images] * len(texts), texts, [None] * len(texts))
-        enc = {k: (v.to(param.device, param.dtype) if k == "pixel_values" and v.is_floating_point() else v.to(param.device))
-               for k, v in enc.items() if torch.is_tensor(v)}
+        enc = {k: to_model(v, k, param) for k, v in enc.items() if torch.is_tensor(v)}
         with torch.no_grad():
             logits = self.model(**enc, logits_to_keep=1, use_cache=False, return_dict=True).logits[:, -1].float()
         return torch.softmax(logits, dim=-1)
 
-    def rate(self, prompt: Prompt, answers: list[str]) -> list[dict[str, tuple[float, str]] | RubricError]:
-        images = prompt.load_images()
-        if isinstance(self.rubric, Rubric):
-            rows = [(a, aspect) for a in answers for aspect in self.rubric.aspects]
-            probs = self._next_token_probs(prompt, [self.rubric.aspect_request(prompt.question, a, s) for a, s in rows], images)
+    def rate(self, prompt: Prompt, answers: list[str], media: tuple[list[Any], list[Any]] | None = None,
+             ) -> list[dict[str, tuple[float, str]] | RubricError]:
+        media = self.load(prompt) if media is None else media
+        rubric = self.rubric
+        if isinstance(rubric, Rubric):
+            rows = [(a, aspect) for a in answers for aspect in rubric.aspects]
+            probs = self._next_token_probs(prompt, [lambda q, a=a, s=s: rubric.aspect_request(q, a, s) for a, s in rows], media)
             picked = probs[:, self.tokens]
             mass = picked.sum(dim=1)
             expected = (picked * picked.new_tensor(self.values)).sum(dim=1) / mass.clamp_min(1e-30)
             out: list[Any] = []
             for i, _ in enumerate(answers):
-                n = len(self.rubric.aspects)
+                n = len(rubric.aspects)
                 out.append({aspect: (round(float(expected[i * n + j]), 4), f"p_scale={float(mass[i * n + j]):.3f}")
-                            for j, aspect in enumerate(self.rubric.aspects)})
+                            for j, aspect in enumerate(rubric.aspects)})
             return out
         claims = [split_sentences(a) for a in answers]
         asks = [(i, c) for i, cs in enumerate(claims) for c in cs]
         out = []
         if asks:
-            probs = self._next_token_probs(prompt, [CLAIMS_CHECK.format(claim=c) for _, c in asks], images)
+            probs = self._next_token_probs(prompt, [lambda q, c=c: CLAIMS_CHECK.format(claim=c) for _, c in asks], media)
             yes, no = probs[:, self.yes].sum(dim=1), probs[:, self.no].sum(dim=1)
         for i, cs in enumerate(claims):
             rejected = [c for k, (j, c) in enumerate(asks) if j == i and float(no[k]) > float(yes[k])]
@@ -272,12 +326,21 @@ def run_judge(
     tolerance: float = 0.0,
     image_root: str | None = None,
     choices_field: str | None = None,
+    video_sampling: Any = None,
 ) -> dict[str, Any]:
-    """Rate every completion of ``source`` into ``out`` (see the module doc); returns the summary."""
+    """Rate every completion of ``source`` into ``out`` (see the module doc); returns the summary.
+    ``video_sampling``: how the ``openai`` and ``hf`` judges decode a row's videos (a
+    :class:`~vpa_lightning.data.video.VideoSampling`; ``None``: the trainer's defaults, 2 fps, at most 16 frames, as
+    ``vpa sample``)."""
     source, out = Path(source), Path(out)
     if source.resolve() == out.resolve():
         raise ValueError("--out must not be the input file (the input is never overwritten)")
     rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    has_videos = any(isinstance(r, dict) and any(r.get(k) not in (None, "", [], {}) for k in _VIDEO_KEYS) for r in rows)
+    if has_videos and video_sampling is None and judge != "rule":
+        from vpa_lightning.data.video import VideoSampling
+
+        video_sampling = VideoSampling(max_image_pixels=89_478_485)
     if judge == "rule":
         if not reference:
             raise ValueError("--judge rule needs --reference FIELD (a dotted path to the ground truth in each record)")
@@ -291,17 +354,24 @@ def run_judge(
 
             client = JudgeClient(base_url=base_url, model=model, api_key=api_key, cache_dir=cache_dir,
                                  max_concurrency=max_concurrency)
-            rater = _OpenAIJudge(spec, client)
+            rater = _OpenAIJudge(spec, client, video_sampling)
         elif judge == "hf":
             if not model:
                 raise ValueError("--judge hf needs --model (a local folder or tiny: spec)")
-            rater = _HFJudge(spec, model, dtype, device)
+            rater = _HFJudge(spec, model, dtype, device, video_sampling)
+            if has_videos:  # refused before anything is rated: a video prompt is never rated blind
+                from vpa_lightning.models.families import family_of
+
+                family_of(rater.processor).check_video(
+                    rater.processor, f"--judge hf --model {model}: {source.name} has video prompts")
         else:
             raise ValueError(f"--judge must be openai, hf or rule, got {judge!r}")
     root = Path(image_root) if image_root is not None else source.parent
     # a part is reused only by the same judge, rubric and input (other settings judge afresh)
     settings = [judge, rubric if judge != "rule" else [rule, reference, choices, tolerance, *([choices_field] if choices_field else [])], model, base_url,
                 str(source.resolve()), source.stat().st_size]
+    if has_videos and judge != "rule":  # the frames shape the ratings; image-only runs keep their earlier digest
+        settings.append(asdict(video_sampling))
     part = out.with_name(out.name + ".parts") / f"judged-{settings_digest(settings)}.jsonl"
     part.parent.mkdir(parents=True, exist_ok=True)
     done = _read_part(part)
@@ -320,12 +390,14 @@ def run_judge(
                 answers = [c.get("response") if isinstance(c, dict) else None for c in completions]
                 try:
                     prompt = _record(row, f"{source}:{n}", root, rid)
+                    # a video (or, for hf, an image) that cannot be read rejects its row: never rated unseen
+                    media = rater.load(prompt) if judge != "rule" else None
                 except ValueError as exc:
                     result["record_error"] = str(exc)
                 else:
                     usable = [i for i, a in enumerate(answers) if isinstance(a, str) and a.strip()]
                     rated = (rater.rate(prompt, [answers[i] for i in usable], row) if judge == "rule"
-                             else rater.rate(prompt, [answers[i] for i in usable]))
+                             else rater.rate(prompt, [answers[i] for i in usable], media))
                     ratings: list[Any] = [None] * len(answers)
                     for i, r in zip(usable, rated):
                         ratings[i] = r
