@@ -20,8 +20,9 @@
 #   trainer_mfu: vpa alone without checkpointing, 8 groups a step (MFU);
 #   trainer_qwen: vpa packed vs TRL at Qwen2-VL-7B, pairs;
 #   trainer_fullft: full fine-tuning of the 7B language model, vpa packed vs TRL, pairs;
-#   augment (Kornia on CUDA vs torchvision on CPU), seva_generation, varlen_probe (the kernel alone vs SDPA's
-#   mask), trainer_profile (one profiled run at full depth), with whatever time is left.
+#   augment (Kornia on CUDA vs torchvision on CPU), seva_generation, video_dpo (packed vs the pairwise layout at
+#   Qwen2-VL-7B, 16 frames), varlen_probe (the kernel alone vs SDPA's mask), trainer_profile (one profiled run at
+#   full depth), with whatever time is left.
 # --cpu: the same steps at a tiny shape on CPU (the smoke test of this script, tests/test_gpu_check.py).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -161,6 +162,8 @@ if [ "$CPU" = 1 ]; then
     --repeats 1 --json "$WORK/augment.json"
   step seva_generation "$L" "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava --prompts 4 \
     --batch-size 4 --max-new-tokens 4 --size 56 --device cpu --workdir "$WORK/seva" --json "$WORK/seva.json"
+  step video_dpo "$L" "$WORK/video.json" -- "$PY" benchmarks/video_dpo.py --device cpu --frames 4 --size 56 \
+    --settings groups --modes packed,pairwise --steps 1 --warmup 0 --repeats 1 --json "$WORK/video.json"
 else
   # pytest-xdist (in the GPU image) runs the CUDA tests 6 at a time; each `vpa fit` is its own process group
   # pytest-timeout (there too): a test that hangs fails alone, and the junit XML is still written
@@ -192,6 +195,10 @@ else
   step seva_generation 45 "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava?image_size=336 \
     --dtype bfloat16 --prompts 256 --batch-size 64 --max-new-tokens 32 --size 336 --workdir "$WORK/seva" \
     --json "$WORK/seva.json"
+  # video DPO (issue 25) at Qwen2-VL-7B, 16 frames of 224 px: packed vs the pairwise layout, groups then pairs
+  step video_dpo 150 "$WORK/video.json" -- "$PY" benchmarks/video_dpo.py --device cuda --shape qwen2vl7b --frames 16 \
+    --size 224 --settings groups,pairs --modes packed,pairwise --steps 3 --warmup 1 --repeats 1 --checkpointing \
+    --timeout 100 --json "$WORK/video.json"
   step varlen_probe 60 "$WORK/varlen_probe.json" -- "$PY" benchmarks/varlen_probe.py --json "$WORK/varlen_probe.json"
   # one profiled step per side at full depth (--profile: each step's top ops and kernels)
   step trainer_profile 150 "$WORK/trl_profile.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \

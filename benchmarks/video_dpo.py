@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if shape.get("family") != "qwen2_vl":
         p.error(f"--shape {a.shape} is not a Qwen2-VL shape")
     model_dir = tempfile.mkdtemp(prefix="vpa-video-bench-")
-    _build_qwen2_vl(model_dir, a.size, 0, shape, "cpu")
+    _build_qwen2_vl(model_dir, a.size, 0, shape, device)  # a 7B shape is built on the GPU, in bf16 there
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "device": device,
         "machine": torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()}, {os.cpu_count()} threads",

@@ -32,7 +32,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     report = _check(tmp_path, 0, 1500, OMP_NUM_THREADS="1")
     assert report["mode"] == "cpu-smoke" and report["ok"] and report["environment"]["cuda"] is False
     steps = {s["step"]: s for s in report["steps"]}
-    assert list(steps) == ["tests", "trainer_vs_trl", "trainer_qwen", "augment", "seva_generation"]
+    assert list(steps) == ["tests", "trainer_vs_trl", "trainer_qwen", "augment", "seva_generation", "video_dpo"]
     assert steps["tests"]["result"]["passed"] >= 2 and steps["tests"]["result"]["failed"] == 0
     trl = steps["trainer_vs_trl"]["result"]["results"]["cpu/pairwise"]
     assert trl["gradient_checkpointing"] and trl["vpa:packed"]["pairs_per_s"] > 0 and trl["trl"]["pairs_per_s"] > 0
@@ -48,6 +48,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert "trl" not in qwen and qwen["vpa:packed"]["pairs_per_s"] > 0 and qwen["throughput_ratio_over_trl"] == {}
     assert steps["trainer_qwen"]["result"]["model"]["family"] == "qwen2_vl"
     assert steps["augment"]["result"] and steps["seva_generation"]["result"]
+    video = steps["video_dpo"]["result"]["results"]["groups/4f"]
+    assert video["packed"]["pairs_per_s"] > 0 and video["pairwise"]["pairs_per_s"] > 0 and "packed_vs_pairwise" in video
     log = (tmp_path / "check.log").read_text()
     assert all(f"== {name} (limit" in log for name in steps)  # every step's whole log comes back beside the JSON
 
@@ -56,7 +58,7 @@ def test_gpu_check_budget_skips_steps_and_still_reports(tmp_path):
     """With no budget left every step is recorded as skipped: the JSON is written and the exit code says so."""
     report = _check(tmp_path, 1, 300, VPA_CHECK_BUDGET="5")
     assert not report["ok"] and [s["step"] for s in report["steps"]] == ["tests", "trainer_vs_trl", "trainer_qwen", "augment",
-                                                                         "seva_generation"]
+                                                                         "seva_generation", "video_dpo"]
     assert all(s["skipped"] and s["timed_out"] for s in report["steps"])
 
 
