@@ -356,7 +356,7 @@ def test_images_sit_where_the_prompt_had_them(family) -> None:
 
 
 @pytest.mark.parametrize(("family", "feature_layer"), [(f, None) for f in TINY_FAMILIES]
-                         + [("llava", -2), ("llava_next", -2), ("llava_onevision", -2)])
+                         + [("llava", -2), ("llava_next", -2), ("llava_onevision", -2), ("llava_next_video", -2)])
 def test_unused_parameters_are_exactly_those_without_a_gradient(family, feature_layer) -> None:
     """Family.unused_parameters names exactly the parameters a forward and backward leave without a gradient (DDP
     fails on trainable ones): none missing, none that would have learned. LLaVA-1.5 reads the penultimate vision
