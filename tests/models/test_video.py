@@ -287,3 +287,23 @@ def test_one_tensor_video_groups(family, no_pack_fallback) -> None:
     mixed = [groups[0], dataclasses.replace(groups[1], videos=[clip(2, (28, 28))])]
     with pytest.raises(ValueError, match="one frame count"):
         build_group_batch(processor, mixed)
+
+
+@pytest.mark.parametrize("family", sorted(ONE_TENSOR_FAMILIES))
+def test_tiny_video_model_saves_and_loads_back(family, tmp_path) -> None:
+    """``tiny:<family>`` saved loads back with the Auto classes (its video processor included): the same video
+    batch, the same log-probs."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model, processor = build_tiny_vlm(family, out_dir=tmp_path, seed=3)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is type(model) and type(loaded_processor) is type(processor)
+    assert type(loaded_processor.video_processor) is type(processor.video_processor)
+    groups = onevision_groups()
+    batch, again = build_group_batch(processor, groups), build_group_batch(loaded_processor, groups)
+    assert batch.model_inputs.keys() == again.model_inputs.keys()
+    for k, v in batch.model_inputs.items():
+        assert torch.equal(v, again.model_inputs[k]), k
+    with torch.no_grad():
+        torch.testing.assert_close(group_logps(loaded, again).sum_logps, group_logps(model, batch).sum_logps)
