@@ -31,7 +31,8 @@ Image processors use the backend that ``AutoImageProcessor`` picks in the
 current environment (torchvision if installed, else PIL), so a saved folder
 loads back with identical preprocessing. ``qwen2_vl`` needs torchvision:
 transformers 5 requires a video processor in ``Qwen2VLProcessor`` and video
-processors are torchvision-only.
+processors are torchvision-only (so do ``llava_onevision`` and ``llava_next_video``, whose processors hold
+a video processor too).
 
 Example::
 
