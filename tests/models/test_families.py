@@ -28,6 +28,10 @@ RESPONSES = (("There is a cat.", "A dog on a red sofa."), ("Green grass.", "It i
 #: LLaVA-OneVision's generation prompt ("assistant\n") differs from its template's assistant header
 #: ("assistant \n"): the trained prompt is the generation prompt, the response "text<|im_end|>".
 GENERATION_PROMPT_DIFFERS = {"llava_onevision"}
+#: Vicuna-style templates (LLaVA-NeXT-Video's) write no end-of-turn token after the answer, only a space: the trained
+#: answer is the template's answer text, then the tokenizer's EOS, which the model must learn to emit
+#: (:meth:`Family.response_text <vpa_lightning.models.families.Family.response_text>`).
+EOS_ENDS_THE_ANSWER = {"llava_next_video"}
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:
@@ -85,6 +89,9 @@ def reference_logps(model, processor, image, prompt: str, response: str) -> tupl
     while end > n_prompt and tok.decode(ids[end - 1 : end]).strip() == "":
         end -= 1
     inputs = {k: (v[:, :end] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == ids.shape[0] else v) for k, v in inputs.items()}
+    if family.name in EOS_ENDS_THE_ANSWER:  # the template writes no end-of-turn token: the trained answer ends with EOS
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[tok.eos_token_id]])], dim=1)
+        end += 1
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     del family
     with torch.no_grad():
@@ -111,6 +118,11 @@ def test_sequence_is_the_chat_template(family, trailing) -> None:
             assert tok.decode(ours[n_prompt:]) == response + "<|im_end|>" + ("\n" if trailing else "")
             continue
         full = template_inputs(processor, group.image, group.prompt, response)["input_ids"][0].tolist()
+        if family in EOS_ENDS_THE_ANSWER:  # the template's answer (its trailing space with `trailing`), then EOS
+            while not trailing and tok.decode(full[-1:]).strip() == "":
+                full = full[:-1]
+            assert ours == full + [tok.eos_token_id], tok.convert_ids_to_tokens(ours[n_prompt:])
+            continue
         assert ours == full[: len(ours)], (tok.convert_ids_to_tokens(ours[n_prompt:]), tok.convert_ids_to_tokens(full[n_prompt:]))
         rest = tok.decode(full[len(ours) :])
         assert rest == "" if trailing else rest.strip() == "", repr(rest)
@@ -344,7 +356,7 @@ def test_images_sit_where_the_prompt_had_them(family) -> None:
 
 
 @pytest.mark.parametrize(("family", "feature_layer"), [(f, None) for f in TINY_FAMILIES]
-                         + [("llava", -2), ("llava_next", -2), ("llava_onevision", -2)])
+                         + [("llava", -2), ("llava_next", -2), ("llava_onevision", -2), ("llava_next_video", -2)])
 def test_unused_parameters_are_exactly_those_without_a_gradient(family, feature_layer) -> None:
     """Family.unused_parameters names exactly the parameters a forward and backward leave without a gradient (DDP
     fails on trainable ones): none missing, none that would have learned. LLaVA-1.5 reads the penultimate vision

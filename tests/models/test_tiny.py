@@ -41,9 +41,9 @@ def test_llava_image_size_and_width():
     assert all(torch.equal(v, same.state_dict()[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("family", ["idefics3", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["idefics3", "qwen2_vl", "llava_next_video"])
 def test_other_families_take_sizes(family):
-    if family == "qwen2_vl":
+    if family in ("qwen2_vl", "llava_next_video"):  # their processors need a video processor
         pytest.importorskip("torchvision")
     model, processor = build_tiny_vlm(family, image_size=84, vision_hidden=48)
     inputs = encode_for_generation(processor, [Image.new("RGB", (84, 84))], ["What is this?"])
@@ -87,3 +87,9 @@ def test_llava_vision_init_factor():
     assert smooth.state_dict()[w].std() < base.state_dict()[w].std() / 3
     with pytest.raises(ValueError, match="unknown"):
         build_tiny_vlm("idefics3?vision_init_factor=1")
+
+
+def test_llava_next_video_frames_pool_to_an_even_patch_grid():
+    """Its frames' patch grid is average-pooled with stride 2: image_size is a multiple of 2 x 14."""
+    with pytest.raises(ValueError, match="multiple of 28"):
+        build_tiny_vlm("llava_next_video?image_size=42")

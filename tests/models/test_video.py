@@ -1,4 +1,4 @@
-"""Video groups (Qwen2-VL, Qwen2.5-VL; LLaVA-OneVision at the end): the placeholder where the prompt had it, the family's own template and
+"""Video groups (Qwen2-VL, Qwen2.5-VL; LLaVA-OneVision and LLaVA-NeXT-Video at the end): the placeholder where the prompt had it, the family's own template and
 processor tokens, log-probs equal to a per-sequence forward (vision once per group), the packed and the KV-cache
 prefix-sharing paths equal to the plain one (log-probs and gradients; temporal M-RoPE positions past the text's),
 truncation that never cuts video tokens, and families without video input refused with the families that have it."""
@@ -226,14 +226,22 @@ def test_families_without_video_are_refused_by_name(family) -> None:
     with pytest.raises(VideoUnsupportedError, match="qwen2_vl, qwen2_5_vl") as exc:
         build_group_batch(processor, [video_groups()[0]])
     assert type(processor).__name__ in str(exc.value)
-    assert video_model_types() == ["llava_onevision", "qwen2_vl", "qwen2_5_vl"]
-    for name in [*VIDEO_FAMILIES, "llava_onevision"]:
+    assert video_model_types() == ["llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+    for name in [*VIDEO_FAMILIES, *ONE_TENSOR_FAMILIES]:
         assert family_of(name).takes_video(_tiny(name)[1])
 
 
+#: Families that batch their videos as one ``[videos, frames, C, H, W]`` tensor, and what the second group's prompt
+#: decodes to (10 image tokens; 4 frames x 1 pooled patch, + OneVision's newline).
+ONE_TENSOR_FAMILIES = {
+    "llava_onevision": "<image>" * 10 + "<video>" * 5 + "\nCompare \n with \n.",
+    "llava_next_video": "USER: " + "<image>" * 10 + "\n" + "<video>" * 4 + "\nCompare   with  . ASSISTANT:",
+}
+
+
 def onevision_groups() -> list[PreferenceGroup]:
-    """LLaVA-OneVision batches its videos as one tensor: every video here has 4 frames (of different sizes: the
-    processor resizes each frame to its fixed size)."""
+    """LLaVA-OneVision and LLaVA-NeXT-Video batch their videos as one tensor: every video here has 4 frames (of
+    different sizes: the processor resizes each frame to its fixed size)."""
     return [
         PreferenceGroup(None, "What moves? ", ["A red square moves right.", "Nothing moves.", "A bar."], id="video",
                         images=[], videos=[clip(4, (28, 28))], video_offsets=[12]),
@@ -243,16 +251,27 @@ def onevision_groups() -> list[PreferenceGroup]:
     ]
 
 
-def test_llava_onevision_video_groups(no_pack_fallback) -> None:
-    """LLaVA-OneVision: the template's ``<video>`` after the images, expanded by the processor (frames x pooled
-    patches + a newline); log-probs equal each sequence's alone (vision once per group), the packed and the KV-cache
-    paths equal the plain one; a batch of videos with different frame counts is refused with the reason."""
-    model, processor = _tiny("llava_onevision")
+@pytest.mark.parametrize("family", sorted(ONE_TENSOR_FAMILIES))
+def test_one_tensor_video_groups(family, no_pack_fallback) -> None:
+    """LLaVA-OneVision, LLaVA-NeXT-Video: the template's ``<video>`` after the images, expanded by the processor
+    (frames x pooled patches, + a newline for OneVision); log-probs equal each sequence's alone (vision once per
+    group), the packed (mask and varlen layouts) and the KV-cache paths equal the plain one (log-probs and
+    gradients); a batch of videos with different frame counts is refused with the reason."""
+    model, processor = _tiny(family)
     groups = onevision_groups()
     batch = build_group_batch(processor, groups)
     assert batch.model_inputs["pixel_values_videos"].shape[:2] == (5, 4) and batch.video_counts.tolist() == [1] * 5 + [0] * 2
     text = processor.tokenizer.decode(batch.model_inputs["input_ids"][3])
-    assert "<image>" * 10 + "<video>" * 5 + "\nCompare \n with \n." in text  # 4 frames x 1 pooled patch + newline
+    assert ONE_TENSOR_FAMILIES[family] in text
+    calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda m, a, k: calls.append(a[0].shape[0]))
+    try:
+        with torch.no_grad():
+            group_logps(model, batch)
+    finally:
+        hook.remove()
+    # one vision pass for the images, one for the videos: each group's first row only (2 images' crops; 2 x 4 frames)
+    assert len(calls) == 2 and calls[1] == 2 * 4
     with torch.no_grad():
         got = group_logps(model, batch).sum_logps
         alone = [group_logps(model, build_group_batch(processor, [dataclasses.replace(g, responses=[r])])).sum_logps[0]
@@ -261,6 +280,30 @@ def test_llava_onevision_video_groups(no_pack_fallback) -> None:
     plain = _grads(model, batch)
     _assert_same(plain, _grads(model, batch, pack=True, pack_tokens=10_000))
     _assert_same(plain, _grads(model, batch, share_prefix=True))
+    _assert_same(plain, _grads(model, batch, pack=True, pack_attention="varlen"))
+    packed_in = pack_groups(model, batch, max_tokens=10_000)
+    assert packed_in.tokens < int(batch.model_inputs["attention_mask"].sum())  # each prompt + video once
+    assert packed_in.model_inputs["pixel_values_videos"].shape[0] == 2  # one video per group with a video
     mixed = [groups[0], dataclasses.replace(groups[1], videos=[clip(2, (28, 28))])]
     with pytest.raises(ValueError, match="one frame count"):
         build_group_batch(processor, mixed)
+
+
+@pytest.mark.parametrize("family", sorted(ONE_TENSOR_FAMILIES))
+def test_tiny_video_model_saves_and_loads_back(family, tmp_path) -> None:
+    """``tiny:<family>`` saved loads back with the Auto classes (its video processor included): the same video
+    batch, the same log-probs."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model, processor = build_tiny_vlm(family, out_dir=tmp_path, seed=3)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is type(model) and type(loaded_processor) is type(processor)
+    assert type(loaded_processor.video_processor) is type(processor.video_processor)
+    groups = onevision_groups()
+    batch, again = build_group_batch(processor, groups), build_group_batch(loaded_processor, groups)
+    assert batch.model_inputs.keys() == again.model_inputs.keys()
+    for k, v in batch.model_inputs.items():
+        assert torch.equal(v, again.model_inputs[k]), k
+    with torch.no_grad():
+        torch.testing.assert_close(group_logps(loaded, again).sum_logps, group_logps(model, batch).sum_logps)

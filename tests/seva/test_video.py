@@ -1,4 +1,4 @@
-"""SeVa on video prompts (tiny Qwen2-VL): every frame of a clip gets the same augmentation (same random parameters),
+"""SeVa on video prompts (tiny Qwen2-VL; LLaVA-NeXT-Video's and OneVision's ``[videos, frames]`` layout): every frame of a clip gets the same augmentation (same random parameters),
 in raw frames and through the processor's ``pixel_values_videos``; ``vpa seva generate`` on a video prompt file
 writes pairs and shards that keep the videos."""
 
@@ -81,6 +81,26 @@ def test_qwen_video_patches_round_trip_and_are_corrupted_alike(tiny_qwen) -> Non
     assert torch.equal(corrupt_pixel_values(inputs, processor, AUGMENTATION, seed=0)["pixel_values_videos"],
                        bad["pixel_values_videos"])
 
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
+def test_one_tensor_video_layout_is_corrupted_alike(family) -> None:
+    """LLaVA-NeXT-Video and LLaVA-OneVision (``pixel_values_videos`` ``[videos, frames, C, H, W]``): each clip is
+    corrupted with every frame alike, an image in the same batch too, the text untouched."""
+    from vpa_lightning.models import build_tiny_vlm
+
+    _, processor = build_tiny_vlm(family)
+    frames = (_still_clip(4).permute(0, 2, 3, 1) * 255).round().byte().numpy()
+    clips = [VideoClip(frames=frames, fps=2.0, total_frames=4, indices=[0, 1, 2, 3]),
+             VideoClip(frames=moving_frames(4, (56, 56), seed=1), fps=2.0, total_frames=4, indices=[0, 1, 2, 3])]
+    inputs = encode_for_generation(processor, [[], []], ["What moves?", "And here?"], videos=clips)
+    pv = inputs["pixel_values_videos"]
+    assert pv.dim() == 5 and pv.shape[:2] == (2, 4)
+    bad = corrupt_pixel_values(inputs, processor, AUGMENTATION, seed=0)
+    assert torch.equal(bad["input_ids"], inputs["input_ids"]) and bad["pixel_values_videos"].shape == pv.shape
+    assert (bad["pixel_values_videos"] - pv).abs().mean() > 0.05
+    for frame in bad["pixel_values_videos"][0, 1:]:  # the still clip stays still
+        torch.testing.assert_close(frame, bad["pixel_values_videos"][0, 0], rtol=0, atol=1e-5)
 
 def test_seva_generate_on_video_prompts_keeps_the_videos(tiny_qwen, tmp_path) -> None:
     from vpa_lightning.seva.cli import main

@@ -1,4 +1,4 @@
-"""``vpa fit`` on video shards (issue 25): a tiny Qwen2-VL trains a few steps on CPU through the CLI (packed
+"""``vpa fit`` on video shards (issue 25): a tiny Qwen2-VL (and a tiny LLaVA-NeXT-Video) trains a few steps on CPU through the CLI (packed
 shared-prefix groups, no fallback to the plain path) to a finite loss; a model without video input stops at
 start-up, naming the families that take video."""
 
@@ -54,9 +54,10 @@ def _fit(shard: Path, tmp_path: Path, model: str, *extra: str):
     ])
 
 
-def test_fit_on_video_shards_reaches_a_finite_loss(tmp_path, no_pack_fallback):
+@pytest.mark.parametrize("model", ["tiny:qwen2_vl", "tiny:llava_next_video"])
+def test_fit_on_video_shards_reaches_a_finite_loss(tmp_path, model, no_pack_fallback):
     shard = _shard(tmp_path)
-    cli = _fit(shard, tmp_path, "tiny:qwen2_vl")
+    cli = _fit(shard, tmp_path, model)
     assert cli.trainer.global_step == 3
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
     assert cli.datamodule.skipped == {}

@@ -18,8 +18,8 @@ Videos (``pixel_values_videos``): every frame of a clip gets the **same** corrup
 parameters: crop, flip, colour factors, even the same noise pattern), so the clip stays one coherent
 video and only its content is corrupted, not its motion (:func:`corrupt_clip`: each frame is corrupted
 with the clip's seed). Layouts: Qwen2-VL / Qwen2.5-VL flat patches with ``video_grid_thw`` (each video
-unpatchified to its ``grid_t x temporal_patch_size`` frames and back), LLaVA-OneVision's
-``[videos, frames, C, H, W]``.
+unpatchified to its ``grid_t x temporal_patch_size`` frames and back), LLaVA-OneVision's and
+LLaVA-NeXT-Video's ``[videos, frames, C, H, W]``.
 """
 
 from __future__ import annotations

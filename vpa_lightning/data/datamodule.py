@@ -124,7 +124,7 @@ files, Pillow for frame lists), sampled by ``video_fps`` / ``video_max_frames`` 
 (``malformed_sample``). A prompt whose video tokens leave no room for a response within ``max_length`` is
 skipped (``tokenisation``): video tokens, like image tokens, are never truncated. Videos train with the
 families that take video (:meth:`~vpa_lightning.models.families.Family.takes_video`: Qwen2-VL,
-Qwen2.5-VL, LLaVA-OneVision); any other stops at start-up when the first training sample has a video, else at the first
+Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video); any other stops at start-up when the first training sample has a video, else at the first
 batch with one (:class:`~vpa_lightning.errors.VideoUnsupportedError`). Samples without ``videos`` are
 read exactly as before.
 """
@@ -277,9 +277,10 @@ class PreferenceDataModule(pl.LightningDataModule):
             many, evenly spaced over its length. ``None``: no limit (then ``video_fps`` must be set).
         video_max_pixels: Most pixels (width x height) of a video frame: larger frames are scaled down
             as they are decoded, and the processor's own video size argument gets the limit (Qwen2-VL:
-            ``size["longest_edge"]``). ``None``: the processor's setting (frames decoded at full size).
-            Videos train with the families that take video (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision); with any other, the
-            first video stops the run. A video that cannot be decoded, has no frame or frames over
+            ``size["longest_edge"]``; LLaVA-OneVision, LLaVA-NeXT-Video: the decoded frames only, their
+            processors give every frame the checkpoint's fixed size). ``None``: the processor's setting (frames
+            decoded at full size). Videos train with the families that take video (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision,
+            LLaVA-NeXT-Video); with any other, the first video stops the run. A video that cannot be decoded, has no frame or frames over
             ``max_image_pixels`` is skipped and counted like an undecodable image.
     """
 

@@ -5,7 +5,7 @@ its offset places it in the question), left-padded so
 every row of a batch ends at the same position and ``generate`` appends after it.
 
 A prompt may also hold videos (:class:`~vpa_lightning.models.video.VideoClip`, decoded frames) for a family that
-takes video (:meth:`~vpa_lightning.models.families.Family.takes_video`: Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision),
+takes video (:meth:`~vpa_lightning.models.families.Family.takes_video`: Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video),
 each where its offset places it, as in training; any other family raises
 :class:`~vpa_lightning.errors.VideoUnsupportedError` naming the model types that take video.
 """

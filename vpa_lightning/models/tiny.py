@@ -31,7 +31,8 @@ Image processors use the backend that ``AutoImageProcessor`` picks in the
 current environment (torchvision if installed, else PIL), so a saved folder
 loads back with identical preprocessing. ``qwen2_vl`` needs torchvision:
 transformers 5 requires a video processor in ``Qwen2VLProcessor`` and video
-processors are torchvision-only.
+processors are torchvision-only (so do ``llava_onevision`` and ``llava_next_video``, whose processors hold
+a video processor too).
 
 Example::
 
@@ -64,6 +65,7 @@ TINY_FAMILIES: tuple[str, ...] = (
     "internvl",
     "llava_next",
     "llava_onevision",
+    "llava_next_video",
 )
 
 #: Size options of :func:`build_tiny_vlm` and their defaults per family. ``image_size`` must be a
@@ -87,10 +89,13 @@ TINY_OPTIONS: dict[str, dict[str, int]] = {
     "internvl": {"image_size": 28, "vision_hidden": 32, "text_hidden": 32},
     "llava_next": {"image_size": 28, "vision_hidden": 32, "text_hidden": 32},
     "llava_onevision": {"image_size": 28, "vision_hidden": 32, "text_hidden": 32},
+    "llava_next_video": {"image_size": 28, "vision_hidden": 32, "text_hidden": 32},
 }
 _IMAGE_STEP = {
     "llava": 14, "qwen2_vl": 28, "idefics3": 28, "smolvlm": 28, "gemma3": 14, "paligemma": 14, "mistral3": 28,
     "mllama": 14, "qwen2_5_vl": 28, "qwen3_vl": 32, "internvl": 28, "llava_next": 14, "llava_onevision": 14,
+    # a frame's patch grid is average-pooled with stride 2: an even number of patches per side
+    "llava_next_video": 28,
 }
 
 # A short corpus: enough for the BPE to learn some merges; any text still encodes (byte-level).
@@ -141,11 +146,12 @@ _FAMILY_SPECIAL_TOKENS = {
     "internvl": ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
     "llava_next": ["<image>", "[INST]", "[/INST]"],
     "llava_onevision": ["<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+    "llava_next_video": ["<image>", "<video>"],
 }
 _FAMILY_SPECIAL_TOKENS["smolvlm"] = _FAMILY_SPECIAL_TOKENS["idefics3"] + ["<video>"]
 _FAMILY_SPECIAL_TOKENS["qwen3_vl"] = _FAMILY_SPECIAL_TOKENS["qwen2_5_vl"]
 #: Families whose real tokenizer prepends BOS (their templates write it too).
-_ADDS_BOS = ("idefics3", "gemma3", "mistral3", "mllama", "llava_next")
+_ADDS_BOS = ("idefics3", "gemma3", "mistral3", "mllama", "llava_next", "llava_next_video")
 #: Model-specific named special tokens the family's processor reads from its tokenizer.
 _NAMED_TOKENS = {
     "gemma3": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
@@ -502,6 +508,15 @@ REAL_TEMPLATES: dict[str, str] = {
         "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + c['text'] }}{% endfor %}"
         "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
+    # LLaVA-NeXT-Video-7B (Vicuna): "USER: <image>\n<video>\nWhat? ASSISTANT:", the answer "ASSISTANT: There " (images,
+    # then videos, then the text; no end-of-turn token: the tokenizer's BOS starts the sequence, EOS ends the answer)
+    "llava_next_video": (
+        "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+        "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+        "{% for c in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+        "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}{% endfor %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    ),
 }
 
 
@@ -812,6 +827,47 @@ def _build_llava_onevision(tokenizer, image_size: int = 28, vision_hidden: int =
     return LlavaOnevisionForConditionalGeneration(config), processor
 
 
+def _build_llava_next_video(tokenizer, image_size: int = 28, vision_hidden: int = 32, text_hidden: int = 32):
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
+    )
+
+    patch = 14
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, projection_dim=32, num_hidden_layers=2,
+        num_attention_heads=2, image_size=image_size, patch_size=patch, initializer_range=_INIT_RANGE,
+    )
+    pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
+    per_frame = ((image_size // patch) // 2) ** 2  # the patch grid average-pooled with stride 2
+    ids = tokenizer.convert_tokens_to_ids
+    # video features drop CLIP's CLS ("default"): the pooler needs a square grid of patches
+    config = LlavaNextVideoConfig(
+        vision_config=vision, text_config=LlamaConfig(**_llama_text_kwargs(tokenizer, text_hidden)),
+        image_token_index=ids("<image>"), video_token_index=ids("<video>"), image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default", vision_feature_layer=-1, image_seq_length=(image_size // patch) ** 2,
+        video_seq_length=per_frame, spatial_pool_mode="average", spatial_pool_stride=2,
+    )
+    image_processor = _image_processor_class("LlavaNextImageProcessor")(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    # frames: shortest edge to image_size, then centre-cropped to the tower's square input, as the real checkpoint
+    video_processor = LlavaNextVideoVideoProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaNextVideoProcessor(
+        video_processor=video_processor, image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=REAL_TEMPLATES["llava_next_video"],
+    )
+    return LlavaNextVideoForConditionalGeneration(config), processor
+
+
 _BUILDERS = {
     "llava": _build_llava,
     "qwen2_vl": _build_qwen2_vl,
@@ -826,6 +882,7 @@ _BUILDERS = {
     "internvl": _build_internvl,
     "llava_next": _build_llava_next,
     "llava_onevision": _build_llava_onevision,
+    "llava_next_video": _build_llava_next_video,
 }
 
 

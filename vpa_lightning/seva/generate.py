@@ -22,7 +22,7 @@ Prompts (``prompts_file``):
   question; entries without an image are rejected;
 * JSONL rows ``{"image", "question"}`` (``"id"`` optional).
 
-Video prompts (for a policy that takes video: Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision): a ``video`` or ``videos``
+Video prompts (for a policy that takes video: Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video): a ``video`` or ``videos``
 field as ``vpa-shard build`` reads it (one video or a list of them; a video is a video file's path, a frame
 folder's path, or a list of frame image paths), relative to ``image_root``, with or without an image; ``<video>`` placeholders are removed (the videos go
 first, as the build puts a prompt without placeholders). The rejected answer is generated on the augmented clip:

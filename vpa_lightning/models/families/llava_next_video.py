@@ -1,0 +1,42 @@
+"""LLaVA-NeXT-Video: images as LLaVA-NeXT (anyres crops, ``image_sizes`` per image, one ``pixel_values`` entry per
+image); videos as extra placeholder tokens in the prompt.
+
+Video: a ``{"type": "video"}`` part renders as ``<video>\\n`` (the published Vicuna template puts a turn's images, then
+its videos, then its text); the processor gets the decoded frames, sampling off, resizes each frame's shortest edge to
+its ``size`` and centre-crops it to its ``crop_size`` (the vision tower's square input), and gives
+``pixel_values_videos`` ``[videos, frames, 3, H, W]``, one entry per video. Each frame's patch grid is average-pooled
+(``spatial_pool_stride``), so a video is ``frames x (H / patch / stride) ** 2`` ``<video>`` tokens, ordinary placeholder
+tokens in the prompt: vision once per group, prefix sharing and packing treat them like images. One tensor for the
+batch: its videos need one frame count (a batch that mixes counts raises, and the data module trains the groups that
+fit together, skipping the others with the reason ``tokenisation``). ``video_max_pixels`` bounds the decoded frames
+only: the frame size the model sees is the checkpoint's ``crop_size`` (its CLIP tower has fixed position embeddings)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .base import Family
+
+
+class LlavaNextVideoFamily(Family):
+    name = "llava_next_video"
+    model_types = ("llava_next_video",)
+    processor_classes = ("LlavaNextVideoProcessor",)
+    video_model_types = ("llava_next_video",)
+    video_processor_classes = ("LlavaNextVideoProcessor",)
+
+    def video_arguments(self, processor: Any, videos: Sequence[Any], max_pixels: int | None) -> dict[str, Any]:
+        """The frames as arrays with their metadata, sampling off; ``max_pixels`` is not passed on (the processor
+        crops every frame to the tower's fixed input, see the module doc)."""
+        counts = sorted({v.num_frames for v in videos})
+        if len(counts) > 1:
+            raise ValueError(
+                f"LLaVA-NeXT-Video takes the videos of a batch as one tensor: they need one frame count, got {counts} "
+                "(see --data.video_max_frames / --data.video_fps, or --data.batch_size 1)"
+            )
+        return {"videos": [v.frames for v in videos],
+                "videos_kwargs": {"do_sample_frames": False, "video_metadata": [v.metadata() for v in videos]}}
+
+
+FAMILY = LlavaNextVideoFamily()
