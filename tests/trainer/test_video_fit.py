@@ -95,3 +95,25 @@ def test_fit_on_shards_the_rust_core_built_from_published_video_rows(tmp_path, a
     assert cli.trainer.global_step == 3
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
     assert cli.datamodule.skipped == {}
+
+
+def test_mdpo_trains_on_video_groups_with_the_clip_corrupted(tmp_path, no_pack_fallback):
+    """mDPO's image-conditional term on a video-only group: the chosen rows' clips are corrupted (every frame of a
+    clip alike, as SeVa's) and the fit trains to a finite loss without skipping a sample."""
+    import torch
+
+    from vpa_lightning.models.logps import select_rows
+
+    shard = _shard(tmp_path)
+    cli = _fit(shard, tmp_path, "tiny:qwen2_vl", "--model.loss", "vpa_lightning.losses.MDPOLoss")
+    assert cli.trainer.global_step == 3 and cli.datamodule.skipped == {}
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    inputs = batch["inputs"]
+    assert "pixel_values_videos" in inputs.model_inputs and inputs.model_inputs.get("pixel_values") is None
+    torch.manual_seed(0)
+    sub, index = cli.model.corrupted_chosen_batch(inputs, batch["chosen"])
+    clean = select_rows(inputs, torch.unique(batch["chosen"])).model_inputs["pixel_values_videos"]
+    corrupted = sub.model_inputs["pixel_values_videos"]
+    assert corrupted.shape == clean.shape and not torch.equal(corrupted, clean)
+    assert torch.equal(sub.model_inputs["video_grid_thw"], select_rows(inputs, torch.unique(batch["chosen"])).model_inputs["video_grid_thw"])
