@@ -45,6 +45,19 @@ def test_sample_indices_by_fps_and_max_frames() -> None:
     assert sample_indices(0, 4.0, 2.0, 4) == []
 
 
+def test_exact_frames_sample_one_count_whatever_the_length() -> None:
+    """``exact_frames`` (the one-tensor families): exactly ``max_frames`` evenly spaced, repeated in a short clip."""
+    assert sample_indices(100, 30.0, 2.0, 4, exact=True) == [0, 25, 50, 75]  # the rate is not used
+    assert sample_indices(3, 30.0, 2.0, 8, exact=True) == [0, 0, 0, 1, 1, 1, 2, 2]
+    short = encode_video(moving_frames(3, (32, 32), seed=2), fps=4)
+    clip = decode_video_file(short, "v0.mp4", VideoSampling(max_frames=8, exact_frames=True))
+    assert clip.frames.shape[0] == 8 and clip.indices == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert np.array_equal(clip.frames[0], clip.frames[2]) and not np.array_equal(clip.frames[0], clip.frames[7])
+    listed = decode_video_frames(encode_frames(moving_frames(2, (32, 32))), ["f0.jpg", "f1.jpg"],
+                                 VideoSampling(max_frames=4, exact_frames=True))
+    assert listed.frames.shape[0] == 4 and listed.indices == [0, 0, 1, 1]
+
+
 def test_a_video_file_decodes_to_its_sampled_frames() -> None:
     frames = moving_frames(10, (32, 32), seed=1)
     data = encode_video(frames, fps=4)

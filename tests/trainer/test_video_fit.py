@@ -117,3 +117,28 @@ def test_mdpo_trains_on_video_groups_with_the_clip_corrupted(tmp_path, no_pack_f
     corrupted = sub.model_inputs["pixel_values_videos"]
     assert corrupted.shape == clean.shape and not torch.equal(corrupted, clean)
     assert torch.equal(sub.model_inputs["video_grid_thw"], select_rows(inputs, torch.unique(batch["chosen"])).model_inputs["video_grid_thw"])
+
+
+@pytest.mark.parametrize("model", ["tiny:llava_onevision", "tiny:llava_next_video"])
+def test_one_tensor_families_get_one_frame_count_from_clips_of_any_length(tmp_path, model, no_pack_fallback):
+    """LLaVA-OneVision and LLaVA-NeXT-Video take a batch's videos as one tensor: every clip is sampled to exactly
+    --data.video_max_frames frames (a 2-frame clip repeats its frames, a 12-frame one is thinned), so batches that
+    mix clip lengths train whole instead of skipping the groups whose count differs."""
+    samples = []
+    for i, n in enumerate([2, 12, 3, 9, 5, 12]):
+        frames = moving_frames(n, (56, 56), seed=i)
+        good, bad = ANSWERS[i % len(ANSWERS)]
+        videos = [("frames", encode_frames(frames))] if i % 2 else [("file", encode_video(frames, fps=4))]
+        samples.append(video_sample(key(i), "What happens in this clip? ", [good, bad, "Blue."], videos, [27]))
+    shard = write_shard(tmp_path / "shards" / "train-000000.tar", samples)
+    cli = _fit(shard, tmp_path, model)
+    assert cli.trainer.global_step == 3 and cli.datamodule.skipped == {}
+    assert cli.datamodule.video_sampling.exact_frames
+    shapes = {tuple(b["inputs"].model_inputs["pixel_values_videos"].shape[:2]) for b in cli.datamodule.train_dataloader()}
+    assert {frames for _, frames in shapes} == {4}, shapes
+
+
+def test_other_families_keep_sampling_by_rate(tmp_path):
+    """Qwen2-VL takes each video's own frame count (its temporal positions come from the sampled rate)."""
+    cli = _fit(_shard(tmp_path, n=2), tmp_path, "tiny:qwen2_vl", "--trainer.max_steps", "1")
+    assert not cli.datamodule.video_sampling.exact_frames

@@ -203,8 +203,10 @@ class _HFJudge:
 
         from vpa_lightning.models.loading import load_vlm
 
-        self.rubric, self.video_sampling = rubric, video_sampling
+        from vpa_lightning.models.families import family_of
+
         model, self.processor = load_vlm(model_spec, dtype=dtype)
+        self.rubric, self.video_sampling = rubric, family_of(self.processor).video_sampling(video_sampling)
         self.model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
         tok = self.processor.tokenizer
         if isinstance(rubric, Rubric):

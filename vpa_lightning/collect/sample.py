@@ -436,11 +436,13 @@ def run_sample(
         stats = {"resumed": len(done), "sampled": 0, "tokens": 0, "seconds": 0.0}
         if todo:
             sampler, processor = _open(spec, cache_dir)
+            spec_sampling = video_sampling
             if spec.backend == "hf" and any(p.videos for p in todo):  # refused at once, not after the image prompts
                 from vpa_lightning.models.families import family_of
 
                 family_of(processor).check_video(processor, f"--model {spec.name}: the prompts have videos",
                                                  "Sample with one of them (--model), or prompts without videos")
+                spec_sampling = family_of(processor).video_sampling(video_sampling)  # the family's frame count
             bar = _progress(len(todo), spec.name)
             t0 = time.perf_counter()
             try:
@@ -449,13 +451,13 @@ def run_sample(
                         seed = prompt_seed(spec.settings.seed, spec.name, prompt.id)
                         try:  # the prompt's own problem (a missing or undecodable image or video): rejected, the run goes on
                             images = prompt.load_images(max_pixels)
-                            videos = prompt.load_videos(video_sampling)  # decoded for openai too: a bad video is a reject here
+                            videos = prompt.load_videos(spec_sampling)  # decoded for openai too: a bad video is a reject here
                         except ValueError as exc:
                             failed[prompt.id] = str(exc)
                             continue
                         if spec.backend == "hf":
                             answers = hf_sample(sampler, processor, prompt, spec.settings, seed, images, videos,
-                                                video_sampling)
+                                                spec_sampling)
                         else:
                             answers = sampler.sample(prompt, seed)
                         f.write(json.dumps({"id": prompt.id, "completions": [a for a, _ in answers],

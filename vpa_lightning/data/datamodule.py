@@ -275,6 +275,8 @@ class PreferenceDataModule(pl.LightningDataModule):
             ``None``: every frame, up to ``video_max_frames``.
         video_max_frames: Most frames of one video; a video with more (after ``video_fps``) gets this
             many, evenly spaced over its length. ``None``: no limit (then ``video_fps`` must be set).
+            LLaVA-OneVision and LLaVA-NeXT-Video (a batch's videos as one tensor) get exactly this many frames
+            per video, ``video_fps`` not used, frames repeated in a shorter clip.
         video_max_pixels: Most pixels (width x height) of a video frame: larger frames are scaled down
             as they are decoded, and the processor's own video size argument gets the limit (Qwen2-VL:
             ``size["longest_edge"]``; LLaVA-OneVision, LLaVA-NeXT-Video: the decoded frames only, their
@@ -410,9 +412,15 @@ class PreferenceDataModule(pl.LightningDataModule):
 
     @property
     def video_sampling(self) -> VideoSampling:
-        """How the data workers sample videos (``--data.video_fps``, ``video_max_frames``, ``video_max_pixels``)."""
-        return VideoSampling(fps=self.video_fps, max_frames=self.video_max_frames, max_pixels=self.video_max_pixels,
-                             max_image_pixels=self.max_image_pixels)
+        """How the data workers sample videos (``--data.video_fps``, ``video_max_frames``, ``video_max_pixels``), as
+        the model's family decodes them (LLaVA-OneVision, LLaVA-NeXT-Video: exactly ``video_max_frames`` each)."""
+        sampling = VideoSampling(fps=self.video_fps, max_frames=self.video_max_frames, max_pixels=self.video_max_pixels,
+                                 max_image_pixels=self.max_image_pixels)
+        if getattr(self, "processor", None) is None:
+            return sampling
+        from vpa_lightning.models.families import family_of
+
+        return family_of(self.processor).video_sampling(sampling)
 
     def _check_video_family(self) -> None:
         """At start-up: a model whose family takes no video, on shards whose first training sample has one, stops here

@@ -57,13 +57,21 @@ class VideoSampling:
     max_pixels: int | None = None
     max_image_pixels: int | None = None
     decode_seconds: float = DECODE_SECONDS
+    #: Every video gets exactly ``max_frames`` frames, evenly spaced over its whole length (``fps`` not used; a clip
+    #: with fewer frames repeats some): for the families that take a batch's videos as one tensor, which need one
+    #: frame count (:meth:`~vpa_lightning.models.families.Family.video_sampling` sets it).
+    exact_frames: bool = False
 
 
-def sample_indices(total: int, source_fps: float | None, fps: float | None, max_frames: int | None) -> list[int]:
+def sample_indices(total: int, source_fps: float | None, fps: float | None, max_frames: int | None,
+                   exact: bool = False) -> list[int]:
     """Indices of the frames to keep of ``total`` frames at ``source_fps``: ``fps`` per second (all of them when
-    either rate is unknown), at most ``max_frames``, evenly spaced from the first frame."""
+    either rate is unknown), at most ``max_frames``, evenly spaced from the first frame. ``exact``: exactly
+    ``max_frames`` of them whatever the rate, evenly spaced (repeated where ``total`` is smaller)."""
     if total < 1:
         return []
+    if exact and max_frames is not None:
+        return [i * total // max_frames for i in range(max_frames)]
     n = total
     if fps is not None and source_fps:
         n = max(1, min(total, round(total * fps / source_fps)))
@@ -157,16 +165,16 @@ def decode_video_file(data: bytes, member: str, sampling: VideoSampling,
         if total < 1:
             raise SampleError(f"video {member} has no frames")
         first, count = segment(total, source_fps, bound, member)
-        wanted = [first + i for i in sample_indices(count, source_fps, sampling.fps, sampling.max_frames)]
+        wanted = [first + i for i in sample_indices(count, source_fps, sampling.fps, sampling.max_frames, sampling.exact_frames)]
         frames, decoded = _decode_at(av, data, wanted, sampling.max_pixels, deadline)
         if len(frames) < len(wanted):  # the stream ended early (the container's count was wrong, a truncated file)
             if decoded < 1:
                 raise SampleError(f"video {member} has no decodable frame")
             total = decoded
             first, count = segment(total, source_fps, bound, member)
-            wanted = [first + i for i in sample_indices(count, source_fps, sampling.fps, sampling.max_frames)]
+            wanted = [first + i for i in sample_indices(count, source_fps, sampling.fps, sampling.max_frames, sampling.exact_frames)]
             frames, _ = _decode_at(av, data, wanted, sampling.max_pixels, deadline)
-        indices = sorted(frames)
+        indices = [i for i in wanted if i in frames]  # in order, a repeated index repeated (exact_frames)
         if not indices:
             raise SampleError(f"video {member} has no decodable frame")
         array = np.stack([frames[i] for i in indices])
@@ -211,7 +219,7 @@ def decode_video_frames(datas: Sequence[bytes], members: Sequence[str], sampling
     if total < 1:
         raise SampleError("video has no frames")
     source_fps = fps if fps is not None else sampling.fps
-    indices = sample_indices(total, source_fps, sampling.fps, sampling.max_frames)
+    indices = sample_indices(total, source_fps, sampling.fps, sampling.max_frames, sampling.exact_frames)
     frames: list[Any] = []
     size: tuple[int, int] | None = None
     for i in indices:

@@ -369,7 +369,8 @@ def evaluate(
             torch.manual_seed(seed)
             if key in video_benches:
                 items, answers = _answer_videos(
-                    model, processor, bench, items, images, sampling, failed[key],
+                    model, processor, bench, items, images,
+                    family_of(processor).video_sampling(sampling) if sampling is not None else None, failed[key],
                     batch_size, max_new_tokens, video_max_pixels,
                 )
                 if not items:

@@ -285,6 +285,7 @@ def generate_pairs(
 
         family_of(processor).check_video(processor, f"{prompts_file} has video prompts",
                                              "Use one of them (--model), or prompts without videos")
+        sampling = family_of(processor).video_sampling(sampling)  # the family's frame count
     def batches() -> Any:
         # Decoded a batch at a time (a rank's clips decoded up front would not fit in memory); the batches are
         # those of the readable prompts in order, as if the unreadable ones had been removed first.

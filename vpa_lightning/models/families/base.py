@@ -47,6 +47,9 @@ class Family:
             empty: none does, and a sample with a video stops the run (:meth:`check_video`).
         video_processor_classes: Class names of their processors.
         video_inputs: Model inputs with one entry per video (not per row).
+        videos_one_tensor: The processor takes a batch's videos as one ``[videos, frames, ...]`` tensor, so they need
+            one frame count: every video is sampled to exactly ``video_max_frames`` frames (:meth:`video_sampling`),
+            the fixed count these families' papers sample.
     """
 
     name: str = "generic"
@@ -64,6 +67,7 @@ class Family:
     unused_vision_modules: tuple[str, ...] = ()
     video_model_types: tuple[str, ...] = ()
     video_processor_classes: tuple[str, ...] = ()
+    videos_one_tensor: bool = False
     video_inputs: tuple[str, ...] = ("video_grid_thw", "second_per_grid_ts")
 
     # -- text ------------------------------------------------------------------------------
@@ -142,6 +146,18 @@ class Family:
         if model_type is not None:
             return model_type in self.video_model_types
         return type(obj).__name__ in self.video_processor_classes
+
+    def video_sampling(self, sampling: Any) -> Any:
+        """``sampling`` (a :class:`~vpa_lightning.data.video.VideoSampling`) as this family decodes videos: unchanged,
+        or for :attr:`videos_one_tensor` families exactly ``max_frames`` frames per video (``exact_frames``)."""
+        if not self.videos_one_tensor or sampling is None or sampling.exact_frames:
+            return sampling
+        if sampling.max_frames is None:
+            raise ValueError(f"{self.name} samples every video to one frame count: set video_max_frames "
+                             "(--data.video_max_frames / --video-max-frames), it cannot be null")
+        from dataclasses import replace
+
+        return replace(sampling, exact_frames=True)
 
     def check_video(self, obj: Any, what: str = "the data has videos",
                     fix: str = "Use one of them (--model.model_name_or_path), or shards without videos") -> None:

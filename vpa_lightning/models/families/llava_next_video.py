@@ -7,8 +7,8 @@ its ``size`` and centre-crops it to its ``crop_size`` (the vision tower's square
 ``pixel_values_videos`` ``[videos, frames, 3, H, W]``, one entry per video. Each frame's patch grid is average-pooled
 (``spatial_pool_stride``), so a video is ``frames x (H / patch / stride) ** 2`` ``<video>`` tokens, ordinary placeholder
 tokens in the prompt: vision once per group, prefix sharing and packing treat them like images. One tensor for the
-batch: its videos need one frame count (a batch that mixes counts raises, and the data module trains the groups that
-fit together, skipping the others with the reason ``tokenisation``). ``video_max_pixels`` bounds the decoded frames
+batch: its videos need one frame count (a batch that mixes counts raises), so every video is decoded to exactly
+``video_max_frames`` frames (:attr:`videos_one_tensor`). ``video_max_pixels`` bounds the decoded frames
 only: the frame size the model sees is the checkpoint's ``crop_size`` (its CLIP tower has fixed position embeddings)."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class LlavaNextVideoFamily(Family):
     processor_classes = ("LlavaNextVideoProcessor",)
     video_model_types = ("llava_next_video",)
     video_processor_classes = ("LlavaNextVideoProcessor",)
+    videos_one_tensor = True
 
     def video_arguments(self, processor: Any, videos: Sequence[Any], max_pixels: int | None) -> dict[str, Any]:
         """The frames as arrays with their metadata, sampling off; ``max_pixels`` is not passed on (the processor

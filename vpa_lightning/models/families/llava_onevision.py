@@ -5,9 +5,8 @@ prompts so that it has one entry per row, like the other per-row inputs (same pa
 Video: a ``{"type": "video"}`` part renders as ``<video>`` (the template puts a turn's images, then its videos,
 then its text, wherever the prompt had them); the processor gets the decoded frames, sampling off, resizes each
 frame to its fixed size and gives ``pixel_values_videos`` ``[videos, frames, 3, H, W]``: one tensor, so the videos
-of a batch must have one frame count (a batch that mixes counts raises, and the data module trains the groups
-that fit together, skipping the others with the reason ``tokenisation``; equal counts come from videos longer
-than ``video_max_frames / video_fps`` seconds, or from ``--data.batch_size 1``). ``video_max_pixels`` bounds the
+of a batch must have one frame count (a batch that mixes counts raises): every video is therefore decoded to exactly
+``video_max_frames`` frames (:attr:`videos_one_tensor`, :meth:`Family.video_sampling`). ``video_max_pixels`` bounds the
 decoded frames only: the processor's fixed frame size is the checkpoint's."""
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ class LlavaOnevisionFamily(Family):
     processor_classes = ("LlavaOnevisionProcessor",)
     video_model_types = ("llava_onevision",)
     video_processor_classes = ("LlavaOnevisionProcessor",)
+    videos_one_tensor = True
 
     def video_arguments(self, processor: Any, videos: Sequence[Any], max_pixels: int | None) -> dict[str, Any]:
         counts = sorted({v.num_frames for v in videos})
