@@ -98,7 +98,7 @@ def video_sample(
             members = [f"v{i}.f{j:04d}.jpg" for j in range(len(data))]
             for member, frame in zip(members, data):
                 sample[member] = frame
-            digest = hashlib.sha256(b"".join(hashlib.sha256(f).digest() for f in data)).hexdigest()
+            digest = hashlib.sha256("\n".join(hashlib.sha256(f).hexdigest() for f in data).encode()).hexdigest()  # as the build
             entries.append({"kind": "frames", "members": members, "sha256": digest, "offset": at})
     image_entries = []
     for i, (data, at) in enumerate(images):
