@@ -180,8 +180,18 @@ class Family:
         """Processor arguments for ``videos`` (:class:`~vpa_lightning.models.video.VideoClip`, every video of the
         batch in order); ``max_pixels`` (pixels per frame at most, ``None``: the processor's own) mapped to the
         processor's video size argument. The frames go as arrays with their metadata, sampling off: the processor
-        never loads or samples anything itself."""
-        raise NotImplementedError(f"{self.name}: no video input")
+        never loads or samples anything itself. Here: the :attr:`videos_one_tensor` families' arguments (their
+        processors resize every frame to the checkpoint's fixed size, so ``max_pixels`` is not passed on)."""
+        if not self.videos_one_tensor:
+            raise NotImplementedError(f"{self.name}: no video input")
+        counts = sorted({v.num_frames for v in videos})
+        if len(counts) > 1:  # the data module samples one count for these families: a caller that did not
+            raise ValueError(
+                f"{self.name} takes the videos of a batch as one tensor: they need one frame count, got {counts} "
+                "(decode them with the family's video_sampling: exactly video_max_frames each)"
+            )
+        return {"videos": [v.frames for v in videos],
+                "videos_kwargs": {"do_sample_frames": False, "video_metadata": [v.metadata() for v in videos]}}
 
     def video_pixel_rows(self, processor: Any, inputs: Mapping[str, Any], video_counts: Any) -> Any:
         """``[N]`` rows of ``pixel_values_videos`` per row: each video's ``t x h x w`` patches where the processor

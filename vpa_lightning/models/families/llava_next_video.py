@@ -13,9 +13,6 @@ only: the frame size the model sees is the checkpoint's ``crop_size`` (its CLIP 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from .base import Family
 
 
@@ -26,18 +23,6 @@ class LlavaNextVideoFamily(Family):
     video_model_types = ("llava_next_video",)
     video_processor_classes = ("LlavaNextVideoProcessor",)
     videos_one_tensor = True
-
-    def video_arguments(self, processor: Any, videos: Sequence[Any], max_pixels: int | None) -> dict[str, Any]:
-        """The frames as arrays with their metadata, sampling off; ``max_pixels`` is not passed on (the processor
-        crops every frame to the tower's fixed input, see the module doc)."""
-        counts = sorted({v.num_frames for v in videos})
-        if len(counts) > 1:
-            raise ValueError(
-                f"LLaVA-NeXT-Video takes the videos of a batch as one tensor: they need one frame count, got {counts} "
-                "(see --data.video_max_frames / --data.video_fps, or --data.batch_size 1)"
-            )
-        return {"videos": [v.frames for v in videos],
-                "videos_kwargs": {"do_sample_frames": False, "video_metadata": [v.metadata() for v in videos]}}
 
 
 FAMILY = LlavaNextVideoFamily()

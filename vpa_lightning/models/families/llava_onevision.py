@@ -25,16 +25,6 @@ class LlavaOnevisionFamily(Family):
     video_processor_classes = ("LlavaOnevisionProcessor",)
     videos_one_tensor = True
 
-    def video_arguments(self, processor: Any, videos: Sequence[Any], max_pixels: int | None) -> dict[str, Any]:
-        counts = sorted({v.num_frames for v in videos})
-        if len(counts) > 1:
-            raise ValueError(
-                f"LLaVA-OneVision takes the videos of a batch as one tensor: they need one frame count, got {counts} "
-                "(see --data.video_max_frames / --data.video_fps, or --data.batch_size 1)"
-            )
-        return {"videos": [v.frames for v in videos],
-                "videos_kwargs": {"do_sample_frames": False, "video_metadata": [v.metadata() for v in videos]}}
-
     def encode(self, processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]], **kwargs: Any) -> dict[str, Any]:
         import torch
 
