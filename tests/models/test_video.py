@@ -23,6 +23,7 @@ from vpa_lightning.models.packed import pack_groups  # noqa: E402
 from vpa_lightning.models.video import VideoClip  # noqa: E402
 
 from ..videos import moving_frames  # noqa: E402
+from .test_packed import _assert_same, _grads  # noqa: E402
 
 VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 
@@ -119,25 +120,6 @@ def test_video_sequence_is_the_templates_and_the_processors(family) -> None:
     assert batch.video_counts.tolist() == [1, 1] and batch.video_inputs[0] == "video_grid_thw"
     if family == "qwen2_5_vl":  # its temporal positions are spaced in seconds: 2 frames per patch at 2 sampled fps
         assert batch.model_inputs["second_per_grid_ts"].tolist() == [1.0, 1.0]
-
-
-def _grads(model, batch, **kwargs):
-    model.zero_grad()
-    out = group_logps(model, batch, **kwargs)
-    (out.sum_logps * torch.arange(1, out.sum_logps.numel() + 1, device=out.sum_logps.device)).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return out, grads
-
-
-def _assert_same(plain, other):
-    (a, ga), (b, gb) = plain, other
-    torch.testing.assert_close(b.sum_logps, a.sum_logps, rtol=1e-5, atol=1e-4)
-    assert b.n_tokens.tolist() == a.n_tokens.tolist() and b.group_sizes == a.group_sizes
-    assert ga.keys() == gb.keys()
-    scale = max(float(torch.linalg.vector_norm(g)) for g in ga.values())
-    for name, g in ga.items():
-        assert float(torch.linalg.vector_norm(gb[name] - g)) <= 1e-4 * scale + 1e-3 * float(torch.linalg.vector_norm(g)), name
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
