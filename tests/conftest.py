@@ -1,6 +1,8 @@
 import contextlib
 import os
 
+import pytest
+
 # Tests run on a 2-core machine; keep thread pools small and deterministic.
 os.environ.setdefault("RAYON_NUM_THREADS", "2")
 
@@ -33,3 +35,19 @@ def hard_timeout(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def no_pack_fallback(monkeypatch):
+    """Packed-equals-plain tests fail when packing fell back to the plain path (it does so with a warning, once per
+    process, and would then compare the plain path with itself)."""
+    from vpa_lightning.models import logps
+
+    original = logps._warn_once
+
+    def strict(message: str) -> None:
+        if message.startswith("packed groups not possible"):
+            raise AssertionError(f"packing fell back to the plain path: {message}")
+        original(message)
+
+    monkeypatch.setattr(logps, "_warn_once", strict)

@@ -28,21 +28,6 @@ from .test_packed import _assert_same, _grads  # noqa: E402
 VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 
 
-@pytest.fixture
-def no_pack_fallback(monkeypatch):
-    """Packed-equals-plain tests fail when packing fell back to the plain path (as tests/trainer's fixture)."""
-    from vpa_lightning.models import logps
-
-    original = logps._warn_once
-
-    def strict(message: str) -> None:
-        if message.startswith("packed groups not possible"):
-            raise AssertionError(f"packing fell back to the plain path: {message}")
-        original(message)
-
-    monkeypatch.setattr(logps, "_warn_once", strict)
-
-
 _CACHE: dict[str, tuple] = {}
 
 

@@ -27,22 +27,6 @@ def demo_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-@pytest.fixture
-def no_pack_fallback(monkeypatch):
-    """Packed-equals-plain tests fail when packing fell back to the plain path (it does so with a warning, once per
-    process, and would then compare the plain path with itself)."""
-    from vpa_lightning.models import logps
-
-    original = logps._warn_once
-
-    def strict(message: str) -> None:
-        if message.startswith("packed groups not possible"):
-            raise AssertionError(f"packing fell back to the plain path: {message}")
-        original(message)
-
-    monkeypatch.setattr(logps, "_warn_once", strict)
-
-
 @pytest.fixture(scope="session")
 def manifest(demo_shards) -> dict:
     return json.loads((demo_shards / "manifest.json").read_text())
