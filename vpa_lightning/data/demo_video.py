@@ -19,6 +19,7 @@ import random
 import re
 from pathlib import Path
 
+from vpa_lightning._io import write_text_atomic
 from vpa_lightning.data.demo import COLOURS
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -111,9 +112,7 @@ def make_video_demo(directory: str | Path, *, num_clips: int = 240, frames: int 
             "truth": {"kind": kind, "answer": answer, "choices": list(_VOCABULARY[kind]), "first_colour": colour},
         })
     out = root / "annotations.jsonl"
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out)
+    write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 
