@@ -512,6 +512,15 @@ type Boxes<'b> = Vec<(&'b [u8], &'b [u8])>;
 /// A video track's frame size (width, height) where the headers record it.
 type Picture = Option<(u64, u64)>;
 
+/// The larger (by pixels) of a file's frame size so far and another video track's: the pixel limit holds
+/// against the largest track.
+fn larger(picture: Picture, (w, h): (u64, u64)) -> Picture {
+    Some(match picture {
+        Some((pw, ph)) if pw.saturating_mul(ph) >= w.saturating_mul(h) => (pw, ph),
+        _ => (w, h),
+    })
+}
+
 /// The boxes of an MP4 box's payload: (type, payload) each. `parent` names it in errors.
 fn child_boxes<'b>(b: &'b [u8], parent: &str) -> Result<Boxes<'b>, String> {
     let mut out = Vec::new();
@@ -570,7 +579,7 @@ fn mp4_movie(moov: &[u8]) -> Result<Option<(u64, u64)>, String> {
             Some((be32(t, at)? >> 16, be32(t, at + 4)? >> 16))
         });
         if let Some((w, h)) = coded.filter(|&(w, h)| w > 0 && h > 0).or(shown.filter(|&(w, h)| w > 0 && h > 0)) {
-            picture = Some(picture.map_or((w, h), |(pw, ph)| if pw * ph >= w * h { (pw, ph) } else { (w, h) }));
+            picture = larger(picture, (w, h));
         }
         // stsz / stz2: version/flags, sample size (or reserved + field size), sample count
         let count = stbl.as_ref().and_then(|s| child(s, b"stsz").or(child(s, b"stz2"))).and_then(|z| be32(z, 8));
@@ -724,7 +733,7 @@ fn webm_tracks(tracks: &[u8]) -> Result<Option<(u64, u64)>, String> {
             let vc = ebml_children(v)?;
             let get = |want: u64| vc.iter().find(|(id, _)| *id == want).map(|(_, x)| ebml_uint(x));
             if let (Some(w), Some(h)) = (get(PIXEL_WIDTH), get(PIXEL_HEIGHT)) {
-                picture = Some(picture.map_or((w, h), |(pw, ph): (u64, u64)| if pw.saturating_mul(ph) >= w.saturating_mul(h) { (pw, ph) } else { (w, h) }));
+                picture = larger(picture, (w, h));
             }
         }
     }
