@@ -1,41 +1,55 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issues 15, 22): everything it measures goes to ONE JSON.
 #
-#   bash benchmarks/gpu_check.sh [--cpu] [JSON]
+#   bash benchmarks/gpu_check.sh [--cpu] [--part N] [JSON]
 #
 # On the GPU machine (one NVIDIA H200; Python 3.12, torch, transformers, lightning there; no network, no Rust),
 # run from the repository root with the wheels of benchmarks/gpu_wheels.sh carried in .whl/:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560)
+#   run(command="bash benchmarks/gpu_check.sh --part 1", carry=[".whl"], timeout_s=560)   (then --part 2, ...)
 # JSON defaults to $OUT/gpu_check.json ($OUT: the folder that comes back), else /tmp/vpa-gpu-check/gpu_check.json;
 # every step's whole log goes beside it (gpu_check.log). The JSON is rewritten after every step, so a run cut
 # short still returns what it measured. VPA_CHECK_BUDGET (seconds, default 520, under the issue's 9 minutes)
 # bounds the whole check: each step's own limit is cut to what is left, and a step with under 20 s left is
-# recorded as skipped. VPA_CHECK_STEPS (a comma list of step names) runs only those. Steps, in order of
+# recorded as skipped. VPA_CHECK_STEPS (a comma list of step names) runs only those; --part N runs part N of
+# the three below (one device call each: the check does not fit one 9-minute call). Steps, in order of
 # importance (a failing step is recorded and the next one runs):
 #   install: the carried wheels into /tmp/site (skipped when .whl/ is absent), the compiled extension beside the sources;
+#   part 1 (what issue 22 has never measured):
 #   tests: the CUDA-marked tests only (the rest run on CPU in CI): bf16, FSDP and DeepSpeed ZeRO-2/3 on one GPU with
 #      LoRA and full fine-tuning, packed groups on CUDA (SDPA mask, FlexAttention, varlen flash) against the plain
 #      path in bf16, Kornia on CUDA; junit XML parsed into the JSON;
-#   trainer_full: vpa packed vs TRL at full LLaVA-1.5-7B depth, pairs and 4-response groups, checkpointing on;
-#   trainer_mfu: vpa alone without checkpointing, 8 groups a step (MFU);
-#   trainer_qwen: vpa packed vs TRL at Qwen2-VL-7B, pairs;
-#   trainer_fullft: full fine-tuning of the 7B language model, vpa packed vs TRL, pairs;
-#   augment (Kornia on CUDA vs torchvision on CPU), seva_generation, video_dpo (packed vs the pairwise layout at
-#   Qwen2-VL-7B, 16 frames), varlen_probe (the kernel alone vs SDPA's mask), trainer_profile (one profiled run at
-#   full depth), with whatever time is left.
+#   trainer_mfu: vpa alone at full LLaVA-1.5-7B depth without checkpointing, 8 groups a step (MFU), then one
+#      profiled step (--profile-last: its GPU time by kernel kind and how busy the GPU was);
+#   trainer_nockpt: vpa packed vs TRL without checkpointing on both sides, 8 pairs and 2 groups a step, profiled alike;
+#   part 2: trainer_qwen (vpa packed vs TRL at Qwen2-VL-7B, pairs), trainer_fullft (full fine-tuning of the 7B
+#      language model, vpa packed vs TRL, pairs), video_dpo (packed vs the pairwise layout at Qwen2-VL-7B, 16
+#      frames), varlen_probe (the kernel alone vs SDPA's mask);
+#   part 3: trainer_full (vpa packed vs TRL at full depth with checkpointing, 16 pairs and 4 groups: GPU run 4's
+#      rows again), augment (Kornia on CUDA vs torchvision on CPU), seva_generation.
 # --cpu: the same steps at a tiny shape on CPU (the smoke test of this script, tests/test_gpu_check.py).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 CPU=0
 JSON=""
-for arg in "$@"; do
-  case "$arg" in
+PART=""
+while [ $# -gt 0 ]; do
+  case "$1" in
     --cpu) CPU=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) JSON="$arg" ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    --part) PART="${2:-}"; shift ;;
+    --part=*) PART="${1#--part=}" ;;
+    *) JSON="$1" ;;
   esac
+  shift
 done
+case "$PART" in
+  "") ;;
+  1) VPA_CHECK_STEPS="${VPA_CHECK_STEPS:-tests,trainer_mfu,trainer_nockpt}" ;;
+  2) VPA_CHECK_STEPS="${VPA_CHECK_STEPS:-trainer_qwen,trainer_fullft,video_dpo,varlen_probe}" ;;
+  3) VPA_CHECK_STEPS="${VPA_CHECK_STEPS:-trainer_full,augment,seva_generation}" ;;
+  *) echo "gpu_check.sh: --part must be 1, 2 or 3, not '$PART'" >&2; exit 2 ;;
+esac
 WORK="$(mktemp -d /tmp/vpa-gpu-check.XXXXXX)"
 if [ -z "$JSON" ]; then JSON="${OUT:-/tmp/vpa-gpu-check}/gpu_check.json"; fi
 mkdir -p "$(dirname "$JSON")"
@@ -84,7 +98,8 @@ PYEOF
 step() {  # step NAME TIMEOUT_S RESULT_FILE -- command...
   local name="$1" limit="$2" result="$3"; shift 4
   local t0 rc left
-  if [ -n "${VPA_CHECK_STEPS:-}" ] && [[ ",$VPA_CHECK_STEPS," != *",$name,"* ]]; then return; fi
+  # install always runs: every part needs the carried wheels
+  if [ "$name" != install ] && [ -n "${VPA_CHECK_STEPS:-}" ] && [[ ",$VPA_CHECK_STEPS," != *",$name,"* ]]; then return; fi
   left=$(( DEADLINE - $(date +%s) - 5 ))
   if [ "$left" -lt "$limit" ]; then limit="$left"; fi
   t0=$(date +%s.%N)
@@ -157,7 +172,7 @@ if [ "$CPU" = 1 ]; then
     --max-length 128 --phases --profile --json "$WORK/trl.json"
   step trainer_qwen "$L" "$WORK/trl_qwen.json" -- "$PY" benchmarks/trainer_vs_trl.py --device cpu --settings groups \
     --vpa-modes packed --steps 1 --warmup 1 --repeats 1 --groups-per-step 1 --image-size 56 --max-length 128 \
-    --shape qwen2vl-small --skip-trl --json "$WORK/trl_qwen.json"
+    --shape qwen2vl-small --skip-trl --profile-last --json "$WORK/trl_qwen.json"
   step augment "$L" "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 4 --size 56 --warmup 0 \
     --repeats 1 --json "$WORK/augment.json"
   step seva_generation "$L" "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava --prompts 4 \
@@ -173,36 +188,36 @@ else
   step tests 120 "$WORK/tests.xml" -- "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/tests.xml" -rs \
     "${XDIST[@]}" -k "gpu or cuda" tests/trainer/test_strategies.py tests/models/test_packed.py \
     tests/models/test_varlen.py tests/augment/test_augmentations.py
-  # full depth, LLaVA-1.5-7B (24 CLIP layers, 32 Vicuna layers, bf16 weights), gradient checkpointing on both sides:
-  # 16 pairs and 4 four-response groups (24 pairs) per step, vpa packed (varlen flash attention) vs TRL
+  # full depth, LLaVA-1.5-7B (24 CLIP layers, 32 Vicuna layers, bf16 weights), vpa packed (varlen flash attention)
   FULL=(--device cuda --image-size 336 --precision bf16-mixed --vpa-modes packed --steps 4 --warmup 2 --repeats 1
-        --timeout 150 --max-length 1024 --phases --pairs-per-step 16 --groups-per-step 4)
-  step trainer_full 240 "$WORK/trl_full.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
-    --gradient-checkpointing --settings pairwise,groups --json "$WORK/trl_full.json"
-  # without checkpointing: 8 groups (about 7k tokens a forward) for vpa's MFU; TRL's 96 sequences would not fit
-  step trainer_mfu 80 "$WORK/trl_mfu.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
-    --settings groups --groups-per-step 8 --skip-trl --json "$WORK/trl_mfu.json"
-  # Qwen2-VL-7B (M-RoPE, grouped-query heads), pairs
+        --timeout 150 --max-length 1024 --phases)
+  # without checkpointing: 8 groups (about 7k tokens a forward) for vpa's MFU; TRL's 96 sequences would not fit.
+  # One more step runs under the profiler: where the GPU time goes (GEMM, attention, the rest) and how busy it was
+  step trainer_mfu 110 "$WORK/trl_mfu.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
+    --settings groups --groups-per-step 8 --skip-trl --profile-last --json "$WORK/trl_mfu.json"
+  # the issue's no-checkpointing rows: both sides without it, at batches TRL can hold (16 and 24 sequences)
+  step trainer_nockpt 240 "$WORK/trl_nockpt.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
+    --settings pairwise,groups --pairs-per-step 8 --groups-per-step 2 --profile-last --json "$WORK/trl_nockpt.json"
+  # part 2. Qwen2-VL-7B (M-RoPE, grouped-query heads), pairs, checkpointing on both sides
   step trainer_qwen 130 "$WORK/trl_qwen.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape qwen2vl7b \
     --gradient-checkpointing --settings pairwise --pairs-per-step 8 --json "$WORK/trl_qwen.json"
   # full fine-tuning of the 7B language model (bf16 weights, torch AdamW, the reference a frozen copy), pairs
   step trainer_fullft 130 "$WORK/trl_fullft.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
     --gradient-checkpointing --settings pairwise --pairs-per-step 8 --full-finetune --json "$WORK/trl_fullft.json"
-  TRL=(--device cuda --shape llava7b-2l --image-size 336 --precision bf16-mixed --gradient-checkpointing
-       --vpa-modes plain,packed --steps 6 --warmup 2 --repeats 1 --timeout 150 --max-length 1024 --phases)
-  step augment 40 "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 64 --size 336 \
-    --warmup 2 --repeats 5 --json "$WORK/augment.json"
-  step seva_generation 45 "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava?image_size=336 \
-    --dtype bfloat16 --prompts 256 --batch-size 64 --max-new-tokens 32 --size 336 --workdir "$WORK/seva" \
-    --json "$WORK/seva.json"
   # video DPO (issue 25) at Qwen2-VL-7B, 16 frames of 224 px: packed vs the pairwise layout, groups then pairs
   step video_dpo 150 "$WORK/video.json" -- "$PY" benchmarks/video_dpo.py --device cuda --shape qwen2vl7b --frames 16 \
     --size 224 --settings groups,pairs --modes packed,pairwise --steps 3 --warmup 1 --repeats 1 --checkpointing \
     --timeout 100 --json "$WORK/video.json"
   step varlen_probe 60 "$WORK/varlen_probe.json" -- "$PY" benchmarks/varlen_probe.py --json "$WORK/varlen_probe.json"
-  # one profiled step per side at full depth (--profile: each step's top ops and kernels)
-  step trainer_profile 150 "$WORK/trl_profile.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
-    --gradient-checkpointing --settings pairwise --pairs-per-step 8 --profile --json "$WORK/trl_profile.json"
+  # part 3. GPU run 4's rows again: checkpointing on both sides, 16 pairs and 4 four-response groups (24 pairs)
+  step trainer_full 240 "$WORK/trl_full.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
+    --gradient-checkpointing --settings pairwise,groups --pairs-per-step 16 --groups-per-step 4 \
+    --json "$WORK/trl_full.json"
+  step augment 40 "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 64 --size 336 \
+    --warmup 2 --repeats 5 --json "$WORK/augment.json"
+  step seva_generation 45 "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava?image_size=336 \
+    --dtype bfloat16 --prompts 256 --batch-size 64 --max-new-tokens 32 --size 336 --workdir "$WORK/seva" \
+    --json "$WORK/seva.json"
 fi
 
 report

@@ -63,6 +63,7 @@ import math
 import os
 import platform
 import random
+import re
 import resource
 import shlex
 import shutil
@@ -346,13 +347,49 @@ def _finish(spec: dict[str, Any], stamps: list[float], loss0: float | None, pair
     return out
 
 
+# GPU kernel kinds by name (cuBLAS/cuBLASLt GEMMs are nvjet_*/sm90_xmma_*/cutlass_*/*gemm*; flash and cuDNN
+# attention; copies); everything else is elementwise, normalisation, reductions and the optimizer's kernels
+_KERNEL_KINDS = (
+    ("attention", re.compile(r"flash|fmha|attention|attn|sdpa", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|s16816|cublas|splitk", re.I)),
+    ("memcpy_memset", re.compile(r"^memcpy|^memset", re.I)),
+)
+
+
+_NOT_KERNELS = {"Activity Buffer Request", "Lazy Function Loading"}  # CUPTI's and the driver's own rows
+
+
+def kernel_breakdown(rows: list[tuple[str, float, int]], wall_ms: float) -> dict[str, Any]:
+    """GPU time of one profiled step by kernel kind. ``rows``: (kernel name, self GPU ms, launches) of the
+    profiler's device events; ``wall_ms``: the step's wall time. ``busy`` = kernel time / wall time (the GPU
+    idles for the rest: host overhead or synchronisations); MFU is bounded by the GEMM share of the wall time
+    times the GEMMs' own efficiency. The profiler's own step ranges (``ProfilerStep*``) and user annotations
+    (names with ``#``, e.g. ``Optimizer.step#AdamW.step``) span other kernels and are left out."""
+    kinds: dict[str, dict[str, float]] = {}
+    for name, ms, count in rows:
+        if name.startswith("ProfilerStep") or "#" in name or name in _NOT_KERNELS or ms <= 0:
+            continue
+        kind = next((k for k, pattern in _KERNEL_KINDS if pattern.search(name)), "other")
+        entry = kinds.setdefault(kind, {"ms": 0.0, "launches": 0})
+        entry["ms"] += ms
+        entry["launches"] += count
+    total = sum(e["ms"] for e in kinds.values())
+    for entry in kinds.values():
+        entry["ms"] = round(entry["ms"], 2)
+        entry["share_of_kernel_time"] = round(entry["ms"] / total, 4) if total else 0.0
+    return {"kernel_ms": round(total, 2), "wall_ms": round(wall_ms, 2),
+            "busy": round(total / wall_ms, 4) if wall_ms else None, "kinds": kinds}
+
+
 class _Phases:
     """Where each step's time goes: data (the previous step's end to this one's start: batch collation),
     forward (vpa only: HF's Trainer has no hook between forward and backward), backward, optimizer (the rest),
     garbage-collector pauses, and on CUDA the caching allocator's device allocations and retries. With
     ``--phases`` the GPU is synchronised at each mark (the stamps then mean what they say, at a small cost).
     With ``--profile`` each step is also one cycle of torch's profiler, and the ops that took most of its time
-    (self CPU time, and self CUDA time on a GPU) are kept per step: a slow step names its kernels."""
+    (self CPU time, and self CUDA time on a GPU) are kept per step: a slow step names its kernels. With
+    ``--profile-last`` one step after the timed ones runs under the profiler instead (the timed steps run
+    without it), and its GPU time is also split by kernel kind (:func:`kernel_breakdown`): what keeps MFU low."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         import gc
@@ -370,6 +407,10 @@ class _Phases:
         self.profiles: list[dict[str, Any]] = []
         self._prof = None
         self._closing = False
+        # --profile-last: the profiler runs over step `_profile_at` only (0-based; the step after the timed ones)
+        self._profile_at = spec["warmup"] + spec["steps"] if spec.get("profile_last") else None
+        self._last_prof = None
+        self._last_t0 = 0.0
         if spec.get("profile"):
             from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -391,6 +432,8 @@ class _Phases:
                               **({"self_cuda_ms": top("self_device_time_total")} if self.cuda else {})})
 
     def close(self) -> None:
+        if self._last_prof is not None:  # the profiled step never ended (the run stopped early)
+            self._stop_last()
         if self._prof is not None:
             self._closing = True
             self._prof.stop()
@@ -418,11 +461,37 @@ class _Phases:
         return {k: int(stats.get(k, 0)) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
 
     def mark(self, name: str) -> None:
-        if self.sync:
+        if self.sync or (name == "start" and self._profile_at == len(self.steps)):
             import torch
 
-            torch.cuda.synchronize()
+            if self.cuda:
+                torch.cuda.synchronize()
         self.marks[name] = time.perf_counter()
+        if name == "start" and self._profile_at == len(self.steps) and self._last_prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._last_prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if self.cuda else [])])
+            self._last_prof.start()
+            self._last_t0 = time.perf_counter()
+
+    def _stop_last(self) -> None:
+        """End --profile-last's profiled step: its top ops, wall time and GPU time by kernel kind."""
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self._last_t0
+        prof, self._last_prof = self._last_prof, None
+        prof.stop()
+        events = prof.key_averages()
+        self._on_trace(prof)
+        self.profiles[-1]["step"] = "after_timed"
+        self.profiles[-1]["wall_ms"] = round(1e3 * wall, 2)
+        if self.cuda:
+            from torch.autograd import DeviceType
+
+            rows = [(e.key, e.self_device_time_total / 1e3, e.count) for e in events if e.device_type == DeviceType.CUDA]
+            self.profiles[-1]["cuda_kernels"] = kernel_breakdown(rows, wall * 1e3)
 
     def end(self, stamp: float) -> None:
         """Close the step that ended at ``stamp`` (the Timer's, taken after its synchronise)."""
@@ -447,6 +516,8 @@ class _Phases:
         self._last_end, self.marks = stamp, {}
         if self._prof is not None:
             self._prof.step()
+        if self._last_prof is not None:
+            self._stop_last()
 
 
 def _pairs_layout(spec: dict[str, Any]) -> tuple[int, int, int]:
@@ -470,7 +541,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     g_step, k, pairs_per_step = _pairs_layout(spec)
-    n_steps = spec["warmup"] + spec["steps"]
+    n_steps = spec["warmup"] + spec["steps"] + (1 if spec.get("profile_last") else 0)
     pairs = [(0, 1)] if k == 2 else all_pairs(k)
     examples = [
         PreferenceExample(
@@ -567,7 +638,7 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
             "sequences_per_forward": seqs,
             "forwards_per_step": "1 reference (no grad) + 1 policy (grad), each over all distinct responses",
             "phases": timer.phases.steps,
-            **({"profile": timer.phases.profiles} if spec.get("profile") else {}),
+            **({"profile": timer.phases.profiles} if spec.get("profile") or spec.get("profile_last") else {}),
         },
         timer.tokens,
         timer.flop_tokens,
@@ -588,7 +659,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     g_step, k, pairs_per_step = _pairs_layout(spec)
-    n_steps = spec["warmup"] + spec["steps"]
+    n_steps = spec["warmup"] + spec["steps"] + (1 if spec.get("profile_last") else 0)
     pairs = [(0, 1)] if k == 2 else all_pairs(k)
     rows = []
     for g in make_groups(g_step * n_steps, k, spec["image_size"], seed=spec["data_seed"]):
@@ -698,7 +769,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             "sequences_per_forward": seqs,
             "forwards_per_step": "1 reference (no grad) + 1 policy (grad), each over chosen+rejected of every pair",
             "phases": timer.phases.steps,
-            **({"profile": timer.phases.profiles} if spec.get("profile") else {}),
+            **({"profile": timer.phases.profiles} if spec.get("profile") or spec.get("profile_last") else {}),
         },
         tokens,
         tokens,
@@ -778,6 +849,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="run torch's profiler over every step and keep each step's top ops (self CPU and CUDA "
                              "time) in the JSON; slows the steps, so its figures are for finding, not for comparing")
+    parser.add_argument("--profile-last", action="store_true",
+                        help="run one more step after the timed ones under torch's profiler (the timed steps run "
+                             "without it) and keep its top ops, wall time and, on CUDA, its GPU time by kernel kind "
+                             "(GEMM, attention, copies, other) and how busy the GPU was")
     parser.add_argument("--phases", action="store_true",
                         help="synchronise the GPU at each phase mark (data, forward, backward, optimizer) so the "
                              "per-step phase times in the JSON are exact; CPU runs need no synchronising")
@@ -906,6 +981,7 @@ def main(argv: list[str] | None = None) -> None:
                         "precision": args.precision,
                         "phases": args.phases,
                         "profile": args.profile,
+                        "profile_last": args.profile_last and not args.profile,
                         "bf16_weights": bool(SHAPES[args.shape].get("bf16_weights")),
                         "full_finetune": args.full_finetune,
                     }
@@ -978,9 +1054,9 @@ def main(argv: list[str] | None = None) -> None:
           "token run: policy forward, backward to the activations, reference forward; plus 16 d x layers per attended "
           "(query, key) pair) over the dense bf16 peak, CUDA only; max/med = slowest timed step over the median)")
 
-    shutil.rmtree(model_dir, ignore_errors=True)
-    write_report(final=True)
+    write_report(final=True)  # before the model's folder goes (a 7B model is 14 GB to delete under a time limit)
     print(f"wrote {args.json}")
+    shutil.rmtree(model_dir, ignore_errors=True)
     if failures:  # the figures that ran are written; the exit status says that some did not
         sys.exit("failed: " + "; ".join(failures))
 

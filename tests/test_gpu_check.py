@@ -18,12 +18,12 @@ pytest.importorskip("kornia")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _check(tmp_path: Path, expect_status: int, timeout: float, **env: str) -> dict:
-    """Run ``gpu_check.sh --cpu`` (no wheels to install) and return its JSON."""
+def _check(tmp_path: Path, expect_status: int, timeout: float, *args: str, **env: str) -> dict:
+    """Run ``gpu_check.sh --cpu [args]`` (no wheels to install) and return its JSON."""
     out = tmp_path / "check.json"
     env = {**os.environ, "VPA_WHEELS": str(tmp_path / "no-wheels"), **env}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--cpu", str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--cpu", *args, str(out)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect_status, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -47,6 +47,10 @@ def test_gpu_check_cpu_smoke(tmp_path):
     qwen = steps["trainer_qwen"]["result"]["results"]["cpu/groups"]  # --skip-trl: vpa alone, no ratios
     assert "trl" not in qwen and qwen["vpa:packed"]["pairs_per_s"] > 0 and qwen["throughput_ratio_over_trl"] == {}
     assert steps["trainer_qwen"]["result"]["model"]["family"] == "qwen2_vl"
+    # --profile-last: the timed step ran without the profiler, one more step after it with it
+    (profiled,) = qwen["vpa:packed"]["profile"]
+    assert profiled["step"] == "after_timed" and profiled["wall_ms"] > 0 and profiled["self_cpu_ms"]
+    assert len(qwen["vpa:packed"]["phases"]) == 3 and len(qwen["vpa:packed"]["step_seconds"]) == 1
     assert steps["augment"]["result"] and steps["seva_generation"]["result"]
     video = steps["video_dpo"]["result"]["results"]["groups/4f"]
     assert video["packed"]["pairs_per_s"] > 0 and video["pairwise"]["pairs_per_s"] > 0 and "packed_vs_pairwise" in video
@@ -60,6 +64,48 @@ def test_gpu_check_budget_skips_steps_and_still_reports(tmp_path):
     assert not report["ok"] and [s["step"] for s in report["steps"]] == ["tests", "trainer_vs_trl", "trainer_qwen", "augment",
                                                                          "seva_generation", "video_dpo"]
     assert all(s["skipped"] and s["timed_out"] for s in report["steps"])
+
+
+def test_gpu_check_parts(tmp_path):
+    """--part N runs that part's steps only (the rest are not recorded); an unknown part is a usage error."""
+    report = _check(tmp_path, 1, 300, "--part", "2", VPA_CHECK_BUDGET="5")
+    assert [s["step"] for s in report["steps"]] == ["trainer_qwen", "video_dpo"]  # part 2's steps the CPU smoke has
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--part", "7"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--part must be 1, 2 or 3" in proc.stderr
+
+
+def _benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_breakdown_on_the_h200s_kernel_names():
+    """--profile-last's GPU split, on device rows named as GPU run 3's profiler named them on the H200."""
+    rows = [
+        ("nvjet_sm90_tst_256x152_64x4_1x2_h_bz_coopA_TNT", 30.0, 12),
+        ("nvjet_sm90_tst_192x208_64x4_2x1_v_bz_coopB_NNT", 10.0, 4),
+        ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>(Params)", 5.0, 1),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false>, true>(Params)", 8.0, 64),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", 2.0, 2),
+        ("Memcpy HtoD (Pageable -> Device)", 1.0, 3),
+        ("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(...)", 4.0, 300),
+        ("ProfilerStep*", 90.0, 1),  # spans the step's kernels: not one
+        ("Optimizer.step#AdamW.step", 40.0, 1),  # a user annotation: spans kernels
+        ("Lazy Function Loading", 3.0, 100),
+    ]
+    out = _benchmark("trainer_vs_trl").kernel_breakdown(rows, wall_ms=100.0)
+    kinds = out["kinds"]
+    assert set(kinds) == {"gemm", "attention", "memcpy_memset", "other"}
+    assert kinds["gemm"]["ms"] == 45.0 and kinds["gemm"]["launches"] == 17
+    assert kinds["attention"]["ms"] == 10.0 and kinds["memcpy_memset"]["ms"] == 1.0 and kinds["other"]["ms"] == 4.0
+    assert out["kernel_ms"] == 60.0 and out["busy"] == 0.6
+    assert kinds["gemm"]["share_of_kernel_time"] == 0.75
+    assert _benchmark("trainer_vs_trl").kernel_breakdown([], wall_ms=0.0)["busy"] is None
 
 
 def test_gpu_wheels_script_parses():
