@@ -271,3 +271,29 @@ def test_vpa_judge_hf_with_a_model_without_video_stops_before_rating(sampled_vid
     assert "qwen2_vl" in proc.stderr and "llava" in proc.stderr and "video" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists() and not (tmp_path / "judged.jsonl.parts").exists()  # nothing rated, nothing written
+
+
+def test_hf_judge_runs_a_prompts_video_once_for_all_its_rows(sampled_videos, hf_judge) -> None:
+    """The answers x aspects rows share the prompt's video and question: the vision tower sees one clip's patches,
+    and the scores are those of the rows run whole (the shared-prefix path off)."""
+    from unittest import mock
+
+    from vpa_lightning.models.generation import encode_for_generation
+
+    answers = [c["response"] for c in _answers()]
+    prompt = _prompt(sampled_videos, 1)
+    media = hf_judge.load(prompt)
+    patches: list[int] = []
+    visual = hf_judge.model.model.visual
+    handle = visual.register_forward_hook(lambda mod, args, out: patches.append(int(args[0].shape[0])))
+    try:
+        shared = hf_judge.rate(prompt, answers, media)
+    finally:
+        handle.remove()
+    one = encode_for_generation(hf_judge.processor, [[]], ["x"], videos=[media[1]])
+    assert patches == [one["pixel_values_videos"].shape[0]]  # one clip, not len(answers) x 3 of them
+    with mock.patch("vpa_lightning.models.generation.shared_prefix_next_logits", return_value=None):
+        whole = hf_judge.rate(prompt, answers, media)
+    for a, b in zip(shared, whole):
+        for aspect in ASPECTS:
+            assert a[aspect][0] == pytest.approx(b[aspect][0], abs=1e-4)

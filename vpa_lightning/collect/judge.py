@@ -239,20 +239,33 @@ class _HFJudge:
         """Next-token probabilities after each request, every row conditioned on the prompt's images and videos."""
         import torch
 
-        from vpa_lightning.models.generation import encode_for_generation, to_model
+        from vpa_lightning.models.generation import (
+            chat_prompt,
+            encode_for_generation,
+            shared_prefix_next_logits,
+            to_model,
+        )
 
         images, videos = media
         placed = [_placed(prompt, r) for r in requests]
-        enc = encode_for_generation(
-            self.processor, [images] * len(placed), [t for t, _, _ in placed], [o for _, o, _ in placed],
-            # a batch without videos calls the family exactly as before videos existed
-            **({"videos": [videos] * len(placed), "video_offsets": [v for _, _, v in placed],
-                "video_max_pixels": getattr(self.video_sampling, "max_pixels", None)} if videos else {}))
         param = next(self.model.parameters())
-        enc = {k: to_model(v, k, param) for k, v in enc.items() if torch.is_tensor(v)}
-        with torch.no_grad():
-            logits = self.model(**enc, logits_to_keep=1, use_cache=False, return_dict=True).logits[:, -1].float()
-        return torch.softmax(logits, dim=-1)
+
+        def encode(rows: list[tuple[str, Any, Any]]) -> dict[str, Any]:
+            enc = encode_for_generation(
+                self.processor, [images] * len(rows), [t for t, _, _ in rows], [o for _, o, _ in rows],
+                # a batch without videos calls the family exactly as before videos existed
+                **({"videos": [videos] * len(rows), "video_offsets": [v for _, _, v in rows],
+                    "video_max_pixels": getattr(self.video_sampling, "max_pixels", None)} if videos else {}))
+            return {k: to_model(v, k, param) for k, v in enc.items() if torch.is_tensor(v)}
+
+        # the rows (answers x aspects) share the prompt's media and question: run those once, each row's own tokens
+        # on top of their KV cache; the whole rows where they do not share them
+        texts = [chat_prompt(self.processor, t, len(images), o, len(videos), v) for t, o, v in placed]
+        logits = shared_prefix_next_logits(self.model, self.processor, texts, encode(placed[:1])) if len(placed) > 1 else None
+        if logits is None:
+            with torch.no_grad():
+                logits = self.model(**encode(placed), logits_to_keep=1, use_cache=False, return_dict=True).logits[:, -1]
+        return torch.softmax(logits.float(), dim=-1)
 
     def rate(self, prompt: Prompt, answers: list[str], media: tuple[list[Any], list[Any]] | None = None,
              ) -> list[dict[str, tuple[float, str]] | RubricError]:

@@ -20,7 +20,8 @@ import torch
 from vpa_lightning.models.families import family_of
 from vpa_lightning.models.logps import prompt_messages
 
-__all__ = ["chat_prompt", "encode_for_generation", "generate_answers", "greedy_generate", "to_model"]
+__all__ = ["chat_prompt", "encode_for_generation", "generate_answers", "greedy_generate", "shared_prefix_next_logits",
+           "to_model"]
 
 
 def chat_prompt(
@@ -92,6 +93,95 @@ def to_model(value: Any, key: str, param: torch.Tensor) -> Any:
     if key.startswith("pixel_values") and value.is_floating_point():
         return value.to(param.device, dtype=param.dtype)
     return value.to(param.device)
+
+
+# per-token inputs the shared-prefix path rebuilds for the suffixes; any other (PaliGemma's and Gemma 3's
+# token_type_ids: bidirectional prompt blocks; Mllama's cross_attention_mask) sends the rows down the whole path
+_PER_TOKEN_KNOWN = {"input_ids", "attention_mask", "mm_token_type_ids"}
+_MEDIA_TOKEN_NAMES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        first = rows[0][i]
+        if any(r[i] != first for r in rows[1:]):
+            return i
+    return n
+
+
+@torch.no_grad()
+def shared_prefix_next_logits(model: Any, processor: Any, texts: Sequence[str], one: dict[str, Any]) -> torch.Tensor | None:
+    """Next-token logits ``[len(texts), vocab]`` after each of ``texts`` (chat-template prompts about the same media),
+    with the tokens they share, the media among them, run once: one row over the shared prefix fills a KV cache, which
+    every row's own tokens then extend (left-padded, so each row's last token is the last column). ``one``: the
+    processor's encoding of ``texts[0]`` with its media (one row, on the model's device).
+
+    A judge asks about one prompt's image or video once per answer and aspect; the image or video tokens are most of
+    each row, so this runs them once instead of once a row. Returns ``None`` (the caller runs every row whole) for
+    fewer than 2 rows, rows whose shared tokens do not hold every media token, or a model with per-token inputs this
+    does not rebuild (``token_type_ids``: PaliGemma's bidirectional prompt, Gemma 3's image blocks; Mllama's
+    ``cross_attention_mask``). M-RoPE models (Qwen2-VL family) take their prefix positions from their own
+    ``get_rope_index``; the suffix continues after the prefix's largest position, as in a whole forward."""
+    from vpa_lightning.models.logps import _rope_index, cache_kwarg, output_cache
+    from vpa_lightning.models.packed import _rope_media
+
+    tok = getattr(processor, "tokenizer", processor)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if len(ids) < 2:
+        return None
+    shared = min(_common_prefix(ids), min(len(r) for r in ids) - 1)  # every row keeps one token of its own
+    full = one["input_ids"]
+    if full.shape[0] != 1 or not bool(one.get("attention_mask", torch.ones_like(full)).all()):
+        return None
+    e0, u0 = full[0].tolist(), ids[0]
+    tail = len(u0) - shared
+    if shared <= 0 or len(e0) < len(u0) or e0[len(e0) - tail:] != u0[shared:]:
+        return None  # the media were not expanded inside the shared tokens (or the tokenizer splits otherwise)
+    config = getattr(model, "config", None)
+    media_tokens = {getattr(config, n) for n in _MEDIA_TOKEN_NAMES if isinstance(getattr(config, n, None), int)}
+    if any(t in media_tokens for r in ids for t in r[shared:]):
+        return None
+    per_token = {k for k, v in one.items() if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == full.shape}
+    if per_token - _PER_TOKEN_KNOWN:
+        return None
+    width = len(e0) - tail  # the shared tokens after the media's expansion
+    device = full.device
+    prefix = {k: one[k][:, :width] for k in per_token}
+    prefix["attention_mask"] = torch.ones((1, width), dtype=torch.long, device=device)
+    media = {k: v for k, v in one.items() if k not in per_token}
+    rope_index = _rope_index(model) if "image_grid_thw" in media or "video_grid_thw" in media else None
+    if rope_index is not None:
+        positions, _ = rope_index(prefix["input_ids"], mm_token_type_ids=prefix.get("mm_token_type_ids"),
+                                  attention_mask=prefix["attention_mask"], **_rope_media(media))  # [3, 1, width]
+        after = int(positions[0, 0, -1]) + 1
+    else:
+        start = family_of(model).first_position
+        positions = torch.arange(width, device=device)[None] + start
+        after = width + start
+    out = model(**prefix, **media, position_ids=positions, use_cache=True, logits_to_keep=1, return_dict=True)
+    cache = output_cache(out)
+    n = len(ids)
+    cache.batch_select_indices(torch.zeros(n, dtype=torch.long, device=device))
+    own = [r[shared:] for r in ids]
+    cols = max(len(r) for r in own)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    suffix = torch.full((n, cols), pad, dtype=full.dtype, device=device)
+    valid = torch.zeros((n, cols), dtype=torch.long, device=device)
+    for i, r in enumerate(own):
+        suffix[i, cols - len(r):] = torch.tensor(r, dtype=full.dtype, device=device)
+        valid[i, cols - len(r):] = 1
+    lengths = valid.sum(dim=1, keepdim=True)
+    step = (torch.arange(cols, device=device)[None] - (cols - lengths)).clamp(min=0)  # 0 at each row's first own token
+    suffix_positions = after + step
+    if rope_index is not None:
+        suffix_positions = suffix_positions[None].expand(positions.shape[0], -1, -1)
+    extra = {k: torch.zeros((n, cols), dtype=one[k].dtype, device=device)
+             for k in per_token - {"input_ids", "attention_mask"}}  # text tokens: type 0
+    out = model(input_ids=suffix, attention_mask=torch.cat([torch.ones((n, width), dtype=torch.long, device=device), valid], 1),
+                position_ids=suffix_positions, use_cache=True, logits_to_keep=1, return_dict=True,
+                **{cache_kwarg(): cache}, **extra)
+    return out.logits[:, -1]
 
 
 @torch.no_grad()

@@ -767,6 +767,21 @@ def _scatter_tokens(values: Tensor, rows: Tensor, positions: Tensor, n: int, wid
     return out.index_put((rows, positions), values)
 
 
+def cache_kwarg() -> str:
+    """The forward's KV-cache argument: transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name
+    still works there, with a warning); earlier 5.x releases (the GPU image's 5.24) know only the old one."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__).release >= (5, 25) else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a forward's output, under either name (see :func:`cache_kwarg`)."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 def _rope_index(model: nn.Module) -> Any:
     """The ``get_rope_index`` of an M-RoPE VLM (Qwen2-VL family), through any wrapper; else ``None``."""
     for module in model.modules():
@@ -854,7 +869,7 @@ def _prefix_shared_logps(
         use_cache=True, logits_to_keep=1, return_dict=True,
     )
     first_logits = out.logits[:, -1].float()  # [G, V]: predicts each response's first token
-    cache = out.past_key_values
+    cache = output_cache(out)
     cache.batch_select_indices(owner)
 
     # 2. response pass on top of the per-response cache
@@ -878,7 +893,7 @@ def _prefix_shared_logps(
             **resp,
             attention_mask=torch.cat([prefix_mask[owner], r_valid.to(mask.dtype)], dim=1),
             position_ids=_expand_like(next_position[owner][:, None] + r_cols[None, :], position_ids),
-            past_key_values=cache, use_cache=True, logits_to_keep=keep, return_dict=True,
+            **{cache_kwarg(): cache}, use_cache=True, logits_to_keep=keep, return_dict=True,
         )
         targets = resp_ids[:, 1:][keep[:, :-1]]
         flat = -F.cross_entropy(out2.logits.float(), targets, reduction="none")
