@@ -191,18 +191,19 @@ else
   # full depth, LLaVA-1.5-7B (24 CLIP layers, 32 Vicuna layers, bf16 weights), vpa packed (varlen flash attention)
   FULL=(--device cuda --image-size 336 --precision bf16-mixed --vpa-modes packed --steps 4 --warmup 2 --repeats 1
         --timeout 150 --max-length 1024 --phases)
+  LLAVA7B=(--shape llava7b --model-dir "$WORK/llava7b")  # built once per call, shared by the LLaVA-7B steps
   # without checkpointing: 8 groups (about 7k tokens a forward) for vpa's MFU; TRL's 96 sequences would not fit.
   # One more step runs under the profiler: where the GPU time goes (GEMM, attention, the rest) and how busy it was
-  step trainer_mfu 110 "$WORK/trl_mfu.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
+  step trainer_mfu 110 "$WORK/trl_mfu.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" "${LLAVA7B[@]}" \
     --settings groups --groups-per-step 8 --skip-trl --profile-last --json "$WORK/trl_mfu.json"
   # the issue's no-checkpointing rows: both sides without it, at batches TRL can hold (16 and 24 sequences)
-  step trainer_nockpt 240 "$WORK/trl_nockpt.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
+  step trainer_nockpt 240 "$WORK/trl_nockpt.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" "${LLAVA7B[@]}" \
     --settings pairwise,groups --pairs-per-step 8 --groups-per-step 2 --profile-last --json "$WORK/trl_nockpt.json"
   # part 2. Qwen2-VL-7B (M-RoPE, grouped-query heads), pairs, checkpointing on both sides
   step trainer_qwen 130 "$WORK/trl_qwen.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape qwen2vl7b \
     --gradient-checkpointing --settings pairwise --pairs-per-step 8 --json "$WORK/trl_qwen.json"
   # full fine-tuning of the 7B language model (bf16 weights, torch AdamW, the reference a frozen copy), pairs
-  step trainer_fullft 130 "$WORK/trl_fullft.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
+  step trainer_fullft 130 "$WORK/trl_fullft.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" "${LLAVA7B[@]}" \
     --gradient-checkpointing --settings pairwise --pairs-per-step 8 --full-finetune --json "$WORK/trl_fullft.json"
   # video DPO (issue 25) at Qwen2-VL-7B, 16 frames of 224 px: packed vs the pairwise layout, groups then pairs
   step video_dpo 150 "$WORK/video.json" -- "$PY" benchmarks/video_dpo.py --device cuda --shape qwen2vl7b --frames 16 \
@@ -210,7 +211,7 @@ else
     --timeout 100 --json "$WORK/video.json"
   step varlen_probe 60 "$WORK/varlen_probe.json" -- "$PY" benchmarks/varlen_probe.py --json "$WORK/varlen_probe.json"
   # part 3. GPU run 4's rows again: checkpointing on both sides, 16 pairs and 4 four-response groups (24 pairs)
-  step trainer_full 240 "$WORK/trl_full.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" --shape llava7b \
+  step trainer_full 240 "$WORK/trl_full.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" "${LLAVA7B[@]}" \
     --gradient-checkpointing --settings pairwise,groups --pairs-per-step 16 --groups-per-step 4 \
     --json "$WORK/trl_full.json"
   step augment 40 "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 64 --size 336 \

@@ -862,6 +862,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-trl", action="store_true",
                         help="run vpa's sides only (e.g. a batch TRL cannot hold without gradient checkpointing): MFU, "
                              "step times and memory, no ratios")
+    parser.add_argument("--model-dir", default=None,
+                        help="build the model into this folder once and reuse it in later runs of the same --shape and "
+                             "--image-size (kept at the end); default: a temporary folder, deleted at the end")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
@@ -895,8 +898,23 @@ def main(argv: list[str] | None = None) -> None:
     vpa_sides = [f"vpa:{m}" for m in modes]
 
     t_start = time.perf_counter()
-    model_dir = tempfile.mkdtemp(prefix="vpa-vs-trl-model-")
-    build_model(model_dir, args.image_size, shape=SHAPES[args.shape], device="cuda" if "cuda" in devices else "cpu")
+    # --model-dir: built once, reused by later runs of the same shape and image size (a 7B build + save is ~30 s)
+    built_for = {"shape": args.shape, "image_size": args.image_size}
+    if args.model_dir:
+        model_dir = args.model_dir
+        marker = Path(model_dir) / "vpa_benchmark_model.json"
+        if not marker.exists() or json.loads(marker.read_text()) != built_for:
+            if Path(model_dir).exists() and any(Path(model_dir).iterdir()):
+                if not marker.exists():
+                    parser.error(f"--model-dir {model_dir}: not empty and not a folder this benchmark built")
+                shutil.rmtree(model_dir)  # ours (the marker says so), of another shape: no stale shard left in it
+            build_model(model_dir, args.image_size, shape=SHAPES[args.shape], device="cuda" if "cuda" in devices else "cpu")
+            marker.write_text(json.dumps(built_for))
+        else:
+            print(f"model: reusing {model_dir}")
+    else:
+        model_dir = tempfile.mkdtemp(prefix="vpa-vs-trl-model-")
+        build_model(model_dir, args.image_size, shape=SHAPES[args.shape], device="cuda" if "cuda" in devices else "cpu")
     if "cuda" in devices:  # the workers need the memory this process's allocator would keep cached
         import gc
 
@@ -1056,7 +1074,8 @@ def main(argv: list[str] | None = None) -> None:
 
     write_report(final=True)  # before the model's folder goes (a 7B model is 14 GB to delete under a time limit)
     print(f"wrote {args.json}")
-    shutil.rmtree(model_dir, ignore_errors=True)
+    if not args.model_dir:
+        shutil.rmtree(model_dir, ignore_errors=True)
     if failures:  # the figures that ran are written; the exit status says that some did not
         sys.exit("failed: " + "; ".join(failures))
 

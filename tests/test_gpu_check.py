@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,25 @@ def test_kernel_breakdown_on_the_h200s_kernel_names():
 
 def test_gpu_wheels_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks/gpu_wheels.sh")], check=True)
+
+
+def test_trainer_benchmark_reuses_its_model_folder_and_refuses_a_foreign_one(tmp_path):
+    """--model-dir: built once (marked), reused by the next run of the same shape, kept; a folder it did not build
+    is refused, its files untouched."""
+    args = [str(ROOT / "benchmarks/trainer_vs_trl.py"), "--device", "cpu", "--settings", "pairwise", "--vpa-modes",
+            "packed", "--steps", "1", "--warmup", "1", "--repeats", "1", "--pairs-per-step", "1", "--image-size", "28",
+            "--max-length", "128", "--skip-trl", "--model-dir", str(tmp_path / "model"), "--json", str(tmp_path / "r.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "reusing" not in first.stdout and (tmp_path / "model" / "vpa_benchmark_model.json").exists()
+    second = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0 and f"model: reusing {tmp_path / 'model'}" in second.stdout
+    assert (tmp_path / "model" / "config.json").exists()  # kept for the next run
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    refused = subprocess.run([sys.executable, *args[:-4], "--model-dir", str(foreign), "--json", str(tmp_path / "r2.json")],
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert refused.returncode == 2 and "not a folder this benchmark built" in refused.stderr
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
