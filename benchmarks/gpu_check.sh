@@ -15,17 +15,17 @@
 # importance (a failing step is recorded and the next one runs):
 #   install: the carried wheels into /tmp/site (skipped when .whl/ is absent), the compiled extension beside the sources;
 #   part 1 (what issue 22 has never measured):
-#   tests: the CUDA-marked tests only (the rest run on CPU in CI): bf16, FSDP and DeepSpeed ZeRO-2/3 on one GPU with
-#      LoRA and full fine-tuning, packed groups on CUDA (SDPA mask, FlexAttention, varlen flash) against the plain
-#      path in bf16, Kornia on CUDA; junit XML parsed into the JSON;
-#   trainer_mfu: vpa alone at full LLaVA-1.5-7B depth without checkpointing, 8 groups a step (MFU), then one
-#      profiled step (--profile-last: its GPU time by kernel kind and how busy the GPU was);
+#   tests: the packed paths' CUDA tests (SDPA mask, FlexAttention, varlen flash against the plain path in bf16);
+#      junit XML parsed into the JSON (as for tests_strategies);
+#   trainer_mfu: vpa alone at full LLaVA-1.5-7B depth without checkpointing, 8 groups a step (MFU), eager and with
+#      --model.compile_layers, then one profiled step each (--profile-last: GPU time by kernel kind, busy share);
 #   trainer_nockpt: vpa packed vs TRL without checkpointing on both sides, 8 pairs and 2 groups a step, profiled alike;
 #   part 2: trainer_qwen (vpa packed vs TRL at Qwen2-VL-7B, pairs), trainer_fullft (full fine-tuning of the 7B
 #      language model, vpa packed vs TRL, pairs), video_dpo (packed vs the pairwise layout at Qwen2-VL-7B, 16
 #      frames), varlen_probe (the kernel alone vs SDPA's mask);
 #   part 3: trainer_full (vpa packed vs TRL at full depth with checkpointing, 16 pairs and 4 groups: GPU run 4's
-#      rows again), augment (Kornia on CUDA vs torchvision on CPU), seva_generation.
+#      rows again), tests_strategies (bf16, FSDP and DeepSpeed ZeRO-2/3 on one GPU with LoRA and full fine-tuning,
+#      Kornia on CUDA), augment (Kornia on CUDA vs torchvision on CPU), seva_generation.
 # --cpu: the same steps at a tiny shape on CPU (the smoke test of this script, tests/test_gpu_check.py).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,7 +47,7 @@ case "$PART" in
   "") ;;
   1) VPA_CHECK_STEPS="${VPA_CHECK_STEPS:-tests,trainer_mfu,trainer_nockpt}" ;;
   2) VPA_CHECK_STEPS="${VPA_CHECK_STEPS:-trainer_qwen,trainer_fullft,video_dpo,varlen_probe}" ;;
-  3) VPA_CHECK_STEPS="${VPA_CHECK_STEPS:-trainer_full,augment,seva_generation}" ;;
+  3) VPA_CHECK_STEPS="${VPA_CHECK_STEPS:-trainer_full,tests_strategies,augment,seva_generation}" ;;
   *) echo "gpu_check.sh: --part must be 1, 2 or 3, not '$PART'" >&2; exit 2 ;;
 esac
 WORK="$(mktemp -d /tmp/vpa-gpu-check.XXXXXX)"
@@ -63,15 +63,15 @@ echo '{}' > "$WORK/env.json"
 DEADLINE=$(( $(date +%s) + ${VPA_CHECK_BUDGET:-520} ))
 
 report() {  # (re)write the one JSON: environment + every step so far (junit XML of the tests summarised)
-  "$PY" - "$WORK/env.json" "$STEPS" "$JSON" "$CPU" "$WORK/tests.xml" <<'PYEOF'
+  "$PY" - "$WORK/env.json" "$STEPS" "$JSON" "$CPU" "$WORK" <<'PYEOF'
 import json, os, sys
 import xml.etree.ElementTree as ET
 env, steps, out, cpu = json.load(open(sys.argv[1])), [json.loads(l) for l in open(sys.argv[2])], sys.argv[3], sys.argv[4] == "1"
 for s in steps:
-    if s["step"] == "tests" and not s.get("skipped"):
+    if s["step"].startswith("tests") and not s.get("skipped"):  # a pytest step: its junit XML is WORK/<step>.xml
         s.pop("result_error", None)
         try:
-            root = ET.parse(sys.argv[5]).getroot()
+            root = ET.parse(os.path.join(sys.argv[5], s["step"] + ".xml")).getroot()
         except Exception as exc:
             s["result"] = {"error": f"no junit XML: {exc}"}
             continue
@@ -171,7 +171,7 @@ if [ "$CPU" = 1 ]; then
     --vpa-modes packed --gradient-checkpointing --steps 1 --warmup 1 --repeats 1 --pairs-per-step 2 --image-size 28 \
     --max-length 128 --phases --profile --json "$WORK/trl.json"
   step trainer_qwen "$L" "$WORK/trl_qwen.json" -- "$PY" benchmarks/trainer_vs_trl.py --device cpu --settings groups \
-    --vpa-modes packed --steps 1 --warmup 1 --repeats 1 --groups-per-step 1 --image-size 56 --max-length 128 \
+    --vpa-modes packed,packed+compile --steps 1 --warmup 1 --repeats 1 --groups-per-step 1 --image-size 56 --max-length 128 \
     --shape qwen2vl-small --skip-trl --profile-last --json "$WORK/trl_qwen.json"
   step augment "$L" "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 4 --size 56 --warmup 0 \
     --repeats 1 --json "$WORK/augment.json"
@@ -185,17 +185,19 @@ else
   XDIST=()
   if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 6); fi
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then XDIST+=(--timeout 100); fi
-  step tests 120 "$WORK/tests.xml" -- "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/tests.xml" -rs \
-    "${XDIST[@]}" -k "gpu or cuda" tests/trainer/test_strategies.py tests/models/test_packed.py \
-    tests/models/test_varlen.py tests/augment/test_augmentations.py
+  # part 1. the packed paths' CUDA tests (SDPA mask, FlexAttention, varlen flash against the plain path in bf16)
+  step tests 90 "$WORK/tests.xml" -- "$PY" -m pytest -q -p no:cacheprovider --junitxml="$WORK/tests.xml" -rs \
+    "${XDIST[@]}" -k "gpu or cuda" tests/models/test_packed.py tests/models/test_varlen.py
   # full depth, LLaVA-1.5-7B (24 CLIP layers, 32 Vicuna layers, bf16 weights), vpa packed (varlen flash attention)
   FULL=(--device cuda --image-size 336 --precision bf16-mixed --vpa-modes packed --steps 4 --warmup 2 --repeats 1
         --timeout 150 --max-length 1024 --phases)
   LLAVA7B=(--shape llava7b --model-dir "$WORK/llava7b")  # built once per call, shared by the LLaVA-7B steps
-  # without checkpointing: 8 groups (about 7k tokens a forward) for vpa's MFU; TRL's 96 sequences would not fit.
-  # One more step runs under the profiler: where the GPU time goes (GEMM, attention, the rest) and how busy it was
-  step trainer_mfu 110 "$WORK/trl_mfu.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" "${LLAVA7B[@]}" \
-    --settings groups --groups-per-step 8 --skip-trl --profile-last --json "$WORK/trl_mfu.json"
+  # without checkpointing: 8 groups (about 7k tokens a forward) for vpa's MFU, eager and with --model.compile_layers
+  # (the first step compiles: warm-up); TRL's 96 sequences would not fit. One more step runs under the profiler:
+  # where the GPU time goes (GEMM, attention, the rest) and how busy it was
+  step trainer_mfu 220 "$WORK/trl_mfu.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" "${LLAVA7B[@]}" \
+    --settings groups --groups-per-step 8 --skip-trl --profile-last --vpa-modes packed,packed+compile --timeout 200 \
+    --json "$WORK/trl_mfu.json"
   # the issue's no-checkpointing rows: both sides without it, at batches TRL can hold (16 and 24 sequences)
   step trainer_nockpt 240 "$WORK/trl_nockpt.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" "${LLAVA7B[@]}" \
     --settings pairwise,groups --pairs-per-step 8 --groups-per-step 2 --profile-last --json "$WORK/trl_nockpt.json"
@@ -214,6 +216,11 @@ else
   step trainer_full 240 "$WORK/trl_full.json" -- "$PY" benchmarks/trainer_vs_trl.py "${FULL[@]}" "${LLAVA7B[@]}" \
     --gradient-checkpointing --settings pairwise,groups --pairs-per-step 16 --groups-per-step 4 \
     --json "$WORK/trl_full.json"
+  # the strategies' CUDA tests (bf16, FSDP and DeepSpeed ZeRO-2/3 with LoRA and full fine-tuning; GPU run 4 passed
+  # them) and Kornia on CUDA
+  step tests_strategies 120 "$WORK/tests_strategies.xml" -- "$PY" -m pytest -q -p no:cacheprovider \
+    --junitxml="$WORK/tests_strategies.xml" -rs "${XDIST[@]}" -k "gpu or cuda" tests/trainer/test_strategies.py \
+    tests/augment/test_augmentations.py
   step augment 40 "$WORK/augment.json" -- "$PY" benchmarks/augment_throughput.py --batch-size 64 --size 336 \
     --warmup 2 --repeats 5 --json "$WORK/augment.json"
   step seva_generation 45 "$WORK/seva.json" -- "$PY" benchmarks/seva_generation.py --model tiny:llava?image_size=336 \

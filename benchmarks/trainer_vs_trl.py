@@ -564,8 +564,9 @@ def run_vpa(spec: dict[str, Any]) -> dict[str, Any]:
         warmup_ratio=0.0,
         gradient_checkpointing=spec["gradient_checkpointing"],
         dtype="bfloat16" if spec.get("bf16_weights") else None,
-        prefix_sharing=spec["mode"] == "prefix_sharing",
-        packed=spec["mode"] == "packed",
+        prefix_sharing=spec["mode"].split("+")[0] == "prefix_sharing",
+        packed=spec["mode"].split("+")[0] == "packed",
+        compile_layers=spec["mode"].endswith("+compile"),
     )
     loader = DataLoader(
         examples,
@@ -835,7 +836,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix-sharing", action="store_true",
                         help="shorthand for --vpa-modes prefix_sharing (image + prompt once per group, KV cache)")
     parser.add_argument("--vpa-modes", default="plain",
-                        help="comma list of vpa group modes run side by side with TRL: plain, packed, prefix_sharing")
+                        help="comma list of vpa group modes run side by side with TRL: plain, packed, prefix_sharing; "
+                             "MODE+compile: the same with --model.compile_layers (each transformer block compiled)")
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES),
                         help="model widths/depths: small (CPU default) or llava7b-2l (LLaVA-1.5-7B widths, 2 text layers)")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
@@ -890,9 +892,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("CUDA is not available")
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     modes = ["prefix_sharing"] if args.prefix_sharing else [m.strip() for m in args.vpa_modes.split(",") if m.strip()]
-    if set(modes) - {"plain", "packed", "prefix_sharing"}:
-        parser.error(f"--vpa-modes: unknown {sorted(set(modes) - {'plain', 'packed', 'prefix_sharing'})}")
-    if args.gradient_checkpointing and "prefix_sharing" in modes:
+    unknown = {m for m in modes if m.removesuffix("+compile") not in ("plain", "packed", "prefix_sharing")}
+    if unknown:
+        parser.error(f"--vpa-modes: unknown {sorted(unknown)}")
+    if args.gradient_checkpointing and any(m.startswith("prefix_sharing") for m in modes):
         print("note: vpa:prefix_sharing runs on the KV cache, which gradient checkpointing cannot recompute: "
               "it runs without checkpointing (the other sides with)")
     vpa_sides = [f"vpa:{m}" for m in modes]
@@ -982,7 +985,7 @@ def main(argv: list[str] | None = None) -> None:
                     spec = {
                         "side": side,
                         "mode": side.split(":", 1)[1] if side != "trl" else None,
-                        "gradient_checkpointing": args.gradient_checkpointing and side != "vpa:prefix_sharing",
+                        "gradient_checkpointing": args.gradient_checkpointing and not side.startswith("vpa:prefix_sharing"),
                         "setting": setting,
                         "device": device,
                         "model_dir": model_dir,

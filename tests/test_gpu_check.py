@@ -52,6 +52,10 @@ def test_gpu_check_cpu_smoke(tmp_path):
     (profiled,) = qwen["vpa:packed"]["profile"]
     assert profiled["step"] == "after_timed" and profiled["wall_ms"] > 0 and profiled["self_cpu_ms"]
     assert len(qwen["vpa:packed"]["phases"]) == 3 and len(qwen["vpa:packed"]["step_seconds"]) == 1
+    # MODE+compile (--model.compile_layers): the first step compiles, the later ones (new lengths) do not
+    compiled = qwen["vpa:packed+compile"]
+    assert compiled["phases"][0]["compiles"] > 0 and [p["compiles"] for p in compiled["phases"][1:]] == [0, 0]
+    assert compiled["loss_step0"] == pytest.approx(qwen["vpa:packed"]["loss_step0"], abs=1e-5)
     assert steps["augment"]["result"] and steps["seva_generation"]["result"]
     video = steps["video_dpo"]["result"]["results"]["groups/4f"]
     assert video["packed"]["pairs_per_s"] > 0 and video["pairwise"]["pairs_per_s"] > 0 and "packed_vs_pairwise" in video

@@ -182,6 +182,13 @@ class VisionDPOModule(pl.LightningModule):
             policy, ``model_name_or_path`` (with LoRA: the same network with the adapters disabled, no copy); a
             local folder or ``tiny:`` spec of the same architecture loads a separate frozen reference from it,
             with LoRA too (``vpa rounds --reference initial``: a later round's policy against the original model).
+        compile_layers: Compile each transformer block (the language model's decoder layers, the vision tower's
+            encoder layers; the full-fine-tuning reference's too) with ``torch.compile``, dynamic shapes
+            (:mod:`~vpa_lightning.models.compiled`): inductor fuses what a block runs besides its matrix products
+            (norms, rotary embeddings, activations, residual adds, LoRA's scale-and-add). Identical blocks share one
+            compiled graph; the first step compiles (tens of seconds), later steps do not recompile as packed
+            lengths change. Same losses and gradients as eager up to float rounding. Single device or DDP; under
+            FSDP or DeepSpeed it stops at start-up.
         fsdp_rank0_load: Under Lightning's ``FSDPStrategy`` with more than one process, only global rank 0
             reads the weights (policy, full-fine-tuning reference); every other rank builds the same
             modules on the meta device (no weights on its host) and receives rank 0's weights, buffers
@@ -220,6 +227,7 @@ class VisionDPOModule(pl.LightningModule):
         image_corruption: str | dict[str, Any] | list[Any] | None = None,
         reference_model_name_or_path: str | None = None,
         fsdp_rank0_load: bool = True,
+        compile_layers: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss"])
@@ -287,6 +295,7 @@ class VisionDPOModule(pl.LightningModule):
         self.dtype_name = dtype
         self.seed = seed
         self.fsdp_rank0_load = fsdp_rank0_load
+        self.compile_layers = compile_layers
         # The processor only: the weights are created in configure_model, inside the strategy's sharding
         # context (DeepSpeed ZeRO-3 partitions them as they are created, FSDP wraps them right after), not
         # here, where every rank would first hold a whole copy (two with a full-fine-tuning reference).
@@ -331,6 +340,8 @@ class VisionDPOModule(pl.LightningModule):
         first use (``vpa export``/``vpa eval`` never load it).
         """
         fresh = None
+        if self.compile_layers:
+            self._check_compile_strategy()
         if "model" not in self._modules:  # Lightning calls the hook for every trainer entry point
             self._zero3_loading()
             empty = self._fsdp_empty_load()
@@ -363,7 +374,27 @@ class VisionDPOModule(pl.LightningModule):
                 log.info("freezing %d parameters the %s forward never uses (the vision tower past its feature layer, its "
                          "pooled-output norm and head): %s", len(frozen), family_of(model).name, ", ".join(frozen[:4])
                          + (", ..." if len(frozen) > 4 else ""))
+        if self.compile_layers:
+            self._compile(model, "policy")
         return model
+
+    @staticmethod
+    def _compile(model: nn.Module, what: str) -> None:
+        from vpa_lightning.models.compiled import compile_blocks
+
+        n = compile_blocks(model)
+        if n == 0:
+            warnings.warn(f"--model.compile_layers: the {what} has no transformer blocks transformers marks "
+                          "(GradientCheckpointingLayer); it runs eager", stacklevel=2)
+        else:
+            log.info("--model.compile_layers: %d blocks of the %s compiled (the first step compiles)", n, what)
+
+    def _check_compile_strategy(self) -> None:
+        strategy = getattr(self._trainer, "strategy", None)
+        names = {k.__name__ for k in type(strategy).__mro__} if strategy is not None else set()
+        if names & {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}:
+            raise ValueError(f"--model.compile_layers runs on one device or under DDP, not under {type(strategy).__name__} "
+                             "(its wrapping of compiled blocks is untested); drop --model.compile_layers or use DDP")
 
     @property
     def _copies_reference(self) -> bool:
@@ -391,6 +422,8 @@ class VisionDPOModule(pl.LightningModule):
             reference = load_model(source, seed=self.seed, dtype=self.dtype_name, empty=bool(empty) or share)
             if share:
                 share_parameters(reference, fresh)
+            if self.compile_layers:
+                self._compile(reference, "reference")
             return reference
 
         reference = _built_on_every_rank(empty, "reference", build)

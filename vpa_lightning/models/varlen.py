@@ -131,6 +131,9 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scale: flo
     return out
 
 
+# eager inside blocks compiled by --model.compile_layers: a flash kernel (nothing to fuse) whose layout's sizes
+# change every step (traced, they would recompile)
+@torch.compiler.disable
 def varlen_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
                      scaling: float | None = None, dropout: float = 0.0, vpa_varlen: VarlenLayout | None = None,
                      **kwargs: Any) -> tuple[Tensor, None]:
