@@ -88,3 +88,17 @@ def test_fsdp_and_deepspeed_stop_at_start_up(strategy):
     with pytest.raises(ValueError, match=f"--model.compile_layers runs on one device or under DDP, not under {strategy}"):
         module.configure_model()
     assert "model" not in module._modules  # stopped before loading anything
+
+
+def test_compiled_blocks_under_ddp_on_two_ranks(demo_shards, tmp_path):
+    """The demo config (full fine-tuning with its compiled reference, a trainable vision tower) with compiled blocks,
+    2 CPU processes under plain DDP: both ranks take the same steps and end with the same weights, bit for bit."""
+    from .test_multi_device import _fit
+
+    ranks = _fit(tmp_path, f"--data.train_shards={demo_shards}", "--trainer.callbacks=[]", "--trainer.max_steps=3",
+                 "--model.compile_layers=true", f"--model.reference_cache_dir={tmp_path / 'ref'}",
+                 "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false", devices=2,
+                 config="configs/demo.yaml")
+    assert [r["global_step"] for r in ranks] == [3, 3]
+    assert ranks[0]["params_sha"] == ranks[1]["params_sha"]
+    assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks)
