@@ -482,16 +482,21 @@ class _Phases:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self._last_t0
         prof, self._last_prof = self._last_prof, None
-        prof.stop()
-        events = prof.key_averages()
-        self._on_trace(prof)
-        self.profiles[-1]["step"] = "after_timed"
-        self.profiles[-1]["wall_ms"] = round(1e3 * wall, 2)
-        if self.cuda:
-            from torch.autograd import DeviceType
+        # the profile is for finding; a failure in reading it must not lose the side's timed figures
+        try:
+            prof.stop()
+            events = prof.key_averages()
+            self._on_trace(prof)
+            self.profiles[-1]["step"] = "after_timed"
+            self.profiles[-1]["wall_ms"] = round(1e3 * wall, 2)
+            if self.cuda:
+                from torch.autograd import DeviceType
 
-            rows = [(e.key, e.self_device_time_total / 1e3, e.count) for e in events if e.device_type == DeviceType.CUDA]
-            self.profiles[-1]["cuda_kernels"] = kernel_breakdown(rows, wall * 1e3)
+                rows = [(e.key, e.self_device_time_total / 1e3, e.count) for e in events
+                        if e.device_type == DeviceType.CUDA]
+                self.profiles[-1]["cuda_kernels"] = kernel_breakdown(rows, wall * 1e3)
+        except Exception as exc:  # noqa: BLE001
+            self.profiles.append({"step": "after_timed", "error": f"{type(exc).__name__}: {exc}"})
 
     def end(self, stamp: float) -> None:
         """Close the step that ended at ``stamp`` (the Timer's, taken after its synchronise)."""
