@@ -327,3 +327,35 @@ def test_rule_judge_reads_each_records_choices(sampled, tmp_path) -> None:
     proc = _vpa("judge", str(source), "--judge", "rule", "--reference", "truth.answer", "--choices", "red",
                 "--choices-field", "truth.choices", "--out", str(tmp_path / "both.jsonl"))
     assert proc.returncode == 2 and "not both" in proc.stderr
+
+
+@pytest.mark.parametrize("rubric", ["vlfeedback", "claims"])
+def test_hf_judge_shares_the_image_and_question_across_its_rows(sampled, rubric) -> None:
+    """The rows of a prompt (answers x aspects, or one per claim) run the image and question once: the same scores
+    as every row run whole, and the vision tower sees one image."""
+    from unittest import mock
+
+    from vpa_lightning.collect.judge import _HFJudge
+    from vpa_lightning.collect.prompts import _record
+    from vpa_lightning.collect.rubrics import load_rubric
+
+    judge = _HFJudge(load_rubric(rubric), "tiny:llava", None, "cpu")
+    row = _rows(sampled)[0]
+    prompt = _record(row, f"{sampled}:1", sampled.parent, row["id"])
+    answers = [c["response"] for c in row["completions"]] + ["A red circle. It is large. Nothing else is there."]
+    media = judge.load(prompt)
+    images_seen: list[int] = []
+    hook = judge.model.model.vision_tower.register_forward_hook(lambda m, args, out: images_seen.append(args[0].shape[0]))
+    try:
+        shared = judge.rate(prompt, answers, media)
+    finally:
+        hook.remove()
+    assert images_seen == [1]
+    with mock.patch("vpa_lightning.models.generation.shared_prefix_next_logits", return_value=None):
+        whole = judge.rate(prompt, answers, media)
+    for a, b in zip(shared, whole):
+        assert set(a) == set(b)
+        for aspect in a:
+            assert a[aspect][0] == pytest.approx(b[aspect][0], abs=1e-4)
+            if rubric == "claims":
+                assert a[aspect][1] == b[aspect][1]  # the same claims rejected

@@ -95,3 +95,16 @@ def test_the_media_run_once() -> None:
     finally:
         handle.remove()
     assert fast is not None and seen == [1, 6]  # the shared path, then the whole rows
+
+
+def test_an_image_and_a_video_in_one_question() -> None:
+    """Qwen2-VL with an image and a clip placed inside the question: M-RoPE positions over both media, then text."""
+    pytest.importorskip("torchvision")
+    from .test_video import clip
+
+    model, processor = build_tiny_vlm("qwen2_vl")
+    texts = [f"Compare  with . Answer {i}: the {'clip' if i % 2 else 'image'} is brighter. Rate it from 1 to 5."
+             for i in range(3)]
+    fast, whole = _both(model, processor, [_image(2)], texts, offsets=[8], videos=[clip(4)], video_offsets=[14])
+    assert fast is not None
+    torch.testing.assert_close(fast, whole, atol=1e-5, rtol=0)
