@@ -23,7 +23,8 @@ def small_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def _fit(shards: Path, root: Path, stop_at: int, *, batch_size: int, num_workers: int = 0, ckpt: Path | None = None, epoch_end: bool = False):
+def _fit(shards: Path, root: Path, stop_at: int, *, batch_size: int, num_workers: int = 0, ckpt: Path | None = None, epoch_end: bool = False,
+         compile_layers: bool = False):
     """A 4-step run (its LR schedule spans 4 steps) that stops after ``stop_at`` steps, like a killed one."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -39,7 +40,8 @@ def _fit(shards: Path, root: Path, stop_at: int, *, batch_size: int, num_workers
             trainer.should_stop = trainer.global_step >= stop_at
 
     pl.seed_everything(0)
-    module = VisionDPOModule("tiny:llava", lora_r=4, learning_rate=1e-2, warmup_ratio=0.0)  # LoRA dropout draws from the RNG
+    module = VisionDPOModule("tiny:llava", lora_r=4, learning_rate=1e-2, warmup_ratio=0.0,  # LoRA dropout draws from the RNG
+                             compile_layers=compile_layers)
     data = PreferenceDataModule(str(shards), batch_size=batch_size, num_workers=num_workers, shuffle_buffer=4, max_length=128, seed=5)
     saver = (
         ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True)
@@ -56,11 +58,12 @@ def _fit(shards: Path, root: Path, stop_at: int, *, batch_size: int, num_workers
     return record.steps, weights, trainer
 
 
-def _assert_resume_is_exact(shards, tmp_path, *, batch_size, num_workers=0, epoch_end=False):
-    straight, w_straight, _ = _fit(shards, tmp_path / "a", 4, batch_size=batch_size, num_workers=num_workers)
-    first, _, _ = _fit(shards, tmp_path / "b", 2, batch_size=batch_size, num_workers=num_workers, epoch_end=epoch_end)
+def _assert_resume_is_exact(shards, tmp_path, *, batch_size, num_workers=0, epoch_end=False, compile_layers=False):
+    opts = {"batch_size": batch_size, "num_workers": num_workers, "compile_layers": compile_layers}
+    straight, w_straight, _ = _fit(shards, tmp_path / "a", 4, **opts)
+    first, _, _ = _fit(shards, tmp_path / "b", 2, epoch_end=epoch_end, **opts)
     (ckpt,) = (tmp_path / "b").glob("*step=2*.ckpt")
-    resumed, w_resumed, trainer = _fit(shards, tmp_path / "c", 4, batch_size=batch_size, num_workers=num_workers, ckpt=ckpt)
+    resumed, w_resumed, trainer = _fit(shards, tmp_path / "c", 4, ckpt=ckpt, **opts)
     assert trainer.global_step == 4
     assert [k for _, k in first + resumed] == [k for _, k in straight]  # the same samples, in order
     assert [x for x, _ in first + resumed] == [x for x, _ in straight]  # the same losses, bit for bit
@@ -93,6 +96,12 @@ def test_resume_at_an_epoch_boundary_is_exact(small_shards, tmp_path):
 
 def test_resume_with_workers_is_exact(small_shards, tmp_path):
     _assert_resume_is_exact(small_shards, tmp_path, batch_size=1, num_workers=2)
+
+
+def test_resume_with_compiled_blocks_is_exact(small_shards, tmp_path):
+    """--model.compile_layers with LoRA dropout on: the compiled blocks draw their dropout masks from torch's RNG,
+    which the checkpoint restores, so the resumed run is the straight one bit for bit."""
+    _assert_resume_is_exact(small_shards, tmp_path, batch_size=1, compile_layers=True)
 
 
 def test_resume_warns_when_the_shards_changed(small_shards, tmp_path, caplog):
