@@ -187,8 +187,8 @@ class VisionDPOModule(pl.LightningModule):
             (:mod:`~vpa_lightning.models.compiled`): inductor fuses what a block runs besides its matrix products
             (norms, rotary embeddings, activations, residual adds, LoRA's scale-and-add). Identical blocks share one
             compiled graph; the first step compiles (tens of seconds), later steps do not recompile as packed
-            lengths change. Same losses and gradients as eager up to float rounding. Single device or DDP; under
-            FSDP or DeepSpeed it stops at start-up.
+            lengths change. Same losses and gradients as eager up to float rounding. One device, DDP or FSDP;
+            under DeepSpeed it stops at start-up.
         fsdp_rank0_load: Under Lightning's ``FSDPStrategy`` with more than one process, only global rank 0
             reads the weights (policy, full-fine-tuning reference); every other rank builds the same
             modules on the meta device (no weights on its host) and receives rank 0's weights, buffers
@@ -392,9 +392,10 @@ class VisionDPOModule(pl.LightningModule):
     def _check_compile_strategy(self) -> None:
         strategy = getattr(self._trainer, "strategy", None)
         names = {k.__name__ for k in type(strategy).__mro__} if strategy is not None else set()
-        if names & {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}:
-            raise ValueError(f"--model.compile_layers runs on one device or under DDP, not under {type(strategy).__name__} "
-                             "(its wrapping of compiled blocks is untested); drop --model.compile_layers or use DDP")
+        if names & {"DeepSpeedStrategy", "ModelParallelStrategy"}:
+            raise ValueError(f"--model.compile_layers runs on one device, under DDP or FSDP, not under "
+                             f"{type(strategy).__name__} (its wrapping of compiled blocks is untested); drop "
+                             "--model.compile_layers or use DDP or FSDP")
 
     @property
     def _copies_reference(self) -> bool:

@@ -1,7 +1,8 @@
 """--model.compile_layers: every transformer block compiled (dynamic shapes). The losses and gradients equal eager's
 on the packed mask path and on the variable-length path under gradient checkpointing (the attention eager inside the
 compiled blocks), nothing recompiles as the batches' lengths change, the state_dict keys stay as they are, a fit
-through the CLI trains, and FSDP/DeepSpeed stop at start-up naming the flag.
+through the CLI trains, DDP and FSDP on 2 CPU processes train as eager does, and DeepSpeed stops at start-up
+naming the flag.
 """
 
 from __future__ import annotations
@@ -79,13 +80,13 @@ def test_fit_through_the_cli_with_compiled_blocks(demo_shards, tmp_path):
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in transformer_blocks(cli.model.model))
 
 
-@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
-def test_fsdp_and_deepspeed_stop_at_start_up(strategy):
+@pytest.mark.parametrize("strategy", ["DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_deepspeed_and_model_parallel_stop_at_start_up(strategy):
     from types import SimpleNamespace
 
     module = VisionDPOModule("tiny:llava", compile_layers=True)
     module._trainer = SimpleNamespace(strategy=type(strategy, (), {})())  # a strategy of that class name
-    with pytest.raises(ValueError, match=f"--model.compile_layers runs on one device or under DDP, not under {strategy}"):
+    with pytest.raises(ValueError, match=f"--model.compile_layers runs on one device, under DDP or FSDP, not under {strategy}"):
         module.configure_model()
     assert "model" not in module._modules  # stopped before loading anything
 
@@ -102,3 +103,29 @@ def test_compiled_blocks_under_ddp_on_two_ranks(demo_shards, tmp_path):
     assert [r["global_step"] for r in ranks] == [3, 3]
     assert ranks[0]["params_sha"] == ranks[1]["params_sha"]
     assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-finetuning"])
+def test_compiled_blocks_under_fsdp_train_as_eager(demo_shards, tmp_path, lora):
+    """Lightning's FSDPStrategy on 2 CPU processes (tests/trainer/cpu_fsdp.py; rank 1 builds on the meta device),
+    eager and compiled, dropout off: both ranks hold the same full weights, and the compiled run's weights and
+    losses are the eager run's up to float rounding (full fine-tuning: its compiled reference too)."""
+    import json
+
+    from .test_strategies import _fit
+
+    def run(root, *extra):
+        probe = root / "fsdp"
+        ranks = _fit(demo_shards, root, "--trainer.accelerator=cpu", "--trainer.devices=2", "--model.lora_dropout=0",
+                     f"--model.lora={str(lora).lower()}", *extra,
+                     "--trainer.strategy=tests.trainer.cpu_fsdp.CPUFSDPStrategy", f"--trainer.strategy.out_dir={probe}",
+                     "--trainer.callbacks+=tests.trainer.cpu_fsdp.FullParamsProbe", f"--trainer.callbacks.out_dir={probe}")
+        trained = [json.loads((probe / f"trained{r}.json").read_text()) for r in (0, 1)]
+        assert trained[0] == trained[1]
+        return [r["losses"] for r in ranks], trained[0]
+
+    eager_losses, eager = run(tmp_path / "eager")
+    losses, compiled = run(tmp_path / "compiled", "--model.compile_layers=true")
+    assert torch.tensor(losses).allclose(torch.tensor(eager_losses), atol=1e-5)
+    assert all(abs(steps[1] - steps[0]) > 1e-6 for steps in eager_losses)  # the first step moved the weights
+    assert max(abs(eager[k] - compiled[k]) for k in eager) < 1e-6  # rounding, not another training
