@@ -25,6 +25,7 @@ import json
 import platform
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
 
@@ -68,8 +69,8 @@ def _answers(k: int) -> list[str]:
 
 
 def _run(judge, prompts, answers, shared: bool) -> tuple[float, list]:
-    ctx = mock.patch("vpa_lightning.models.generation.shared_prefix_next_logits", return_value=None) if not shared \
-        else mock.patch.object(sys, "dont_write_bytecode", sys.dont_write_bytecode)  # a no-op context
+    ctx = nullcontext() if shared else mock.patch("vpa_lightning.models.generation.shared_prefix_next_logits",
+                                                  return_value=None)
     scores = []
     with ctx:
         judge.rate(prompts[0][0], answers, (prompts[0][1], prompts[0][2]))  # warm-up
